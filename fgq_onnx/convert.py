@@ -1,0 +1,244 @@
+"""The conversion pipeline: a list of passes, with calibration between them."""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from fgq_onnx import __version__, model_io
+from fgq_onnx.calibration import ActivationObserver, CalibMethod, non_negative_by_construction, threshold
+from fgq_onnx.data import Dataset, ImageOptions, model_inputs
+from fgq_onnx.errors import FgqError
+from fgq_onnx.passes.fold_batchnorm import FoldBatchNormPass
+from fgq_onnx.passes.insert_activation_qdq import ActivationQuant, InsertActivationQdqPass
+from fgq_onnx.passes.ternarize_weights import LINEAR_OPS, REQUIRED_OPSET, TERNARY_MARK, TernarizeWeightsPass
+from fgq_onnx.report import ActivationRecord, Report
+from fgq_onnx.ternary import Method
+
+# IR version that the output's opset needs (INT2 arrived with IR 13).
+_REQUIRED_IR = {"int2": 13, "int8": 10}
+
+
+class OutputFormat(str, enum.Enum):
+    QDQ = "qdq"  # standard ONNX: INT2 (or int8) codes -> blocked DequantizeLinear
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Every setting of a conversion, validated once here."""
+
+    n: int = 4
+    method: Method = Method.EXACT
+    act_bits: int = 8  # 8 or 4; 0 leaves activations in float (weights only)
+    calib_method: CalibMethod = CalibMethod.MINMAX
+    percentile: float = 99.99
+    calib_batch_size: int = 32
+    calib_limit: int | None = None
+    exclude: tuple[str, ...] = ()
+    op_types: tuple[str, ...] = LINEAR_OPS
+    keep_first_last: bool = False
+    format: OutputFormat = OutputFormat.QDQ
+    weight_storage: str = "int2"
+    image: ImageOptions = field(default_factory=ImageOptions)
+
+    def __post_init__(self) -> None:
+        if self.n < 2:
+            raise FgqError(f"--n must be at least 2 (one scale per group of N weights), got {self.n}")
+        if self.act_bits not in (0, 4, 8):
+            raise FgqError(f"--act-bits must be 8, 4 or 0 (float activations), got {self.act_bits}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise FgqError(f"--percentile must be in (0, 100], got {self.percentile}")
+        if self.weight_storage not in REQUIRED_OPSET:
+            raise FgqError(f"--weight-storage must be one of {sorted(REQUIRED_OPSET)}, got {self.weight_storage!r}")
+        unknown = set(self.op_types) - set(LINEAR_OPS)
+        if unknown or not self.op_types:
+            raise FgqError(f"--op-types takes some of {', '.join(LINEAR_OPS)}; got {', '.join(sorted(unknown)) or 'none'}")
+        if self.calib_limit is not None and self.calib_limit < 1:
+            raise FgqError(f"--calib-limit must be at least 1, got {self.calib_limit}")
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise FgqError(f"--exclude '{pattern}' is not a valid regular expression: {error}") from None
+        object.__setattr__(self, "method", Method(self.method))
+        object.__setattr__(self, "calib_method", CalibMethod(self.calib_method))
+        object.__setattr__(self, "format", OutputFormat(self.format))
+
+    def settings(self) -> dict[str, object]:
+        return {
+            "n": self.n,
+            "method": self.method.value,
+            "act_bits": self.act_bits,
+            "calib_method": self.calib_method.value if self.act_bits else "none",
+            "format": self.format.value,
+            "weight_storage": self.weight_storage,
+        }
+
+
+class Conversion(NamedTuple):
+    model: ir.Model
+    report: Report
+
+
+def _skip_rule(config: ConvertConfig, model: ir.Model) -> Callable[[ir.Node], str | None]:
+    """The user's exclusions as one predicate: node -> reason to skip, or None."""
+    patterns = [re.compile(p) for p in config.exclude]
+    first_last: set[int] = set()
+    if config.keep_first_last:
+        candidates = [n for n in model.graph if n.op_type in LINEAR_OPS and len(n.inputs) > 1 and n.inputs[1] is not None and n.inputs[1].const_value is not None]
+        first_last = {id(candidates[0]), id(candidates[-1])} if candidates else set()
+
+    def skip(node: ir.Node) -> str | None:
+        if node.op_type not in config.op_types:
+            return f"--op-types leaves {node.op_type} out"
+        for pattern in patterns:
+            names = [node.name or "", node.inputs[1].name or ""]
+            if any(pattern.fullmatch(name) for name in names):
+                return f"--exclude '{pattern.pattern}'"
+        if id(node) in first_last:
+            return "--keep-first-last"
+        return None
+
+    return skip
+
+
+def _load(model: str | Path | onnx.ModelProto | ir.Model, opset: int) -> tuple[ir.Model, Report]:
+    report = Report()
+    if isinstance(model, ir.Model):
+        proto, base_dir = ir.serde.serialize_model(model), Path(".")
+    elif isinstance(model, onnx.ModelProto):
+        proto, base_dir = model, Path(".")
+    else:
+        path = Path(model)
+        proto, base_dir = model_io.read_model_proto(path), path.parent
+        report.file_bytes_before = path.stat().st_size
+        report.settings["source_sha256"] = model_io.sha256_of(path)
+    old_opset = model_io.default_opset(proto)
+    proto, upgraded = model_io.upgrade_opset(proto, opset)
+    if upgraded:
+        report.notes.append(f"upgraded the model from opset {old_opset} to {opset} with onnx's version converter")
+    return model_io.to_ir(proto, base_dir), report
+
+
+def _infer_shapes(model: ir.Model, report: Report) -> ir.Model:
+    """Shapes let the report count multiplications; failing that, it counts weights."""
+    try:
+        return common.ShapeInferencePass().call(model).model
+    except Exception as error:  # shape inference is a nicety here, never a blocker
+        report.notes.append(f"shape inference failed ({str(error).splitlines()[0]}); multiplications are counted per weight")
+        return model
+
+
+def _calibrate(model: ir.Model, calib, config: ConvertConfig, report: Report, on_progress) -> dict[str, ActivationQuant]:
+    """Ranges for the activation inputs of ternarized nodes of the main graph."""
+    targets = {}
+    for node in model.graph:
+        if TERNARY_MARK in node.metadata_props and node.inputs[0] is not None and node.inputs[0].const_value is None:
+            targets[node.inputs[0].name] = node.inputs[0]
+    if any(TERNARY_MARK in n.metadata_props for g in model.graph.subgraphs() for n in g):
+        report.notes.append("layers inside If/Loop/Scan subgraphs have ternary weights but float activations")
+    if not targets:
+        return {}
+    dataset = Dataset(calib, model_inputs(model), options=config.image, batch_size=config.calib_batch_size, limit=config.calib_limit)
+    observer = ActivationObserver(targets)
+    observer.collect(model, dataset, on_batch=(lambda k: on_progress(k, dataset.size)) if on_progress else None)
+    report.calibration = {"samples": observer.samples, "skipped_unreadable": dataset.skipped, "dropped_for_fixed_batch": dataset.dropped}
+    if dataset.skipped:
+        report.notes.append(f"skipped {dataset.skipped} unreadable calibration image(s)")
+    quants = {}
+    for name, value in targets.items():
+        hist = observer.histograms[name]
+        signed = not (non_negative_by_construction(value) or (value.is_graph_input() and hist.min >= 0.0))
+        levels = 2 ** (config.act_bits - 1) - 1 if signed else 2**config.act_bits - 1
+        high = threshold(hist, config.calib_method, levels, config.percentile)
+        scale = high / levels if high > 0 else 1.0
+        quants[name] = ActivationQuant(scale=scale, signed=signed, bits=config.act_bits)
+        report.activations.append(ActivationRecord(name, config.act_bits, signed, -high if signed else 0.0, high, scale))
+    return quants
+
+
+def convert(
+    model: str | Path | onnx.ModelProto | ir.Model,
+    config: ConvertConfig | None = None,
+    *,
+    calib=None,
+    on_progress: Callable[[int, int | None], None] | None = None,
+    **settings,
+) -> Conversion:
+    """Ternarize a model's Conv/Gemm/MatMul weights and quantize their activations.
+
+    `model` is a path, an onnx.ModelProto or an onnx_ir.Model (not modified).
+    `calib` is an image folder, an .npz file or an object with get_next()
+    (onnxruntime's CalibrationDataReader protocol); it is needed unless
+    act_bits=0. Settings are ConvertConfig's fields, given either as `config`
+    or as keywords (n=4, method="exact", act_bits=8, ...).
+    Returns (model, report); save the model with fgq_onnx.save.
+    """
+    config = replace(config or ConvertConfig(), **settings) if settings else (config or ConvertConfig())
+    if config.act_bits and calib is None:
+        raise FgqError("activation quantization needs calibration data (--calib), or use --act-bits 0 for weights only")
+    ir_model, report = _load(model, REQUIRED_OPSET[config.weight_storage])
+    report.settings.update(config.settings())
+    report.weight_bytes_before = model_io.weight_bytes(ir_model)
+
+    ternarize = TernarizeWeightsPass(config.n, config.method, config.weight_storage, skip=_skip_rule(config, ir_model))
+    prepare = ir.passes.PassManager([
+        common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0),
+        common.RemoveInitializersFromInputsPass(),
+        FoldBatchNormPass(),
+    ])
+    ir_model = prepare(ir_model).model
+    ir_model = _infer_shapes(ir_model, report)
+    ir_model = ternarize(ir_model).model
+    report.layers = ternarize.records
+    if not report.converted:
+        raise FgqError(_nothing_to_convert(report))
+    if config.act_bits:
+        quants = _calibrate(ir_model, calib, config, report, on_progress)
+        ir_model = InsertActivationQdqPass(quants)(ir_model).model
+    finish = ir.passes.PassManager([
+        common.RemoveUnusedNodesPass(),
+        common.RemoveUnusedOpsetsPass(),
+        common.TopologicalSortPass(),
+    ])
+    ir_model = finish(ir_model).model
+    ir_model.ir_version = max(ir_model.ir_version, _REQUIRED_IR[config.weight_storage])
+    _stamp(ir_model, report)
+    report.weight_bytes_after = model_io.weight_bytes(ir_model)
+    return Conversion(ir_model, report)
+
+
+def _nothing_to_convert(report: Report) -> str:
+    if not report.layers:
+        return "nothing to convert: the model has no Conv, Gemm or MatMul"
+    reasons = sorted({layer.reason for layer in report.layers})
+    return f"nothing to convert: all {len(report.layers)} Conv/Gemm/MatMul nodes were skipped ({'; '.join(reasons)})"
+
+
+def _stamp(model: ir.Model, report: Report) -> None:
+    model.producer_name = "fgq-onnx"
+    model.producer_version = __version__
+    model.metadata_props.update({f"fgq_onnx.{key}": str(value) for key, value in {"version": __version__, **report.settings}.items()})
+
+
+def save(model: ir.Model, path: str | Path, *, external_data: bool | None = None, inputs: tuple[str | Path, ...] = ()) -> Path | None:
+    """Write a converted model atomically (see model_io.save_model); refuses to overwrite `inputs`."""
+    path = Path(path)
+    model_io.check_output_path(path, [Path(p) for p in inputs])
+    return model_io.save_model(model, path, external_data=external_data)
+
+
+def check_model(path: Path) -> None:
+    """Run onnx's checker on a saved model (with its external data)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as error:
+        raise FgqError(f"the converted model does not pass onnx's checker: {str(error).splitlines()[0]}") from None

@@ -1,0 +1,255 @@
+"""Data for calibration and evaluation: image folders, .npz files, readers.
+
+Every source is turned into batches of onnxruntime feeds (input name ->
+array), streamed so that memory does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import enum
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnx_ir as ir
+from PIL import Image, UnidentifiedImageError
+
+from fgq_onnx.errors import FgqError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+class CalibrationDataReader(Protocol):
+    """onnxruntime's protocol: get_next() returns a feed dict, then None when done."""
+
+    def get_next(self) -> dict[str, np.ndarray] | None: ...
+
+
+class Layout(str, enum.Enum):
+    NCHW = "nchw"
+    NHWC = "nhwc"
+
+
+class Color(str, enum.Enum):
+    RGB = "rgb"
+    BGR = "bgr"
+    GREY = "grey"
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How images become tensors; unset fields are inferred from the model's input."""
+
+    size: tuple[int, int] | None = None  # (height, width) after the centre crop
+    resize: int | None = None  # shorter side before cropping; default: the crop's larger side
+    layout: Layout | None = None
+    color: Color | None = None
+    scale: float = 1.0 / 255.0  # pixel values are multiplied by this first
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int | None, ...]  # None for a dynamic dimension
+    dtype: np.dtype
+
+    @classmethod
+    def of(cls, value: ir.Value) -> InputSpec:
+        shape = tuple(d if isinstance(d, int) else None for d in (value.shape or ()))
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        return cls(value.name, shape, np.dtype(dtype))
+
+    @property
+    def batch(self) -> int | None:
+        return self.shape[0] if self.shape else None
+
+
+def model_inputs(model: ir.Model) -> list[InputSpec]:
+    """The inputs a user must feed (initializers listed as inputs excluded)."""
+    return [InputSpec.of(v) for v in model.graph.inputs if v.const_value is None]
+
+
+@dataclass(frozen=True)
+class _ImageFormat:
+    layout: Layout
+    color: Color
+    height: int
+    width: int
+
+
+def _image_format(spec: InputSpec, options: ImageOptions) -> _ImageFormat:
+    if len(spec.shape) != 4:
+        raise FgqError(f"input '{spec.name}' has shape {list(spec.shape)}: images need a 4-D input (NCHW or NHWC)")
+    layout = options.layout
+    if layout is None:
+        layout = Layout.NCHW if spec.shape[1] in (1, 3) else Layout.NHWC if spec.shape[3] in (1, 3) else None
+    if layout is None:
+        raise FgqError(f"cannot tell the channel axis of input '{spec.name}' {list(spec.shape)}; give --layout")
+    channels, height, width = (spec.shape[1], spec.shape[2], spec.shape[3]) if layout is Layout.NCHW else (spec.shape[3], spec.shape[1], spec.shape[2])
+    color = options.color or (Color.GREY if channels == 1 else Color.RGB)
+    if channels is not None and channels != (1 if color is Color.GREY else 3):
+        raise FgqError(f"input '{spec.name}' has {channels} channels but --color is {color.value}")
+    if options.size is not None:
+        height, width = options.size
+    if height is None or width is None:
+        raise FgqError(f"input '{spec.name}' has a dynamic image size; give --size HEIGHT WIDTH")
+    return _ImageFormat(layout, color, height, width)
+
+
+def load_image(path: Path, fmt: _ImageFormat, options: ImageOptions) -> np.ndarray:
+    """One image -> float32 array in the model's layout, without the batch axis."""
+    with Image.open(path) as image:
+        image = image.convert("L" if fmt.color is Color.GREY else "RGB")
+        side = options.resize or max(fmt.height, fmt.width)
+        ratio = side / min(image.size)
+        image = image.resize((max(fmt.width, round(image.width * ratio)), max(fmt.height, round(image.height * ratio))), Image.BILINEAR)
+        left, top = (image.width - fmt.width) // 2, (image.height - fmt.height) // 2
+        image = image.crop((left, top, left + fmt.width, top + fmt.height))
+        pixels = np.asarray(image, dtype=np.float32)
+    pixels = pixels.reshape(fmt.height, fmt.width, -1)
+    if fmt.color is Color.BGR:
+        pixels = pixels[..., ::-1]
+    pixels = (pixels * options.scale - np.asarray(options.mean, np.float32)) / np.asarray(options.std, np.float32)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1) if fmt.layout is Layout.NCHW else pixels, dtype=np.float32)
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+class Dataset:
+    """Batches of feeds (and labels, where the source has them) from one source."""
+
+    def __init__(self, source, inputs: list[InputSpec], *, options: ImageOptions = ImageOptions(), batch_size: int = 32, limit: int | None = None, labelled: bool = False):
+        if batch_size < 1:
+            raise FgqError(f"batch size must be at least 1, got {batch_size}")
+        self.inputs, self.options, self.labelled = inputs, options, labelled
+        self.skipped = 0  # unreadable images
+        self.dropped = 0  # samples left out to fill a fixed batch size
+        self.classes: list[str] = []
+        self._source = source
+        if hasattr(source, "get_next"):
+            self.size = None
+            self._batches = self._reader_batches
+            return
+        path = Path(source)
+        if path.is_dir():
+            self._setup_folder(path)
+        elif path.is_file() and path.suffix == ".npz":
+            self._setup_npz(path)
+        elif path.exists():
+            raise FgqError(f"data '{path}' is neither an image folder nor an .npz file")
+        else:
+            raise FgqError(f"data path '{path}' does not exist")
+        fixed = inputs[0].batch if self._per_sample else None
+        self.batch_size = fixed or batch_size
+        if limit is not None:
+            self.size = min(self.size, limit)
+        if fixed and fixed > 1:
+            self.dropped = self.size % fixed
+            self.size -= self.dropped
+
+    # -- sources -----------------------------------------------------------------
+
+    def _setup_folder(self, folder: Path) -> None:
+        if len(self.inputs) != 1:
+            raise FgqError(f"an image folder can feed a model with one input; this one has {len(self.inputs)}: use an .npz")
+        self._format = _image_format(self.inputs[0], self.options)
+        if self.labelled:
+            self.classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+            if not self.classes:
+                raise FgqError(f"'{folder}' has no class sub-folders (one folder per class is needed for labels)")
+            self._files = [(f, i) for i, name in enumerate(self.classes) for f in image_files(folder / name)]
+        else:
+            self._files = [(f, -1) for f in image_files(folder)]
+        if not self._files:
+            raise FgqError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in '{folder}'")
+        self.size, self._per_sample = len(self._files), True
+        self._batches = self._folder_batches
+
+    def _setup_npz(self, path: Path) -> None:
+        try:
+            archive = np.load(path, allow_pickle=False)
+            arrays = {key: archive[key] for key in archive.files}
+        except (OSError, ValueError) as error:
+            raise FgqError(f"cannot read '{path}': {error}") from None
+        missing = [spec.name for spec in self.inputs if spec.name not in arrays]
+        if missing:
+            raise FgqError(f"'{path}' has no array for input(s) {missing}; it holds {sorted(arrays)}")
+        if self.labelled and "y" not in arrays:
+            raise FgqError(f"'{path}' has no labels: an array 'y' is needed")
+        ranks = {len(arrays[s.name].shape) - len(s.shape) for s in self.inputs}
+        if ranks not in ({0}, {1}):
+            raise FgqError(f"arrays in '{path}' must have the rank of their input (samples along the batch axis) or one more (one feed per entry)")
+        self._per_sample = ranks == {0}
+        self._arrays = {s.name: _fit_array(arrays[s.name], s, self._per_sample) for s in self.inputs}
+        self._labels = arrays.get("y")
+        counts = {len(a) for a in self._arrays.values()} | ({len(self._labels)} if self.labelled else set())
+        if len(counts) != 1:
+            raise FgqError(f"arrays in '{path}' disagree on the number of samples: {sorted(counts)}")
+        self.size = counts.pop()
+        if self.size == 0:
+            raise FgqError(f"'{path}' holds no samples")
+        self._batches = self._npz_batches
+
+    # -- iteration ---------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        return self._batches()
+
+    def _folder_batches(self):
+        name, dtype = self.inputs[0].name, self.inputs[0].dtype
+        images, labels, produced = [], [], 0
+        self.skipped = 0
+        for path, label in self._files:
+            if produced + len(images) == self.size:
+                break
+            try:
+                images.append(load_image(path, self._format, self.options))
+                labels.append(label)
+            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+                self.skipped += 1
+                warnings.warn(f"skipped unreadable image '{path}': {error}", stacklevel=2)
+                continue
+            if len(images) == self.batch_size:
+                yield {name: np.stack(images).astype(dtype)}, np.array(labels)
+                produced += len(images)
+                images, labels = [], []
+        if images and self.inputs[0].batch in (None, len(images)):
+            yield {name: np.stack(images).astype(dtype)}, np.array(labels)
+
+    def _npz_batches(self):
+        step = self.batch_size if self._per_sample else 1
+        for start in range(0, self.size, step):
+            stop = min(start + step, self.size)
+            if self._per_sample:
+                feed = {n: a[start:stop] for n, a in self._arrays.items()}
+            else:
+                feed = {n: a[start] for n, a in self._arrays.items()}
+            yield feed, (self._labels[start:stop] if self._labels is not None else None)
+
+    def _reader_batches(self):
+        while (feed := self._source.get_next()) is not None:
+            yield {k: np.asarray(v) for k, v in feed.items()}, None
+
+
+def _fit_array(array: np.ndarray, spec: InputSpec, per_sample: bool) -> np.ndarray:
+    """Check an array against the model input; cast it to the input's dtype where that is safe."""
+    sample_shape = array.shape[1:]
+    expected = spec.shape[1:] if per_sample else spec.shape
+    if len(sample_shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, sample_shape)):
+        raise FgqError(f"array '{spec.name}' has samples of shape {list(sample_shape)}, but the input takes {list(expected)}")
+    if array.dtype == spec.dtype:
+        return array
+    if np.issubdtype(spec.dtype, np.floating) and (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        return array.astype(spec.dtype)
+    if np.issubdtype(spec.dtype, np.integer) and np.issubdtype(array.dtype, np.integer) and np.can_cast(array.dtype, spec.dtype, "same_kind"):
+        info = np.iinfo(spec.dtype)
+        if array.size == 0 or (array.min() >= info.min and array.max() <= info.max):
+            return array.astype(spec.dtype)
+    raise FgqError(f"array '{spec.name}' is {array.dtype}, which does not fit the input's {spec.dtype}")

@@ -1,0 +1,207 @@
+"""Reading and writing models safely.
+
+Loading checks what a file claims before trusting it: that it parses, that
+external data stays inside the model's folder and inside its files, and that
+tensor sizes agree with their bytes. Saving writes to a temporary file beside
+the target and renames it, so an interrupted run leaves no half-written model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.version_converter
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from fgq_onnx.errors import FgqError
+
+MIN_IR_VERSION = 3
+MIN_OPSET = 7
+# Models over protobuf's 2 GB limit must keep their weights in external data.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _graphs(graph: onnx.GraphProto):
+    """The graph and every subgraph below it (If/Loop/Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                yield from _graphs(sub)
+
+
+def _tensors(model: onnx.ModelProto):
+    for graph in _graphs(model.graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.HasField("t"):
+                    yield attribute.t
+    for function in model.functions:
+        for node in function.node:
+            for attribute in node.attribute:
+                if attribute.HasField("t"):
+                    yield attribute.t
+
+
+def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's dims and type need, or None for types without a fixed size."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    if any(d < 0 for d in tensor.dims):
+        raise FgqError(f"tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}")
+    count = int(np.prod(tensor.dims, dtype=object))
+    bits = ir.DataType(tensor.data_type).bitwidth
+    return -(-count * bits // 8)
+
+
+def _check_external(tensor: onnx.TensorProto, base_dir: Path) -> None:
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    name = tensor.name
+    if not location or os.path.isabs(location) or ".." in Path(location).parts:
+        raise FgqError(f"tensor '{name}': external data location '{location}' must be a relative path inside the model's folder")
+    path = base_dir / location
+    real_base = base_dir.resolve()
+    if real_base not in path.resolve().parents:
+        raise FgqError(f"tensor '{name}': external data '{location}' leads outside the model's folder")
+    if not path.is_file():
+        raise FgqError(f"tensor '{name}': external data file '{location}' is missing")
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise FgqError(f"tensor '{name}': external data offset/length are not integers") from None
+    size = path.stat().st_size
+    expected = _expected_bytes(tensor)
+    length = size - offset if length is None else length
+    if offset < 0 or length < 0 or offset + length > size:
+        raise FgqError(f"tensor '{name}': external data offset {offset} + length {length} runs past the end of '{location}' ({size} bytes)")
+    if expected is not None and expected != length:
+        raise FgqError(f"tensor '{name}': dims {list(tensor.dims)} need {expected} bytes but its external data holds {length}")
+
+
+def _check_inline(tensor: onnx.TensorProto) -> None:
+    if not tensor.HasField("raw_data"):
+        return
+    expected = _expected_bytes(tensor)
+    if expected is not None and expected != len(tensor.raw_data):
+        raise FgqError(f"tensor '{tensor.name}': dims {list(tensor.dims)} need {expected} bytes but it holds {len(tensor.raw_data)}")
+
+
+def _check_model(model: onnx.ModelProto, base_dir: Path) -> None:
+    if not model.HasField("graph") or not model.graph.node:
+        raise FgqError("the file is not an ONNX model (no graph or no nodes)")
+    if model.ir_version < MIN_IR_VERSION:
+        raise FgqError(f"IR version {model.ir_version} is too old; {MIN_IR_VERSION} or newer is needed")
+    opset = default_opset(model)
+    if opset is None or opset < MIN_OPSET:
+        raise FgqError(f"opset {opset} is too old; {MIN_OPSET} or newer is needed")
+    for tensor in _tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            _check_external(tensor, base_dir)
+        else:
+            _check_inline(tensor)
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    return next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), None)
+
+
+def read_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse and validate a model file, leaving external data on disk."""
+    path = Path(path)
+    if not path.is_file():
+        raise FgqError(f"model file '{path}' does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as error:
+        raise FgqError(f"'{path}' is not a readable ONNX model (corrupt or truncated): {error}") from None
+    _check_model(model, path.parent)
+    return model
+
+
+def upgrade_opset(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto, bool]:
+    """Bring the default-domain opset up to `opset` with onnx's version converter."""
+    current = default_opset(model)
+    if current is not None and current >= opset:
+        return model, False
+    try:
+        return onnx.version_converter.convert_version(model, opset), True
+    except Exception as error:  # the converter raises many types
+        raise FgqError(f"cannot upgrade the model from opset {current} to {opset}: {str(error).splitlines()[0]}") from None
+
+
+def to_ir(model: onnx.ModelProto, base_dir: Path) -> ir.Model:
+    """Proto -> onnx-ir model whose external tensors load lazily from base_dir."""
+    ir_model = ir.serde.deserialize_model(model)
+    ir.external_data.set_base_dir(ir_model.graph, str(base_dir))
+    return ir_model
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes held by initializers in all graphs (INT2 counts a quarter byte)."""
+    total = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def _external_files(model: ir.Model) -> set[Path]:
+    files = set()
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                files.add(Path(value.const_value.path).resolve())
+    return files
+
+
+def check_output_path(output: Path, inputs: list[Path]) -> None:
+    """Refuse outputs that would overwrite an input or land in a missing folder."""
+    if not output.parent.is_dir():
+        raise FgqError(f"output folder '{output.parent}' does not exist")
+    for source in inputs:
+        if output.resolve() == source.resolve() or (output.exists() and os.path.samefile(output, source)):
+            raise FgqError(f"output '{output}' is the input file; choose another path")
+
+
+def save_model(model: ir.Model, output: Path, *, external_data: bool | None = None) -> Path | None:
+    """Write atomically; external data in '<output>.data' on request or when over 2 GB.
+
+    Returns the external data path when one was written.
+    """
+    if external_data is None:
+        external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_path = output.with_name(output.name + ".data") if external_data else None
+    if data_path is not None and data_path.resolve() in _external_files(model):
+        raise FgqError(f"external data file '{data_path}' is read by the model being saved; choose another output")
+    handle, temp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(handle)
+    try:
+        ir.save(model, temp_name, external_data=data_path.name if data_path else None)
+        os.replace(temp_name, output)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+        if data_path is not None:
+            with contextlib.suppress(OSError):
+                data_path.unlink()
+        raise
+    return data_path

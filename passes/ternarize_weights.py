@@ -1,0 +1,177 @@
+"""Ternarize the constant weights of Conv, Gemm and MatMul in groups of N.
+
+The float weight is replaced by 2-bit codes and one scale per group of N
+weights along the reduction axis, decoded by a blocked DequantizeLinear, so
+the model stays a standard ONNX model (docs/packed-format.md, "Groups").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, int_attr
+from fgq_onnx.report import LayerRecord
+from fgq_onnx.ternary import GroupLayout, Method, TernaryWeight, sqnr_db, ternarize
+
+LINEAR_OPS = ("Conv", "Gemm", "MatMul")
+TERNARY_MARK = "fgq.ternary"  # node metadata key: the node's weight is ternary
+# Opset that introduced what the output needs: INT2 (25) or blocked DequantizeLinear (21).
+REQUIRED_OPSET = {"int2": 25, "int8": 21}
+_STORAGE_DTYPE = {"int2": ml_dtypes.int2, "int8": np.int8}
+
+
+def weight_layout(node: ir.Node, shape: tuple[int, ...], n: int) -> tuple[GroupLayout, str]:
+    """Where the groups of `node`'s weight run, and a phrase saying so."""
+    if node.op_type == "Conv":
+        if shape[1] >= n:
+            return GroupLayout(shape, axis=1, n=n), "input channels"
+        return GroupLayout(shape, axis=1, n=n, flatten=True), "whole filter (fewer than N channels per group)"
+    if node.op_type == "Gemm" and int_attr(node, "transB", 0):
+        return GroupLayout(shape, axis=1, n=n), "inputs"
+    return GroupLayout(shape, axis=0, n=n), "inputs"
+
+
+def structural_skip_reason(node: ir.Node) -> str | None:
+    """Why a linear node's weight cannot be ternarized, or None if it can."""
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return "no weight input"
+    weight = node.inputs[1]
+    if constant_array(weight) is None:
+        if node.op_type == "MatMul" and constant_array(node.inputs[0]) is not None:
+            return "constant first input (weight on the left) is not supported"
+        return "activation x activation: no constant weight"
+    dtype = weight.const_value.dtype
+    if not dtype.is_floating_point():
+        return f"weight is {dtype.name}, already quantized"
+    rank = len(weight.const_value.shape)
+    if node.op_type == "Conv" and rank < 3:
+        return f"Conv weight of rank {rank}"
+    if node.op_type in ("Gemm", "MatMul") and rank != 2:
+        return f"{node.op_type} weight of rank {rank} (only 2-D weights are ternarized)"
+    if weight.const_value.size == 0:
+        return "empty weight"
+    return None
+
+
+def macs_per_sample(node: ir.Node, params: int) -> int:
+    """Multiply-accumulates for one sample: weight size times output positions."""
+    if node.op_type != "Conv":
+        return params  # one token / one row of the batch
+    shape = node.outputs[0].shape
+    if shape is None or len(shape) < 3 or not all(isinstance(d, int) for d in shape[2:]):
+        return params  # unknown spatial size: count each weight once
+    return params * int(np.prod(list(shape[2:])))
+
+
+def _dequantize_nodes(node: ir.Node, weight: ir.Value, ternary: TernaryWeight, storage: str) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes that rebuild the float weight from its codes; returns them and their output."""
+    graph = node.graph
+    layout = ternary.layout
+    dtype = weight.const_value.dtype.numpy()
+    codes = layout.ungroup(ternary.codes).reshape(layout.work_shape)
+    base = weight.name
+    codes_value = add_initializer(graph, f"{base}.ternary_codes", ir.tensor(codes.astype(_STORAGE_DTYPE[storage])))
+    attrs = {"axis": layout.axis, "block_size": layout.n}
+
+    def dequantize(scales: np.ndarray, suffix: str) -> ir.Node:
+        scale_value = add_initializer(graph, f"{base}.group_scales{suffix}", layout.scales_to_tensor(scales).astype(dtype))
+        return ir.node("DequantizeLinear", [codes_value, scale_value], attrs, name=f"{node.name}/dequantize_weight{suffix}")
+
+    if ternary.neg_scale is None:
+        nodes = [dequantize(ternary.scale, "")]
+    else:
+        # {-a_neg, 0, +a_pos} is not one affine map: max(t * a_pos, 0) + min(t * a_neg, 0).
+        zero = add_initializer(graph, f"{base}.zero", np.zeros((), dtype))
+        positive, negative = dequantize(ternary.scale, "_pos"), dequantize(ternary.neg_scale, "_neg")
+        upper = ir.node("Max", [positive.outputs[0], zero], name=f"{node.name}/positive_weights")
+        lower = ir.node("Min", [negative.outputs[0], zero], name=f"{node.name}/negative_weights")
+        nodes = [positive, negative, upper, lower, ir.node("Add", [upper.outputs[0], lower.outputs[0]], name=f"{node.name}/ternary_weight")]
+    if layout.flatten:
+        shape = add_initializer(graph, f"{base}.shape", np.array(layout.shape, np.int64))
+        nodes.append(ir.node("Reshape", [nodes[-1].outputs[0], shape], name=f"{node.name}/reshape_weight"))
+    output = nodes[-1].outputs[0]
+    output.name = f"{base}.ternary"
+    return nodes, output
+
+
+class TernarizeWeightsPass(ir.passes.InPlacePass):
+    """Replace each constant Conv/Gemm/MatMul weight by ternary codes and group scales.
+
+    Rewrites the weight input of every Conv, Gemm and MatMul (in subgraphs too)
+    whose weight is a constant float initializer into
+    DequantizeLinear(codes, scales, axis, block_size=N), codes stored as INT2
+    (opset 25) or int8 (opset 21). A weight shared by several nodes is
+    ternarized once. MatMuls of two activations are left alone. Each rewritten
+    node gets the metadata key "fgq.ternary". `records` lists every linear node
+    seen, converted or not, with the reason.
+
+    Requires: the default-domain opset the storage needs; weights as
+    initializers (lift Constant nodes first).
+    """
+
+    def __init__(self, n: int, method: Method = Method.EXACT, storage: str = "int2", skip: Callable[[ir.Node], str | None] | None = None):
+        super().__init__()
+        if n < 2:
+            raise ValueError(f"group size N must be at least 2, got {n}")
+        if storage not in REQUIRED_OPSET:
+            raise ValueError(f"weight storage must be one of {sorted(REQUIRED_OPSET)}, got {storage!r}")
+        self.n, self.method, self.storage = n, Method(method), storage
+        self.skip = skip or (lambda node: None)
+        self.records: list[LayerRecord] = []
+
+    def requires(self, model: ir.Model) -> None:
+        opset = model.opset_imports.get("", 1)
+        if opset < REQUIRED_OPSET[self.storage]:
+            raise ir.passes.PreconditionError(f"{self.storage} weight storage needs opset {REQUIRED_OPSET[self.storage]}, model has {opset}")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.records = []
+        done: dict[tuple[int, int], tuple[ir.Value, LayerRecord]] = {}
+        for node in list(model.graph.all_nodes()):
+            if node.op_type not in LINEAR_OPS or node.domain not in DEFAULT_DOMAINS:
+                continue
+            record = LayerRecord(node=node.name or node.outputs[0].name, op_type=node.op_type)
+            self.records.append(record)
+            reason = structural_skip_reason(node) or self.skip(node)
+            weight = node.inputs[1] if len(node.inputs) > 1 else None
+            if weight is not None and weight.const_value is not None:
+                record.weight, record.shape = weight.name, tuple(weight.const_value.shape)
+                record.params = weight.const_value.size
+                record.macs = macs_per_sample(node, record.params)
+            if reason:
+                record.reason = reason
+                continue
+            key = (id(node.graph), id(weight))
+            if key not in done:
+                done[key] = self._ternarize(node, weight, record)
+            replacement, first = done[key]
+            node.replace_input_with(1, replacement)
+            node.metadata_props[TERNARY_MARK] = f"n={self.n} method={self.method.value}"
+            if first is not record:
+                _copy_result(first, record, note=f"shares its weight with {first.node}")
+        return ir.passes.PassResult(model, modified=bool(done))
+
+    def _ternarize(self, node: ir.Node, weight: ir.Value, record: LayerRecord) -> tuple[ir.Value, LayerRecord]:
+        array = weight.const_value.numpy().astype(np.float32)
+        layout, grouping = weight_layout(node, array.shape, self.n)
+        ternary = ternarize(array, layout, self.method)
+        nodes, output = _dequantize_nodes(node, weight, ternary, self.storage)
+        node.graph.insert_before(node, nodes)
+        short = layout.length % self.n
+        record.converted, record.n, record.method, record.grouping = True, self.n, self.method.value, grouping
+        record.groups = int(ternary.scale.size)
+        record.short_group = short
+        record.sqnr_db = sqnr_db(array, ternary.dequantize())
+        if short:
+            record.reason = f"reduction length {layout.length} is not a multiple of N: last group of each segment has {short}"
+        return output, record
+
+
+def _copy_result(source: LayerRecord, target: LayerRecord, note: str) -> None:
+    for name in ("converted", "n", "method", "grouping", "groups", "short_group", "sqnr_db"):
+        setattr(target, name, getattr(source, name))
+    target.reason = note
