@@ -8,7 +8,7 @@
 __version__ = "0.1.0"
 
 from fgq_onnx.calibration import CalibMethod  # noqa: E402
-from fgq_onnx.convert import Conversion, ConvertConfig, OutputFormat, convert, save  # noqa: E402
+from fgq_onnx.pipeline import Conversion, ConvertConfig, OutputFormat, convert, save  # noqa: E402
 from fgq_onnx.data import Color, ImageOptions, Layout  # noqa: E402
 from fgq_onnx.errors import FgqError  # noqa: E402
 from fgq_onnx.ternary import Method  # noqa: E402

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -21,7 +20,7 @@ LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 TERNARY_MARK = "fgq.ternary"  # node metadata key: the node's weight is ternary
 # Opset that introduced what the output needs: INT2 (25) or blocked DequantizeLinear (21).
 REQUIRED_OPSET = {"int2": 25, "int8": 21}
-_STORAGE_DTYPE = {"int2": ml_dtypes.int2, "int8": np.int8}
+_STORAGE_DTYPE = {"int2": ir.DataType.INT2.numpy(), "int8": np.int8}
 
 
 def weight_layout(node: ir.Node, shape: tuple[int, ...], n: int) -> tuple[GroupLayout, str]:
@@ -29,7 +28,7 @@ def weight_layout(node: ir.Node, shape: tuple[int, ...], n: int) -> tuple[GroupL
     if node.op_type == "Conv":
         if shape[1] >= n:
             return GroupLayout(shape, axis=1, n=n), "input channels"
-        return GroupLayout(shape, axis=1, n=n, flatten=True), "whole filter (fewer than N channels per group)"
+        return GroupLayout(shape, axis=1, n=n, flatten=True), "whole filter (C/group < N)"
     if node.op_type == "Gemm" and int_attr(node, "transB", 0):
         return GroupLayout(shape, axis=1, n=n), "inputs"
     return GroupLayout(shape, axis=0, n=n), "inputs"
@@ -167,7 +166,7 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         record.short_group = short
         record.sqnr_db = sqnr_db(array, ternary.dequantize())
         if short:
-            record.reason = f"reduction length {layout.length} is not a multiple of N: last group of each segment has {short}"
+            record.reason = f"reduction {layout.length} is not a multiple of N: last group has {short}"
         return output, record
 
 

@@ -137,7 +137,7 @@ def _infer_shapes(model: ir.Model, report: Report) -> ir.Model:
         return model
 
 
-def _calibrate(model: ir.Model, calib, config: ConvertConfig, report: Report, on_progress) -> dict[str, ActivationQuant]:
+def _calibrate(model: ir.Model, dataset: Dataset, config: ConvertConfig, report: Report, on_progress) -> dict[str, ActivationQuant]:
     """Ranges for the activation inputs of ternarized nodes of the main graph."""
     targets = {}
     for node in model.graph:
@@ -147,7 +147,6 @@ def _calibrate(model: ir.Model, calib, config: ConvertConfig, report: Report, on
         report.notes.append("layers inside If/Loop/Scan subgraphs have ternary weights but float activations")
     if not targets:
         return {}
-    dataset = Dataset(calib, model_inputs(model), options=config.image, batch_size=config.calib_batch_size, limit=config.calib_limit)
     observer = ActivationObserver(targets)
     observer.collect(model, dataset, on_batch=(lambda k: on_progress(k, dataset.size)) if on_progress else None)
     report.calibration = {"samples": observer.samples, "skipped_unreadable": dataset.skipped, "dropped_for_fixed_batch": dataset.dropped}
@@ -187,6 +186,9 @@ def convert(
         raise FgqError("activation quantization needs calibration data (--calib), or use --act-bits 0 for weights only")
     ir_model, report = _load(model, REQUIRED_OPSET[config.weight_storage])
     report.settings.update(config.settings())
+    dataset = None
+    if config.act_bits:  # open the data now: a bad path should fail before the slow work
+        dataset = Dataset(calib, model_inputs(ir_model), options=config.image, batch_size=config.calib_batch_size, limit=config.calib_limit)
     report.weight_bytes_before = model_io.weight_bytes(ir_model)
 
     ternarize = TernarizeWeightsPass(config.n, config.method, config.weight_storage, skip=_skip_rule(config, ir_model))
@@ -202,7 +204,7 @@ def convert(
     if not report.converted:
         raise FgqError(_nothing_to_convert(report))
     if config.act_bits:
-        quants = _calibrate(ir_model, calib, config, report, on_progress)
+        quants = _calibrate(ir_model, dataset, config, report, on_progress)
         ir_model = InsertActivationQdqPass(quants)(ir_model).model
     finish = ir.passes.PassManager([
         common.RemoveUnusedNodesPass(),
