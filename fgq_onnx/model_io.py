@@ -194,6 +194,9 @@ def save_model(model: ir.Model, output: Path, *, external_data: bool | None = No
         raise FgqError(f"external data file '{data_path}' is read by the model being saved; choose another output")
     handle, temp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp_name, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
     try:
         ir.save(model, temp_name, external_data=data_path.name if data_path else None)
         os.replace(temp_name, output)

@@ -69,6 +69,7 @@ def macs_per_sample(node: ir.Node, params: int) -> int:
 def _dequantize_nodes(node: ir.Node, weight: ir.Value, ternary: TernaryWeight, storage: str) -> tuple[list[ir.Node], ir.Value]:
     """Nodes that rebuild the float weight from its codes; returns them and their output."""
     graph = node.graph
+    label = node.name or node.outputs[0].name  # node names must be unique; exporters may leave them empty
     layout = ternary.layout
     dtype = weight.const_value.dtype.numpy()
     codes = layout.ungroup(ternary.codes).reshape(layout.work_shape)
@@ -78,7 +79,7 @@ def _dequantize_nodes(node: ir.Node, weight: ir.Value, ternary: TernaryWeight, s
 
     def dequantize(scales: np.ndarray, suffix: str) -> ir.Node:
         scale_value = add_initializer(graph, f"{base}.group_scales{suffix}", layout.scales_to_tensor(scales).astype(dtype))
-        return ir.node("DequantizeLinear", [codes_value, scale_value], attrs, name=f"{node.name}/dequantize_weight{suffix}")
+        return ir.node("DequantizeLinear", [codes_value, scale_value], attrs, name=f"{label}/dequantize_weight{suffix}")
 
     if ternary.neg_scale is None:
         nodes = [dequantize(ternary.scale, "")]
@@ -86,12 +87,12 @@ def _dequantize_nodes(node: ir.Node, weight: ir.Value, ternary: TernaryWeight, s
         # {-a_neg, 0, +a_pos} is not one affine map: max(t * a_pos, 0) + min(t * a_neg, 0).
         zero = add_initializer(graph, f"{base}.zero", np.zeros((), dtype))
         positive, negative = dequantize(ternary.scale, "_pos"), dequantize(ternary.neg_scale, "_neg")
-        upper = ir.node("Max", [positive.outputs[0], zero], name=f"{node.name}/positive_weights")
-        lower = ir.node("Min", [negative.outputs[0], zero], name=f"{node.name}/negative_weights")
-        nodes = [positive, negative, upper, lower, ir.node("Add", [upper.outputs[0], lower.outputs[0]], name=f"{node.name}/ternary_weight")]
+        upper = ir.node("Max", [positive.outputs[0], zero], name=f"{label}/positive_weights")
+        lower = ir.node("Min", [negative.outputs[0], zero], name=f"{label}/negative_weights")
+        nodes = [positive, negative, upper, lower, ir.node("Add", [upper.outputs[0], lower.outputs[0]], name=f"{label}/ternary_weight")]
     if layout.flatten:
         shape = add_initializer(graph, f"{base}.shape", np.array(layout.shape, np.int64))
-        nodes.append(ir.node("Reshape", [nodes[-1].outputs[0], shape], name=f"{node.name}/reshape_weight"))
+        nodes.append(ir.node("Reshape", [nodes[-1].outputs[0], shape], name=f"{label}/reshape_weight"))
     output = nodes[-1].outputs[0]
     output.name = f"{base}.ternary"
     return nodes, output
