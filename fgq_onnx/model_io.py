@@ -126,6 +126,8 @@ def default_opset(model: onnx.ModelProto) -> int | None:
 def read_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
     """Parse and validate a model file, leaving external data on disk."""
     path = Path(path)
+    if path.is_dir():
+        raise FgqError(f"model '{path}' is a folder, not a model file")
     if not path.is_file():
         raise FgqError(f"model file '{path}' does not exist")
     try:
@@ -177,9 +179,28 @@ def check_output_path(output: Path, inputs: list[Path]) -> None:
     """Refuse outputs that would overwrite an input or land in a missing folder."""
     if not output.parent.is_dir():
         raise FgqError(f"output folder '{output.parent}' does not exist")
+    if output.is_dir():
+        raise FgqError(f"output '{output}' is a folder; give a file path")
     for source in inputs:
-        if output.resolve() == source.resolve() or (output.exists() and os.path.samefile(output, source)):
+        if output.resolve() == source.resolve() or (output.exists() and source.exists() and os.path.samefile(output, source)):
             raise FgqError(f"output '{output}' is the input file; choose another path")
+        # Only an existing file can be a model's external data, so new outputs cost no extra parse.
+        if output.is_file() and source.is_file() and source.suffix != ".npz" and output.resolve() in _model_data_files(source):
+            raise FgqError(f"output '{output}' holds external data of the input '{source}'; choose another path")
+
+
+def _model_data_files(path: Path) -> set[Path]:
+    """The external data files a model file refers to (none if it does not parse)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a model: the conversion reports that itself
+        return set()
+    files = set()
+    for tensor in _tensors(model):
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and location:
+            files.add((path.parent / location).resolve())
+    return files
 
 
 def save_model(model: ir.Model, output: Path, *, external_data: bool | None = None) -> Path | None:
