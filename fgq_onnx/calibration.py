@@ -29,10 +29,15 @@ class CalibMethod(str, enum.Enum):
 
 
 class AbsHistogram:
-    """A streaming histogram of |x| over [0, bins * width), widened by merging bins."""
+    """A streaming histogram of |x| over [0, bins * width), widened by merging bins.
+
+    With bins=0 only the extremes and the count are kept (all minmax needs).
+    """
 
     def __init__(self, bins: int = 2048):
-        self.counts = np.zeros(bins, np.int64)
+        self.counts = np.zeros(max(bins, 1), np.int64)
+        self.binned = bins > 0
+        self.total = 0
         self.width = 0.0
         self.min = math.inf
         self.max = -math.inf
@@ -43,17 +48,21 @@ class AbsHistogram:
 
     @property
     def count(self) -> int:
-        return int(self.counts.sum())
+        return self.total
 
     def update(self, array: np.ndarray) -> None:
-        values = np.abs(np.asarray(array, np.float32).ravel())
-        if values.size == 0:
+        array = np.asarray(array, np.float32)
+        if array.size == 0:
             return
-        if not np.all(np.isfinite(values)):
+        low, high = float(array.min()), float(array.max())
+        if not (np.isfinite(low) and np.isfinite(high)):
             raise FgqError("calibration produced non-finite activations (NaN or Inf); check the data's scaling")
-        self.min = min(self.min, float(array.min()))
-        self.max = max(self.max, float(array.max()))
-        top = float(values.max())
+        self.min, self.max = min(self.min, low), max(self.max, high)
+        self.total += array.size
+        if not self.binned:
+            return
+        values = np.abs(array.ravel())
+        top = max(-low, high)
         bins = self.counts.size
         if self.width == 0.0:
             self.width = max(top, 1e-12) / bins
@@ -122,6 +131,7 @@ class ActivationObserver:
     """Runs a model with chosen tensors exposed and keeps a histogram of each."""
 
     def __init__(self, tensor_names: Iterable[str], bins: int = 2048):
+        """bins=0 keeps only the extremes, enough for minmax and much faster."""
         self.histograms = {name: AbsHistogram(bins) for name in tensor_names}
         self.samples = 0
 
@@ -140,12 +150,17 @@ class ActivationObserver:
                     self.histograms[name].update(value)
                 for name in self.histograms.keys() & feed.keys():
                     self.histograms[name].update(feed[name])
-                batch = len(next(iter(feed.values()))) if feed else 1
+                batch = batches.samples_in(feed) if hasattr(batches, "samples_in") else _samples_in(feed)
                 self.samples += batch
                 if on_batch:
                     on_batch(batch)
         if self.samples == 0:
             raise FgqError("the calibration data produced no samples")
+
+
+def _samples_in(feed: dict[str, np.ndarray]) -> int:
+    first = next(iter(feed.values()), None)
+    return len(first) if first is not None and np.ndim(first) else 1
 
 
 def _session_with_outputs(model: ir.Model, names: list[str], folder: Path) -> ort.InferenceSession:

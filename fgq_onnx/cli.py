@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -62,13 +63,13 @@ def command(function):
                     raise
                 root = _root_error(error)
                 if isinstance(root, FgqError):
-                    err.print(f"[red]error[/red]: {root}", markup=True, highlight=False, soft_wrap=True)
+                    err.print(f"[red]error[/red]: {escape(str(root))}", markup=True, highlight=False, soft_wrap=True)
                     raise typer.Exit(1) from None
-                err.print(f"[red]internal error[/red]: {type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''} (rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
+                err.print(f"[red]internal error[/red]: {type(root).__name__}: {escape(str(root).splitlines()[0]) if str(root) else ''} (rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
             finally:
                 for warning in caught:
-                    err.print(f"[yellow]warning[/yellow]: {warning.message}", highlight=False, soft_wrap=True)
+                    err.print(f"[yellow]warning[/yellow]: {escape(str(warning.message))}", highlight=False, soft_wrap=True)
 
     # Expose --debug on every command without re-declaring it in each.
     signature = inspect.signature(function, eval_str=True)
@@ -144,6 +145,7 @@ def print_report(report: Report) -> None:
         ("weights", f"{_fmt_bytes(report.weight_bytes_before)} -> {_fmt_bytes(report.weight_bytes_after)}"),
         ("file size", f"{_fmt_bytes(report.file_bytes_before)} -> {_fmt_bytes(report.file_bytes_after)}" if report.file_bytes_after else "(not saved)"),
         ("multiplications eliminated", f"{100 * report.multiplications_eliminated:.1f}%"),
+        ("bits per ternarized weight", f"{report.bits_per_weight:.2f} (codes + scales)"),
         ("weight SQNR mean / worst", f"{report.sqnr_mean_db:.1f} dB / {worst.sqnr_db:.1f} dB ({worst.node})" if worst else "-"),
     ]
     if report.calibration:
@@ -152,7 +154,7 @@ def print_report(report: Report) -> None:
         totals.add_row(*row)
     out.print(totals)
     for note in report.notes:
-        out.print(f"note: {note}", highlight=False)
+        out.print(f"note: {escape(note)}", highlight=False)
 
 
 @command
@@ -165,12 +167,14 @@ def convert(
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration data: an image folder or an .npz keyed by input names.")] = None,
     calib_method: Annotated[CalibMethod, typer.Option("--calib-method", help="How activation ranges are chosen.")] = CalibMethod.MINMAX,
     percentile: Annotated[float, typer.Option("--percentile", help="Percentile of |x| kept, for --calib-method percentile.")] = 99.99,
-    calib_batch_size: Annotated[int, typer.Option("--calib-batch-size", help="Samples per calibration batch (when the batch axis is dynamic).")] = 32,
+    calib_batch_size: Annotated[int, typer.Option("--calib-batch-size", help="Samples per calibration batch (when the batch axis is dynamic).")] = 8,
     calib_limit: Annotated[Optional[int], typer.Option("--calib-limit", help="Use at most this many calibration samples.")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Keep matching node or weight names fp32 (a name or a regex; repeatable).")] = None,
     op_types: Annotated[str, typer.Option("--op-types", help="Comma-separated op types to ternarize.")] = "Conv,Gemm,MatMul",
     keep_first_last: Annotated[bool, typer.Option("--keep-first-last", help="Keep the first and last linear layers fp32.")] = False,
     weight_storage: Annotated[str, typer.Option("--weight-storage", help="int2 (opset 25, onnxruntime >= 1.24) or int8 (opset 21).")] = "int2",
+    scale_format: Annotated[str, typer.Option("--scale-format", help="Group scales: f32, f16, or u8 (8-bit codes under one float32 scale per output row).")] = pipeline.ConvertConfig.scale_format,
+    bias_correction: Annotated[bool, typer.Option("--bias-correction/--no-bias-correction", help="Match each converted layer's per-channel output mean and std to fp32 on the calibration data (needs --calib).")] = True,
     external_data: Annotated[Optional[bool], typer.Option("--external-data/--no-external-data", help="Weights in a side file (default: only over 2 GB).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report table or progress bar.")] = False,
@@ -184,14 +188,18 @@ def convert(
 ):
     """Ternarize Conv/Gemm/MatMul weights in groups of N and quantize their activations."""
     output = output or model.with_name(model.name.removesuffix(".onnx") + ".fgq.onnx")
-    model_io.check_output_path(output, [model])
+    sources = [model, *([calib] if calib is not None else [])]
+    model_io.check_output_path(output, sources)
     if json_path is not None:
-        model_io.check_output_path(json_path, [model])
+        model_io.check_output_path(json_path, sources)
+        if json_path.resolve() == output.resolve():
+            raise FgqError(f"--json '{json_path}' is also the output model's path; choose another")
     config = pipeline.ConvertConfig(
         n=n, method=method, act_bits=act_bits, calib_method=calib_method, percentile=percentile,
         calib_batch_size=calib_batch_size, calib_limit=calib_limit, exclude=tuple(exclude or ()),
         op_types=tuple(t.strip() for t in op_types.split(",") if t.strip()), keep_first_last=keep_first_last,
-        weight_storage=weight_storage, image=image_options(size, resize, layout, color, pixel_scale, mean, std),
+        weight_storage=weight_storage, scale_format=scale_format, image=image_options(size, resize, layout, color, pixel_scale, mean, std),
+        bias_correction=bias_correction,
     )
     with progress_bar("calibrating", quiet) as advance:
         result = pipeline.convert(model, config, calib=calib, on_progress=advance)
@@ -210,6 +218,232 @@ def ops_path():
     from fgq_onnx.runtime import library_path
 
     print(library_path())
+
+
+# -- checking the result: eval, compare, sweep, view ---------------------------
+
+DataOpt = Annotated[Path, typer.Option("--data", help="Labelled data: an image folder with one sub-folder per class (sorted names are the labels) or an .npz with the input(s) and 'y'.")]
+
+
+def _print_json(payload: dict) -> None:
+    import json
+
+    print(json.dumps(payload, indent=2))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "exact" if value > 0 else "-inf"
+    return f"{value:.{digits}g}"
+
+
+@command
+def eval(  # noqa: A001 - the command is called eval
+    model: Annotated[Path, typer.Argument(help="The ONNX model (fp32 or converted).")],
+    data: DataOpt,
+    output_name: Annotated[Optional[str], typer.Option("--output-name", help="The output holding class scores (default: the first).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch (when the batch axis is dynamic).")] = 64,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate at most this many samples.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (top1, top5, n, ...) instead of the table.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    size: SizeOpt = None,
+    resize: ResizeOpt = None,
+    layout: LayoutOpt = None,
+    color: ColorOpt = None,
+    pixel_scale: ScaleOpt = 1.0 / 255.0,
+    mean: MeanOpt = "0",
+    std: StdOpt = "1",
+):
+    """Top-1 and top-5 accuracy on labelled data."""
+    from fgq_onnx.evaluate import evaluate
+
+    if limit is not None and limit < 1:
+        raise FgqError(f"--limit must be at least 1, got {limit}")
+    options = image_options(size, resize, layout, color, pixel_scale, mean, std)
+    with progress_bar("evaluating", quiet or json_out) as advance:
+        result = evaluate(model, data, options=options, batch_size=batch_size, limit=limit, output=output_name, on_progress=advance)
+    if json_out:
+        _print_json(result.to_dict())
+        return
+    table = Table(title=f"Accuracy of {model.name}", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("top-1", f"{_pct(result.top1)} ({result.correct1:,} of {result.n:,})")
+    table.add_row(f"top-{result.k}", f"{_pct(result.top5)} ({result.correct5:,} of {result.n:,})")
+    table.add_row("classes", f"{result.classes} (output '{escape(result.output)}')")
+    if result.skipped:
+        table.add_row("unreadable images skipped", str(result.skipped))
+    if result.dropped:
+        table.add_row("left out for the fixed batch size", str(result.dropped))
+    table.add_row("time", f"{result.seconds:.1f} s")
+    out.print(table)
+
+
+@command
+def compare(
+    reference: Annotated[Path, typer.Argument(help="The reference model (usually the fp32 original).")],
+    candidate: Annotated[Path, typer.Argument(help="The model to check (usually the converted one).")],
+    data: Annotated[Path, typer.Option("--data", help="Inputs: an image folder or an .npz keyed by input names (labels not needed).")],
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch (when the batch axis is dynamic).")] = 32,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Compare on at most this many samples.")] = None,
+    layers: Annotated[bool, typer.Option("--layers/--no-layers", help="Also compare the outputs of the ternarized layers.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the tables.")] = False,
+    csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV (one row per output and per layer) instead of the tables.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    size: SizeOpt = None,
+    resize: ResizeOpt = None,
+    layout: LayoutOpt = None,
+    color: ColorOpt = None,
+    pixel_scale: ScaleOpt = 1.0 / 255.0,
+    mean: MeanOpt = "0",
+    std: StdOpt = "1",
+):
+    """How far CANDIDATE's outputs and ternarized layers drift from REFERENCE's (SQNR worst first)."""
+    from fgq_onnx.compare import compare as run_compare
+
+    if json_out and csv_out:
+        raise FgqError("choose one of --json and --csv")
+    if limit is not None and limit < 1:
+        raise FgqError(f"--limit must be at least 1, got {limit}")
+    options = image_options(size, resize, layout, color, pixel_scale, mean, std)
+    with progress_bar("comparing", quiet or json_out or csv_out) as advance:
+        result = run_compare(reference, candidate, data, options=options, batch_size=batch_size, limit=limit, layers=layers, on_progress=advance)
+    if json_out:
+        _print_json(result.to_dict())
+        return
+    if csv_out:
+        sys.stdout.write(result.to_csv())
+        return
+    outputs = Table(title=f"Outputs over {result.n:,} samples")
+    for column in ("output", "top-1 agreement", "max |diff|", "mean |diff|", "cosine", "KL(softmax)", "SQNR dB"):
+        outputs.add_column(column, overflow="fold")
+    for row in result.outputs:
+        outputs.add_row(escape(row.name), _pct(row.top1_agreement), _num(row.max_abs_diff), _num(row.mean_abs_diff), _num(row.cosine, 6), _num(row.kl), _num(row.sqnr_db, 3))
+    out.print(outputs)
+    if layers:
+        settings = sorted({row.setting for row in result.layers})
+        table = Table(title="Ternarized layers, worst SQNR first" + (f" ({escape(settings[0])})" if len(settings) == 1 else ""))
+        columns = ("node", "op", *(("setting",) if len(settings) > 1 else ()), "SQNR dB", "max |diff|", "cosine")
+        for column in columns:
+            table.add_column(column, overflow="fold", justify="left" if column in ("node", "op", "setting") else "right")
+        for row in result.layers:
+            cells = (escape(row.node or row.name), row.op_type, *((escape(row.setting),) if len(settings) > 1 else ()), _num(row.sqnr_db, 3), _num(row.max_abs_diff), _num(row.cosine, 6))
+            table.add_row(*cells)
+        out.print(table)
+        if not result.layers and not result.unmatched:
+            out.print("note: the candidate has no ternarized layers (no node carries 'fgq.ternary')", highlight=False)
+    for name in result.unmatched:
+        out.print(f"note: ternarized tensor '{escape(name)}' has no counterpart of the same name and shape in the reference", highlight=False)
+    if result.skipped:
+        out.print(f"note: skipped {result.skipped} unreadable image(s)", highlight=False)
+
+
+@command
+def sweep(
+    model: Annotated[Path, typer.Argument(help="The fp32 ONNX model.")],
+    data: DataOpt,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for sweep.csv and sweep.png (created if missing).")],
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration data: an image folder or an .npz keyed by input names.")] = None,
+    n: Annotated[Optional[list[int]], typer.Option("--n", help="Group sizes to try (repeatable; default 4 8 16 32 64).")] = None,
+    act_bits: Annotated[Optional[list[int]], typer.Option("--act-bits", help="Activation widths to try: 8, 4, 0 (repeatable; default 8 4).")] = None,
+    method: Annotated[Optional[list[Method]], typer.Option("--method", help="Ternarization methods to try (repeatable; default exact twn).")] = None,
+    calib_method: Annotated[CalibMethod, typer.Option("--calib-method", help="How activation ranges are chosen.")] = CalibMethod.MINMAX,
+    percentile: Annotated[float, typer.Option("--percentile", help="Percentile of |x| kept, for --calib-method percentile.")] = 99.99,
+    calib_limit: Annotated[Optional[int], typer.Option("--calib-limit", help="Use at most this many calibration samples.")] = None,
+    bias_correction: Annotated[bool, typer.Option("--bias-correction/--no-bias-correction", help="Match each converted layer's per-channel output mean and std to fp32 on the calibration data.")] = True,
+    scale_format: Annotated[str, typer.Option("--scale-format", help="Group scales: f32, f16, or u8.")] = pipeline.ConvertConfig.scale_format,
+    recalibrate: Annotated[bool, typer.Option("--recalibrate", help="Calibrate every setting on its converted model (slower) instead of reusing fp32 statistics.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per evaluation batch.")] = 64,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate on at most this many samples.")] = None,
+    keep_models: Annotated[bool, typer.Option("--keep-models", help="Keep the converted models in OUTPUT/models.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table or progress bar.")] = False,
+    size: SizeOpt = None,
+    resize: ResizeOpt = None,
+    layout: LayoutOpt = None,
+    color: ColorOpt = None,
+    pixel_scale: ScaleOpt = 1.0 / 255.0,
+    mean: MeanOpt = "0",
+    std: StdOpt = "1",
+):
+    """Top-1, size and multiplications eliminated for every N x activation width x method."""
+    from fgq_onnx.sweep import sweep as run_sweep
+
+    if limit is not None and limit < 1:
+        raise FgqError(f"--limit must be at least 1, got {limit}")
+    config = pipeline.ConvertConfig(
+        calib_method=calib_method, percentile=percentile, calib_limit=calib_limit, bias_correction=bias_correction,
+        scale_format=scale_format, image=image_options(size, resize, layout, color, pixel_scale, mean, std),
+    )
+    with progress_bar("sweeping", quiet or json_out) as advance:
+        result = run_sweep(
+            model, calib, data, ns=n or (4, 8, 16, 32, 64), act_bits=act_bits or (8, 4), methods=method or (Method.EXACT, Method.TWN),
+            config=config, out_dir=output, keep_models=keep_models, eval_batch_size=batch_size, eval_limit=limit,
+            recalibrate=recalibrate, on_progress=advance,
+        )
+    if json_out:
+        _print_json(result.to_dict())
+        return
+    if quiet:
+        return
+    table = Table(title=f"Sweep of {model.name} on {result.fp32.samples:,} samples")
+    for column in ("N", "method", "act", "top-1", "top-5", "Δ top-1", "size", "mults cut", "SQNR"):
+        table.add_column(column, justify="left" if column in ("method", "act") else "right", no_wrap=True)
+    reference = result.fp32
+
+    def kb(count: int) -> str:
+        return f"{count / 1024:.0f} KB"
+
+    table.add_row("-", "fp32", "fp32", _pct(reference.top1), f"{100 * reference.top5:.1f}%", "", kb(reference.file_bytes), "0%", "")
+    for row in result.rows:
+        table.add_row(
+            str(row.n), row.method, "float" if not row.act_bits else f"int{row.act_bits}", _pct(row.top1), f"{100 * row.top5:.1f}%",
+            f"{100 * (row.top1 - reference.top1):+.2f}", kb(row.file_bytes), f"{100 * row.multiplications_eliminated:.1f}%", _num(row.sqnr_mean_db, 3),
+        )
+    out.print("size: the saved model file; mults cut: share of Conv/Gemm/MatMul multiplications eliminated; SQNR: mean weight SQNR (dB) of the ternarized layers", highlight=False)
+    out.print(table)
+    if result.recalibrated:
+        out.print(f"calibration: {result.calibrations} run(s), one per setting (--recalibrate)", highlight=False)
+    elif result.calibrations:
+        out.print(
+            f"calibration: collected once on the fp32 model in {result.calibration_seconds:.1f} s and reused by {result.settings_calibrated} setting(s); "
+            f"about {result.time_saved_seconds:.1f} s saved against calibrating each",
+            highlight=False,
+        )
+    out.print(f"wrote {escape(result.csv_path)} and {escape(result.plot_path)}", highlight=False)
+
+
+@command
+def view(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to look at.")],
+    port: Annotated[int, typer.Option("--port", help="Port on localhost (0: a free one).")] = 0,
+    host: Annotated[str, typer.Option("--host", help="Address to serve on.")] = "localhost",
+    browser: Annotated[bool, typer.Option("--browser/--no-browser", help="Open a web browser (--no-browser prints the URL only).")] = True,
+    screenshot: Annotated[Optional[Path], typer.Option("--screenshot", help="Render headless with chromium to this PNG and exit instead of serving.")] = None,
+    window: Annotated[tuple[int, int], typer.Option("--window", help="Screenshot width and height in pixels.")] = (1400, 1000),
+):
+    """Show the model in Netron, served on localhost until Ctrl-C."""
+    from fgq_onnx import view as viewer
+
+    if screenshot is not None:
+        model_io.check_output_path(screenshot, [model])
+        dom = viewer.render(model, screenshot=screenshot, window=window)
+        out.print(f"wrote {escape(str(screenshot))} ({len(viewer.rendered_node_names(dom))} nodes drawn)", highlight=False)
+        return
+    if not 0 <= port <= 65535:
+        raise FgqError(f"--port must be in 0..65535, got {port}")
+    served = viewer.serve(model, host=host, port=port, browse=browser)
+    out.print(f"serving {escape(str(model))} at {served.url} (Ctrl-C to stop)", highlight=False, soft_wrap=True)
+    try:
+        served.wait()
+    except KeyboardInterrupt:  # the normal way to stop: not an error
+        out.print("stopped", highlight=False)
 
 
 def main() -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import warnings
+import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +132,7 @@ class Dataset:
             raise FgqError(f"batch size must be at least 1, got {batch_size}")
         self.inputs, self.options, self.labelled = inputs, options, labelled
         self.skipped = 0  # unreadable images
+        self._warned: set[Path] = set()  # unreadable images already reported (the data may be read more than once)
         self.dropped = 0  # samples left out to fill a fixed batch size
         self.classes: list[str] = []
         self._source = source
@@ -174,9 +177,9 @@ class Dataset:
 
     def _setup_npz(self, path: Path) -> None:
         try:
-            archive = np.load(path, allow_pickle=False)
-            arrays = {key: archive[key] for key in archive.files}
-        except (OSError, ValueError) as error:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # not a zip, truncated, pickled objects
             raise FgqError(f"cannot read '{path}': {error}") from None
         missing = [spec.name for spec in self.inputs if spec.name not in arrays]
         if missing:
@@ -187,6 +190,9 @@ class Dataset:
         if ranks not in ({0}, {1}):
             raise FgqError(f"arrays in '{path}' must have the rank of their input (samples along the batch axis) or one more (one feed per entry)")
         self._per_sample = ranks == {0}
+        scalars = [s.name for s in self.inputs if self._per_sample and not s.shape]
+        if scalars:
+            raise FgqError(f"input '{scalars[0]}' is a scalar, so '{path}' cannot hold its samples along a batch axis: give every array one more axis (one feed per entry)")
         self._arrays = {s.name: _fit_array(arrays[s.name], s, self._per_sample) for s in self.inputs}
         self._labels = arrays.get("y")
         counts = {len(a) for a in self._arrays.values()} | ({len(self._labels)} if self.labelled else set())
@@ -202,6 +208,13 @@ class Dataset:
     def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
         return self._batches()
 
+    def samples_in(self, feed: dict[str, np.ndarray]) -> int:
+        """How many samples one feed holds: one per entry of a one-feed-per-entry .npz."""
+        if not getattr(self, "_per_sample", True):
+            return 1
+        first = next(iter(feed.values()), None)
+        return len(first) if first is not None and np.ndim(first) else 1
+
     def _folder_batches(self):
         name, dtype = self.inputs[0].name, self.inputs[0].dtype
         images, labels, produced = [], [], 0
@@ -214,7 +227,9 @@ class Dataset:
                 labels.append(label)
             except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
                 self.skipped += 1
-                warnings.warn(f"skipped unreadable image '{path}': {error}", stacklevel=2)
+                if path not in self._warned:
+                    self._warned.add(path)
+                    warnings.warn(f"skipped unreadable image '{path}': {error}", stacklevel=2)
                 continue
             if len(images) == self.batch_size:
                 yield {name: np.stack(images).astype(dtype)}, np.array(labels)
@@ -230,7 +245,7 @@ class Dataset:
             if self._per_sample:
                 feed = {n: a[start:stop] for n, a in self._arrays.items()}
             else:
-                feed = {n: a[start] for n, a in self._arrays.items()}
+                feed = {n: np.asarray(a[start]) for n, a in self._arrays.items()}  # a 0-d entry must stay an array
             yield feed, (self._labels[start:stop] if self._labels is not None else None)
 
     def _reader_batches(self):

@@ -13,14 +13,15 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from fgq_onnx import __version__, model_io
-from fgq_onnx.calibration import ActivationObserver, CalibMethod, non_negative_by_construction, threshold
+from fgq_onnx import __version__, layerwise, model_io
+from fgq_onnx.calibration import AbsHistogram, ActivationObserver, CalibMethod, non_negative_by_construction, threshold
 from fgq_onnx.data import Dataset, ImageOptions, model_inputs
 from fgq_onnx.errors import FgqError
 from fgq_onnx.passes.fold_batchnorm import FoldBatchNormPass
 from fgq_onnx.passes.insert_activation_qdq import ActivationQuant, InsertActivationQdqPass
 from fgq_onnx.passes.ternarize_weights import LINEAR_OPS, REQUIRED_OPSET, TERNARY_MARK, TernarizeWeightsPass
 from fgq_onnx.report import ActivationRecord, Report
+from fgq_onnx.scales import SCALE_FORMATS
 from fgq_onnx.ternary import Method
 
 # IR version that the output's opset needs (INT2 arrived with IR 13).
@@ -40,14 +41,16 @@ class ConvertConfig:
     act_bits: int = 8  # 8 or 4; 0 leaves activations in float (weights only)
     calib_method: CalibMethod = CalibMethod.MINMAX
     percentile: float = 99.99
-    calib_batch_size: int = 32
+    calib_batch_size: int = 8
     calib_limit: int | None = None
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = LINEAR_OPS
     keep_first_last: bool = False
     format: OutputFormat = OutputFormat.QDQ
     weight_storage: str = "int2"
+    scale_format: str = "u8"  # group scales: f32, f16, or u8 codes under a float32 row scale (docs/packed-format.md)
     image: ImageOptions = field(default_factory=ImageOptions)
+    bias_correction: bool = True  # needs calibration data; skipped (with a note) without it
 
     def __post_init__(self) -> None:
         if self.n < 2:
@@ -58,6 +61,8 @@ class ConvertConfig:
             raise FgqError(f"--percentile must be in (0, 100], got {self.percentile}")
         if self.weight_storage not in REQUIRED_OPSET:
             raise FgqError(f"--weight-storage must be one of {sorted(REQUIRED_OPSET)}, got {self.weight_storage!r}")
+        if self.scale_format not in SCALE_FORMATS:
+            raise FgqError(f"--scale-format must be one of {', '.join(SCALE_FORMATS)}, got {self.scale_format!r}")
         unknown = set(self.op_types) - set(LINEAR_OPS)
         if unknown or not self.op_types:
             raise FgqError(f"--op-types takes some of {', '.join(LINEAR_OPS)}; got {', '.join(sorted(unknown)) or 'none'}")
@@ -80,12 +85,28 @@ class ConvertConfig:
             "calib_method": self.calib_method.value if self.act_bits else "none",
             "format": self.format.value,
             "weight_storage": self.weight_storage,
+            "scale_format": self.scale_format,
+            "bias_correction": self.bias_correction,
         }
 
 
 class Conversion(NamedTuple):
     model: ir.Model
     report: Report
+
+
+@dataclass
+class CalibrationCache:
+    """Activation histograms of the fp32 model, keyed by tensor name (see collect_calibration).
+
+    Passed to convert(..., calibration_cache=...) it replaces the calibration
+    run, so that one collection serves every N, method and activation width.
+    """
+
+    histograms: dict[str, AbsHistogram]
+    samples: int = 0
+    skipped: int = 0
+    dropped: int = 0
 
 
 def _skip_rule(config: ConvertConfig, model: ir.Model) -> Callable[[ir.Node], str | None]:
@@ -137,7 +158,45 @@ def _infer_shapes(model: ir.Model, report: Report) -> ir.Model:
         return model
 
 
-def _calibrate(model: ir.Model, dataset: Dataset, config: ConvertConfig, report: Report, on_progress) -> dict[str, ActivationQuant]:
+def _prepare(model: ir.Model) -> ir.Model:
+    """Constants lifted to initializers, initializers out of the inputs, BatchNorm folded."""
+    return ir.passes.PassManager([
+        common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0),
+        common.RemoveInitializersFromInputsPass(),
+        FoldBatchNormPass(),
+    ])(model).model
+
+
+def collect_calibration(
+    model: str | Path | onnx.ModelProto | ir.Model,
+    calib,
+    config: ConvertConfig | None = None,
+    *,
+    on_progress: Callable[[int, int | None], None] | None = None,
+    **settings,
+) -> CalibrationCache:
+    """Histograms of the first input of every Conv/Gemm/MatMul of the fp32 model, collected once.
+
+    Ranges then come from fp32 activations (not from the ternarized model's,
+    as in a plain convert), which is what lets them be reused across settings.
+    """
+    config = replace(config or ConvertConfig(), **settings) if settings else (config or ConvertConfig())
+    ir_model, _ = _load(model, REQUIRED_OPSET[config.weight_storage])
+    dataset = Dataset(calib, model_inputs(ir_model), options=config.image, batch_size=config.calib_batch_size, limit=config.calib_limit)
+    ir_model = _prepare(ir_model)
+    targets = {
+        node.inputs[0].name: node.inputs[0]
+        for node in ir_model.graph
+        if node.op_type in LINEAR_OPS and len(node.inputs) > 1 and node.inputs[0] is not None and node.inputs[0].const_value is None
+    }
+    if not targets:
+        raise FgqError(_nothing_to_convert(Report()))
+    observer = ActivationObserver(targets, bins=0 if config.calib_method is CalibMethod.MINMAX else 2048)
+    observer.collect(ir_model, dataset, on_batch=(lambda k: on_progress(k, dataset.size)) if on_progress else None)
+    return CalibrationCache(observer.histograms, observer.samples, dataset.skipped, dataset.dropped)
+
+
+def _calibrate(model: ir.Model, dataset: Dataset | None, config: ConvertConfig, report: Report, on_progress, cache: CalibrationCache | None = None) -> dict[str, ActivationQuant]:
     """Ranges for the activation inputs of ternarized nodes of the main graph."""
     targets = {}
     for node in model.graph:
@@ -147,14 +206,22 @@ def _calibrate(model: ir.Model, dataset: Dataset, config: ConvertConfig, report:
         report.notes.append("layers inside If/Loop/Scan subgraphs have ternary weights but float activations")
     if not targets:
         return {}
-    observer = ActivationObserver(targets)
-    observer.collect(model, dataset, on_batch=(lambda k: on_progress(k, dataset.size)) if on_progress else None)
-    report.calibration = {"samples": observer.samples, "skipped_unreadable": dataset.skipped, "dropped_for_fixed_batch": dataset.dropped}
-    if dataset.skipped:
-        report.notes.append(f"skipped {dataset.skipped} unreadable calibration image(s)")
+    if cache is not None:
+        missing = sorted(set(targets) - set(cache.histograms))
+        if missing:
+            raise FgqError(f"the calibration cache has no statistics for tensor '{missing[0]}'; collect it from this model")
+        histograms = cache.histograms
+        report.calibration = {"samples": cache.samples, "skipped_unreadable": cache.skipped, "dropped_for_fixed_batch": cache.dropped, "reused_fp32_statistics": True}
+    else:
+        observer = ActivationObserver(targets, bins=0 if config.calib_method is CalibMethod.MINMAX else 2048)
+        observer.collect(model, dataset, on_batch=(lambda k: on_progress(k, dataset.size)) if on_progress else None)
+        histograms = observer.histograms
+        report.calibration = {"samples": observer.samples, "skipped_unreadable": dataset.skipped, "dropped_for_fixed_batch": dataset.dropped}
+    if report.calibration["skipped_unreadable"]:
+        report.notes.append(f"skipped {report.calibration['skipped_unreadable']} unreadable calibration image(s)")
     quants = {}
     for name, value in targets.items():
-        hist = observer.histograms[name]
+        hist = histograms[name]
         signed = not (non_negative_by_construction(value) or (value.is_graph_input() and hist.min >= 0.0))
         levels = 2 ** (config.act_bits - 1) - 1 if signed else 2**config.act_bits - 1
         high = threshold(hist, config.calib_method, levels, config.percentile)
@@ -170,6 +237,7 @@ def convert(
     *,
     calib=None,
     on_progress: Callable[[int, int | None], None] | None = None,
+    calibration_cache: CalibrationCache | None = None,
     **settings,
 ) -> Conversion:
     """Ternarize a model's Conv/Gemm/MatMul weights and quantize their activations.
@@ -179,33 +247,43 @@ def convert(
     (onnxruntime's CalibrationDataReader protocol); it is needed unless
     act_bits=0. Settings are ConvertConfig's fields, given either as `config`
     or as keywords (n=4, method="exact", act_bits=8, ...).
-    Returns (model, report); save the model with fgq_onnx.save.
+    `calibration_cache` (from collect_calibration) replaces the calibration
+    run and `calib`. Returns (model, report); save it with fgq_onnx.save.
     """
     config = replace(config or ConvertConfig(), **settings) if settings else (config or ConvertConfig())
-    if config.act_bits and calib is None:
+    if config.act_bits and calib is None and calibration_cache is None:
         raise FgqError("activation quantization needs calibration data (--calib), or use --act-bits 0 for weights only")
     ir_model, report = _load(model, REQUIRED_OPSET[config.weight_storage])
     report.settings.update(config.settings())
     dataset = None
-    if config.act_bits:  # open the data now: a bad path should fail before the slow work
-        dataset = Dataset(calib, model_inputs(ir_model), options=config.image, batch_size=config.calib_batch_size, limit=config.calib_limit)
+    if config.method is Method.FIT and calib is None:
+        raise FgqError("--method fit fits weights to calibration data: give --calib")
+    if (config.act_bits and calibration_cache is None) or ((config.bias_correction or config.method is Method.FIT) and calib is not None):  # open the data now: a bad path should fail before the slow work
+        dataset = Dataset(layerwise.replayable(calib), model_inputs(ir_model), options=config.image, batch_size=config.calib_batch_size, limit=config.calib_limit)
     report.weight_bytes_before = model_io.weight_bytes(ir_model)
 
-    ternarize = TernarizeWeightsPass(config.n, config.method, config.weight_storage, skip=_skip_rule(config, ir_model))
-    prepare = ir.passes.PassManager([
-        common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0),
-        common.RemoveInitializersFromInputsPass(),
-        FoldBatchNormPass(),
-    ])
-    ir_model = prepare(ir_model).model
+    ternarize = TernarizeWeightsPass(config.n, config.method, config.weight_storage, skip=_skip_rule(config, ir_model), scale_format=config.scale_format)
+    ir_model = _prepare(ir_model)
     ir_model = _infer_shapes(ir_model, report)
+    reference = layerwise.capture(ir_model, dataset) if (config.bias_correction or config.method is Method.FIT) and dataset is not None else None
     ir_model = ternarize(ir_model).model
     report.layers = ternarize.records
     if not report.converted:
         raise FgqError(_nothing_to_convert(report))
+    ranges_from_capture = reference is not None and calibration_cache is None
+    if ranges_from_capture:  # fitting and bias correction bring activations back to the fp32 ranges: no second pass
+        calibration_cache = CalibrationCache(reference.histograms, reference.samples, dataset.skipped, dataset.dropped)
     if config.act_bits:
-        quants = _calibrate(ir_model, dataset, config, report, on_progress)
+        quants = _calibrate(ir_model, dataset, config, report, on_progress, calibration_cache)
+        if ranges_from_capture:
+            report.calibration.pop("reused_fp32_statistics", None)
+            report.notes.append("activation ranges come from the fp32 model, whose statistics fitting and bias correction restore")
         ir_model = InsertActivationQdqPass(quants)(ir_model).model
+    if reference is not None:
+        fit = layerwise.FitSettings(config.n, config.weight_storage, config.scale_format) if config.method is Method.FIT else None
+        report.notes += layerwise.describe(layerwise.refine(ir_model, reference, dataset, correct=config.bias_correction, fit=fit))
+    elif config.bias_correction:
+        report.notes.append("bias correction needs calibration data (--calib): skipped")
     finish = ir.passes.PassManager([
         common.RemoveUnusedNodesPass(),
         common.RemoveUnusedOpsetsPass(),

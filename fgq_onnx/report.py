@@ -26,6 +26,8 @@ class LayerRecord:
     groups: int = 0
     short_group: int = 0  # length of the shorter last group of a segment, 0 if none
     sqnr_db: float = math.nan
+    code_bytes: int = 0  # stored bytes of the ternary codes (converted layers)
+    scale_bytes: int = 0  # stored bytes of the group scales (and u8 row scales)
 
     @property
     def multiplications_eliminated(self) -> float:
@@ -77,6 +79,12 @@ class Report:
         return sum(values) / len(values) if values else math.nan
 
     @property
+    def bits_per_weight(self) -> float:
+        """8 * bytes of codes and scales of the converted layers / their weights."""
+        params = sum(layer.params for layer in self.converted)
+        return 8.0 * sum(layer.code_bytes + layer.scale_bytes for layer in self.converted) / params if params else math.nan
+
+    @property
     def sqnr_worst(self) -> LayerRecord | None:
         return min(self.converted, key=lambda layer: layer.sqnr_db, default=None)
 
@@ -92,6 +100,7 @@ class Report:
             "file_bytes_before": self.file_bytes_before,
             "file_bytes_after": self.file_bytes_after,
             "multiplications_eliminated": self.multiplications_eliminated,
+            "bits_per_weight": self.bits_per_weight,
             "sqnr_mean_db": self.sqnr_mean_db,
             "sqnr_worst_db": worst.sqnr_db if worst else math.nan,
             "sqnr_worst_layer": worst.node if worst else "",

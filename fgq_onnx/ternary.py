@@ -20,6 +20,7 @@ class Method(str, enum.Enum):
     EXACT = "exact"  # the least-squares optimum per group, one scale
     TWN = "twn"  # threshold 0.7 * mean|w| (Li & Liu 2016), the classic baseline
     ASYMMETRIC = "asymmetric"  # exact optimum per sign, a scale for + and one for -
+    FIT = "fit"  # exact, then codes and scales refitted to calibration outputs (fgq_onnx/fitting.py)
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ class TernaryWeight:
 def ternarize(weight: np.ndarray, layout: GroupLayout, method: Method) -> TernaryWeight:
     """Ternarize a weight tensor group by group with the chosen solver."""
     groups = layout.group(np.asarray(weight, dtype=np.float32))
-    if method is Method.EXACT:
+    if method in (Method.EXACT, Method.FIT):  # FIT starts from exact; the data-aware part needs calibration data
         return TernaryWeight(layout, *solve_exact(groups))
     if method is Method.TWN:
         return TernaryWeight(layout, *solve_twn(groups, layout.valid_counts()))

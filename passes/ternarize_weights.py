@@ -12,8 +12,9 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, int_attr
+from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, int_attr, unique_name
 from fgq_onnx.report import LayerRecord
+from fgq_onnx.scales import SCALE_FORMATS, StoredScales, row_axis, store_scales
 from fgq_onnx.ternary import GroupLayout, Method, TernaryWeight, sqnr_db, ternarize
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
@@ -66,8 +67,16 @@ def macs_per_sample(node: ir.Node, params: int) -> int:
     return params * int(np.prod(list(shape[2:])))
 
 
-def _dequantize_nodes(node: ir.Node, weight: ir.Value, ternary: TernaryWeight, storage: str) -> tuple[list[ir.Node], ir.Value]:
-    """Nodes that rebuild the float weight from its codes; returns them and their output."""
+def _dequantize_nodes(node: ir.Node, weight: ir.Value, ternary: TernaryWeight, storage: str, scales: list[StoredScales]) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes that rebuild the float weight from its codes and stored scales; returns them and their output.
+
+    `scales` holds the stored group scales (two for the asymmetric method: + then -).
+    f32: the scales are an initializer (in the weight's dtype). f16: a float16
+    initializer; the weight DequantizeLinear then yields float16 and a Cast
+    brings it to the weight's dtype. u8: a per-row DequantizeLinear(uint8
+    codes, float32 row_scale, axis = the output-row axis) computes the float32
+    group scales that the weight DequantizeLinear takes as x_scale.
+    """
     graph = node.graph
     label = node.name or node.outputs[0].name  # node names must be unique; exporters may leave them empty
     layout = ternary.layout
@@ -76,23 +85,40 @@ def _dequantize_nodes(node: ir.Node, weight: ir.Value, ternary: TernaryWeight, s
     base = weight.name
     codes_value = add_initializer(graph, f"{base}.ternary_codes", ir.tensor(codes.astype(_STORAGE_DTYPE[storage])))
     attrs = {"axis": layout.axis, "block_size": layout.n}
+    nodes: list[ir.Node] = []
+    scale_format = scales[0].format
+    out_dtype = {"f16": np.dtype(np.float16), "u8": np.dtype(np.float32)}.get(scale_format, np.dtype(dtype))
 
-    def dequantize(scales: np.ndarray, suffix: str) -> ir.Node:
-        scale_value = add_initializer(graph, f"{base}.group_scales{suffix}", layout.scales_to_tensor(scales).astype(dtype))
-        return ir.node("DequantizeLinear", [codes_value, scale_value], attrs, name=f"{label}/dequantize_weight{suffix}")
+    def group_scales(stored: StoredScales, suffix: str) -> ir.Value:
+        if stored.format != "u8":
+            array = stored.values if stored.format == "f16" else stored.values.astype(dtype)
+            return add_initializer(graph, f"{base}.group_scales{suffix}", layout.scales_to_tensor(array))
+        q = add_initializer(graph, f"{base}.group_scale_codes{suffix}", layout.scales_to_tensor(stored.values))
+        row_scale = add_initializer(graph, f"{base}.row_scale{suffix}", stored.row_scale)
+        return add("DequantizeLinear", [q, row_scale], {"axis": row_axis(layout)}, f"dequantize_scales{suffix}", f"group_scales{suffix}")
 
-    if ternary.neg_scale is None:
-        nodes = [dequantize(ternary.scale, "")]
+    def add(op: str, inputs: list[ir.Value], attributes: dict, name: str, output: str) -> ir.Value:
+        nodes.append(ir.node(op, inputs, attributes, name=f"{label}/{name}"))
+        nodes[-1].outputs[0].name = unique_name(graph, f"{base}.{output}")  # readable; the last one is renamed below
+        return nodes[-1].outputs[0]
+
+    def dequantize(stored: StoredScales, suffix: str) -> ir.Value:
+        return add("DequantizeLinear", [codes_value, group_scales(stored, suffix)], attrs, f"dequantize_weight{suffix}", f"dequantized{suffix}")
+
+    if len(scales) == 1:
+        dequantize(scales[0], "")
     else:
         # {-a_neg, 0, +a_pos} is not one affine map: max(t * a_pos, 0) + min(t * a_neg, 0).
-        zero = add_initializer(graph, f"{base}.zero", np.zeros((), dtype))
-        positive, negative = dequantize(ternary.scale, "_pos"), dequantize(ternary.neg_scale, "_neg")
-        upper = ir.node("Max", [positive.outputs[0], zero], name=f"{label}/positive_weights")
-        lower = ir.node("Min", [negative.outputs[0], zero], name=f"{label}/negative_weights")
-        nodes = [positive, negative, upper, lower, ir.node("Add", [upper.outputs[0], lower.outputs[0]], name=f"{label}/ternary_weight")]
+        zero = add_initializer(graph, f"{base}.zero", np.zeros((), out_dtype))
+        positive, negative = dequantize(scales[0], "_pos"), dequantize(scales[1], "_neg")
+        upper = add("Max", [positive, zero], {}, "positive_weights", "positive")
+        lower = add("Min", [negative, zero], {}, "negative_weights", "negative")
+        add("Add", [upper, lower], {}, "ternary_weight", "signed")
+    if out_dtype != np.dtype(dtype):
+        add("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.from_numpy(np.dtype(dtype))}, "cast_weight", "cast")
     if layout.flatten:
         shape = add_initializer(graph, f"{base}.shape", np.array(layout.shape, np.int64))
-        nodes.append(ir.node("Reshape", [nodes[-1].outputs[0], shape], name=f"{label}/reshape_weight"))
+        add("Reshape", [nodes[-1].outputs[0], shape], {}, "reshape_weight", "unflattened")
     output = nodes[-1].outputs[0]
     output.name = f"{base}.ternary"
     return nodes, output
@@ -104,7 +130,8 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
     Rewrites the weight input of every Conv, Gemm and MatMul (in subgraphs too)
     whose weight is a constant float initializer into
     DequantizeLinear(codes, scales, axis, block_size=N), codes stored as INT2
-    (opset 25) or int8 (opset 21). A weight shared by several nodes is
+    (opset 25) or int8 (opset 21), scales as `scale_format` ("f32", "f16" or
+    "u8", see _dequantize_nodes and fgq_onnx.scales). A weight shared by several nodes is
     ternarized once. MatMuls of two activations are left alone. Each rewritten
     node gets the metadata key "fgq.ternary". `records` lists every linear node
     seen, converted or not, with the reason.
@@ -113,13 +140,15 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
     initializers (lift Constant nodes first).
     """
 
-    def __init__(self, n: int, method: Method = Method.EXACT, storage: str = "int2", skip: Callable[[ir.Node], str | None] | None = None):
+    def __init__(self, n: int, method: Method = Method.EXACT, storage: str = "int2", skip: Callable[[ir.Node], str | None] | None = None, scale_format: str = "f32"):
         super().__init__()
         if n < 2:
             raise ValueError(f"group size N must be at least 2, got {n}")
         if storage not in REQUIRED_OPSET:
             raise ValueError(f"weight storage must be one of {sorted(REQUIRED_OPSET)}, got {storage!r}")
-        self.n, self.method, self.storage = n, Method(method), storage
+        if scale_format not in SCALE_FORMATS:
+            raise ValueError(f"scale format must be one of {', '.join(SCALE_FORMATS)}, got {scale_format!r}")
+        self.n, self.method, self.storage, self.scale_format = n, Method(method), storage, scale_format
         self.skip = skip or (lambda node: None)
         self.records: list[LayerRecord] = []
 
@@ -150,7 +179,7 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
                 done[key] = self._ternarize(node, weight, record)
             replacement, first = done[key]
             node.replace_input_with(1, replacement)
-            node.metadata_props[TERNARY_MARK] = f"n={self.n} method={self.method.value}"
+            node.metadata_props[TERNARY_MARK] = f"n={self.n} method={self.method.value} scales={self.scale_format}"
             if first is not record:
                 _copy_result(first, record, note=f"shares its weight with {first.node}")
         return ir.passes.PassResult(model, modified=bool(done))
@@ -159,19 +188,24 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         array = weight.const_value.numpy().astype(np.float32)
         layout, grouping = weight_layout(node, array.shape, self.n)
         ternary = ternarize(array, layout, self.method)
-        nodes, output = _dequantize_nodes(node, weight, ternary, self.storage)
+        stored = [store_scales(s, layout, self.scale_format) for s in (ternary.scale, ternary.neg_scale) if s is not None]
+        nodes, output = _dequantize_nodes(node, weight, ternary, self.storage, stored)
         node.graph.insert_before(node, nodes)
         short = layout.length % self.n
         record.converted, record.n, record.method, record.grouping = True, self.n, self.method.value, grouping
         record.groups = int(ternary.scale.size)
         record.short_group = short
-        record.sqnr_db = sqnr_db(array, ternary.dequantize())
+        dtype = weight.const_value.dtype.numpy()  # f32 scales are stored in the weight's own float type
+        record.code_bytes = -(-array.size * (2 if self.storage == "int2" else 8) // 8)
+        record.scale_bytes = sum(s.values.size * dtype.itemsize if s.format == "f32" else s.nbytes for s in stored)
+        decoded = TernaryWeight(layout, ternary.codes, *(s.decoded for s in stored)).dequantize()
+        record.sqnr_db = sqnr_db(array, decoded.astype(dtype).astype(np.float32))  # exactly what the graph computes
         if short:
             record.reason = f"reduction {layout.length} is not a multiple of N: last group has {short}"
         return output, record
 
 
 def _copy_result(source: LayerRecord, target: LayerRecord, note: str) -> None:
-    for name in ("converted", "n", "method", "grouping", "groups", "short_group", "sqnr_db"):
+    for name in ("converted", "n", "method", "grouping", "groups", "short_group", "sqnr_db", "code_bytes", "scale_bytes"):
         setattr(target, name, getattr(source, name))
     target.reason = note

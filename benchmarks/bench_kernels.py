@@ -1,0 +1,432 @@
+"""Benchmark the com.fgq ternary kernels against onnxruntime's own kernels.
+
+One command: `python benchmarks/bench_kernels.py` prints a table and writes
+JSON (--json, default benchmarks/results/bench_kernels.json). Every variant
+runs in onnxruntime with the same session options (intra_op_num_threads,
+ORT_ENABLE_ALL, sequential), is warmed up (kernels prepack on the first run),
+and is timed as the median of repeated runs (spread: min and max); activation
+quantization is inside the timed region for every quantized variant.
+
+Cases (--cases):
+- gemv: batch-1 MatMul, 4096x4096 weights, a chain of 12 layers so the
+  weights stream from DRAM (a 2-bit layer alone fits in L3); the table gives
+  time per layer and the DRAM roofline of the variant's weight bytes.
+- gemm: batch-64 MatMul 4096x4096 (a chain of 4), GOP/s.
+- conv: ResNet-50 3x3 and 1x1 conv shapes at batch 1 and 8.
+Variants: fp32 (MatMul / Conv), int8 (DynamicQuantizeMatMul; Conv: QDQ that
+onnxruntime fuses into QLinearConv), MatMulNBits 2- and 4-bit (block 128,
+accuracy_level 4), ternary (com.fgq) at N=64 and N=4 (uint8 scales with a
+row scale, the converter's default; --scale-format to change).
+"rel_err" is ||y - y_fp32|| / ||y_fp32|| against the fp32 variant with the
+original weights (MatMul: one layer of the chain): it includes each format's
+quantization error (ternary: about 0.3 to 0.5 on random Gaussian weights). "kernel_err"
+(ternary) compares against numpy on the same dequantized weights and
+activations: the kernel's own error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fgq_onnx import runtime  # noqa: E402
+from fgq_onnx.packing import pack_rows  # noqa: E402
+from fgq_onnx.ternary import GroupLayout, solve_exact  # noqa: E402
+
+OPSET = 21
+MS = "com.microsoft"
+
+
+# -- model builders -------------------------------------------------------------------
+
+
+def _model(nodes, inputs, outputs, inits, extra_opsets=()):
+    graph = helper.make_graph(nodes, "bench", inputs, outputs, inits)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1), *extra_opsets]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10
+    return model
+
+
+def _init(name, array):
+    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+
+
+def _act_scale(x_absmax: float, signed: bool) -> float:
+    return x_absmax / (127.0 if signed else 255.0)
+
+
+def ternarize_rows(w_rows: np.ndarray, n: int, scale_format: str):
+    """w_rows [M, K] (groups along K) -> packed codes, stored scales, row_scale, dequantized rows."""
+    m, k = w_rows.shape
+    layout = GroupLayout((m, k), axis=1, n=n)
+    codes, scales = solve_exact(layout.group(w_rows.astype(np.float32)))  # [M, G, N], [M, G]
+    if scale_format == "f32":
+        stored, row_scale, decoded = scales.astype(np.float32), None, scales.astype(np.float32)
+    elif scale_format == "f16":
+        stored = scales.astype(np.float16)
+        row_scale, decoded = None, stored.astype(np.float32)
+    else:
+        row_scale = (scales.max(axis=1) / 255).astype(np.float32)
+        safe = np.where(row_scale > 0, row_scale, 1)[:, None]
+        stored = np.clip(np.rint(scales / safe), 0, 255).astype(np.uint8)
+        decoded = stored.astype(np.float32) * row_scale[:, None]
+    deq = (codes * decoded[:, :, None]).reshape(m, -1)[:, :k]
+    return pack_rows(codes.reshape(m, -1)), stored, row_scale, deq.astype(np.float32)
+
+
+def ternary_node(op, x, y, prefix, w_rows, n, scale_format, x_scale, inits, **attrs):
+    codes, stored, row_scale, deq = ternarize_rows(w_rows, n, scale_format)
+    inits += [_init(f"{prefix}.codes", codes), _init(f"{prefix}.scales", stored)]
+    inputs = [x, f"{prefix}.xs", f"{prefix}.zp", f"{prefix}.codes", f"{prefix}.scales"]
+    inits += [_init(f"{prefix}.xs", np.float32(x_scale)), _init(f"{prefix}.zp", np.int8(0))]
+    if row_scale is not None:
+        inits.append(_init(f"{prefix}.rs", row_scale))
+        inputs.append(f"{prefix}.rs")
+    node = helper.make_node(op, inputs, [y], domain=runtime.DOMAIN, N=n, **attrs)
+    weight_bytes = codes.nbytes + stored.nbytes + (row_scale.nbytes if row_scale is not None else 0)
+    return node, deq, weight_bytes
+
+
+def nbits_node(x, y, prefix, w_km: np.ndarray, bits: int, inits, block=128):
+    """MatMulNBits with symmetric-range quantization (default zero point 2^(bits-1))."""
+    k, m = w_km.shape
+    blocks = -(-k // block)
+    padded = np.zeros((blocks * block, m), np.float32)
+    padded[:k] = w_km
+    wb = padded.T.reshape(m, blocks, block)
+    zero = 2 ** (bits - 1)
+    scale = np.abs(wb).max(axis=2) / zero
+    scale = np.where(scale > 0, scale, 1).astype(np.float32)
+    q = np.clip(np.rint(wb / scale[:, :, None]) + zero, 0, 2**bits - 1).astype(np.uint8)
+    per = 8 // bits
+    q = q.reshape(m, blocks, block // per, per)
+    packed = np.zeros(q.shape[:3], np.uint8)
+    for i in range(per):
+        packed |= q[..., i] << (bits * i)
+    inits += [_init(f"{prefix}.B", packed), _init(f"{prefix}.scales", scale.reshape(-1))]
+    node = helper.make_node("MatMulNBits", [x, f"{prefix}.B", f"{prefix}.scales"], [y], domain=MS,
+                            K=k, N=m, bits=bits, block_size=block, accuracy_level=4)
+    return node, packed.nbytes + scale.nbytes
+
+
+def int8_matmul_node(x, y, prefix, w_km, inits):
+    scale = (np.abs(w_km).max(axis=0) / 127).astype(np.float32)
+    q = np.clip(np.rint(w_km / scale), -127, 127).astype(np.int8)
+    inits += [_init(f"{prefix}.B", q), _init(f"{prefix}.bs", scale)]
+    node = helper.make_node("DynamicQuantizeMatMul", [x, f"{prefix}.B", f"{prefix}.bs"], [y], domain=MS)
+    return node, q.nbytes + scale.nbytes
+
+
+def matmul_chain(variant: str, weights: list[np.ndarray], batch: int, scale_format: str):
+    """A chain y_{i+1} = y_i @ W_i. Returns (model, weight bytes per layer, numpy check or None)."""
+    k = weights[0].shape[0]
+    nodes, inits, wbytes, check = [], [], 0, []
+    prev = "X"
+    for i, w in enumerate(weights):
+        out = "Y" if i == len(weights) - 1 else f"y{i}"
+        prefix = f"l{i}"
+        if variant == "fp32":
+            inits.append(_init(f"{prefix}.W", w))
+            nodes.append(helper.make_node("MatMul", [prev, f"{prefix}.W"], [out]))
+            wbytes = w.nbytes
+        elif variant == "int8":
+            node, wbytes = int8_matmul_node(prev, out, prefix, w, inits)
+            nodes.append(node)
+        elif variant.startswith("nbits"):
+            node, wbytes = nbits_node(prev, out, prefix, w, int(variant[5:]), inits)
+            nodes.append(node)
+        else:  # ternary N=<n>
+            n = int(variant.split("=")[1])
+            node, deq, wbytes = ternary_node("TernaryMatMul", prev, out, prefix, w.T, n, scale_format, 4.0 / 127,
+                                             inits, K=k)
+            nodes.append(node)
+            check.append(deq)
+        prev = out
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, [batch, k])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    extra = [helper.make_opsetid(runtime.DOMAIN, 1)] if variant.startswith("ternary") else []
+    return _model(nodes, [x], [y], inits, extra), wbytes, check or None
+
+
+def conv_model(variant: str, w: np.ndarray, x_shape, stride: int, pad: int, scale_format: str):
+    m, c, r, s = w.shape
+    inits, nodes, check = [], [], None
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, list(x_shape))
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    attrs = dict(strides=[stride, stride], pads=[pad] * 4)
+    x_scale = 4.0 / 127
+    if variant == "fp32":
+        inits.append(_init("W", w))
+        nodes.append(helper.make_node("Conv", ["X", "W"], ["Y"], **attrs))
+    elif variant == "int8":
+        ws = (np.abs(w).reshape(m, -1).max(axis=1) / 127).astype(np.float32)
+        q = np.clip(np.rint(w / ws[:, None, None, None]), -127, 127).astype(np.int8)
+        inits += [_init("W", q), _init("ws", ws), _init("wz", np.zeros(m, np.int8)), _init("xs", np.float32(x_scale)),
+                  _init("xz", np.int8(0)), _init("ys", np.float32(0.05)), _init("yz", np.int8(0))]
+        nodes += [
+            helper.make_node("QuantizeLinear", ["X", "xs", "xz"], ["xq"]),
+            helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+            helper.make_node("DequantizeLinear", ["W", "ws", "wz"], ["wd"], axis=0),
+            helper.make_node("Conv", ["xd", "wd"], ["yc"], **attrs),
+            helper.make_node("QuantizeLinear", ["yc", "ys", "yz"], ["yq"]),
+            helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["Y"]),
+        ]
+    else:
+        n = int(variant.split("=")[1])
+        rows = w.transpose(0, 2, 3, 1).reshape(m, -1) if c >= n else w.reshape(m, -1)
+        segments = r * s if c >= n else 1
+        # groups per segment: ternarize each segment separately by padding rows per segment
+        seg_len = rows.shape[1] // segments
+        g_seg = -(-seg_len // n)
+        padded = np.zeros((m, segments, g_seg * n), np.float32)
+        padded[:, :, :seg_len] = rows.reshape(m, segments, seg_len)
+        codes, stored, row_scale, deq_rows = ternarize_rows(padded.reshape(m, -1), n, scale_format)
+        deq = deq_rows.reshape(m, segments, -1)[:, :, :seg_len].reshape(m, -1)
+        check = deq.reshape(m, r, s, c).transpose(0, 3, 1, 2) if c >= n else deq.reshape(w.shape)
+        inits += [_init("codes", codes), _init("scales", stored), _init("xs", np.float32(x_scale)), _init("zp", np.int8(0))]
+        inputs = ["X", "xs", "zp", "codes", "scales"] + (["rs"] if row_scale is not None else [])
+        if row_scale is not None:
+            inits.append(_init("rs", row_scale))
+        nodes.append(helper.make_node("TernaryConv", inputs, ["Y"], domain=runtime.DOMAIN, N=n,
+                                      weight_shape=list(w.shape), **attrs))
+    extra = [helper.make_opsetid(runtime.DOMAIN, 1)] if variant.startswith("ternary") else []
+    return _model(nodes, [x], [y], inits, extra), check
+
+
+# -- timing ---------------------------------------------------------------------------------
+
+
+def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if any(o.domain == runtime.DOMAIN for o in model.opset_import):
+        options = runtime.session_options(options=options)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def timed(sess: ort.InferenceSession, feed, repeat: int, min_seconds: float) -> tuple[np.ndarray, list[float]]:
+    out = None
+    for _ in range(3):
+        out = sess.run(None, feed)[0]
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeat or (time.perf_counter() - start < min_seconds and len(times) < 200):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return out, times
+
+
+def rel_err(y, ref) -> float:
+    return float(np.linalg.norm(y.astype(np.float64) - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def dram_bandwidth(threads: int) -> float:
+    """Read bandwidth (GB/s) of onnxruntime's ReduceSum over 512 MiB, same thread count."""
+    count = 128 * 1024 * 1024
+    model = _model([helper.make_node("ReduceSum", ["X"], ["Y"], keepdims=0)],
+                   [helper.make_tensor_value_info("X", TensorProto.FLOAT, [count])],
+                   [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], [])
+    x = np.ones(count, np.float32)
+    _, times = timed(session(model, threads), {"X": x}, 5, 0.5)
+    return x.nbytes / float(np.min(times)) / 1e9
+
+
+def quantize_input(x, scale, qmin=-128, qmax=127):
+    return (np.clip(np.rint(x / np.float32(scale)), qmin, qmax) * np.float32(scale)).astype(np.float64)
+
+
+# -- cases -----------------------------------------------------------------------------------
+
+
+def bench_matmul(name, batch, layers, variants, threads_list, args, rows):
+    rng = np.random.default_rng(0)
+    k = m = 4096
+    weights = [(rng.normal(size=(k, m)) / np.sqrt(k)).astype(np.float32) for _ in range(layers)]
+    x = rng.uniform(-1, 1, size=(batch, k)).astype(np.float32)
+    ref = x.astype(np.float64) @ weights[0]  # accuracy: first layer only (errors compound along a chain)
+    for variant in variants:
+        one_layer, _, _ = matmul_chain(variant, weights[:1], batch, args.scale_format)
+        error = rel_err(session(one_layer, 1).run(None, {"X": x})[0], ref)
+        model, wbytes, check = matmul_chain(variant, weights, batch, args.scale_format)
+        kernel_err = None
+        for threads in threads_list:
+            sess = session(model, threads)
+            y, times = timed(sess, {"X": x}, args.repeat, args.min_seconds)
+            if check is not None and kernel_err is None:
+                h = x.astype(np.float64)
+                for deq in check:
+                    h = quantize_input(h.astype(np.float32), 4.0 / 127) @ deq.T.astype(np.float64)
+                kernel_err = rel_err(y, h)
+            per_layer = float(np.median(times)) / layers
+            row = dict(case=name, variant=variant, threads=threads, batch=batch, layers=layers,
+                       us_per_layer=per_layer * 1e6, us_min=float(np.min(times)) / layers * 1e6,
+                       us_max=float(np.max(times)) / layers * 1e6, gops=2 * batch * k * m / per_layer / 1e9,
+                       weight_bytes=int(wbytes), bytes_per_weight=wbytes / (k * m), rel_err=error,
+                       kernel_err=kernel_err)
+            if batch == 1 and args.bandwidth.get(threads):
+                row["roofline_us"] = wbytes / (args.bandwidth[threads] * 1e9) * 1e6
+                row["x_roofline"] = row["us_per_layer"] / row["roofline_us"]
+            rows.append(row)
+            print_row(row)
+        del model
+
+
+RESNET50_CONVS = [  # (C_in, C_out, kernel, stride, H=W of the input)
+    (64, 64, 3, 1, 56),
+    (128, 128, 3, 1, 28),
+    (256, 256, 3, 1, 14),
+    (512, 512, 3, 1, 7),
+    (256, 64, 1, 1, 56),
+    (1024, 256, 1, 1, 14),
+]
+
+
+def bench_conv(variants, threads_list, args, rows, batches=(1, 8)):
+    rng = np.random.default_rng(1)
+    for c, m, ksz, stride, hw in RESNET50_CONVS[: args.conv_limit]:
+        w = (rng.normal(size=(m, c, ksz, ksz)) / np.sqrt(c * ksz * ksz)).astype(np.float32)
+        pad = ksz // 2
+        for batch in batches:
+            x = np.maximum(rng.normal(size=(batch, c, hw, hw)), -1).astype(np.float32)
+            ref = None
+            for variant in variants:
+                model, check = conv_model(variant, w, x.shape, stride, pad, args.scale_format)
+                for threads in threads_list:
+                    sess = session(model, threads)
+                    y, times = timed(sess, {"X": x}, args.repeat, args.min_seconds)
+                    if variant == "fp32" and ref is None:
+                        ref = y.astype(np.float64)
+                    kernel_err = None
+                    if check is not None:
+                        want = session(conv_model("fp32", check, x.shape, stride, pad, args.scale_format)[0], threads).run(
+                            None, {"X": quantize_input(x, 4.0 / 127).astype(np.float32)})[0]
+                        kernel_err = rel_err(y, want.astype(np.float64))
+                    med = float(np.median(times))
+                    out_hw = (hw + 2 * pad - ksz) // stride + 1
+                    macs = batch * m * c * ksz * ksz * out_hw * out_hw
+                    row = dict(case=f"conv{ksz}x{ksz} {c}->{m} @{hw}", variant=variant, threads=threads, batch=batch,
+                               us=med * 1e6, us_min=float(np.min(times)) * 1e6, us_max=float(np.max(times)) * 1e6,
+                               gops=2 * macs / med / 1e9, rel_err=rel_err(y, ref) if ref is not None else None,
+                               kernel_err=kernel_err)
+                    rows.append(row)
+                    print_row(row)
+
+
+def print_row(row):
+    time_us = row.get("us_per_layer", row.get("us"))
+    extra = ""
+    if "x_roofline" in row:
+        extra = f" roofline {row['roofline_us']:7.0f} us (x{row['x_roofline']:.2f})"
+    kerr = f" kernel_err {row['kernel_err']:.1e}" if row.get("kernel_err") is not None else ""
+    rerr = f" rel_err {row['rel_err']:.3f}" if row.get("rel_err") is not None else ""
+    print(f"{row['case']:<24} b={row['batch']:<3} t={row['threads']} {row['variant']:<12} "
+          f"{time_us:9.1f} us [{row['us_min']:.0f}-{row['us_max']:.0f}] {row['gops']:7.1f} GOP/s{extra}{rerr}{kerr}",
+          flush=True)
+
+
+def summarize(rows) -> list[str]:
+    """The targets of the brief, as ratios from this run."""
+    lines = []
+
+    def find(case, variant, threads, batch=None):
+        for r in rows:
+            if r["case"] == case and r["variant"] == variant and r["threads"] == threads and (batch is None or r["batch"] == batch):
+                return r
+        return None
+
+    threads_seen = sorted({r["threads"] for r in rows})
+    for t in threads_seen:
+        tern64 = find("gemv 4096x4096", "ternary N=64", t)
+        tern4 = find("gemv 4096x4096", "ternary N=4", t)
+        nb2 = find("gemv 4096x4096", "nbits2", t)
+        fp = find("gemv 4096x4096", "fp32", t)
+        i8 = find("gemv 4096x4096", "int8", t)
+        if tern64 and nb2:
+            lines.append(f"t={t} gemv N=64 vs MatMulNBits 2-bit: {nb2['us_per_layer'] / tern64['us_per_layer']:.2f}x faster (target >= 1.8x)")
+        if tern64 and fp:
+            lines.append(f"t={t} gemv N=64 vs fp32: {fp['us_per_layer'] / tern64['us_per_layer']:.1f}x faster (target >= 10x)")
+        if tern64 and "x_roofline" in tern64:
+            lines.append(f"t={t} gemv N=64 at {tern64['x_roofline']:.2f}x the DRAM roofline (target <= 1.2x)")
+        if tern4 and i8:
+            lines.append(f"t={t} gemv N=4 vs int8: {i8['us_per_layer'] / tern4['us_per_layer']:.2f}x faster (target > 1x)")
+        conv_cases = sorted({r["case"] for r in rows if r["case"].startswith("conv")})
+        for case in conv_cases:
+            for b in sorted({r["batch"] for r in rows if r["case"] == case}):
+                tern = [find(case, v, t, b) for v in ("ternary N=64", "ternary N=4")]
+                c8, c32 = find(case, "int8", t, b), find(case, "fp32", t, b)
+                for tr in tern:
+                    if tr and c8 and c32:
+                        lines.append(f"t={t} {case} b={b} {tr['variant']}: {c8['us'] / tr['us']:.2f}x int8, "
+                                     f"{c32['us'] / tr['us']:.2f}x fp32 (targets >= 1x, >= 3x)")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--cases", nargs="+", default=["gemv", "gemm", "conv"], choices=["gemv", "gemm", "conv"])
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--min-seconds", type=float, default=1.0)
+    parser.add_argument("--layers", type=int, default=12, help="chained layers for the batch-1 case")
+    parser.add_argument("--conv-limit", type=int, default=len(RESNET50_CONVS), help="first K ResNet-50 conv shapes")
+    parser.add_argument("--scale-format", default="u8", choices=["f32", "f16", "u8"])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, 2 conv shapes (a smoke run)")
+    parser.add_argument("--json", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "bench_kernels.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeat, args.min_seconds, args.conv_limit = 3, 0.2, 2
+    try:
+        runtime.library_path()
+    except runtime.RuntimeLibraryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    kernels = runtime.supported_kernels()
+    print(f"onnxruntime {ort.__version__}, kernels {kernels} (using {os.environ.get('FGQ_KERNEL', kernels[-1])}), "
+          f"cpu {platform.processor() or platform.machine()}, {os.cpu_count()} cores", flush=True)
+    args.bandwidth = {}
+    if "gemv" in args.cases:
+        for t in args.threads:
+            args.bandwidth[t] = dram_bandwidth(t)
+            print(f"DRAM read bandwidth (onnxruntime ReduceSum, 512 MiB), {t} thread(s): {args.bandwidth[t]:.1f} GB/s", flush=True)
+    rows: list[dict] = []
+    mm_variants = ["fp32", "int8", "nbits4", "nbits2", "ternary N=64", "ternary N=4"]
+    if "gemv" in args.cases:
+        bench_matmul("gemv 4096x4096", 1, args.layers, mm_variants, args.threads, args, rows)
+    if "gemm" in args.cases:
+        bench_matmul("gemm b64 4096x4096", 64, 4, mm_variants, args.threads, args, rows)
+    if "conv" in args.cases:
+        bench_conv(["fp32", "int8", "ternary N=64", "ternary N=4"], args.threads, args, rows)
+    summary = summarize(rows)
+    print("\nTargets:")
+    for line in summary:
+        print("  " + line)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(onnxruntime=ort.__version__, kernels=kernels, kernel=os.environ.get("FGQ_KERNEL", kernels[-1]),
+                cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), scale_format=args.scale_format,
+                bandwidth_gbs=args.bandwidth, load_average=os.getloadavg())
+    args.json.write_text(json.dumps(dict(meta=meta, rows=rows, summary=summary), indent=1) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Data-aware ternary fitting (TSQ-style): group codes and scales fitted to a layer's outputs.
+
+For one output row with fp32 weights w and inputs X (im2col columns for Conv)
+from calibration data, the ternary row s = sum_g a_g t_g should reproduce
+w^T X, not w itself:
+
+    min_s ||X^T (w - s)||^2  =  s^T H s - 2 s^T b + const,   H = X X^T, b = H w
+
+(damped: H += lambda * mean(diag H) * I). Starting from the exact per-group
+solution (the weight-space optimum), `fit_rows` alternates
+
+- a scale step: with the codes fixed the objective is quadratic in the G
+  group scales of a row; solve the G x G system (joint over groups), flip the
+  codes of a group whose scale comes out negative;
+- a code step: one sweep of coordinate descent, each weight choosing the best
+  of {-1, 0, +1} times its group's scale given all the others;
+
+and never accepts a step that raises the objective, so the objective is
+monotone and the result is never worse than `exact` on it.
+
+H is shared by every row that sees the same inputs: all output channels of a
+Conv see the same patches. It is kept block-diagonal per group segment: for a
+Conv with groups along input channels, one C x C block per kernel tap (r, s)
+(cross-tap terms are dropped: memory and time stay ~1/(R*S) of the full
+d x d), for Gemm/MatMul and whole-filter groups the full d x d. Plain numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fgq_onnx.ternary import solve_exact
+
+
+@dataclass
+class FitResult:
+    codes: np.ndarray  # [rows, G, N] int8
+    scales: np.ndarray  # [rows, G] float32, >= 0
+    history: list[float] = field(default_factory=list)  # objective after init and after every step
+
+    @property
+    def improvement(self) -> float:
+        """Objective drop, relative to the exact solution's."""
+        return 1.0 - self.history[-1] / self.history[0] if self.history and self.history[0] else 0.0
+
+
+def _accumulate(total: np.ndarray | None, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """total + a^T b per block; float32 BLAS per batch, float64 across batches."""
+    gram = np.matmul(a.transpose(0, 2, 1), b).astype(np.float64)
+    return gram if total is None else total + gram
+
+
+def damp(h: np.ndarray, damping: float = 0.01) -> np.ndarray:
+    """H + damping * mean(diag H) * I: keeps rarely excited inputs from steering the fit."""
+    h = np.array(h, np.float64)
+    mean_diag = float(np.mean(np.diag(h))) if h.size else 0.0
+    h[np.diag_indices_from(h)] += damping * (mean_diag if mean_diag > 0 else 1.0)
+    return h
+
+
+def objective(s: np.ndarray, h: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row: s^T H s - 2 s^T b, for s and b [rows, L], H [L, L]."""
+    return np.einsum("rl,lm,rm->r", s, h, s) - 2.0 * np.einsum("rl,rl->r", s, b)
+
+
+def _rows_of(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    return (codes * scales[..., None]).reshape(codes.shape[0], -1).astype(np.float64)
+
+
+def _scale_step(codes: np.ndarray, h4: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best scales for fixed codes, joint over a row's groups; negative scales flip their group's codes."""
+    rows, groups, n = codes.shape
+    t = codes.astype(np.float64)
+    a = np.einsum("rgi,gihj,rhj->rgh", t, h4, t)
+    c = np.einsum("rgi,rgi->rg", t, b.reshape(rows, groups, n))
+    empty = ~np.any(codes, axis=2)  # groups with no non-zero code: scale 0, keep the system regular
+    a[empty] = 0.0
+    a.transpose(0, 2, 1)[empty] = 0.0
+    eye = np.eye(groups)[None]
+    a = a + eye * empty[:, None, :]
+    ridge = 1e-12 * np.maximum(np.trace(a, axis1=1, axis2=2), 1e-30)
+    scales = np.linalg.solve(a + ridge[:, None, None] * eye, c[..., None])[..., 0]
+    scales[empty] = 0.0
+    flip = scales < 0
+    codes = np.where(flip[..., None], -codes, codes).astype(np.int8)
+    return codes, np.abs(scales)
+
+
+def _code_step(codes: np.ndarray, scales: np.ndarray, h: np.ndarray, b: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """One coordinate-descent sweep over the weights of all rows at once (rows share H)."""
+    rows, groups, n = codes.shape
+    codes = codes.copy()
+    flat = codes.reshape(rows, -1)
+    s = _rows_of(codes, scales)
+    residual = s @ h - b  # gradient / 2 of the objective
+    scale_of = np.repeat(scales.astype(np.float64), n, axis=1)
+    diag = np.diag(h)
+    candidates = np.array([-1, 0, 1], np.int8)
+    for i in np.flatnonzero(valid):
+        a = scale_of[:, i]
+        delta = a[:, None] * (candidates[None, :] - flat[:, i, None])  # [rows, 3]
+        gain = 2.0 * delta * residual[:, i, None] + delta**2 * diag[i]
+        best = np.argmin(gain, axis=1)
+        step = delta[np.arange(rows), best]
+        moved = gain[np.arange(rows), best] < 0.0
+        if not moved.any():
+            continue
+        step = np.where(moved, step, 0.0)
+        flat[:, i] = np.where(moved, candidates[best], flat[:, i])
+        residual += step[:, None] * h[i][None, :]
+    return codes
+
+
+def fit_rows(weights: np.ndarray, h: np.ndarray, n: int, *, b: np.ndarray | None = None, iterations: int = 4, init: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
+    """Fit ternary groups of N to rows `weights` [rows, L] that all see inputs with (damped) H [L, L].
+
+    The objective per row is s^T H s - 2 s^T b with b = H w by default (the
+    fp32 row on the same inputs); pass `b` [rows, L] for another target (e.g.
+    the fp32 row on fp32 inputs: b = w C^T with C = X X_fp^T). Groups run
+    along the row in runs of N, the last one zero padded (padding stays
+    zero). `init` = (codes [rows, G, N], scales [rows, G]) defaults to the
+    exact per-group solution. Every step is kept only where it lowers a row's
+    objective, so `history` (total objective) never increases.
+    """
+    rows, length = weights.shape
+    groups = -(-length // n)
+    padded = groups * n
+    w = np.zeros((rows, padded))
+    w[:, :length] = weights
+    hp = np.zeros((padded, padded))
+    hp[:length, :length] = h
+    valid = np.arange(padded) < length
+    if b is None:
+        b = w @ hp
+    else:
+        b = np.concatenate([np.asarray(b, np.float64), np.zeros((rows, padded - length))], axis=1)
+    if init is None:
+        codes, scales = solve_exact(w.reshape(rows, groups, n).astype(np.float32))
+    else:
+        codes, scales = init
+    codes, scales = codes.astype(np.int8), scales.astype(np.float64)
+    current = objective(_rows_of(codes, scales), hp, b)
+    history = [float(current.sum())]
+    h4 = hp.reshape(groups, n, groups, n)
+    for _ in range(iterations):
+        for step in ("scale", "codes"):
+            if step == "scale":
+                new_codes, new_scales = _scale_step(codes, h4, b)
+            else:
+                new_codes, new_scales = _code_step(codes, scales, hp, b, valid), scales
+            value = objective(_rows_of(new_codes, new_scales), hp, b)
+            better = value < current
+            codes = np.where(better[:, None, None], new_codes, codes)
+            scales = np.where(better[:, None], new_scales, scales)
+            current = np.where(better, value, current)
+            history.append(float(current.sum()))
+        if len(history) > 3 and history[-3] - history[-1] <= 1e-9 * abs(history[0]):
+            break
+    return FitResult(codes.astype(np.int8), scales.astype(np.float32), history)
+
+
+# -- input statistics -----------------------------------------------------------------
+
+
+class PatchGram:
+    """Streamed H blocks of a layer's input.
+
+    `kernel` = None: inputs are rows [.., d] (Gemm/MatMul) and H is d x d.
+    Otherwise a Conv input [B, C, *spatial] with the given kernel geometry:
+    `per_tap` keeps one C x C block per kernel tap (groups along channels),
+    else one (C * taps) x (C * taps) block in (c, tap) order (whole-filter groups).
+    Given the fp32 model's input for the same samples too (`update(x, x_fp)`),
+    it also keeps the cross blocks C = X X_fp^T and F = X_fp X_fp^T, for the
+    target w^T X_fp (the fp32 layer on fp32 inputs) instead of w^T X.
+    """
+
+    def __init__(self, kernel=None, strides=None, dilations=None, pads=None, per_tap: bool = True, max_columns: int = 8192):
+        self.kernel, self.per_tap, self.max_columns = kernel, per_tap, max_columns
+        rank = len(kernel) if kernel else 0
+        self.strides = tuple(strides or (1,) * rank)
+        self.dilations = tuple(dilations or (1,) * rank)
+        self.pads = tuple(pads or (0,) * (2 * rank))
+        self.h: np.ndarray | None = None
+        self.cross: np.ndarray | None = None
+        self.fp: np.ndarray | None = None
+        self.columns = 0
+
+    def _columns(self, x: np.ndarray) -> np.ndarray:
+        """[blocks, columns, width]."""
+        x = np.asarray(x, np.float32)
+        if self.kernel is None:
+            cols = x.reshape(-1, x.shape[-1])
+            return cols[:: max(1, len(cols) // self.max_columns)][None]
+        patches = self._patches(x)  # [taps, C, columns]
+        if not self.per_tap:
+            patches = patches.transpose(1, 0, 2).reshape(1, -1, patches.shape[2])
+        return patches.transpose(0, 2, 1)
+
+    def update(self, x: np.ndarray, x_fp: np.ndarray | None = None) -> None:
+        cols = self._columns(x)
+        self.h = _accumulate(self.h, cols, cols)
+        if x_fp is not None:
+            cols_fp = self._columns(x_fp)
+            self.cross = _accumulate(self.cross, cols, cols_fp)
+            self.fp = _accumulate(self.fp, cols_fp, cols_fp)
+        self.columns += cols.shape[1]
+
+    def _patches(self, x: np.ndarray) -> np.ndarray:
+        spatial = x.shape[2:]
+        rank = len(spatial)
+        pads = list(zip(self.pads[:rank], self.pads[rank:]))
+        padded = np.pad(x, [(0, 0), (0, 0), *pads])
+        out = [(size + b + e - d * (k - 1) - 1) // s + 1 for size, (b, e), k, s, d in zip(spatial, pads, self.kernel, self.strides, self.dilations)]
+        total = x.shape[0] * int(np.prod(out))
+        step = max(1, -(-total // self.max_columns))
+        taps = []
+        for offset in np.ndindex(*self.kernel):
+            window = tuple(slice(o * d, o * d + s * (m - 1) + 1, s) for o, d, s, m in zip(offset, self.dilations, self.strides, out))
+            tap = padded[(slice(None), slice(None), *window)]  # [B, C, *out]
+            taps.append(np.moveaxis(tap, 1, 0).reshape(x.shape[1], -1)[:, ::step])
+        return np.stack(taps)

@@ -1,0 +1,327 @@
+"""Calibration-data passes over linear layers: bias correction, layer by layer.
+
+`capture` runs on the fp32 model before ternarization: one pass over the
+calibration data (the exposed-outputs runner of fgq_onnx.calibration) keeps
+every linear node's per-channel output mean and std, and the |x| histograms
+activation calibration needs. `correct_biases` runs on the converted model,
+in topological order with the layers before each one already converted *and*
+corrected: the ternarized nodes are grouped by dependency level (1 + the
+highest level among the ternarized nodes they depend on; nodes of one level
+do not depend on each other, so correcting them together is exact). Each
+level is measured with fgq_onnx/segments.py, which runs only the part of the
+graph not run yet, from the tensors it kept: all levels together cost about
+one pass over the data instead of one pass each. The gain and shift
+(fgq_onnx/correction.py) go into the graph with passes/correct_bias.py, and
+into the kept outputs so that the next level sees the corrected layer.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from fgq_onnx.calibration import AbsHistogram, _session_with_outputs
+from fgq_onnx.correction import ChannelMoments, affine_correction
+from fgq_onnx.errors import FgqError
+from fgq_onnx.graph_utils import DEFAULT_DOMAINS, constant_array, int_attr
+from fgq_onnx.passes.correct_bias import CorrectBiasPass, scalable
+from fgq_onnx.fitting import PatchGram, damp, fit_rows
+from fgq_onnx.passes.replace_ternary_weights import ReplaceTernaryWeightsPass
+from fgq_onnx.passes.ternarize_weights import LINEAR_OPS, TERNARY_MARK, weight_layout
+from fgq_onnx.ternary import GroupLayout, TernaryWeight
+from fgq_onnx.segments import SegmentRunner
+
+
+def _channel_axis(node: ir.Node) -> int:
+    return 1 if node.op_type == "Conv" else -1
+
+
+def _linear_nodes(model: ir.Model) -> list[ir.Node]:
+    return [n for n in model.graph if n.op_type in LINEAR_OPS and n.domain in DEFAULT_DOMAINS and len(n.inputs) > 1 and n.inputs[1] is not None]
+
+
+@dataclass
+class Reference:
+    """What one fp32 pass saw: per-channel output statistics of each linear node (keyed by its
+    output name), |x| histograms of their activation inputs (keyed by tensor name), and the
+    calibration feeds themselves when they fit in memory, so later passes skip the decoding."""
+
+    moments: dict[str, ChannelMoments] = field(default_factory=dict)
+    histograms: dict[str, AbsHistogram] = field(default_factory=dict)
+    samples: int = 0
+    feeds: list | None = None
+    weights: dict[str, ir.Value] = field(default_factory=dict)  # the fp32 weight initializers, for fitting
+
+
+def capture(model: ir.Model, dataset: Iterable, *, ranges: bool = True, cache_bytes: int = 1 << 30) -> Reference:
+    """One pass of the fp32 model: output mean and std per channel of every linear node of the main graph.
+
+    With `ranges`, also the |x| histograms of their non-constant first inputs
+    (what activation calibration needs: the corrected model's activations
+    follow the fp32 ones, the uncorrected ternary model's do not).
+    """
+    nodes = _linear_nodes(model)
+    reference = Reference({n.outputs[0].name: ChannelMoments(_channel_axis(n)) for n in nodes})
+    reference.weights = {n.outputs[0].name: n.inputs[1] for n in nodes if constant_array(n.inputs[1]) is not None}
+    if ranges:
+        reference.histograms = {n.inputs[0].name: AbsHistogram() for n in nodes if n.inputs[0] is not None and n.inputs[0].const_value is None}
+    kept: list = []
+    reference.samples = stream(model, {**reference.moments, **reference.histograms}, dataset, keep=kept, cache_bytes=cache_bytes)
+    reference.feeds = kept if kept and kept[0] is not None else None
+    return reference
+
+
+def stream(model: ir.Model, watched: dict, dataset: Iterable, limit: int | None = None, keep: list | None = None, cache_bytes: int = 0) -> int:
+    """Run the data through `model` once, feeding each named tensor to its accumulator (anything with
+    update(array)); returns samples seen. `keep` collects every batch, or ends as [None] when they
+    do not fit in `cache_bytes`."""
+    graph_inputs = {v.name for v in model.graph.inputs}
+    fetched = [name for name in watched if name not in graph_inputs]
+    samples, kept_bytes = 0, 0
+    with tempfile.TemporaryDirectory(prefix="fgq-layerwise-") as folder:
+        session = _session_with_outputs(model, fetched, Path(folder))
+        for batch in dataset:
+            feed = batch[0]
+            if keep is not None and keep[:1] != [None]:
+                kept_bytes += sum(np.asarray(v).nbytes for v in feed.values())
+                keep.append(batch)
+                if kept_bytes > cache_bytes:
+                    keep[:] = [None]
+            try:
+                outputs = session.run(fetched, feed)
+            except Exception as error:  # onnxruntime raises its own exception types
+                raise FgqError(f"the model failed on calibration data: {str(error).splitlines()[0]}") from None
+            for name, value in zip(fetched, outputs):
+                watched[name].update(value)
+            for name in watched.keys() & feed.keys():
+                watched[name].update(feed[name])
+            if hasattr(dataset, "samples_in"):  # a Dataset knows its one-feed-per-entry sources
+                samples += dataset.samples_in(feed)
+            else:
+                first = next(iter(feed.values()), None)
+                samples += len(first) if first is not None and np.ndim(first) else 1
+            if limit is not None and samples >= limit:
+                break
+    if samples == 0:
+        raise FgqError("the calibration data produced no samples")
+    return samples
+
+
+def dependency_levels(model: ir.Model, chosen: list[ir.Node]) -> list[list[ir.Node]]:
+    """`chosen` nodes grouped by level: 1 + the highest level among chosen nodes upstream of them."""
+    ids = {id(n) for n in chosen}
+    depth: dict[int, int] = {}
+    levels: dict[int, list[ir.Node]] = {}
+    for node in model.graph:  # the graph is in topological order
+        level = max((depth.get(id(v), 0) for v in node.inputs if v is not None), default=0)
+        if id(node) in ids:
+            level += 1
+            levels.setdefault(level, []).append(node)
+        for value in node.outputs:
+            depth[id(value)] = level
+    return [levels[k] for k in sorted(levels)]
+
+
+def _bias_vector(node: ir.Node, channels: int) -> np.ndarray | None:
+    """The node's own additive bias per output channel (0 without one); None if it is not a constant."""
+    bias_input = node.inputs[2] if len(node.inputs) > 2 else None
+    if node.op_type == "MatMul" or bias_input is None:
+        return np.zeros(channels)
+    bias = constant_array(bias_input)
+    if bias is None:
+        return None
+    beta = node.attributes["beta"].as_float() if node.op_type == "Gemm" and "beta" in node.attributes else 1.0
+    bias = np.asarray(bias, np.float64) * beta
+    if node.op_type == "Gemm":
+        bias = bias.reshape(-1, bias.shape[-1]).mean(axis=0) if bias.ndim else bias
+    return np.broadcast_to(bias, (channels,))
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How `refine` refits ternary weights (fgq_onnx/fitting.py) and stores them."""
+
+    n: int
+    storage: str
+    scale_format: str
+    iterations: int = 3
+    damping: float = 0.01
+
+
+@dataclass
+class Refinement:
+    """What `refine` did, for the report."""
+
+    levels: int = 0
+    shifts: dict[str, float] = field(default_factory=dict)  # node label -> |shift| / (|fp32 mean| + |fp32 std|)
+    fits: dict[str, tuple[float, float]] = field(default_factory=dict)  # node label -> relative output error (exact, fitted)
+    unfitted: dict[str, str] = field(default_factory=dict)  # node label -> why it kept its exact weights
+
+
+def refine(
+    model: ir.Model,
+    reference: Reference,
+    dataset: Iterable,
+    *,
+    correct: bool = True,
+    scale: bool = True,
+    fit: FitSettings | None = None,
+    on_level: Callable[[int, int], None] | None = None,
+) -> Refinement:
+    """Fit (optionally) and correct every ternarized linear node of the main graph, level by level; changes `model`.
+
+    Each level (see dependency_levels) is handled with every level before it
+    converted, fitted and corrected, at the cost of about one pass over the
+    data (fgq_onnx/segments.py). `fit`: refit codes and scales to the layer's
+    inputs from that upstream model (fgq_onnx/fitting.py). `correct`: give the
+    layer the fp32 per-channel output mean and, with `scale`, std (gain in the
+    group scales, shift in the bias).
+    """
+    chosen = [n for n in model.graph if TERNARY_MARK in n.metadata_props and n.outputs[0].name in reference.moments]
+    levels = dependency_levels(model, chosen)
+    runner = SegmentRunner(model, (feed for feed, _ in (reference.feeds or dataset)))
+    result = Refinement(levels=len(levels))
+    for index, nodes in enumerate(levels):
+        if fit is not None:
+            _fit_level(model, runner, nodes, reference, fit, result)
+        if correct:
+            _correct_level(model, runner, nodes, reference, scale, result)
+        if on_level:
+            on_level(index + 1, len(levels))
+    return result
+
+
+def _correct_level(model, runner, nodes, reference, scale, result) -> None:
+    outputs = runner.run([n.outputs[0] for n in nodes])
+    shifts, gains, fixes = {}, {}, []
+    for node in nodes:
+        key = node.outputs[0].name
+        measured = ChannelMoments(_channel_axis(node))
+        for array in outputs[id(node.outputs[0])]:
+            measured.update(array)
+        fp = reference.moments[key]
+        bias = _bias_vector(node, fp.mean.size)
+        fix = affine_correction(fp, measured, 0.0 if bias is None else bias, scale=scale and bias is not None and scalable(node))
+        shifts[key], gains[key] = fix.shift, fix.gain
+        fixes.append((key, node, fix, 0.0 if bias is None else bias))
+        result.shifts[node.name or key] = float(np.linalg.norm(fix.shift) / (np.linalg.norm(fp.mean) + np.linalg.norm(fp.std) + 1e-12))
+    correct = CorrectBiasPass(shifts, gains)
+    correct(model)
+    for key, node, fix, bias in fixes:  # what the corrected node now outputs, for the layers downstream
+        value = node.outputs[0]
+        if runner.kept(value):
+            runner.transform(value, _corrected_output(fix, bias, key in correct.in_bias, _channel_axis(node)))
+
+
+def _gram_for(node: ir.Node, layout: GroupLayout) -> PatchGram | str:
+    """The input statistics a node's fit needs, or why it cannot be fitted."""
+    if node.op_type == "Gemm" and int_attr(node, "transA", 0):
+        return "Gemm with transA"
+    if node.op_type != "Conv":
+        return PatchGram()
+    if int_attr(node, "group", 1) != 1:
+        return "grouped Conv"
+    attrs = {name: node.attributes[name].value for name in ("kernel_shape", "strides", "dilations", "pads", "auto_pad") if name in node.attributes}
+    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return f"Conv auto_pad={attrs['auto_pad']}"
+    kernel = tuple(attrs.get("kernel_shape") or layout.shape[2:])
+    return PatchGram(kernel, attrs.get("strides"), attrs.get("dilations"), attrs.get("pads"), per_tap=not layout.flatten)
+
+
+def _fit_level(model, runner, nodes, reference, fit: FitSettings, result: Refinement) -> None:
+    todo = []
+    for node in nodes:
+        label = node.name or node.outputs[0].name
+        original = reference.weights.get(node.outputs[0].name)
+        if "method=fit" not in node.metadata_props.get(TERNARY_MARK, ""):
+            continue
+        if original is None or not scalable(node):
+            result.unfitted[label] = "weight shared with another node"
+            continue
+        array = constant_array(original).astype(np.float32)
+        layout, _ = weight_layout(node, array.shape, fit.n)
+        gram = _gram_for(node, layout)
+        if isinstance(gram, str):
+            result.unfitted[label] = gram
+            continue
+        todo.append((node, label, original, array, layout, gram))
+    if not todo:
+        return
+    inputs = runner.run([node.inputs[0] for node, *_ in todo])
+    replacements = {}
+    for node, label, original, array, layout, gram in todo:
+        for batch in inputs[id(node.inputs[0])]:
+            gram.update(batch)
+        segments = layout.group(array).reshape(-1, layout.groups_per_segment * fit.n)[:, : layout.length]
+        codes = np.zeros((segments.shape[0], layout.groups_per_segment, fit.n), np.int8)
+        scales = np.zeros((segments.shape[0], layout.groups_per_segment), np.float32)
+        blocks = gram.h.shape[0]  # one H per kernel tap (segments of one output row cycle through the taps)
+        before = after = 0.0
+        for tap in range(blocks):
+            fitted = fit_rows(segments[tap::blocks].astype(np.float64), damp(gram.h[tap], fit.damping), fit.n, iterations=fit.iterations)
+            codes[tap::blocks], scales[tap::blocks] = fitted.codes, fitted.scales
+            before, after = before + fitted.history[0], after + fitted.history[-1]
+        energy = sum(float(np.einsum("rl,lm,rm->", segments[t::blocks], damp(gram.h[t], fit.damping), segments[t::blocks])) for t in range(blocks))
+        if energy > 0:  # output error ||(w - s)^T X||^2 = objective + w^T H w, relative to ||w^T X||^2
+            result.fits[label] = ((before + energy) / energy, (after + energy) / energy)
+        replacements[node.outputs[0].name] = (original, TernaryWeight(layout, codes, scales))
+    ReplaceTernaryWeightsPass(replacements, fit.storage, fit.scale_format)(model)
+
+
+def _corrected_output(fix, bias, shifted: bool, axis: int) -> Callable[[np.ndarray], np.ndarray]:
+    """y -> gain * (y - b) + b (+ shift when the shift went into the node's own bias)."""
+
+    def apply(y: np.ndarray) -> np.ndarray:
+        shape = [1] * y.ndim
+        shape[axis] = -1
+        b = np.broadcast_to(np.asarray(bias, np.float64), fix.gain.shape)
+        offset = (1.0 - fix.gain) * b + (fix.shift if shifted else 0.0)  # gain * (y - b) + b (+ shift)
+        out = y if y.flags.writeable else y.copy()  # in place: the runner owns the kept arrays
+        np.multiply(out, fix.gain.astype(y.dtype).reshape(shape), out=out)
+        np.add(out, offset.astype(y.dtype).reshape(shape), out=out)
+        return out
+
+    return apply
+
+
+def describe(result: Refinement) -> list[str]:
+    """Report lines about a refinement."""
+    lines = []
+    if result.fits:
+        exact, fitted = np.mean([pair for pair in result.fits.values()], axis=0)
+        lines.append(f"fit: {len(result.fits)} layer(s) refitted to their calibration inputs; mean relative output error {exact:.4f} (exact) -> {fitted:.4f}")
+    for label, reason in result.unfitted.items():
+        lines.append(f"fit: {label} keeps its exact weights ({reason})")
+    if result.shifts:
+        worst = max(result.shifts, key=result.shifts.get)
+        lines.append(f"bias correction: {len(result.shifts)} layer(s) in {result.levels} level(s), about one data pass after the fp32 one; largest shift {result.shifts[worst]:.3f} of |mean| + |std| ({worst})")
+    return lines
+
+
+class _Replay:
+    """A CalibrationDataReader that remembers its feeds, so the data can be read more than once."""
+
+    def __init__(self, reader):
+        self._reader, self._seen, self._position, self._done = reader, [], 0, False
+
+    def get_next(self):
+        if self._position < len(self._seen):
+            self._position += 1
+            return self._seen[self._position - 1]
+        feed = None if self._done else self._reader.get_next()
+        if feed is None:
+            self._done, self._position = True, 0  # the next read starts over
+            return None
+        self._seen.append(feed)
+        self._position += 1
+        return feed
+
+
+def replayable(source):
+    """`source` unchanged, unless it is a one-shot reader (get_next): then one that can be replayed."""
+    return _Replay(source) if hasattr(source, "get_next") else source

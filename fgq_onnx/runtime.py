@@ -1,0 +1,120 @@
+"""Load the com.fgq custom-op library (libfgq_ops.so) into onnxruntime.
+
+The library is built by `pip install .` and installed inside this package;
+FGQ_OPS_LIBRARY overrides the path (e.g. a sanitizer build). FGQ_KERNEL
+(ref, avx2, avx512vnni) forces a kernel path; it is read when a session
+creates its kernels, so `inference_session(kernel=...)` sets it for that
+moment only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import threading
+from collections.abc import Iterator, Sequence
+
+import onnxruntime as ort
+
+DOMAIN = "com.fgq"
+LIBRARY_ENV = "FGQ_OPS_LIBRARY"
+KERNEL_ENV = "FGQ_KERNEL"
+KERNELS = ("ref", "avx2", "avx512vnni")
+_LIBRARY_NAME = "libfgq_ops.so"
+_env_lock = threading.Lock()
+
+
+class RuntimeLibraryError(Exception):
+    """The custom-op library is missing, cannot be loaded, or rejected an option."""
+
+
+def library_path() -> pathlib.Path:
+    """Path of the custom-op library: $FGQ_OPS_LIBRARY, else the one installed in this package."""
+    override = os.environ.get(LIBRARY_ENV)
+    if override:
+        path = pathlib.Path(override)
+        if not path.is_file():
+            raise RuntimeLibraryError(f"{LIBRARY_ENV}={override} is not a file")
+        return path.resolve()
+    path = pathlib.Path(__file__).resolve().parent / _LIBRARY_NAME
+    if not path.is_file():
+        raise RuntimeLibraryError(
+            f"the custom-op library {_LIBRARY_NAME} is not built (looked in {path.parent}); "
+            f"install the package with `pip install .` or set {LIBRARY_ENV}"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def _kernel_env(kernel: str | None) -> Iterator[None]:
+    if kernel is None:
+        yield
+        return
+    if kernel not in KERNELS:
+        raise RuntimeLibraryError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    with _env_lock:
+        previous = os.environ.get(KERNEL_ENV)
+        os.environ[KERNEL_ENV] = kernel
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(KERNEL_ENV, None)
+            else:
+                os.environ[KERNEL_ENV] = previous
+
+
+def session_options(
+    threads: int | None = None,
+    options: ort.SessionOptions | None = None,
+    graph_optimization_level: ort.GraphOptimizationLevel | None = None,
+) -> ort.SessionOptions:
+    """SessionOptions with the custom-op library registered (and intra-op threads if given)."""
+    opts = options if options is not None else ort.SessionOptions()
+    if threads is not None:
+        if threads < 1:
+            raise RuntimeLibraryError(f"threads must be >= 1, got {threads}")
+        opts.intra_op_num_threads = threads
+    if graph_optimization_level is not None:
+        opts.graph_optimization_level = graph_optimization_level
+    path = library_path()
+    try:
+        opts.register_custom_ops_library(str(path))
+    except Exception as error:  # onnxruntime raises its own exception types
+        raise RuntimeLibraryError(f"cannot load {path}: {error}") from error
+    return opts
+
+
+def inference_session(
+    model: str | os.PathLike | bytes,
+    threads: int | None = None,
+    kernel: str | None = None,
+    options: ort.SessionOptions | None = None,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    graph_optimization_level: ort.GraphOptimizationLevel | None = None,
+) -> ort.InferenceSession:
+    """An InferenceSession that runs the com.fgq ops; `kernel` forces ref, avx2 or avx512vnni."""
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    with _kernel_env(kernel):
+        opts = session_options(threads, options, graph_optimization_level)
+        try:
+            return ort.InferenceSession(model, sess_options=opts, providers=list(providers))
+        except Exception as error:
+            if kernel is not None and KERNEL_ENV in str(error):
+                raise RuntimeLibraryError(str(error)) from error
+            raise
+
+
+def supported_kernels() -> list[str]:
+    """Kernel paths this CPU runs, as the library's dispatch sees them (ref always)."""
+    found = ["ref"]
+    for name in KERNELS[1:]:
+        with _kernel_env(name):
+            try:
+                session_options()
+            except RuntimeLibraryError:
+                continue
+        found.append(name)
+    return found

@@ -1,0 +1,184 @@
+// Ternary kernels: the kernel weight layout, activation rows, and the one
+// dispatch table through which every instruction-set path is reached.
+// No onnxruntime header here: kernels are testable alone (runtime/tests).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fgq {
+
+// Largest group length N: keeps every SIMD int32 accumulator exact
+// (|u << 6| <= 128 times |x| <= 128, 4 a lane, N / 4 steps: < 2^31).
+constexpr int64_t kMaxGroupSize = 65536;
+
+enum class ScaleType : uint8_t { kF32 = 0, kF16 = 1, kU8 = 2 };
+
+// Bytes of one scale element.
+inline size_t scale_size(ScaleType t) { return t == ScaleType::kF32 ? 4 : (t == ScaleType::kF16 ? 2 : 1); }
+
+// IEEE half -> float, portable (all paths decode scales identically).
+float half_to_float(uint16_t h);
+
+// Where the groups of one output row's reduction lie (docs/packed-format.md):
+// `segments` segments of `length` weights, each cut into ceil(length / n)
+// groups of n, the last one zero padded.
+struct ReductionLayout {
+  int64_t segments = 1;
+  int64_t length = 0;
+  int64_t n = 1;
+  int64_t groups_per_segment() const { return (length + n - 1) / n; }
+  int64_t groups() const { return segments * groups_per_segment(); }
+};
+
+// The kernel layout of one weight plane, built once from the packed format.
+//
+// Rows are taken four at a time (a "quad"; M is padded to a multiple of 4 with
+// zero rows) and groups four at a time (a "super-group"; G is padded to
+// padded_groups, a multiple of 4, with zero groups). A group has np = N
+// rounded up to 4 positions (the tail is zero padding). For each quad,
+// super-group and step k < np / 4 there are 16 code bytes: byte b = 4 * gq + e
+// holds, in bits 2i..2i+1, u = t + 1 in {0, 1, 2} of row 4 * quad + i, group
+// 4 * sg + gq, position 4 * k + e. A SIMD path broadcasts the 16 bytes to
+// its four 128-bit lanes and masks lane i with 0x03 << 2i: lane i then holds
+// row i's 16 codes (times 4^i) against the same 16 activation bytes, and each
+// 32-bit lane (row i, group gq) accumulates one group over all k; there is no
+// horizontal sum and no float work until the super-group ends.
+// Scales: per quad and super-group 16 elements, index 4 * i + gq.
+struct KernelWeights {
+  int64_t rows = 0;           // M
+  int64_t groups = 0;         // G, real groups per row
+  int64_t n = 0;              // N, the format's group length
+  int64_t np = 0;             // positions per group in this layout: N rounded up to 4
+  int64_t padded_groups = 0;  // Gp: G rounded up to 4
+  int64_t quads = 0;          // ceil(M / 4)
+  ScaleType scale_type = ScaleType::kF32;
+  std::vector<uint8_t> codes;      // quads * (Gp / 4) * (np / 4) * 16
+  std::vector<uint8_t> scales;     // quads * (Gp / 4) * 16 scale elements (+ 64 bytes of slack)
+  std::vector<float> row_scale;    // 4 * quads; the row_scale input, or 1 (0 for padding rows)
+  std::vector<float> row_offset;   // 4 * quads; row_scale * sum_g scale[g] * sum(t in g): the offset term
+  int64_t steps() const { return np / 4; }
+  int64_t super_groups() const { return padded_groups / 4; }
+  int64_t positions() const { return padded_groups * np; }
+  const uint8_t* quad_codes(int64_t quad) const { return codes.data() + quad * super_groups() * steps() * 16; }
+  const uint8_t* quad_scales(int64_t quad) const {
+    return scales.data() + quad * super_groups() * 16 * scale_size(scale_type);
+  }
+  // The ternary value and the scale of (row m, group g, position i), for the reference and tests.
+  int t_at(int64_t m, int64_t g, int64_t i) const;
+  double scale_at(int64_t m, int64_t g) const;
+};
+
+// np for a group length n (see KernelWeights).
+inline int64_t kernel_group_positions(int64_t n) { return (n + 3) / 4 * 4; }
+// Gp for G groups.
+inline int64_t kernel_padded_groups(int64_t groups) { return (groups + 3) / 4 * 4; }
+
+// Which codes of the packed format go into a plane.
+enum class Plane { kAll, kPositive, kNegative };
+
+// Builds `out` from packed codes uint8[rows, row_bytes] and scales [rows, G]
+// times row_scale [rows] (required for kU8, optional otherwise: null means 1). Returns "" or an
+// error message (sizes, invalid code 0b10, non-zero padding codes).
+// kPositive keeps only t = +1, kNegative only t = -1 (asymmetric weights).
+std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes, const void* scales,
+                           ScaleType scale_type, const float* row_scale, const ReductionLayout& layout,
+                           Plane plane, KernelWeights* out);
+
+// Activation rows come in two orders. Natural: group g's np positions at
+// g * np (what im2col and quantization write). Kernel: per super-group sg
+// and step k, the 16 bytes (group 4 * sg + gq, positions 4k..4k+3) at
+// (sg * np / 4 + k) * 16 + 4 * gq (what the SIMD paths broadcast).
+//
+// For each natural position p < Gp * np: segment * length + l of the weight
+// it meets, or -1 for group padding.
+std::vector<int64_t> kernel_position_map(const ReductionLayout& layout, int64_t np, int64_t padded_groups);
+
+// Natural -> kernel order for one activation row, and its group sums
+// gsum[g] = sum of the row's np values of group g (for Gp groups).
+void to_kernel_order(const int8_t* natural, int64_t np, int64_t padded_groups, int8_t* out, int32_t* gsum);
+
+// How float or 8-bit activations become the kernel's int8 rows:
+// level q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax) (or the
+// given 8-bit level, clamped), stored as xs = q - shift (fits int8); the dot
+// product over (q - zero_point) is then dot(t, xs) + offset * sum(t) with
+// offset = shift - zero_point.
+struct ActQuant {
+  float scale = 1.f;
+  int zero_point = 0;
+  int qmin = 0, qmax = 255;
+  int shift = 0;
+  int offset() const { return shift - zero_point; }
+  int8_t zero_level() const { return static_cast<int8_t>(zero_point - shift); }  // x = 0.0
+};
+
+// Picks shift for an 8-bit type (is_signed) and level range; "" or an error.
+std::string make_act_quant(float scale, int zero_point, int qmin, int qmax, bool is_signed, ActQuant* out);
+
+// round_half_even(x / scale) + zero_point, clamped, minus shift. NaN counts as 0.
+// Rounds with the 1.5 * 2^23 trick (exact round-half-even for |v| < 2^22,
+// and v is clamped first) so the loops vectorize without SSE4.1.
+inline int8_t quantize_one(float x, const ActQuant& q) {
+  const float lo = static_cast<float>(q.qmin - q.zero_point) - 1.f, hi = static_cast<float>(q.qmax - q.zero_point) + 1.f;
+  float v = x / q.scale;
+  v = v > hi ? hi : v;
+  v = v < lo ? lo : v;
+  v = v == v ? v : 0.f;
+  constexpr float kMagic = 12582912.f;  // 1.5 * 2^23; (v + m) - m is not folded without -ffast-math
+  const float r = (v + kMagic) - kMagic;
+  int level = static_cast<int>(r) + q.zero_point;
+  level = level < q.qmin ? q.qmin : (level > q.qmax ? q.qmax : level);
+  return static_cast<int8_t>(level - q.shift);
+}
+inline int8_t requantize_one(int level, const ActQuant& q) {
+  level = level < q.qmin ? q.qmin : (level > q.qmax ? q.qmax : level);
+  return static_cast<int8_t>(level - q.shift);
+}
+
+// One call of the fused kernel: rows [m_begin, m_end) x activation rows
+// [b_begin, b_end) of y[b * y_stride_b + m * y_stride_m] =
+//   scale * (row_scale[m] * sum_g s[m,g] * P[b,m,g] + offset * row_offset[m]),
+// stored, or added when `accumulate`. P = dot(t, xs) over group g, exact int32.
+struct GemmArgs {
+  const KernelWeights* w = nullptr;
+  const int8_t* x = nullptr;          // activation row b (kernel order) at x + b * x_stride, positions() bytes
+  int64_t x_stride = 0;
+  const int32_t* gsum = nullptr;      // its group sums (to_kernel_order) at gsum + b * s_stride
+  int64_t s_stride = 0;
+  float* y = nullptr;
+  int64_t y_stride_b = 0, y_stride_m = 1;
+  int64_t m_begin = 0, m_end = 0, b_begin = 0, b_end = 0;
+  float scale = 1.f;
+  float offset = 0.f;
+  bool accumulate = false;
+};
+
+// The dispatch table. Each instruction-set file fills one; the reference
+// (kernels_ref.cpp) is the truth the others are tested against.
+struct KernelDispatch {
+  const char* name;
+  // P[g] = sum over group g of row m of t * x, exact int32, for g < padded_groups;
+  // x in kernel order with its group sums `gsum` (SIMD paths use them; the reference does not).
+  void (*group_dots)(const KernelWeights& w, int64_t m, const int8_t* x, const int32_t* gsum, int32_t* out);
+  // The fused kernel described at GemmArgs.
+  void (*gemm)(const GemmArgs& args);
+};
+
+extern const KernelDispatch kRefDispatch;
+#if defined(FGQ_HAVE_X86_KERNELS)
+extern const KernelDispatch kAvx2Dispatch;
+extern const KernelDispatch kAvx512VnniDispatch;
+#endif
+
+// CPU support of each path: "ref", "avx2", "avx512vnni".
+bool cpu_supports(const std::string& name);
+// The table for a name, or null when unknown or unsupported by this CPU.
+const KernelDispatch* find_dispatch(const std::string& name);
+// FGQ_KERNEL's table if that variable is set (read at each call; the ops call
+// this once per kernel creation), else the best path for this CPU (detected
+// once). Null with *error set when FGQ_KERNEL names an unknown or unsupported path.
+const KernelDispatch* active_dispatch(std::string* error);
+
+}  // namespace fgq

@@ -1,0 +1,163 @@
+// AVX-512 VNNI kernels (compiled with -mavx512f -mavx512bw -mavx512vl
+// -mavx512vnni -mfma -mf16c for this file only; reached only through the
+// dispatch table when CPUID/XGETBV report support).
+//
+// Layout: include/fgq/kernels.h (KernelWeights). Per quad of rows and step k,
+// 16 code bytes broadcast to the four 128-bit lanes and masked with
+// 0x03 << 2i give u << 2i (u = t + 1) for row i; the 16 activation bytes of
+// the step, broadcast the same way, meet them in vpdpbusd (u8 x s8). Each
+// 32-bit lane (row i, group gq) accumulates 4^i * (dot(t, x) + sum(x)) over
+// the super-group's steps; subtracting 4^i * gsum leaves 4^i * dot(t, x),
+// exact. Then one convert and one FMA with the 16 scales per super-group;
+// the 4^i go at the end (a power of two: exact in float).
+#include <immintrin.h>
+
+#include "fgq/kernels.h"
+
+namespace fgq {
+namespace {
+
+inline __m512i lane_masks() {
+  return _mm512_set_epi32(-1061109568, -1061109568, -1061109568, -1061109568,  // 0xc0c0c0c0
+                          0x30303030, 0x30303030, 0x30303030, 0x30303030, 0x0c0c0c0c, 0x0c0c0c0c, 0x0c0c0c0c,
+                          0x0c0c0c0c, 0x03030303, 0x03030303, 0x03030303, 0x03030303);
+}
+inline __m512i lane_shifts() { return _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0); }
+inline __m512 lane_factors() {
+  return _mm512_set_ps(1.f / 64, 1.f / 64, 1.f / 64, 1.f / 64, 1.f / 16, 1.f / 16, 1.f / 16, 1.f / 16, 0.25f, 0.25f,
+                       0.25f, 0.25f, 1.f, 1.f, 1.f, 1.f);
+}
+inline __m512i bcast16(const void* p) {
+  return _mm512_broadcast_i32x4(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+}
+
+template <ScaleType ST>
+inline __m512 load16(const uint8_t* s) {
+  if (ST == ScaleType::kF32) return _mm512_loadu_ps(s);
+  if (ST == ScaleType::kF16) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))));
+}
+
+// Q quads of rows x C activation rows; out[q][c] lane 4i + gq sums row 4q + i's groups gq (mod 4).
+template <ScaleType ST, int Q, int C>
+void block(const KernelWeights& w, int64_t quad0, const GemmArgs& a, int64_t b0, __m512 out[Q][C]) {
+  const __m512i masks = lane_masks(), shifts = lane_shifts();
+  const int64_t steps = w.steps(), supers = w.super_groups(), stride = steps * 16;
+  const size_t sstride = 16 * scale_size(w.scale_type);
+  const uint8_t* codes[Q];
+  const uint8_t* scales[Q];
+  const int8_t* x[C];
+  const int32_t* gs[C];
+  for (int q = 0; q < Q; ++q) {
+    codes[q] = w.quad_codes(quad0 + q);
+    scales[q] = w.quad_scales(quad0 + q);
+  }
+  for (int c = 0; c < C; ++c) {
+    x[c] = a.x + (b0 + c) * a.x_stride;
+    gs[c] = a.gsum + (b0 + c) * a.s_stride;
+  }
+  __m512 accf[Q][C];
+  for (int q = 0; q < Q; ++q)
+    for (int c = 0; c < C; ++c) accf[q][c] = _mm512_setzero_ps();
+  for (int64_t sg = 0; sg < supers; ++sg) {
+    __m512i acc[Q][C];
+    for (int q = 0; q < Q; ++q)
+      for (int c = 0; c < C; ++c) acc[q][c] = _mm512_setzero_si512();
+    const int64_t base = sg * stride;
+    for (int64_t k = 0; k < steps; ++k) {
+      __m512i xb[C];
+      for (int c = 0; c < C; ++c) xb[c] = bcast16(x[c] + base + 16 * k);
+      for (int q = 0; q < Q; ++q) {
+        const __m512i u = _mm512_and_si512(bcast16(codes[q] + base + 16 * k), masks);
+        for (int c = 0; c < C; ++c) acc[q][c] = _mm512_dpbusd_epi32(acc[q][c], u, xb[c]);
+      }
+    }
+    __m512i sv[C];
+    for (int c = 0; c < C; ++c) sv[c] = _mm512_sllv_epi32(bcast16(gs[c] + 4 * sg), shifts);
+    for (int q = 0; q < Q; ++q) {
+      const __m512 sc = load16<ST>(scales[q] + sg * sstride);
+      for (int c = 0; c < C; ++c)
+        accf[q][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[q][c], sv[c])), sc, accf[q][c]);
+    }
+  }
+  const __m512 factors = lane_factors();
+  for (int q = 0; q < Q; ++q)
+    for (int c = 0; c < C; ++c) out[q][c] = _mm512_mul_ps(accf[q][c], factors);
+}
+
+template <ScaleType ST, int Q, int C>
+inline void block_store(const GemmArgs& a, int64_t quad0, int64_t b0) {
+  const KernelWeights& w = *a.w;
+  __m512 out[Q][C];
+  block<ST, Q, C>(w, quad0, a, b0, out);
+  alignas(64) float lanes[16];
+  for (int q = 0; q < Q; ++q)
+    for (int c = 0; c < C; ++c) {
+      _mm512_store_ps(lanes, out[q][c]);
+      for (int i = 0; i < 4; ++i) {
+        const int64_t m = 4 * (quad0 + q) + i;
+        if (m < a.m_begin || m >= a.m_end) continue;
+        const float sum = (lanes[4 * i] + lanes[4 * i + 1]) + (lanes[4 * i + 2] + lanes[4 * i + 3]);
+        const float v = a.scale * (w.row_scale[static_cast<size_t>(m)] * sum +
+                                   a.offset * w.row_offset[static_cast<size_t>(m)]);
+        float& y = a.y[(b0 + c) * a.y_stride_b + m * a.y_stride_m];
+        y = a.accumulate ? y + v : v;
+      }
+    }
+}
+
+template <ScaleType ST>
+void gemm_t(const GemmArgs& a) {
+  const int64_t q0 = a.m_begin / 4, q1 = (a.m_end + 3) / 4;
+  if (a.b_end - a.b_begin < 4) {
+    for (int64_t b = a.b_begin; b < a.b_end; ++b) {
+      int64_t q = q0;
+      for (; q + 4 <= q1; q += 4) block_store<ST, 4, 1>(a, q, b);
+      for (; q < q1; ++q) block_store<ST, 1, 1>(a, q, b);
+    }
+    return;
+  }
+  int64_t q = q0;
+  for (; q + 2 <= q1; q += 2) {
+    int64_t b = a.b_begin;
+    for (; b + 4 <= a.b_end; b += 4) block_store<ST, 2, 4>(a, q, b);
+    for (; b < a.b_end; ++b) block_store<ST, 2, 1>(a, q, b);
+  }
+  for (; q < q1; ++q) {
+    int64_t b = a.b_begin;
+    for (; b + 4 <= a.b_end; b += 4) block_store<ST, 1, 4>(a, q, b);
+    for (; b < a.b_end; ++b) block_store<ST, 1, 1>(a, q, b);
+  }
+}
+
+void gemm(const GemmArgs& a) {
+  if (a.m_end <= a.m_begin || a.b_end <= a.b_begin) return;
+  switch (a.w->scale_type) {
+    case ScaleType::kF32: gemm_t<ScaleType::kF32>(a); break;
+    case ScaleType::kF16: gemm_t<ScaleType::kF16>(a); break;
+    default: gemm_t<ScaleType::kU8>(a); break;
+  }
+}
+
+void group_dots(const KernelWeights& w, int64_t m, const int8_t* x, const int32_t* gsum, int32_t* out) {
+  const __m512i masks = lane_masks(), shifts = lane_shifts();
+  const int64_t steps = w.steps(), stride = steps * 16, ri = m % 4;
+  const uint8_t* codes = w.quad_codes(m / 4);
+  alignas(64) int32_t lanes[16];
+  for (int64_t sg = 0; sg < w.super_groups(); ++sg) {
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t k = 0; k < steps; ++k) {
+      const __m512i u = _mm512_and_si512(bcast16(codes + sg * stride + 16 * k), masks);
+      acc = _mm512_dpbusd_epi32(acc, u, bcast16(x + sg * stride + 16 * k));
+    }
+    acc = _mm512_sub_epi32(acc, _mm512_sllv_epi32(bcast16(gsum + 4 * sg), shifts));
+    _mm512_store_si512(lanes, acc);
+    for (int gq = 0; gq < 4; ++gq) out[4 * sg + gq] = lanes[4 * ri + gq] / (1 << (2 * ri));
+  }
+}
+
+}  // namespace
+
+const KernelDispatch kAvx512VnniDispatch = {"avx512vnni", group_dots, gemm};
+
+}  // namespace fgq

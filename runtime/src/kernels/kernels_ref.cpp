@@ -1,0 +1,44 @@
+// The plain C++ reference kernels: the truth every SIMD path is tested against.
+#include <vector>
+
+#include "fgq/kernels.h"
+
+namespace fgq {
+namespace {
+
+// x in kernel order: group g, position i.
+inline int x_at(const int8_t* x, int64_t np, int64_t g, int64_t i) {
+  return x[(g / 4) * np * 4 + (i / 4) * 16 + (g % 4) * 4 + i % 4];
+}
+
+void ref_group_dots(const KernelWeights& w, int64_t m, const int8_t* x, const int32_t*, int32_t* out) {
+  for (int64_t g = 0; g < w.padded_groups; ++g) {
+    int32_t acc = 0;
+    for (int64_t i = 0; i < w.np; ++i) acc += w.t_at(m, g, i) * x_at(x, w.np, g, i);
+    out[g] = acc;
+  }
+}
+
+void ref_gemm(const GemmArgs& a) {
+  const KernelWeights& w = *a.w;
+  std::vector<int32_t> dots(static_cast<size_t>(w.padded_groups));
+  for (int64_t b = a.b_begin; b < a.b_end; ++b) {
+    const int8_t* x = a.x + b * a.x_stride;
+    for (int64_t m = a.m_begin; m < a.m_end; ++m) {
+      ref_group_dots(w, m, x, nullptr, dots.data());
+      double acc = 0;
+      for (int64_t g = 0; g < w.padded_groups; ++g) acc += w.scale_at(m, g) * dots[static_cast<size_t>(g)];
+      const double value = static_cast<double>(a.scale) *
+                           (static_cast<double>(w.row_scale[static_cast<size_t>(m)]) * acc +
+                            static_cast<double>(a.offset) * w.row_offset[static_cast<size_t>(m)]);
+      float& y = a.y[b * a.y_stride_b + m * a.y_stride_m];
+      y = a.accumulate ? y + static_cast<float>(value) : static_cast<float>(value);
+    }
+  }
+}
+
+}  // namespace
+
+const KernelDispatch kRefDispatch = {"ref", ref_group_dots, ref_gemm};
+
+}  // namespace fgq

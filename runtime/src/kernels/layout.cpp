@@ -1,0 +1,172 @@
+// Packed format -> kernel layout, activation quantization helpers.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "fgq/kernels.h"
+#include "fgq/packed_format.h"
+
+namespace fgq {
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h >> 15) << 31;
+  uint32_t exponent = (h >> 10) & 0x1f;
+  uint32_t mantissa = h & 0x3ff;
+  uint32_t bits;
+  if (exponent == 0) {
+    if (mantissa == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      exponent = 127 - 15 + 1;
+      while ((mantissa & 0x400) == 0) {
+        mantissa <<= 1;
+        --exponent;
+      }
+      bits = sign | (exponent << 23) | ((mantissa & 0x3ff) << 13);
+    }
+  } else if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else {
+    bits = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+static float scale_value(ScaleType t, const void* scales, int64_t i) {
+  switch (t) {
+    case ScaleType::kF32: return static_cast<const float*>(scales)[i];
+    case ScaleType::kF16: return half_to_float(static_cast<const uint16_t*>(scales)[i]);
+    default: return static_cast<float>(static_cast<const uint8_t*>(scales)[i]);
+  }
+}
+
+int KernelWeights::t_at(int64_t m, int64_t g, int64_t i) const {
+  const int64_t quad = m / 4, ri = m % 4, sg = g / 4, gq = g % 4, k = i / 4, e = i % 4;
+  const uint8_t byte = codes[static_cast<size_t>(((quad * super_groups() + sg) * steps() + k) * 16 + gq * 4 + e)];
+  return ((byte >> (2 * ri)) & 3) - 1;
+}
+
+double KernelWeights::scale_at(int64_t m, int64_t g) const {
+  const int64_t index = ((m / 4) * super_groups() + g / 4) * 16 + (m % 4) * 4 + g % 4;
+  return scale_value(scale_type, scales.data(), index);
+}
+
+std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes, const void* scales,
+                           ScaleType scale_type, const float* row_scale, const ReductionLayout& layout,
+                           Plane plane, KernelWeights* out) {
+  if (layout.n < 1 || layout.n > kMaxGroupSize || layout.length < 1 || layout.segments < 1 || rows < 0)
+    return "invalid group layout";
+  const int64_t G = layout.groups();
+  const int64_t expected_bytes = static_cast<int64_t>(packed::row_bytes(static_cast<uint64_t>(G * layout.n)));
+  if (row_bytes != expected_bytes)
+    return "packed codes have " + std::to_string(row_bytes) + " bytes a row, expected ceil(G*N/4) = " +
+           std::to_string(expected_bytes) + " (G=" + std::to_string(G) + ", N=" + std::to_string(layout.n) + ")";
+  if (scale_type == ScaleType::kU8 && row_scale == nullptr) return "uint8 scales need a row_scale input";
+
+  KernelWeights& w = *out;
+  w = KernelWeights();
+  w.rows = rows;
+  w.groups = G;
+  w.n = layout.n;
+  w.np = kernel_group_positions(layout.n);
+  w.padded_groups = kernel_padded_groups(G);
+  w.quads = (rows + 3) / 4;
+  w.scale_type = scale_type;
+  const size_t esize = scale_size(scale_type);
+  w.codes.assign(static_cast<size_t>(w.quads * w.super_groups() * w.steps() * 16), 0x55);  // u = 1 (t = 0)
+  w.scales.assign(static_cast<size_t>(w.quads * w.super_groups() * 16) * esize + 64, 0);
+  w.row_scale.assign(static_cast<size_t>(w.quads * 4), 0.f);
+  w.row_offset.assign(static_cast<size_t>(w.quads * 4), 0.f);
+
+  const int64_t gps = layout.groups_per_segment();
+  for (int64_t m = 0; m < rows; ++m) {
+    const uint8_t* src = codes + m * row_bytes;
+    const int64_t quad = m / 4, ri = m % 4;
+    double offset = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t first = (g % gps) * layout.n;  // position of the group inside its segment
+      const int64_t valid = std::min(layout.n, layout.length - first);
+      const int64_t sg = g / 4, gq = g % 4;
+      int64_t sum_t = 0;
+      for (int64_t i = 0; i < layout.n; ++i) {
+        const uint64_t q = static_cast<uint64_t>(g * layout.n + i);
+        const uint8_t code = packed::code_at(src, q);
+        if (code == packed::kCodeInvalid)
+          return "packed weights hold the invalid 2-bit code 0b10 (row " + std::to_string(m) + ", position " +
+                 std::to_string(q) + ")";
+        if (i >= valid) {
+          if (code != packed::kCodeZero)
+            return "packed weights hold a non-zero code in group padding (row " + std::to_string(m) +
+                   ", position " + std::to_string(q) + ")";
+          continue;
+        }
+        int t = packed::decode(code);
+        if ((plane == Plane::kPositive && t < 0) || (plane == Plane::kNegative && t > 0)) t = 0;
+        sum_t += t;
+        const int64_t k = i / 4, e = i % 4;
+        uint8_t& byte =
+            w.codes[static_cast<size_t>(((quad * w.super_groups() + sg) * w.steps() + k) * 16 + gq * 4 + e)];
+        const int shift = 2 * static_cast<int>(ri);
+        byte = static_cast<uint8_t>((byte & ~(3 << shift)) | ((t + 1) << shift));
+      }
+      const int64_t dst = (quad * w.super_groups() + sg) * 16 + ri * 4 + gq;
+      std::memcpy(w.scales.data() + static_cast<size_t>(dst) * esize,
+                  static_cast<const uint8_t*>(scales) + static_cast<size_t>(m * G + g) * esize, esize);
+      offset += static_cast<double>(scale_value(scale_type, scales, m * G + g)) * static_cast<double>(sum_t);
+    }
+    // Trailing bits of the packed row must be zero too.
+    for (uint64_t q = static_cast<uint64_t>(G * layout.n); q < static_cast<uint64_t>(row_bytes) * 4; ++q)
+      if (packed::code_at(src, q) != packed::kCodeZero)
+        return "packed weights hold non-zero trailing bits (row " + std::to_string(m) + ")";
+    const float rs = row_scale ? row_scale[m] : 1.f;
+    w.row_scale[static_cast<size_t>(m)] = rs;
+    w.row_offset[static_cast<size_t>(m)] = static_cast<float>(offset * static_cast<double>(rs));
+  }
+  return "";
+}
+
+std::vector<int64_t> kernel_position_map(const ReductionLayout& layout, int64_t np, int64_t padded_groups) {
+  std::vector<int64_t> map(static_cast<size_t>(padded_groups * np), -1);
+  const int64_t gps = layout.groups_per_segment();
+  for (int64_t g = 0; g < layout.groups(); ++g) {
+    const int64_t segment = g / gps, first = (g % gps) * layout.n;
+    const int64_t valid = std::min(layout.n, layout.length - first);
+    for (int64_t i = 0; i < valid; ++i) map[static_cast<size_t>(g * np + i)] = segment * layout.length + first + i;
+  }
+  return map;
+}
+
+void to_kernel_order(const int8_t* natural, int64_t np, int64_t padded_groups, int8_t* out, int32_t* gsum) {
+  const int64_t steps = np / 4;
+  for (int64_t g = 0; g < padded_groups; ++g) {
+    const int8_t* src = natural + g * np;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < np; ++i) sum += src[i];
+    gsum[g] = sum;
+    int8_t* dst = out + (g / 4) * np * 4 + (g % 4) * 4;
+    for (int64_t k = 0; k < steps; ++k) std::memcpy(dst + k * 16, src + 4 * k, 4);
+  }
+}
+
+std::string make_act_quant(float scale, int zero_point, int qmin, int qmax, bool is_signed, ActQuant* out) {
+  const int lo = is_signed ? -128 : 0, hi = is_signed ? 127 : 255;
+  if (!(scale > 0.f) || !std::isfinite(scale)) return "x_scale must be finite and > 0";
+  if (qmin < lo || qmax > hi || qmin > qmax)
+    return "act_qmin/act_qmax must satisfy " + std::to_string(lo) + " <= act_qmin <= act_qmax <= " + std::to_string(hi);
+  if (zero_point < lo || zero_point > hi) return "x_zero_point out of its type's range";
+  out->scale = scale;
+  out->zero_point = zero_point;
+  out->qmin = qmin;
+  out->qmax = qmax;
+  if (qmin - zero_point >= -128 && qmax - zero_point <= 127)
+    out->shift = zero_point;  // offset 0: xs = q - zero_point
+  else
+    out->shift = is_signed ? 0 : 128;
+  return "";
+}
+
+
+}  // namespace fgq

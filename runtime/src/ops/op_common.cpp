@@ -1,0 +1,367 @@
+#include "op_common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+
+namespace fgq {
+namespace ort {
+
+const OrtApi* g_api = nullptr;
+
+void fail(const std::string& message) { throw Error(message); }
+
+void check(OrtStatus* status) {
+  if (!status) return;
+  std::string message = g_api->GetErrorMessage(status);
+  g_api->ReleaseStatus(status);
+  throw Error(message);
+}
+
+OrtStatus* status_from_current_exception() {
+  try {
+    throw;
+  } catch (const Error& e) {
+    return g_api->CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+  } catch (const std::bad_alloc&) {
+    return g_api->CreateStatus(ORT_FAIL, "fgq_ops: out of memory");
+  } catch (const std::exception& e) {
+    return g_api->CreateStatus(ORT_FAIL, e.what());
+  } catch (...) {
+    return g_api->CreateStatus(ORT_FAIL, "fgq_ops: unknown error");
+  }
+}
+
+int64_t checked_mul(int64_t a, int64_t b, const char* what) {
+  int64_t r;
+  if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &r) || r > kMaxElements)
+    fail(std::string(what) + ": size out of range");
+  return r;
+}
+
+int64_t checked_add(int64_t a, int64_t b, const char* what) {
+  int64_t r;
+  if (__builtin_add_overflow(a, b, &r) || r > kMaxElements || r < -kMaxElements)
+    fail(std::string(what) + ": size out of range");
+  return r;
+}
+
+const char* type_name(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "double";
+    default: return "an unsupported type";
+  }
+}
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+Tensor view(const OrtValue* value) {
+  Tensor t;
+  if (!value) return t;
+  int is_tensor = 0;
+  check(g_api->IsTensor(value, &is_tensor));
+  if (!is_tensor) fail("expected a tensor input");
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  check(g_api->GetTensorTypeAndShape(value, &info));
+  struct Release {
+    OrtTensorTypeAndShapeInfo* p;
+    ~Release() { g_api->ReleaseTensorTypeAndShapeInfo(p); }
+  } release{info};
+  check(g_api->GetTensorElementType(info, &t.type));
+  size_t rank = 0;
+  check(g_api->GetDimensionsCount(info, &rank));
+  t.shape.resize(rank);
+  if (rank) check(g_api->GetDimensions(info, t.shape.data(), rank));
+  t.size = 1;
+  for (int64_t d : t.shape) t.size = checked_mul(t.size, d, "tensor");
+  void* data = nullptr;
+  check(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
+  t.data = data;
+  t.present = true;
+  if (t.size > 0 && !t.data) fail("tensor without data");
+  return t;
+}
+
+Tensor input(OrtKernelContext* ctx, size_t index) {
+  size_t count = 0;
+  check(g_api->KernelContext_GetInputCount(ctx, &count));
+  if (index >= count) return Tensor();
+  const OrtValue* value = nullptr;
+  check(g_api->KernelContext_GetInput(ctx, index, &value));
+  return view(value);
+}
+
+float* output(OrtKernelContext* ctx, size_t index, const std::vector<int64_t>& shape) {
+  int64_t size = 1;
+  for (int64_t d : shape) size = checked_mul(size, d, "output");
+  OrtValue* value = nullptr;
+  check(g_api->KernelContext_GetOutput(ctx, index, shape.data(), shape.size(), &value));
+  void* data = nullptr;
+  check(g_api->GetTensorMutableData(value, &data));
+  if (size > 0 && !data) fail("output without data");
+  return static_cast<float*>(data);
+}
+
+int64_t attr_int(const OrtKernelInfo* info, const char* name, const int64_t* fallback) {
+  int64_t v = 0;
+  OrtStatus* s = g_api->KernelInfoGetAttribute_int64(info, name, &v);
+  if (!s) return v;
+  g_api->ReleaseStatus(s);
+  if (!fallback) fail(std::string("missing int attribute '") + name + "'");
+  return *fallback;
+}
+
+float attr_float(const OrtKernelInfo* info, const char* name, const float* fallback) {
+  float v = 0;
+  OrtStatus* s = g_api->KernelInfoGetAttribute_float(info, name, &v);
+  if (!s) return v;
+  g_api->ReleaseStatus(s);
+  if (!fallback) fail(std::string("missing float attribute '") + name + "'");
+  return *fallback;
+}
+
+std::vector<int64_t> attr_ints(const OrtKernelInfo* info, const char* name, const std::vector<int64_t>* fallback) {
+  size_t count = 0;
+  OrtStatus* s = g_api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &count);
+  if (s) {
+    g_api->ReleaseStatus(s);
+    if (!fallback) fail(std::string("missing ints attribute '") + name + "'");
+    return *fallback;
+  }
+  if (count > 64) fail(std::string("attribute '") + name + "' has too many values");
+  std::vector<int64_t> v(count);
+  if (count) check(g_api->KernelInfoGetAttributeArray_int64(info, name, v.data(), &count));
+  return v;
+}
+
+void parallel_for(OrtKernelContext* ctx, size_t total, void (*fn)(void*, size_t), void* data) {
+  if (total == 0) return;
+  if (total == 1) {
+    fn(data, 0);
+    return;
+  }
+  check(g_api->KernelContext_ParallelFor(ctx, fn, total, 0, data));
+}
+
+// ---------------------------------------------------------------------------
+
+TernaryKernelBase::TernaryKernelBase(const OrtKernelInfo* info) {
+  std::string error;
+  dispatch_ = active_dispatch(&error);
+  if (!dispatch_) fail(error);
+  n_ = attr_int(info, "N", nullptr);
+  if (n_ < 1 || n_ > kMaxGroupSize)
+    fail("attribute N (group size) must be in [1, " + std::to_string(kMaxGroupSize) + "], got " + std::to_string(n_));
+  const int64_t unset = INT64_MIN;
+  qmin_attr_ = attr_int(info, "act_qmin", &unset);
+  qmax_attr_ = attr_int(info, "act_qmax", &unset);
+}
+
+static bool input_exists(const OrtKernelInfo* info, size_t index) {
+  size_t count = 0;
+  check(g_api->KernelInfo_GetInputCount(info, &count));
+  if (index >= count) return false;
+  size_t size = 0;
+  check(g_api->KernelInfo_GetInputName(info, index, nullptr, &size));
+  return size > 1;  // size counts the terminating NUL; an omitted input has the empty name
+}
+
+// True when input `index` is absent or a constant initializer (then *value is
+// its value, or null when absent).
+static bool constant_input(const OrtKernelInfo* info, size_t index, const OrtValue** value) {
+  *value = nullptr;
+  if (!input_exists(info, index)) return true;
+  int is_constant = 0;
+  const OrtValue* v = nullptr;
+  OrtStatus* s = g_api->KernelInfoGetConstantInput_tensor(info, index, &is_constant, &v);
+  if (s) {
+    g_api->ReleaseStatus(s);
+    return false;
+  }
+  if (!is_constant || !v) return false;
+  *value = v;
+  return true;
+}
+
+void TernaryKernelBase::init_weights(const OrtKernelInfo* info, const ReductionLayout& layout, int64_t rows) {
+  if (layout.n < 1 || layout.length < 1 || layout.segments < 1) fail("invalid reduction layout");
+  checked_mul(checked_mul(layout.segments, layout.groups_per_segment(), "groups"), kernel_group_positions(layout.n),
+              "reduction length");
+  if (layout.segments * layout.groups_per_segment() * kernel_group_positions(layout.n) > (int64_t{1} << 31))
+    fail("reduction too long");
+  layout_ = layout;
+  rows_ = rows;
+  const OrtValue* values[5] = {};
+  const size_t indices[5] = {kCodes, kScales, kRowScale, kNegScales, kNegRowScale};
+  for (int i = 0; i < 5; ++i)
+    if (!constant_input(info, indices[i], &values[i])) return;  // not constant: repack per call
+  if (!values[0] || !values[1]) return;
+  auto p = std::make_shared<Planes>();
+  repack(view(values[0]), view(values[1]), view(values[2]), view(values[3]), view(values[4]), p.get());
+  constant_planes_ = std::move(p);
+}
+
+const Planes& TernaryKernelBase::planes(OrtKernelContext* ctx, Planes& scratch) const {
+  if (constant_planes_) return *constant_planes_;
+  repack(input(ctx, kCodes), input(ctx, kScales), input(ctx, kRowScale), input(ctx, kNegScales),
+         input(ctx, kNegRowScale), &scratch);
+  return scratch;
+}
+
+static ScaleType scale_type_of(const Tensor& t, const char* what) {
+  switch (t.type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return ScaleType::kF32;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return ScaleType::kF16;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return ScaleType::kU8;
+    default: fail(std::string(what) + " must be float, float16 or uint8, got " + type_name(t.type));
+  }
+}
+
+void TernaryKernelBase::repack(const Tensor& codes, const Tensor& scales, const Tensor& row_scale,
+                               const Tensor& neg_scales, const Tensor& neg_row_scale, Planes* out) const {
+  const int64_t G = layout_.groups();
+  if (!codes.present || !scales.present) fail("codes and scales are required inputs");
+  if (codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) fail("codes must be uint8");
+  if (codes.shape.size() != 2) fail("codes must be 2-D [M, row_bytes], got " + shape_string(codes.shape));
+  const int64_t rows_ = this->rows_ >= 0 ? this->rows_ : codes.shape[0];
+  const int64_t row_bytes = checked_mul(G, layout_.n, "codes") / 4 + (G * layout_.n % 4 != 0);
+  if (codes.shape.size() != 2 || codes.shape[0] != rows_ || codes.shape[1] != row_bytes)
+    fail("codes shape " + shape_string(codes.shape) + " does not match [M, ceil(G*N/4)] = " +
+         shape_string({rows_, row_bytes}) + " (G=" + std::to_string(G) + ", N=" + std::to_string(layout_.n) + ")");
+  auto check_scales = [&](const Tensor& s, const Tensor& rs, const char* what, const char* rs_what) {
+    const ScaleType st = scale_type_of(s, what);
+    if (s.shape.size() != 2 || s.shape[0] != rows_ || s.shape[1] != G)
+      fail(std::string(what) + " shape " + shape_string(s.shape) + " does not match [M, G] = " +
+           shape_string({rows_, G}));
+    if (st == ScaleType::kU8 && !rs.present) fail(std::string("uint8 ") + what + " need the " + rs_what + " input");
+    if (rs.present) {
+      if (rs.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) fail(std::string(rs_what) + " must be float");
+      if (rs.shape.size() != 1 || rs.shape[0] != rows_)
+        fail(std::string(rs_what) + " shape " + shape_string(rs.shape) + " must be [M] = [" + std::to_string(rows_) + "]");
+    }
+    return st;
+  };
+  const ScaleType st = check_scales(scales, row_scale, "scales", "row_scale");
+  out->asymmetric = neg_scales.present;
+  if (out->asymmetric) {
+    if (neg_scales.type != scales.type) fail("neg_scales must have the type of scales");
+    const Tensor& nrs = neg_row_scale.present ? neg_row_scale : row_scale;
+    check_scales(neg_scales, nrs, "neg_scales", "neg_row_scale");
+  } else if (neg_row_scale.present) {
+    fail("neg_row_scale given without neg_scales");
+  }
+  auto apply = [&](const void* s, const Tensor& rs, Plane plane, KernelWeights* w) {
+    const std::string error = repack_weights(codes.as<uint8_t>(), rows_, row_bytes, s, st,
+                                             rs.present ? rs.as<float>() : nullptr, layout_, plane, w);
+    if (!error.empty()) fail(error);
+  };
+  if (!out->asymmetric) {
+    apply(scales.data, row_scale, Plane::kAll, &out->pos);
+    out->neg = KernelWeights();
+  } else {
+    apply(scales.data, row_scale, Plane::kPositive, &out->pos);
+    apply(neg_scales.data, neg_row_scale.present ? neg_row_scale : row_scale, Plane::kNegative, &out->neg);
+  }
+}
+
+ActQuant TernaryKernelBase::act_quant(OrtKernelContext* ctx, const Tensor& x) const {
+  const Tensor scale = input(ctx, kXScale), zp = input(ctx, kXZeroPoint);
+  if (!scale.present || scale.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || scale.size != 1)
+    fail("x_scale must be a float scalar");
+  if (!zp.present || zp.size != 1 ||
+      (zp.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && zp.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8))
+    fail("x_zero_point must be a uint8 or int8 scalar");
+  const bool is_signed = zp.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+  if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && x.type != zp.type)
+    fail(std::string("X must be float or of x_zero_point's type (") + type_name(zp.type) + "), got " + type_name(x.type));
+  const int zero = is_signed ? *zp.as<int8_t>() : *zp.as<uint8_t>();
+  const int64_t lo = is_signed ? -128 : 0, hi = is_signed ? 127 : 255;
+  const int64_t qmin = qmin_attr_ == INT64_MIN ? lo : qmin_attr_;
+  const int64_t qmax = qmax_attr_ == INT64_MIN ? hi : qmax_attr_;
+  if (qmin < lo || qmax > hi || qmin > qmax)
+    fail("act_qmin/act_qmax = " + std::to_string(qmin) + "/" + std::to_string(qmax) + " outside the " +
+         type_name(zp.type) + " range or reversed");
+  ActQuant q;
+  const std::string error = make_act_quant(*scale.as<float>(), zero, static_cast<int>(qmin), static_cast<int>(qmax),
+                                           is_signed, &q);
+  if (!error.empty()) fail(error);
+  return q;
+}
+
+const float* TernaryKernelBase::bias(OrtKernelContext* ctx, int64_t rows) const {
+  const Tensor b = input(ctx, kBias);
+  if (!b.present) return nullptr;
+  if (b.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) fail("bias must be float");
+  if (b.shape.size() != 1 || b.shape[0] != rows)
+    fail("bias shape " + shape_string(b.shape) + " must be [M] = [" + std::to_string(rows) + "]");
+  return b.as<float>();
+}
+
+void TernaryKernelBase::run(OrtKernelContext* ctx, const Planes& p, GemmArgs args) const {
+  const int64_t M = args.m_end - args.m_begin, B = args.b_end - args.b_begin;
+  if (M <= 0 || B <= 0) return;
+  int64_t mb, bb;
+  if (B <= 8) {
+    bb = B;
+    mb = std::max<int64_t>(16, (M / 32 + 15) / 16 * 16);
+  } else {
+    bb = 64;
+    mb = 64;
+  }
+  const int64_t tiles_m = (M + mb - 1) / mb, tiles_b = (B + bb - 1) / bb;
+  const KernelDispatch* d = dispatch_;
+  auto task = [&](size_t i) {
+    const int64_t tm = static_cast<int64_t>(i) % tiles_m, tb = static_cast<int64_t>(i) / tiles_m;
+    GemmArgs a = args;
+    a.m_begin = args.m_begin + tm * mb;
+    a.m_end = std::min(args.m_end, a.m_begin + mb);
+    a.b_begin = args.b_begin + tb * bb;
+    a.b_end = std::min(args.b_end, a.b_begin + bb);
+    a.w = &p.pos;
+    d->gemm(a);
+    if (p.asymmetric) {
+      a.w = &p.neg;
+      a.accumulate = true;
+      d->gemm(a);
+    }
+  };
+  parallel_for(ctx, static_cast<size_t>(tiles_m * tiles_b), task);
+}
+
+void quantize_row(const Tensor& x, int64_t base, int64_t stride, const std::vector<int64_t>& map, const ActQuant& q,
+                  const KernelWeights& w, int8_t* natural, int8_t* out, int32_t* gsum) {
+  const int64_t positions = static_cast<int64_t>(map.size());
+  if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    const float* src = x.as<float>() + base;
+    for (int64_t p = 0; p < positions; ++p) {
+      const int64_t k = map[static_cast<size_t>(p)];
+      natural[p] = k < 0 ? 0 : quantize_one(src[k * stride], q);
+    }
+  } else if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
+    const uint8_t* src = x.as<uint8_t>() + base;
+    for (int64_t p = 0; p < positions; ++p) {
+      const int64_t k = map[static_cast<size_t>(p)];
+      natural[p] = k < 0 ? 0 : requantize_one(src[k * stride], q);
+    }
+  } else {
+    const int8_t* src = x.as<int8_t>() + base;
+    for (int64_t p = 0; p < positions; ++p) {
+      const int64_t k = map[static_cast<size_t>(p)];
+      natural[p] = k < 0 ? 0 : requantize_one(src[k * stride], q);
+    }
+  }
+  to_kernel_order(natural, w.np, w.padded_groups, out, gsum);
+}
+
+}  // namespace ort
+}  // namespace fgq

@@ -1,0 +1,193 @@
+// Shared pieces of the com.fgq ops: the OrtCustomOp boilerplate (kept here
+// once), tensor and attribute access, the weight inputs and the activation
+// quantization common to TernaryMatMul, TernaryGemm and TernaryConv.
+// Everything here may throw fgq::ort::Error; the adapter turns exceptions
+// into an OrtStatus at the C boundary (CreateKernelV2 / KernelComputeV2).
+#pragma once
+
+#include <climits>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "fgq/kernels.h"
+#include "onnxruntime/core/session/onnxruntime_c_api.h"
+
+namespace fgq {
+namespace ort {
+
+constexpr int kApiVersion = 17;
+static_assert(ORT_API_VERSION >= kApiVersion, "needs the onnxruntime 1.17 C API headers or newer");
+
+extern const OrtApi* g_api;
+
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+[[noreturn]] void fail(const std::string& message);
+void check(OrtStatus* status);  // throws Error with the status's message
+
+// Checked arithmetic on sizes a model file can claim.
+int64_t checked_mul(int64_t a, int64_t b, const char* what);
+int64_t checked_add(int64_t a, int64_t b, const char* what);
+constexpr int64_t kMaxElements = int64_t{1} << 40;  // refuse absurd sizes before allocating
+
+struct Tensor {
+  bool present = false;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+  int64_t size = 0;
+  const void* data = nullptr;
+  template <class T> const T* as() const { return static_cast<const T*>(data); }
+};
+Tensor view(const OrtValue* value);
+Tensor input(OrtKernelContext* ctx, size_t index);  // present = false for an empty (omitted) input
+float* output(OrtKernelContext* ctx, size_t index, const std::vector<int64_t>& shape);
+
+const char* type_name(ONNXTensorElementDataType t);
+std::string shape_string(const std::vector<int64_t>& shape);
+
+int64_t attr_int(const OrtKernelInfo* info, const char* name, const int64_t* fallback);
+float attr_float(const OrtKernelInfo* info, const char* name, const float* fallback);
+std::vector<int64_t> attr_ints(const OrtKernelInfo* info, const char* name, const std::vector<int64_t>* fallback);
+
+// Runs fn(i) for i < total on onnxruntime's intra-op thread pool.
+void parallel_for(OrtKernelContext* ctx, size_t total, void (*fn)(void*, size_t), void* data);
+template <class F>
+void parallel_for(OrtKernelContext* ctx, size_t total, const F& f) {
+  parallel_for(ctx, total, [](void* d, size_t i) { (*static_cast<const F*>(d))(i); }, const_cast<F*>(&f));
+}
+
+// Inputs shared by the three ops (docs/custom-ops.md).
+enum InputIndex : size_t {
+  kX = 0,
+  kXScale,
+  kXZeroPoint,
+  kCodes,
+  kScales,
+  kRowScale,
+  kNegScales,
+  kNegRowScale,
+  kBias,
+  kInputCount
+};
+
+// The repacked weight planes: `pos` holds all codes (or only +1 when
+// asymmetric), `neg` the -1 codes with the negative scales.
+struct Planes {
+  KernelWeights pos, neg;
+  bool asymmetric = false;
+};
+
+// State common to the three kernels: attributes, the kernel path, and the
+// weights repacked once at creation when they are constant initializers.
+class TernaryKernelBase {
+ public:
+  explicit TernaryKernelBase(const OrtKernelInfo* info);
+
+ protected:
+  // Called by the derived constructor once the reduction layout is known;
+  // rows < 0: M is taken from the codes input.
+  void init_weights(const OrtKernelInfo* info, const ReductionLayout& layout, int64_t rows);
+  // The planes to use in this call (the constant ones, or `scratch` repacked now).
+  const Planes& planes(OrtKernelContext* ctx, Planes& scratch) const;
+  // x_scale / x_zero_point / act_qmin / act_qmax for this call.
+  ActQuant act_quant(OrtKernelContext* ctx, const Tensor& x) const;
+  // Bias [rows] or absent.
+  const float* bias(OrtKernelContext* ctx, int64_t rows) const;
+  // Runs the fused kernel over rows [m0, m0 + rows) x b < cols in parallel tiles.
+  void run(OrtKernelContext* ctx, const Planes& p, GemmArgs args) const;
+
+  const KernelDispatch* dispatch_ = nullptr;
+  int64_t n_ = 0;
+  int64_t qmin_attr_ = INT64_MIN, qmax_attr_ = INT64_MIN;
+  ReductionLayout layout_;
+  int64_t rows_ = -1;
+  std::shared_ptr<const Planes> constant_planes_;
+
+ private:
+  void repack(const Tensor& codes, const Tensor& scales, const Tensor& row_scale, const Tensor& neg_scales,
+              const Tensor& neg_row_scale, Planes* out) const;
+};
+
+// Quantizes activation values gathered through `map` (natural order,
+// map[p] < 0 gives 0) into `natural`, then writes the kernel-order row and
+// its group sums (to_kernel_order).
+void quantize_row(const Tensor& x, int64_t base, int64_t stride, const std::vector<int64_t>& map,
+                  const ActQuant& q, const KernelWeights& w, int8_t* natural, int8_t* out, int32_t* gsum);
+
+// 64-byte aligned scratch buffers.
+template <class T>
+struct AlignedBuffer {
+  explicit AlignedBuffer(int64_t count) {
+    if (count < 0 || count > kMaxElements) fail("buffer size out of range");
+    bytes_ = (static_cast<size_t>(count) * sizeof(T) + 63) / 64 * 64 + 64;
+    ptr_ = static_cast<T*>(::operator new(bytes_, std::align_val_t(64)));
+    std::memset(static_cast<void*>(ptr_), 0, bytes_);
+  }
+  ~AlignedBuffer() { ::operator delete(ptr_, std::align_val_t(64)); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  T* get() const { return ptr_; }
+
+ private:
+  T* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// The OrtCustomOp adapter: Op provides kName, kInputTypes[kInputCount] and
+// kOptional[kInputCount], and a Kernel with Kernel(const OrtKernelInfo*) and
+// void Compute(OrtKernelContext*). Exceptions become an OrtStatus.
+OrtStatus* status_from_current_exception();
+
+template <class Op>
+struct CustomOp : OrtCustomOp {
+  CustomOp() {
+    std::memset(static_cast<OrtCustomOp*>(this), 0, sizeof(OrtCustomOp));
+    version = kApiVersion;
+    GetName = [](const OrtCustomOp*) { return Op::kName; };
+    GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
+    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return kInputCount; };
+    GetInputType = [](const OrtCustomOp*, size_t i) { return Op::kInputTypes[i]; };
+    GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
+      return Op::kOptional[i] ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    };
+    GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+    GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
+    GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+    GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+    GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+    GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+    GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+    GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+    CreateKernel = nullptr;
+    KernelCompute = nullptr;  // version > 15 and no KernelCompute: onnxruntime uses the V2 entry points
+    CreateKernelV2 = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) -> OrtStatus* {
+      try {
+        *kernel = new typename Op::Kernel(info);
+        return nullptr;
+      } catch (...) {
+        return status_from_current_exception();
+      }
+    };
+    KernelComputeV2 = [](void* kernel, OrtKernelContext* ctx) -> OrtStatus* {
+      try {
+        static_cast<typename Op::Kernel*>(kernel)->Compute(ctx);
+        return nullptr;
+      } catch (...) {
+        return status_from_current_exception();
+      }
+    };
+    KernelDestroy = [](void* kernel) { delete static_cast<typename Op::Kernel*>(kernel); };
+    InferOutputShapeFn = nullptr;
+    GetStartVersion = [](const OrtCustomOp*) { return 1; };
+    GetEndVersion = [](const OrtCustomOp*) { return 1; };
+  }
+};
+
+}  // namespace ort
+}  // namespace fgq

@@ -1,0 +1,96 @@
+// TernaryGemm: Y[B, M] = alpha * dequant(A') @ W' + beta * C.
+#include <algorithm>
+
+#include "ops.h"
+
+namespace fgq {
+namespace ort {
+
+class GemmKernel : public TernaryKernelBase {
+ public:
+  explicit GemmKernel(const OrtKernelInfo* info) : TernaryKernelBase(info) {
+    k_ = attr_int(info, "K", nullptr);
+    if (k_ < 1 || k_ > (int64_t{1} << 30)) fail("attribute K must be in [1, 2^30], got " + std::to_string(k_));
+    const int64_t zero = 0, one = 1;
+    trans_a_ = attr_int(info, "transA", &zero);
+    const int64_t trans_b = attr_int(info, "transB", &one);
+    if ((trans_a_ != 0 && trans_a_ != 1) || (trans_b != 0 && trans_b != 1)) fail("transA and transB must be 0 or 1");
+    const float f_one = 1.f;
+    alpha_ = attr_float(info, "alpha", &f_one);
+    beta_ = attr_float(info, "beta", &f_one);
+    init_weights(info, ReductionLayout{1, k_, n_}, -1);
+  }
+
+  void Compute(OrtKernelContext* ctx) const {
+    const Tensor x = input(ctx, kX);
+    if (x.shape.size() != 2) fail("A must be 2-D, got " + shape_string(x.shape));
+    const int64_t B = trans_a_ ? x.shape[1] : x.shape[0];
+    const int64_t K = trans_a_ ? x.shape[0] : x.shape[1];
+    if (K != k_) fail("A shape " + shape_string(x.shape) + " does not give K = " + std::to_string(k_));
+    const ActQuant q = act_quant(ctx, x);
+    Planes scratch;
+    const Planes& p = planes(ctx, scratch);
+    const int64_t M = p.pos.rows;
+
+    const Tensor c = input(ctx, kBias);
+    int64_t c_stride_b = 0, c_stride_m = 0;
+    if (c.present) {
+      if (c.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) fail("C must be float");
+      if (c.shape.size() > 2) fail("C must have rank <= 2");
+      const int64_t cb = c.shape.size() == 2 ? c.shape[0] : 1;
+      const int64_t cm = c.shape.empty() ? 1 : c.shape.back();
+      if ((cb != 1 && cb != B) || (cm != 1 && cm != M))
+        fail("C shape " + shape_string(c.shape) + " does not broadcast to " + shape_string({B, M}));
+      c_stride_m = cm == 1 ? 0 : 1;
+      c_stride_b = cb == 1 ? 0 : cm;
+    }
+    float* y = output(ctx, 0, {B, M});
+    if (B == 0 || M == 0) return;
+
+    const int64_t Kp = p.pos.positions();
+    const std::vector<int64_t> map = kernel_position_map(layout_, p.pos.np, p.pos.padded_groups);
+    AlignedBuffer<int8_t> xs(checked_mul(B, Kp, "activation buffer"));
+    const int64_t Gp = p.pos.padded_groups;
+    AlignedBuffer<int32_t> gsum(checked_mul(B, Gp, "activation buffer"));
+    constexpr int64_t kRowsPerTask = 8;
+    auto quantize = [&](size_t t) {
+      const int64_t r0 = static_cast<int64_t>(t) * kRowsPerTask, r1 = std::min(B, r0 + kRowsPerTask);
+      std::vector<int8_t> natural(static_cast<size_t>(Kp));
+      for (int64_t r = r0; r < r1; ++r)
+        quantize_row(x, trans_a_ ? r : r * k_, trans_a_ ? B : 1, map, q, p.pos, natural.data(), xs.get() + r * Kp,
+                     gsum.get() + r * Gp);
+    };
+    parallel_for(ctx, static_cast<size_t>((B + kRowsPerTask - 1) / kRowsPerTask), quantize);
+
+    GemmArgs a;
+    a.x = xs.get();
+    a.x_stride = Kp;
+    a.gsum = gsum.get();
+    a.s_stride = Gp;
+    a.y = y;
+    a.y_stride_b = M;
+    a.y_stride_m = 1;
+    a.m_end = M;
+    a.b_end = B;
+    a.scale = alpha_ * q.scale;
+    a.offset = static_cast<float>(q.offset());
+    run(ctx, p, a);
+    if (c.present && beta_ != 0.f) {
+      const float* cv = c.as<float>();
+      for (int64_t r = 0; r < B; ++r)
+        for (int64_t m = 0; m < M; ++m) y[r * M + m] += beta_ * cv[r * c_stride_b + m * c_stride_m];
+    }
+  }
+
+ private:
+  int64_t k_ = 0, trans_a_ = 0;
+  float alpha_ = 1.f, beta_ = 1.f;
+};
+
+OrtCustomOp* ternary_gemm_op() {
+  static CustomOp<TernaryGemmOp> op;
+  return &op;
+}
+
+}  // namespace ort
+}  // namespace fgq

@@ -1,0 +1,342 @@
+// C++ kernel tests (ctest): the golden vectors of the packed format
+// (tests/golden/packed_cases.json, from fgq_onnx/packing.py) on every kernel
+// path this CPU runs, and every SIMD path against the reference on seeded
+// random shapes straddling the vector widths. Integer group dots must match
+// bit for bit; the fused float output within a relative 1e-5.
+// A path the CPU lacks is skipped with a stated reason.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <algorithm>
+#include <cctype>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "fgq/kernels.h"
+#include "fgq/packed_format.h"
+
+namespace {
+
+int g_failures = 0;
+#define EXPECT(cond, ...)                                  \
+  do {                                                     \
+    if (!(cond)) {                                         \
+      ++g_failures;                                        \
+      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::fprintf(stderr, __VA_ARGS__);                   \
+      std::fprintf(stderr, "\n");                          \
+    }                                                      \
+  } while (0)
+
+// --- a minimal JSON reader (numbers, strings, arrays, objects) -------------
+struct Json {
+  enum Kind { kNull, kNumber, kString, kArray, kObject } kind = kNull;
+  double number = 0;
+  std::string string;
+  std::vector<Json> array;
+  std::map<std::string, Json> object;
+  const Json& operator[](const std::string& k) const { return object.at(k); }
+  const Json& operator[](size_t i) const { return array.at(i); }
+};
+
+struct Parser {
+  const std::string& s;
+  size_t i = 0;
+  void ws() {
+    while (i < s.size() && std::isspace(static_cast<unsigned char>(s[i]))) ++i;
+  }
+  Json parse() {
+    ws();
+    Json j;
+    if (s[i] == '{') {
+      j.kind = Json::kObject;
+      ++i;
+      ws();
+      if (s[i] == '}') return ++i, j;
+      for (;;) {
+        ws();
+        const std::string key = parse().string;
+        ws();
+        ++i;  // ':'
+        j.object[key] = parse();
+        ws();
+        if (s[i++] == '}') return j;
+      }
+    }
+    if (s[i] == '[') {
+      j.kind = Json::kArray;
+      ++i;
+      ws();
+      if (s[i] == ']') return ++i, j;
+      for (;;) {
+        j.array.push_back(parse());
+        ws();
+        if (s[i++] == ']') return j;
+      }
+    }
+    if (s[i] == '"') {
+      j.kind = Json::kString;
+      ++i;
+      while (s[i] != '"') j.string += s[i++];
+      ++i;
+      return j;
+    }
+    j.kind = Json::kNumber;
+    size_t used = 0;
+    j.number = std::stod(s.substr(i, 64), &used);
+    i += used;
+    return j;
+  }
+};
+
+std::vector<const fgq::KernelDispatch*> paths() {
+  std::vector<const fgq::KernelDispatch*> out;
+  for (const char* name : {"ref", "avx2", "avx512vnni"}) {
+    if (const fgq::KernelDispatch* d = fgq::find_dispatch(name))
+      out.push_back(d);
+    else
+      std::printf("SKIP path %s: this CPU (or build) does not support it\n", name);
+  }
+  return out;
+}
+
+// Activation row in kernel order for a single-segment layout, with its group sums.
+void kernel_x(const std::vector<int>& x, const fgq::KernelWeights& w, const fgq::ReductionLayout& layout,
+              std::vector<int8_t>* xs, std::vector<int32_t>* gsum) {
+  const std::vector<int64_t> map = fgq::kernel_position_map(layout, w.np, w.padded_groups);
+  std::vector<int8_t> natural(map.size());
+  for (size_t p = 0; p < map.size(); ++p) natural[p] = map[p] < 0 ? 0 : static_cast<int8_t>(x[static_cast<size_t>(map[p])]);
+  xs->assign(map.size() + 64, 0);
+  gsum->assign(static_cast<size_t>(w.padded_groups) + 16, 0);
+  fgq::to_kernel_order(natural.data(), w.np, w.padded_groups, xs->data(), gsum->data());
+}
+
+void test_golden(const std::vector<const fgq::KernelDispatch*>& ps) {
+  std::ifstream f(std::string(FGQ_GOLDEN_DIR) + "/packed_cases.json");
+  if (!f) {
+    EXPECT(false, "cannot read %s/packed_cases.json", FGQ_GOLDEN_DIR);
+    return;
+  }
+  std::stringstream ss;
+  ss << f.rdbuf();
+  const std::string text = ss.str();
+  Parser parser{text};
+  const Json root = parser.parse();
+  int count = 0;
+  for (const Json& c : root["cases"].array) {
+    const std::string name = c["name"].string;
+    const int64_t M = static_cast<int64_t>(c["M"].number), K = static_cast<int64_t>(c["K"].number),
+                  N = static_cast<int64_t>(c["N"].number), G = static_cast<int64_t>(c["G"].number);
+    const int64_t row_bytes = static_cast<int64_t>(c["packed"][0].array.size());
+    std::vector<uint8_t> packed;
+    std::vector<float> scales;
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t b = 0; b < row_bytes; ++b) packed.push_back(static_cast<uint8_t>(c["packed"][m][b].number));
+      for (int64_t g = 0; g < G; ++g) scales.push_back(static_cast<float>(c["scales"][m][g].number));
+    }
+    // The packed bytes decode to the golden ternary values (format mirror).
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        const int t = fgq::packed::decode(fgq::packed::code_at(packed.data() + m * row_bytes, k));
+        EXPECT(t == static_cast<int>(c["ternary"][m][k].number), "%s: decode row %ld pos %ld", name.c_str(), (long)m, (long)k);
+      }
+    const fgq::ReductionLayout layout{1, K, N};
+    fgq::KernelWeights w;
+    const std::string err = fgq::repack_weights(packed.data(), M, row_bytes, scales.data(), fgq::ScaleType::kF32,
+                                                nullptr, layout, fgq::Plane::kAll, &w);
+    EXPECT(err.empty(), "%s: repack: %s", name.c_str(), err.c_str());
+    if (!err.empty()) continue;
+    std::vector<int> x;
+    for (const Json& v : c["x"].array) x.push_back(static_cast<int>(v.number));
+    std::vector<int8_t> xs;
+    std::vector<int32_t> gsum;
+    kernel_x(x, w, layout, &xs, &gsum);
+    for (const fgq::KernelDispatch* d : ps) {
+      std::vector<int32_t> dots(static_cast<size_t>(w.padded_groups));
+      std::vector<float> y(static_cast<size_t>(M));
+      for (int64_t m = 0; m < M; ++m) {
+        d->group_dots(w, m, xs.data(), gsum.data(), dots.data());
+        for (int64_t g = 0; g < G; ++g)
+          EXPECT(dots[g] == static_cast<int32_t>(c["group_dots"][m][g].number), "%s/%s: group dot m=%ld g=%ld: %d",
+                 name.c_str(), d->name, (long)m, (long)g, dots[g]);
+        for (int64_t g = G; g < w.padded_groups; ++g) EXPECT(dots[g] == 0, "%s/%s: padding group", name.c_str(), d->name);
+      }
+      fgq::GemmArgs a;
+      a.w = &w;
+      a.x = xs.data();
+      a.gsum = gsum.data();
+      a.y = y.data();
+      a.y_stride_m = 1;
+      a.m_end = M;
+      a.b_end = 1;
+      d->gemm(a);
+      for (int64_t m = 0; m < M; ++m) {
+        const double want = c["y"][m].number;
+        EXPECT(std::fabs(y[m] - want) <= 1e-5 * (1 + std::fabs(want)), "%s/%s: y[%ld] = %g, want %g", name.c_str(),
+               d->name, (long)m, y[m], want);
+      }
+    }
+    // Dequantized values through the kernel layout: one-hot activations.
+    for (int64_t k = 0; k < K; ++k) {
+      std::vector<int> onehot(static_cast<size_t>(K), 0);
+      onehot[static_cast<size_t>(k)] = 1;
+      kernel_x(onehot, w, layout, &xs, &gsum);
+      std::vector<float> y(static_cast<size_t>(M));
+      fgq::GemmArgs a;
+      a.w = &w;
+      a.x = xs.data();
+      a.gsum = gsum.data();
+      a.y = y.data();
+      a.m_end = M;
+      a.b_end = 1;
+      fgq::kRefDispatch.gemm(a);
+      for (int64_t m = 0; m < M; ++m)
+        EXPECT(y[m] == static_cast<float>(c["dequantized"][m][k].number), "%s: dequantized [%ld, %ld]", name.c_str(),
+               (long)m, (long)k);
+    }
+    ++count;
+  }
+  std::printf("golden: %d cases checked on %zu paths\n", count, ps.size());
+}
+
+// Invalid inputs are rejected, never read out of bounds.
+void test_rejects() {
+  fgq::KernelWeights w;
+  const float scales[2] = {1, 1};
+  uint8_t bad[2] = {0x02, 0x00};  // code 0b10 at position 0
+  EXPECT(!fgq::repack_weights(bad, 1, 2, scales, fgq::ScaleType::kF32, nullptr, {1, 8, 4}, fgq::Plane::kAll, &w).empty(),
+         "invalid code accepted");
+  uint8_t pad[1] = {0x40};  // K=3, N=4: position 3 is padding and must be 0
+  EXPECT(!fgq::repack_weights(pad, 1, 1, scales, fgq::ScaleType::kF32, nullptr, {1, 3, 4}, fgq::Plane::kAll, &w).empty(),
+         "non-zero padding accepted");
+  uint8_t ok[2] = {0x01, 0x00};
+  EXPECT(!fgq::repack_weights(ok, 1, 3, scales, fgq::ScaleType::kF32, nullptr, {1, 8, 4}, fgq::Plane::kAll, &w).empty(),
+         "wrong row_bytes accepted");
+  EXPECT(!fgq::repack_weights(ok, 1, 2, scales, fgq::ScaleType::kU8, nullptr, {1, 8, 4}, fgq::Plane::kAll, &w).empty(),
+         "uint8 scales without row_scale accepted");
+  EXPECT(fgq::repack_weights(ok, 1, 2, scales, fgq::ScaleType::kF32, nullptr, {1, 8, 4}, fgq::Plane::kAll, &w).empty(),
+         "valid weights rejected");
+}
+
+uint16_t float_to_half_simple(float f) {  // for tests only: normal range, truncating
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  const uint32_t sign = (b >> 16) & 0x8000;
+  const int e = static_cast<int>((b >> 23) & 0xff) - 127 + 15;
+  if (e <= 0) return static_cast<uint16_t>(sign);
+  return static_cast<uint16_t>(sign | (e << 10) | ((b >> 13) & 0x3ff));
+}
+
+void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
+  std::mt19937 rng(1234);
+  const int64_t ns[] = {1, 3, 4, 5, 8, 12, 16, 17, 32, 33, 63, 64, 65, 100, 128, 192};
+  const int64_t ks[] = {1, 15, 16, 17, 63, 64, 65, 127, 200, 513};
+  int cases = 0;
+  for (int64_t n : ns)
+    for (int64_t k : ks)
+      for (int st = 0; st < 3; ++st) {
+        const int64_t M = 1 + static_cast<int64_t>(rng() % 11), B = 1 + static_cast<int64_t>(rng() % 9);
+        const fgq::ReductionLayout layout{1, k, n};
+        const int64_t G = layout.groups(), row_bytes = (G * n + 3) / 4;
+        std::vector<uint8_t> packed(static_cast<size_t>(M * row_bytes), 0);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t p = 0; p < k; ++p) {
+            const int64_t q = (p / n) * n + p % n;  // one segment: group g = p / n
+            const uint8_t code = static_cast<uint8_t>(rng() % 3 == 0 ? 0 : (rng() % 2 ? 1 : 3));
+            packed[static_cast<size_t>(m * row_bytes + q / 4)] |= static_cast<uint8_t>(code << (2 * (q % 4)));
+          }
+        std::vector<float> f32(static_cast<size_t>(M * G));
+        std::vector<uint16_t> f16(f32.size());
+        std::vector<uint8_t> u8(f32.size());
+        std::vector<float> row_scale(static_cast<size_t>(M), 0.01f);
+        for (size_t i = 0; i < f32.size(); ++i) {
+          f32[i] = static_cast<float>(rng() % 1000) / 997.f;
+          f16[i] = float_to_half_simple(f32[i]);
+          u8[i] = static_cast<uint8_t>(rng() % 256);
+        }
+        const fgq::ScaleType type = static_cast<fgq::ScaleType>(st);
+        const void* scales = st == 0 ? static_cast<const void*>(f32.data())
+                                     : (st == 1 ? static_cast<const void*>(f16.data()) : static_cast<const void*>(u8.data()));
+        fgq::KernelWeights w;
+        const std::string err = fgq::repack_weights(packed.data(), M, row_bytes, scales, type, row_scale.data(), layout,
+                                                    fgq::Plane::kAll, &w);
+        EXPECT(err.empty(), "random repack: %s", err.c_str());
+        const int64_t Kp = w.positions(), Gp = w.padded_groups;
+        std::vector<int8_t> natural(static_cast<size_t>(Kp)), xs(static_cast<size_t>(B * Kp));
+        std::vector<int32_t> gsum(static_cast<size_t>(B * Gp));
+        for (int64_t b = 0; b < B; ++b) {
+          for (auto& v : natural) v = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
+          fgq::to_kernel_order(natural.data(), w.np, Gp, xs.data() + b * Kp, gsum.data() + b * Gp);
+        }
+        std::vector<float> y_ref(static_cast<size_t>(B * M));
+        fgq::GemmArgs a;
+        a.w = &w;
+        a.x = xs.data();
+        a.x_stride = Kp;
+        a.gsum = gsum.data();
+        a.s_stride = Gp;
+        a.y_stride_b = M;
+        a.m_end = M;
+        a.b_end = B;
+        a.scale = 0.5f;
+        a.offset = 3.f;
+        a.y = y_ref.data();
+        fgq::kRefDispatch.gemm(a);
+        for (const fgq::KernelDispatch* d : ps) {
+          if (d == &fgq::kRefDispatch) continue;
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t m = 0; m < M; ++m) {
+              std::vector<int32_t> want(static_cast<size_t>(w.padded_groups)), got(want.size());
+              fgq::kRefDispatch.group_dots(w, m, xs.data() + b * Kp, gsum.data() + b * Gp, want.data());
+              d->group_dots(w, m, xs.data() + b * Kp, gsum.data() + b * Gp, got.data());
+              EXPECT(want == got, "%s: group dots differ n=%ld k=%ld m=%ld", d->name, (long)n, (long)k, (long)m);
+            }
+          std::vector<float> y(y_ref.size());
+          a.y = y.data();
+          d->gemm(a);
+          if (M > 2) {  // a row range that does not start on a quad: rows outside stay untouched
+            std::vector<float> part(y_ref.size(), -7.f);
+            fgq::GemmArgs pa = a;
+            pa.y = part.data();
+            pa.m_begin = 1;
+            pa.m_end = M - 1;
+            d->gemm(pa);
+            for (int64_t b = 0; b < B; ++b)
+              for (int64_t m = 0; m < M; ++m) {
+                const float v = part[static_cast<size_t>(b * M + m)];
+                EXPECT(m >= 1 && m < M - 1 ? v == y[static_cast<size_t>(b * M + m)] : v == -7.f,
+                       "%s: row range [1, M-1) m=%ld", d->name, (long)m);
+              }
+          }
+          double scale_sum = 0;
+          for (float v : y_ref) scale_sum = std::max(scale_sum, static_cast<double>(std::fabs(v)));
+          for (size_t i = 0; i < y.size(); ++i)
+            EXPECT(std::fabs(y[i] - y_ref[i]) <= 1e-5 * (1 + scale_sum), "%s: gemm n=%ld k=%ld st=%d: %g vs %g", d->name,
+                   (long)n, (long)k, st, y[i], y_ref[i]);
+          a.y = y_ref.data();
+        }
+        ++cases;
+      }
+  std::printf("random: %d cases, SIMD paths vs reference\n", cases);
+}
+
+}  // namespace
+
+int main() {
+  const std::vector<const fgq::KernelDispatch*> ps = paths();
+  test_rejects();
+  test_golden(ps);
+  test_random(ps);
+  if (g_failures) {
+    std::printf("%d failures\n", g_failures);
+    return 1;
+  }
+  std::printf("all kernel tests passed\n");
+  return 0;
+}

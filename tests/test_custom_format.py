@@ -1,0 +1,146 @@
+"""The custom-op format (passes/use_custom_ops.py) against the portable qdq format.
+
+The qdq model is the reference; it runs at ORT_ENABLE_BASIC so that
+onnxruntime does not swap in its own int8 kernels (they requantize
+differently). The custom model is run twice: with the library (the kernels)
+and without it (onnxruntime inlines the model-local FunctionProtos).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from fgq_onnx.pipeline import convert
+from fgq_onnx.passes.use_custom_ops import DOMAIN, UseCustomOpsPass
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EMBEDDED = ROOT / "models" / "fashion_mnist_resnet.onnx"
+EMBEDDED_CALIB = ROOT / "models" / "calib"
+EMBEDDED_TEST = ROOT / "models" / "fashion_mnist_test.npz"
+
+
+def _basic_session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _kernel_session(proto: onnx.ModelProto, kernel=None) -> ort.InferenceSession:
+    from fgq_onnx import runtime
+
+    try:
+        runtime.library_path()
+    except runtime.RuntimeLibraryError as error:
+        pytest.skip(f"custom-op library not built: {error}")
+    return runtime.inference_session(proto.SerializeToString(), kernel=kernel)
+
+
+def _to_custom(qdq: ir.Model, **options) -> tuple[onnx.ModelProto, UseCustomOpsPass, bool]:
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(qdq))
+    rewrite = UseCustomOpsPass(**options)
+    result = rewrite(model)
+    return ir.serde.serialize_model(result.model), rewrite, result.modified
+
+
+@pytest.fixture(scope="module")
+def cnn_qdq(tmp_path_factory, kit):
+    folder = tmp_path_factory.mktemp("cnn")
+    path = kit.write_model(kit.build_cnn(), folder / "cnn.onnx")
+    rng = np.random.default_rng(3)
+    calib = folder / "calib.npz"
+    np.savez(calib, x=rng.uniform(0, 1, (16, 1, 28, 28)).astype(np.float32))
+    return convert(path, calib=calib, n=4, act_bits=8, bias_correction=False).model
+
+
+def test_rewrites_every_layer(cnn_qdq):
+    custom, rewrite, modified = _to_custom(cnn_qdq)
+    assert modified
+    assert all(record.converted for record in rewrite.records), rewrite.records
+    ops = [node.op_type for node in custom.graph.node]
+    assert not {"Conv", "Gemm", "MatMul", "QuantizeLinear"} & set(ops), ops
+    assert {"TernaryConv", "TernaryGemm"} <= set(ops)
+    assert {(f.domain, f.name) for f in custom.functions} == {
+        (DOMAIN, "TernaryConv"), (DOMAIN, "TernaryGemm"), (DOMAIN, "TernaryMatMul")}
+    assert any(o.domain == DOMAIN and o.version == 1 for o in custom.opset_import)
+    onnx.checker.check_model(custom)
+    inferred = onnx.shape_inference.infer_shapes(custom, strict_mode=True)
+    assert inferred.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 10
+
+
+def test_function_body_equals_qdq_and_kernel(cnn_qdq):
+    custom, _, _ = _to_custom(cnn_qdq)
+    qdq = ir.serde.serialize_model(cnn_qdq)
+    x = np.random.default_rng(0).uniform(0, 1, (6, 1, 28, 28)).astype(np.float32)
+    want = _basic_session(qdq).run(None, {"x": x})[0]
+    fallback = _basic_session(custom).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(fallback, want)  # same standard ops, same order
+    kernel = _kernel_session(custom).run(None, {"x": x})[0]
+    np.testing.assert_allclose(kernel, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("scale_format, dtype", [("f32", onnx.TensorProto.FLOAT), ("f16", onnx.TensorProto.FLOAT16),
+                                                  ("u8", onnx.TensorProto.UINT8)])
+def test_scale_formats(tmp_path, kit, scale_format, dtype):
+    path = kit.write_model(kit.build_cnn(), tmp_path / "cnn.onnx")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(3).uniform(0, 1, (8, 1, 28, 28)).astype(np.float32))
+    qdq = convert(path, calib=calib, n=8, act_bits=4, scale_format=scale_format, bias_correction=False).model
+    custom, rewrite, _ = _to_custom(qdq)
+    assert all(r.converted for r in rewrite.records), rewrite.records
+    scales = [t for t in custom.graph.initializer if t.name.endswith("packed_scales")]
+    assert scales and all(t.data_type == dtype for t in scales)
+    x = np.random.default_rng(1).uniform(0, 1, (3, 1, 28, 28)).astype(np.float32)
+    want = _basic_session(ir.serde.serialize_model(qdq)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(_basic_session(custom).run(None, {"x": x})[0], want)
+    np.testing.assert_allclose(_kernel_session(custom).run(None, {"x": x})[0], want, rtol=1e-3, atol=1e-3)
+
+
+def test_leaves_unmatched_nodes(tmp_path, kit):
+    path = kit.write_model(kit.build_mlp(), tmp_path / "mlp.onnx")
+    weights_only = convert(path, n=4, act_bits=0, bias_correction=False).model
+    _, rewrite, modified = _to_custom(weights_only)
+    assert not modified
+    assert rewrite.records and not any(r.converted for r in rewrite.records)
+    assert all("not quantized" in r.reason for r in rewrite.records)
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(2).normal(size=(16, 64)).astype(np.float32))
+    asym = convert(path, calib=calib, n=4, act_bits=8, method="asymmetric", bias_correction=False).model
+    custom, rewrite, modified = _to_custom(asym)
+    assert not modified and all("asymmetric" in r.reason for r in rewrite.records)
+
+
+def test_rejects_low_opset():
+    model = ir.Model(ir.Graph([], [], nodes=[], opset_imports={"": 17}), ir_version=8)
+    with pytest.raises(Exception, match="opset"):
+        UseCustomOpsPass()(model)
+
+
+@pytest.mark.skipif(not EMBEDDED.exists(), reason="embedded model not present")
+@pytest.mark.parametrize("n, act_bits", [(16, 8), (4, 4)])
+def test_embedded_model(n, act_bits):
+    """Custom format vs qdq on the embedded Fashion-MNIST model (max abs diff on logits is printed)."""
+    qdq_ir = convert(EMBEDDED, calib=EMBEDDED_CALIB, n=n, act_bits=act_bits, bias_correction=False).model
+    custom, rewrite, _ = _to_custom(qdq_ir)
+    assert all(r.converted for r in rewrite.records), [r for r in rewrite.records if not r.converted]
+    x = np.load(EMBEDDED_TEST)["input"][:100]
+    want = _basic_session(ir.serde.serialize_model(qdq_ir)).run(None, {"input": x})[0]
+    fallback = _basic_session(custom).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(fallback, want)
+    from fgq_onnx import runtime
+
+    _kernel_session(custom)  # skips without the library
+    for kernel in runtime.supported_kernels():
+        count = 10 if kernel == "ref" else len(x)  # the scalar reference is slow
+        got = _kernel_session(custom, kernel).run(None, {"input": x[:count]})[0]
+        diff = float(np.abs(got - want[:count]).max())
+        agree = float((got.argmax(1) == want[:count].argmax(1)).mean())
+        print(f"N={n} act_bits={act_bits} kernel={kernel}: max |custom - qdq| = {diff:.2e}, top-1 agreement {agree:.3f}")
+        assert diff < 0.05 and agree >= 0.99

@@ -1,0 +1,224 @@
+"""Malformed com.fgq nodes must fail with an onnxruntime error, never crash.
+
+Each case breaks one thing a model file can claim: sizes of packed codes or
+scales, attributes (N, K, pads, strides, dilations, group, weight_shape),
+absurd dimensions that overflow size_t, wrong dtypes, the invalid code 0b10.
+The error may come at session creation (constant weights are checked once)
+or at run time.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+from onnx import TensorProto
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from test_runtime_helpers import build_model, library_or_skip, pack_weight, random_ternary  # noqa: E402
+
+K, M, N = 20, 6, 4
+G = 5
+
+
+def _valid_inputs():
+    rng = np.random.default_rng(0)
+    codes, _ = pack_weight(random_ternary(rng, (M, K)), N)
+    return dict(x_scale=np.float32(0.1), x_zero_point=np.uint8(0), codes=codes, scales=np.ones((M, G), np.float32))
+
+
+def _expect_error(model, feeds, match=None, constant=True):
+    library_or_skip()
+    from fgq_onnx import runtime
+
+    with pytest.raises(Exception) as info:
+        session = runtime.inference_session(model.SerializeToString())
+        session.run(None, feeds)
+    assert not isinstance(info.value, (SystemExit, KeyboardInterrupt))
+    if match:
+        assert match in str(info.value), str(info.value)
+
+
+X = {"X": np.ones((2, K), np.float32)}
+
+
+def test_valid_baseline_runs():
+    library_or_skip()
+    from fgq_onnx import runtime
+
+    model = build_model("TernaryMatMul", _valid_inputs(), dict(N=N, K=K), [2, K])
+    runtime.inference_session(model.SerializeToString()).run(None, X)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(codes=np.zeros((M, 4), np.uint8)), "codes shape"),
+        (dict(codes=np.zeros((M + 1, 5), np.uint8)), "scales shape"),
+        (dict(codes=np.zeros((M * 5,), np.uint8)), "codes must be 2-D"),
+        (dict(scales=np.ones((M, G + 1), np.float32)), "scales shape"),
+        (dict(scales=np.ones((M * G,), np.float32)), "scales shape"),
+        (dict(scales=np.ones((M, G), np.float64)), "scales must be"),
+        (dict(scales=np.ones((M, G), np.uint8)), "row_scale"),
+        (dict(scales=np.ones((M, G), np.uint8), row_scale=np.ones(M + 1, np.float32)), "row_scale shape"),
+        (dict(row_scale=np.ones(M, np.float64)), "row_scale"),
+        (dict(neg_scales=np.ones((M, G), np.float16)), "neg_scales must have the type"),
+        (dict(neg_row_scale=np.ones(M, np.float32)), "neg_row_scale given without"),
+        (dict(bias=np.ones(M + 2, np.float32)), "bias shape"),
+        (dict(x_scale=np.float32(0)), "x_scale"),
+        (dict(x_scale=np.float32(np.nan)), "x_scale"),
+        (dict(x_scale=np.ones(2, np.float32)), "x_scale"),
+        (dict(x_zero_point=np.int32(0)), "x_zero_point"),
+        (dict(codes=np.full((M, 5), 0b10, np.uint8)), "invalid 2-bit code"),
+    ],
+)
+def test_bad_inputs(change, match):
+    inputs = _valid_inputs()
+    inputs.update(change)
+    _expect_error(build_model("TernaryMatMul", inputs, dict(N=N, K=K), [2, K]), X, match)
+
+
+def test_bad_inputs_not_constant():
+    """The same checks hold when the weights arrive at run time."""
+    inputs = _valid_inputs()
+    inputs["codes"] = np.zeros((M, 4), np.uint8)
+    model = build_model("TernaryMatMul", inputs, dict(N=N, K=K), [2, K], constant=False)
+    _expect_error(model, {**X, "codes": inputs["codes"], "scales": inputs["scales"]}, "codes shape")
+
+
+def test_nonzero_padding_code():
+    inputs = _valid_inputs()
+    codes = np.zeros((M, 6), np.uint8)
+    codes[0, 5] = 0b01 << 4  # K=22, N=4: positions 22, 23 (byte 5, bits 4-7) are padding
+    inputs.update(codes=codes, scales=np.ones((M, 6), np.float32))
+    _expect_error(build_model("TernaryMatMul", inputs, dict(N=N, K=22), [2, 22]), {"X": np.ones((2, 22), np.float32)},
+                  "padding")
+
+
+@pytest.mark.parametrize(
+    "attrs, match",
+    [
+        (dict(N=0, K=K), "N (group size)"),
+        (dict(N=-3, K=K), "N (group size)"),
+        (dict(N=N), "missing int attribute 'K'"),
+        (dict(N=N, K=0), "attribute K"),
+        (dict(N=N, K=2**62), "attribute K"),
+        (dict(N=2**40, K=K), "N (group size)"),
+        (dict(N=N, K=K, act_qmin=5, act_qmax=2), "act_qmin"),
+        (dict(N=N, K=K, act_qmin=0, act_qmax=300), "act_qmin"),
+    ],
+)
+def test_bad_attributes(attrs, match):
+    _expect_error(build_model("TernaryMatMul", _valid_inputs(), attrs, [2, K]), X, match)
+
+
+def test_wrong_activation_dtype():
+    model = build_model("TernaryMatMul", _valid_inputs(), dict(N=N, K=K), [2, K], x_type=TensorProto.INT8)
+    _expect_error(model, {"X": np.ones((2, K), np.int8)}, "X must be float")
+
+
+def test_wrong_activation_shape():
+    model = build_model("TernaryMatMul", _valid_inputs(), dict(N=N, K=K), [2, K + 1])
+    _expect_error(model, {"X": np.ones((2, K + 1), np.float32)}, "last dimension")
+
+
+def test_wrong_codes_dtype():
+    inputs = _valid_inputs()
+    inputs["codes"] = inputs["codes"].astype(np.int8)
+    _expect_error(build_model("TernaryMatMul", inputs, dict(N=N, K=K), [2, K]), X)
+
+
+# -- conv ----------------------------------------------------------------------
+
+
+def _conv_inputs(m=4, c=4, r=3, n=4, group=1):
+    rng = np.random.default_rng(1)
+    cg = c // group
+    segments, length = (r * r, cg) if cg >= n else (1, cg * r * r)
+    rows = random_ternary(rng, (m, segments * length))
+    codes, groups = pack_weight(rows, n, segments)
+    return dict(x_scale=np.float32(0.1), x_zero_point=np.uint8(0), codes=codes,
+                scales=np.ones((m, groups.shape[1]), np.float32))
+
+
+XC = {"X": np.ones((1, 4, 6, 6), np.float32)}
+
+
+@pytest.mark.parametrize(
+    "attrs, match",
+    [
+        (dict(pads=[-1, 0, 0, 0]), "pads must be >= 0"),
+        (dict(pads=[0, 0]), "pads 4"),
+        (dict(strides=[0, 1]), "strides must be >= 1"),
+        (dict(dilations=[1, 0]), "dilations must be >= 1"),
+        (dict(group=3), "group must"),
+        (dict(group=0), "group must"),
+        (dict(weight_shape=[4, 4, 3]), "weight_shape"),
+        (dict(weight_shape=[4, 4, 3, 0]), "weight_shape values"),
+        (dict(weight_shape=[4, 4, 2**40, 2**40]), "weight_shape values"),
+        (dict(weight_shape=[4, 4, 3, 3], kernel_shape=[2, 2]), "kernel_shape"),
+        (dict(relu=2), "relu"),
+        (dict(auto_pad="SAME_UPPER"), "auto_pad"),
+        (dict(weight_shape=[4, 5, 3, 3]), "codes shape"),
+    ],
+)
+def test_bad_conv_attributes(attrs, match):
+    full = dict(N=4, weight_shape=[4, 4, 3, 3])
+    full.update(attrs)
+    _expect_error(build_model("TernaryConv", _conv_inputs(), full, [1, 4, 6, 6]), XC, match)
+
+
+def test_conv_channels_mismatch():
+    model = build_model("TernaryConv", _conv_inputs(), dict(N=4, weight_shape=[4, 4, 3, 3]), [1, 5, 6, 6])
+    _expect_error(model, {"X": np.ones((1, 5, 6, 6), np.float32)}, "channels")
+
+
+def test_conv_empty_output():
+    model = build_model("TernaryConv", _conv_inputs(), dict(N=4, weight_shape=[4, 4, 3, 3]), [1, 4, 2, 2])
+    _expect_error(model, {"X": np.ones((1, 4, 2, 2), np.float32)}, "does not fit")
+
+
+def test_conv_huge_dilation():
+    model = build_model("TernaryConv", _conv_inputs(), dict(N=4, weight_shape=[4, 4, 3, 3], dilations=[2**20, 1]),
+                        [1, 4, 6, 6])
+    _expect_error(model, XC, "does not fit")
+
+
+def test_conv_rank():
+    model = build_model("TernaryConv", _conv_inputs(), dict(N=4, weight_shape=[4, 4, 3, 3]), [4, 6, 6])
+    _expect_error(model, {"X": np.ones((4, 6, 6), np.float32)}, "4-D")
+
+
+def test_gemm_bad_c_and_trans():
+    inputs = _valid_inputs()
+    inputs["bias"] = np.ones((3, M), np.float32)
+    _expect_error(build_model("TernaryGemm", inputs, dict(N=N, K=K), [2, K]), X, "does not broadcast")
+    _expect_error(build_model("TernaryGemm", _valid_inputs(), dict(N=N, K=K, transA=2), [2, K]), X, "transA")
+    _expect_error(build_model("TernaryGemm", _valid_inputs(), dict(N=N, K=K), [2, 2, K]),
+                  {"X": np.ones((2, 2, K), np.float32)}, "2-D")
+
+
+def test_forced_kernel_unknown(monkeypatch):
+    library_or_skip()
+    from fgq_onnx import runtime
+
+    monkeypatch.setenv("FGQ_KERNEL", "sse9")
+    with pytest.raises(runtime.RuntimeLibraryError, match="FGQ_KERNEL"):
+        runtime.session_options()
+    with pytest.raises(runtime.RuntimeLibraryError):
+        runtime.inference_session(b"", kernel="sse9")
+
+
+def test_missing_library(monkeypatch, tmp_path):
+    from fgq_onnx import runtime
+
+    monkeypatch.setenv("FGQ_OPS_LIBRARY", str(tmp_path / "nope.so"))
+    with pytest.raises(runtime.RuntimeLibraryError, match="not a file"):
+        runtime.library_path()
+    bad = tmp_path / "bad.so"
+    bad.write_bytes(b"not an elf")
+    monkeypatch.setenv("FGQ_OPS_LIBRARY", str(bad))
+    with pytest.raises(runtime.RuntimeLibraryError, match="cannot load"):
+        runtime.session_options()

@@ -1,0 +1,285 @@
+"""The com.fgq ops in real onnxruntime sessions, on every kernel path this CPU runs.
+
+- Exact mode (int8 activations, x_scale 1, unit scales): the output is the
+  integer dot product itself, so every path must match numpy bit for bit;
+  hypothesis draws the shapes (N not dividing C, odd channels, pads, strides,
+  dilations, depthwise, batch 1 and many, rank-3/4 MatMul).
+- Float mode: fused activation quantization, float16/uint8 scales, asymmetric
+  scales, 4-bit levels, non-constant weights, against a numpy reference on
+  dequantized weights x dequantized activations.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from test_runtime_helpers import (  # noqa: E402
+    build_model,
+    conv2d_ref,
+    conv_rows,
+    library_or_skip,
+    make_scales,
+    pack_weight,
+    quantize_act,
+    random_ternary,
+    rows_to_conv,
+    scales_to_weight,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    library_or_skip()
+    from fgq_onnx import runtime
+
+    return runtime.supported_kernels()
+
+
+def run(model, feeds, kernel, threads=1):
+    from fgq_onnx import runtime
+
+    session = runtime.inference_session(model.SerializeToString(), kernel=kernel, threads=threads)
+    return session.run(None, feeds)[0]
+
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+# -- exact integer mode -----------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    batch_shape=st.sampled_from([(1,), (3,), (2, 3), (1, 2, 2), ()]),
+    k=st.integers(1, 200),
+    m=st.integers(1, 40),
+    n=st.sampled_from([1, 3, 4, 5, 8, 16, 17, 32, 64, 65, 100, 128]),
+    seed=st.integers(0, 2**16),
+)
+def test_matmul_exact_all_paths(kernels, batch_shape, k, m, n, seed):
+    rng = np.random.default_rng(seed)
+    t = random_ternary(rng, (m, k))
+    codes, groups = pack_weight(t, n)
+    scales = np.ones((m, groups.shape[1]), np.float32)
+    x = rng.integers(-128, 128, size=(*batch_shape, k)).astype(np.int8)
+    model = build_model(
+        "TernaryMatMul",
+        dict(x_scale=np.float32(1), x_zero_point=np.int8(0), codes=codes, scales=scales),
+        dict(N=n, K=k),
+        list(x.shape),
+        x_type=TensorProto.INT8,
+    )
+    want = (x.astype(np.int64) @ t.T.astype(np.int64)).astype(np.float32)
+    for kernel in kernels:
+        got = run(model, {"X": x}, kernel, threads=2)
+        assert got.shape == want.shape
+        assert np.array_equal(got, want), kernel
+
+
+@SETTINGS
+@given(
+    nb=st.sampled_from([1, 2]),
+    cg=st.integers(1, 21),
+    group=st.sampled_from([1, 1, 2, 3]),
+    mg=st.integers(1, 9),
+    r=st.integers(1, 3),
+    s=st.integers(1, 3),
+    hw=st.tuples(st.integers(3, 9), st.integers(3, 9)),
+    strides=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    pads=st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 2), st.integers(0, 2)),
+    dilations=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    n=st.sampled_from([1, 3, 4, 8, 9, 16, 64]),
+    seed=st.integers(0, 2**16),
+)
+def test_conv_exact_all_paths(kernels, nb, cg, group, mg, r, s, hw, strides, pads, dilations, n, seed):
+    h, w = hw
+    if h + pads[0] + pads[2] < dilations[0] * (r - 1) + 1 or w + pads[1] + pads[3] < dilations[1] * (s - 1) + 1:
+        return
+    rng = np.random.default_rng(seed)
+    m, c = mg * group, cg * group
+    t4 = random_ternary(rng, (m, cg, r, s))
+    rows, segments = conv_rows(t4, n)
+    codes, groups = pack_weight(rows, n, segments)
+    scales = np.ones((m, groups.shape[1]), np.float32)
+    bias = rng.integers(-5, 5, size=m).astype(np.float32)
+    x = rng.integers(-128, 128, size=(nb, c, h, w)).astype(np.int8)
+    model = build_model(
+        "TernaryConv",
+        dict(x_scale=np.float32(1), x_zero_point=np.int8(0), codes=codes, scales=scales, bias=bias),
+        dict(N=n, weight_shape=[m, cg, r, s], group=group, strides=list(strides), pads=list(pads),
+             dilations=list(dilations)),
+        list(x.shape),
+        x_type=TensorProto.INT8,
+    )
+    want = conv2d_ref(x.astype(np.float64), t4.astype(np.float64), bias, strides, pads, dilations, group).astype(np.float32)
+    for kernel in kernels:
+        got = run(model, {"X": x}, kernel, threads=2)
+        assert got.shape == want.shape
+        assert np.array_equal(got, want), kernel
+
+
+def test_depthwise_exact(kernels):
+    rng = np.random.default_rng(5)
+    c, r, n = 24, 3, 4
+    t4 = random_ternary(rng, (c, 1, r, r))
+    rows, segments = conv_rows(t4, n)
+    assert segments == 1
+    codes, groups = pack_weight(rows, n, segments)
+    x = rng.integers(-128, 128, size=(2, c, 10, 10)).astype(np.int8)
+    model = build_model(
+        "TernaryConv",
+        dict(x_scale=np.float32(1), x_zero_point=np.int8(0), codes=codes, scales=np.ones((c, groups.shape[1]), np.float32)),
+        dict(N=n, weight_shape=[c, 1, r, r], group=c, strides=[2, 2], pads=[1, 1, 1, 1]),
+        list(x.shape),
+        x_type=TensorProto.INT8,
+    )
+    want = conv2d_ref(x.astype(np.float64), t4.astype(np.float64), None, (2, 2), (1, 1, 1, 1), (1, 1), c)
+    for kernel in kernels:
+        assert np.array_equal(run(model, {"X": x}, kernel), want.astype(np.float32)), kernel
+
+
+# -- float mode --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale_kind", ["f32", "f16", "u8"])
+@pytest.mark.parametrize("act", ["u8", "s8", "u4", "s4"])
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_matmul_float(kernels, scale_kind, act, asymmetric):
+    rng = np.random.default_rng(hash((scale_kind, act, asymmetric)) % 2**32)
+    k, m, n, b = 150, 37, 16, 6
+    t = random_ternary(rng, (m, k))
+    codes, groups = pack_weight(t, n)
+    g = groups.shape[1]
+    sc, rs, sv = make_scales(rng, m, g, scale_kind)
+    inputs = dict(codes=codes, scales=sc, row_scale=rs)
+    if asymmetric:
+        nsc, nrs, nsv = make_scales(rng, m, g, scale_kind)
+        inputs.update(neg_scales=nsc, neg_row_scale=nrs)
+        value = np.where(groups > 0, sv[:, :, None], nsv[:, :, None]) * groups
+    else:
+        value = groups * sv[:, :, None]
+    w = value.reshape(m, -1)[:, :k].astype(np.float64)
+    levels = {"u8": (np.uint8, 0, 255, 90), "s8": (np.int8, -128, 127, 3), "u4": (np.uint8, 0, 15, 0), "s4": (np.int8, -8, 7, 0)}
+    dtype, qmin, qmax, zp = levels[act]
+    scale = np.float32(0.05 if act.endswith("8") else 0.3)
+    attrs = dict(N=n, K=k)
+    if act.endswith("4"):
+        attrs.update(act_qmin=qmin, act_qmax=qmax)
+    bias = rng.normal(size=m).astype(np.float32)
+    inputs.update(x_scale=scale, x_zero_point=np.array(zp, dtype), bias=bias)
+    x = (rng.normal(size=(b, k)) * 2).astype(np.float32)
+    xd, q = quantize_act(x, scale, zp, qmin, qmax)
+    want = xd.astype(np.float64) @ w.T + bias
+    model = build_model("TernaryMatMul", inputs, attrs, [b, k])
+    model_q = build_model("TernaryMatMul", inputs, attrs, [b, k], x_type=TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8)
+    for kernel in kernels:
+        got = run(model, {"X": x}, kernel)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=kernel)
+        got_q = run(model_q, {"X": q.astype(dtype)}, kernel)
+        np.testing.assert_allclose(got_q, want, rtol=1e-4, atol=1e-4, err_msg=kernel)
+
+
+@pytest.mark.parametrize("trans_a", [0, 1])
+@pytest.mark.parametrize("c_shape", [None, (), (1,), (23,), (1, 23), (5, 1), (5, 23)])
+def test_gemm_float(kernels, trans_a, c_shape):
+    rng = np.random.default_rng(7)
+    k, m, n, b = 45, 23, 8, 5
+    t = random_ternary(rng, (m, k))
+    codes, groups = pack_weight(t, n)
+    sc, rs, sv = make_scales(rng, m, groups.shape[1], "f16")
+    w = scales_to_weight(groups, sv, k, 1)
+    alpha, beta = 0.7, -1.3
+    inputs = dict(x_scale=np.float32(0.02), x_zero_point=np.uint8(128), codes=codes, scales=sc)
+    c = None if c_shape is None else rng.normal(size=c_shape).astype(np.float32)
+    inputs["bias"] = c
+    a = rng.normal(size=(b, k)).astype(np.float32)
+    xd, _ = quantize_act(a, 0.02, 128, 0, 255)
+    want = alpha * (xd.astype(np.float64) @ w.T) + (0 if c is None else beta * c)
+    feed = a.T.copy() if trans_a else a
+    model = build_model("TernaryGemm", inputs, dict(N=n, K=k, transA=trans_a, transB=1, alpha=alpha, beta=beta), list(feed.shape))
+    for kernel in kernels:
+        np.testing.assert_allclose(run(model, {"X": feed}, kernel), want, rtol=1e-4, atol=1e-4, err_msg=kernel)
+
+
+@pytest.mark.parametrize("relu", [0, 1])
+@pytest.mark.parametrize("scale_kind", ["f32", "u8"])
+def test_conv_float(kernels, relu, scale_kind):
+    rng = np.random.default_rng(11)
+    nb, c, h, wd, m, r, n = 2, 12, 9, 7, 10, 3, 4
+    t4 = random_ternary(rng, (m, c, r, r))
+    rows, segments = conv_rows(t4, n)
+    codes, groups = pack_weight(rows, n, segments)
+    sc, rs, sv = make_scales(rng, m, groups.shape[1], scale_kind)
+    w = rows_to_conv(scales_to_weight(groups, sv, c, segments), (m, c, r, r), n)
+    bias = rng.normal(size=m).astype(np.float32)
+    x = rng.uniform(0, 3, size=(nb, c, h, wd)).astype(np.float32)
+    xd, _ = quantize_act(x, 0.03, 0, 0, 255)
+    want = conv2d_ref(xd.astype(np.float64), w, bias, (1, 2), (1, 0, 2, 1), (1, 1), 1)
+    if relu:
+        want = np.maximum(want, 0)
+    model = build_model(
+        "TernaryConv",
+        dict(x_scale=np.float32(0.03), x_zero_point=np.uint8(0), codes=codes, scales=sc, row_scale=rs, bias=bias),
+        dict(N=n, weight_shape=[m, c, r, r], strides=[1, 2], pads=[1, 0, 2, 1], relu=relu),
+        list(x.shape),
+    )
+    for kernel in kernels:
+        np.testing.assert_allclose(run(model, {"X": x}, kernel, threads=2), want, rtol=1e-4, atol=1e-4, err_msg=kernel)
+
+
+def test_non_constant_weights(kernels):
+    """Weights fed as graph inputs are repacked per call and give the same result."""
+    rng = np.random.default_rng(3)
+    k, m, n = 33, 9, 4
+    t = random_ternary(rng, (m, k))
+    codes, groups = pack_weight(t, n)
+    sc, rs, sv = make_scales(rng, m, groups.shape[1], "f32")
+    inputs = dict(x_scale=np.float32(0.1), x_zero_point=np.int8(0), codes=codes, scales=sc)
+    x = rng.normal(size=(4, k)).astype(np.float32)
+    const = build_model("TernaryMatMul", inputs, dict(N=n, K=k), [4, k])
+    fed = build_model("TernaryMatMul", inputs, dict(N=n, K=k), [4, k], constant=False)
+    for kernel in kernels:
+        want = run(const, {"X": x}, kernel)
+        got = run(fed, {"X": x, "codes": codes, "scales": sc}, kernel)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_threads_agree(kernels):
+    rng = np.random.default_rng(4)
+    k, m, n = 300, 130, 64
+    codes, groups = pack_weight(random_ternary(rng, (m, k)), n)
+    sc, _, _ = make_scales(rng, m, groups.shape[1], "f32")
+    model = build_model("TernaryMatMul", dict(x_scale=np.float32(0.1), x_zero_point=np.int8(0), codes=codes, scales=sc),
+                        dict(N=n, K=k), [40, k])
+    x = rng.normal(size=(40, k)).astype(np.float32)
+    np.testing.assert_array_equal(run(model, {"X": x}, kernels[-1], threads=1), run(model, {"X": x}, kernels[-1], threads=2))
+
+
+def test_rounding_half_even_like_quantizelinear(kernels):
+    """Ties x / scale = k + 0.5 round to even, like QuantizeLinear; NaN counts as 0; clamping at the levels."""
+    k = 40
+    scale = np.float32(0.25)
+    ties = (np.arange(-20, 20) + 0.5).astype(np.float32) * scale
+    x = np.concatenate([ties, np.array([np.nan, 1e9, -1e9, np.inf, -np.inf, 0.0, 3.1, -3.1], np.float32)])[None]
+    x = np.pad(x, ((0, 0), (0, 48 - x.shape[1])))[:, :48]
+    x = x[:, :k]
+    t = np.eye(k, dtype=np.int8)  # identity weights: the output is the dequantized input
+    codes, groups = pack_weight(t, 4)
+    model = build_model("TernaryMatMul",
+                        dict(x_scale=scale, x_zero_point=np.int8(0), codes=codes, scales=np.ones((k, groups.shape[1]), np.float32)),
+                        dict(N=4, K=k), [1, k])
+    with np.errstate(invalid="ignore"):
+        levels = np.clip(np.round(np.nan_to_num(x / scale, nan=0.0, posinf=1e9, neginf=-1e9)), -128, 127)
+    want = (levels * scale).astype(np.float32)
+    for kernel in kernels:
+        np.testing.assert_array_equal(run(model, {"X": x}, kernel), want, err_msg=kernel)
