@@ -10,8 +10,9 @@ w^T X, not w itself:
 solution (the weight-space optimum), `fit_rows` alternates
 
 - a scale step: with the codes fixed the objective is quadratic in the G
-  group scales of a row; solve the G x G system (joint over groups), flip the
-  codes of a group whose scale comes out negative;
+  group scales of a row; one Gauss-Seidel sweep sets each scale to its exact
+  minimiser given the others (flipping the codes of a group whose scale comes
+  out negative);
 - a code step: one sweep of coordinate descent, each weight choosing the best
   of {-1, 0, +1} times its group's scale given all the others;
 
@@ -47,8 +48,8 @@ class FitResult:
 
 
 def _accumulate(total: np.ndarray | None, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """total + a^T b per block; float32 BLAS per batch, float64 across batches."""
-    gram = np.matmul(a.transpose(0, 2, 1), b).astype(np.float64)
+    """total + a b^T per block ([blocks, width, columns] each); float32 BLAS per batch, float64 across batches."""
+    gram = np.stack([x @ y.T for x, y in zip(a, b)]).astype(np.float64)  # 2-D BLAS calls: batched matmul with a transpose is not
     return gram if total is None else total + gram
 
 
@@ -62,30 +63,35 @@ def damp(h: np.ndarray, damping: float = 0.01) -> np.ndarray:
 
 def objective(s: np.ndarray, h: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per row: s^T H s - 2 s^T b, for s and b [rows, L], H [L, L]."""
-    return np.einsum("rl,lm,rm->r", s, h, s) - 2.0 * np.einsum("rl,rl->r", s, b)
+    return np.sum((s @ h) * s, axis=1) - 2.0 * np.sum(s * b, axis=1)
 
 
 def _rows_of(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return (codes * scales[..., None]).reshape(codes.shape[0], -1).astype(np.float64)
 
 
-def _scale_step(codes: np.ndarray, h4: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Best scales for fixed codes, joint over a row's groups; negative scales flip their group's codes."""
+def _scale_step(codes: np.ndarray, scales: np.ndarray, h: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One Gauss-Seidel sweep over a row's group scales: each the exact minimiser given the others.
+
+    The objective is quadratic in a_g: the step is -t_g^T r_g / (t_g^T H_gg t_g)
+    with r = H s - b. A scale that comes out negative flips its group's codes.
+    Cost rows * L^2 per sweep in BLAS calls (a joint G x G solve per row would be rows * G^3).
+    """
     rows, groups, n = codes.shape
-    t = codes.astype(np.float64)
-    a = np.einsum("rgi,gihj,rhj->rgh", t, h4, t)
-    c = np.einsum("rgi,rgi->rg", t, b.reshape(rows, groups, n))
-    empty = ~np.any(codes, axis=2)  # groups with no non-zero code: scale 0, keep the system regular
-    a[empty] = 0.0
-    a.transpose(0, 2, 1)[empty] = 0.0
-    eye = np.eye(groups)[None]
-    a = a + eye * empty[:, None, :]
-    ridge = 1e-12 * np.maximum(np.trace(a, axis1=1, axis2=2), 1e-30)
-    scales = np.linalg.solve(a + ridge[:, None, None] * eye, c[..., None])[..., 0]
-    scales[empty] = 0.0
-    flip = scales < 0
-    codes = np.where(flip[..., None], -codes, codes).astype(np.int8)
-    return codes, np.abs(scales)
+    codes, scales = codes.copy(), scales.astype(np.float64).copy()
+    residual = _rows_of(codes, scales) @ h - b
+    for g in range(groups):
+        part = slice(g * n, (g + 1) * n)
+        t = codes[:, g, :].astype(np.float64)  # [rows, N]
+        ht = t @ h[part, :]  # [rows, L]: (H t_g)^T, H symmetric
+        curvature = np.sum(ht[:, part] * t, axis=1)
+        slope = np.sum(t * residual[:, part], axis=1)
+        step = np.divide(-slope, curvature, out=np.zeros(rows), where=curvature > 0)
+        residual += step[:, None] * ht
+        new = scales[:, g] + step
+        codes[:, g, :] = np.where((new < 0)[:, None], -codes[:, g, :], codes[:, g, :])
+        scales[:, g] = np.abs(new)
+    return codes.astype(np.int8), scales
 
 
 def _code_step(codes: np.ndarray, scales: np.ndarray, h: np.ndarray, b: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -143,11 +149,10 @@ def fit_rows(weights: np.ndarray, h: np.ndarray, n: int, *, b: np.ndarray | None
     codes, scales = codes.astype(np.int8), scales.astype(np.float64)
     current = objective(_rows_of(codes, scales), hp, b)
     history = [float(current.sum())]
-    h4 = hp.reshape(groups, n, groups, n)
     for _ in range(iterations):
         for step in ("scale", "codes"):
             if step == "scale":
-                new_codes, new_scales = _scale_step(codes, h4, b)
+                new_codes, new_scales = _scale_step(codes, scales, hp, b)
             else:
                 new_codes, new_scales = _code_step(codes, scales, hp, b, valid), scales
             value = objective(_rows_of(new_codes, new_scales), hp, b)
@@ -176,7 +181,7 @@ class PatchGram:
     target w^T X_fp (the fp32 layer on fp32 inputs) instead of w^T X.
     """
 
-    def __init__(self, kernel=None, strides=None, dilations=None, pads=None, per_tap: bool = True, max_columns: int = 8192):
+    def __init__(self, kernel=None, strides=None, dilations=None, pads=None, per_tap: bool = True, max_columns: int = 4096):
         self.kernel, self.per_tap, self.max_columns = kernel, per_tap, max_columns
         rank = len(kernel) if kernel else 0
         self.strides = tuple(strides or (1,) * rank)
@@ -188,15 +193,15 @@ class PatchGram:
         self.columns = 0
 
     def _columns(self, x: np.ndarray) -> np.ndarray:
-        """[blocks, columns, width]."""
+        """[blocks, width, columns], contiguous."""
         x = np.asarray(x, np.float32)
         if self.kernel is None:
             cols = x.reshape(-1, x.shape[-1])
-            return cols[:: max(1, len(cols) // self.max_columns)][None]
+            return np.ascontiguousarray(cols[:: max(1, len(cols) // self.max_columns)].T)[None]
         patches = self._patches(x)  # [taps, C, columns]
         if not self.per_tap:
             patches = patches.transpose(1, 0, 2).reshape(1, -1, patches.shape[2])
-        return patches.transpose(0, 2, 1)
+        return np.ascontiguousarray(patches)
 
     def update(self, x: np.ndarray, x_fp: np.ndarray | None = None) -> None:
         cols = self._columns(x)
@@ -205,7 +210,7 @@ class PatchGram:
             cols_fp = self._columns(x_fp)
             self.cross = _accumulate(self.cross, cols, cols_fp)
             self.fp = _accumulate(self.fp, cols_fp, cols_fp)
-        self.columns += cols.shape[1]
+        self.columns += cols.shape[2]
 
     def _patches(self, x: np.ndarray) -> np.ndarray:
         spatial = x.shape[2:]

@@ -1,18 +1,22 @@
-"""Calibration-data passes over linear layers: bias correction, layer by layer.
+"""Calibration-data passes over linear layers: fitting and bias correction, layer by layer.
 
 `capture` runs on the fp32 model before ternarization: one pass over the
 calibration data (the exposed-outputs runner of fgq_onnx.calibration) keeps
 every linear node's per-channel output mean and std, and the |x| histograms
-activation calibration needs. `correct_biases` runs on the converted model,
+activation calibration needs. `refine` runs on the converted model,
 in topological order with the layers before each one already converted *and*
 corrected: the ternarized nodes are grouped by dependency level (1 + the
 highest level among the ternarized nodes they depend on; nodes of one level
 do not depend on each other, so correcting them together is exact). Each
 level is measured with fgq_onnx/segments.py, which runs only the part of the
 graph not run yet, from the tensors it kept: all levels together cost about
-one pass over the data instead of one pass each. The gain and shift
-(fgq_onnx/correction.py) go into the graph with passes/correct_bias.py, and
-into the kept outputs so that the next level sees the corrected layer.
+one pass over the data instead of one pass each. Per level, `fit` refits
+the codes and scales to the layer's inputs (fgq_onnx/fitting.py; target: the
+fp32 layer on fp32 inputs, from a second runner over a copy of the fp32
+model, about one more pass) and rewrites them (passes/replace_ternary_weights.py);
+bias correction measures the layer's outputs and writes the gain and shift
+(fgq_onnx/correction.py, passes/correct_bias.py) into the graph, and into the
+kept outputs so that the next level sees the corrected layer.
 """
 
 from __future__ import annotations
@@ -56,14 +60,16 @@ class Reference:
     samples: int = 0
     feeds: list | None = None
     weights: dict[str, ir.Value] = field(default_factory=dict)  # the fp32 weight initializers, for fitting
+    model: ir.Model | None = None  # a copy of the fp32 model (keep_model), for fitting to fp32 targets
 
 
-def capture(model: ir.Model, dataset: Iterable, *, ranges: bool = True, cache_bytes: int = 1 << 30) -> Reference:
+def capture(model: ir.Model, dataset: Iterable, *, ranges: bool = True, keep_model: bool = False, cache_bytes: int = 1 << 30) -> Reference:
     """One pass of the fp32 model: output mean and std per channel of every linear node of the main graph.
 
     With `ranges`, also the |x| histograms of their non-constant first inputs
     (what activation calibration needs: the corrected model's activations
-    follow the fp32 ones, the uncorrected ternary model's do not).
+    follow the fp32 ones, the uncorrected ternary model's do not). With
+    `keep_model`, a copy of the fp32 model is kept for fitting.
     """
     nodes = _linear_nodes(model)
     reference = Reference({n.outputs[0].name: ChannelMoments(_channel_axis(n)) for n in nodes})
@@ -73,10 +79,12 @@ def capture(model: ir.Model, dataset: Iterable, *, ranges: bool = True, cache_by
     kept: list = []
     reference.samples = stream(model, {**reference.moments, **reference.histograms}, dataset, keep=kept, cache_bytes=cache_bytes)
     reference.feeds = kept if kept and kept[0] is not None else None
+    if keep_model:
+        reference.model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     return reference
 
 
-def stream(model: ir.Model, watched: dict, dataset: Iterable, limit: int | None = None, keep: list | None = None, cache_bytes: int = 0) -> int:
+def stream(model: ir.Model, watched: dict, dataset: Iterable, keep: list | None = None, cache_bytes: int = 0) -> int:
     """Run the data through `model` once, feeding each named tensor to its accumulator (anything with
     update(array)); returns samples seen. `keep` collects every batch, or ends as [None] when they
     do not fit in `cache_bytes`."""
@@ -105,8 +113,6 @@ def stream(model: ir.Model, watched: dict, dataset: Iterable, limit: int | None 
             else:
                 first = next(iter(feed.values()), None)
                 samples += len(first) if first is not None and np.ndim(first) else 1
-            if limit is not None and samples >= limit:
-                break
     if samples == 0:
         raise FgqError("the calibration data produced no samples")
     return samples
@@ -171,6 +177,7 @@ def refine(
     correct: bool = True,
     scale: bool = True,
     fit: FitSettings | None = None,
+    samples: int | None = None,
     on_level: Callable[[int, int], None] | None = None,
 ) -> Refinement:
     """Fit (optionally) and correct every ternarized linear node of the main graph, level by level; changes `model`.
@@ -180,20 +187,35 @@ def refine(
     data (fgq_onnx/segments.py). `fit`: refit codes and scales to the layer's
     inputs from that upstream model (fgq_onnx/fitting.py). `correct`: give the
     layer the fp32 per-channel output mean and, with `scale`, std (gain in the
-    group scales, shift in the bias).
+    group scales, shift in the bias). `samples` caps the calibration samples
+    used (whole batches, from the start): time and the kept tensors' memory
+    grow with it; per-channel statistics settle after a few dozen images.
     """
     chosen = [n for n in model.graph if TERNARY_MARK in n.metadata_props and n.outputs[0].name in reference.moments]
     levels = dependency_levels(model, chosen)
-    runner = SegmentRunner(model, (feed for feed, _ in (reference.feeds or dataset)))
+    feeds = list(_first_samples(reference.feeds or dataset, samples))
+    runner = SegmentRunner(model, feeds)
+    fp_runner = SegmentRunner(reference.model, feeds) if fit is not None and reference.model is not None else None
     result = Refinement(levels=len(levels))
     for index, nodes in enumerate(levels):
         if fit is not None:
-            _fit_level(model, runner, nodes, reference, fit, result)
+            _fit_level(model, runner, fp_runner, nodes, reference, fit, result)
         if correct:
             _correct_level(model, runner, nodes, reference, scale, result)
         if on_level:
             on_level(index + 1, len(levels))
     return result
+
+
+def _first_samples(batches: Iterable, limit: int | None):
+    """The feeds of `batches` until `limit` samples (whole batches); all of them for None."""
+    seen = 0
+    for feed, _ in batches:
+        if limit is not None and seen >= limit:
+            return
+        yield feed
+        first = next(iter(feed.values()), None)
+        seen += len(first) if first is not None and np.ndim(first) else 1
 
 
 def _correct_level(model, runner, nodes, reference, scale, result) -> None:
@@ -233,7 +255,7 @@ def _gram_for(node: ir.Node, layout: GroupLayout) -> PatchGram | str:
     return PatchGram(kernel, attrs.get("strides"), attrs.get("dilations"), attrs.get("pads"), per_tap=not layout.flatten)
 
 
-def _fit_level(model, runner, nodes, reference, fit: FitSettings, result: Refinement) -> None:
+def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, result: Refinement) -> None:
     todo = []
     for node in nodes:
         label = node.name or node.outputs[0].name
@@ -253,21 +275,32 @@ def _fit_level(model, runner, nodes, reference, fit: FitSettings, result: Refine
     if not todo:
         return
     inputs = runner.run([node.inputs[0] for node, *_ in todo])
+    fp_inputs = {}
+    if fp_runner is not None:  # the same layers' inputs in the fp32 model: fit to the fp32 layer's outputs
+        fp_nodes = {n.outputs[0].name: n for n in reference.model.graph}
+        wanted = {id(node): fp_nodes[node.outputs[0].name].inputs[0] for node, *_ in todo}
+        fetched = fp_runner.run(list(wanted.values()))
+        fp_inputs = {key: fetched[id(value)] for key, value in wanted.items()}
     replacements = {}
     for node, label, original, array, layout, gram in todo:
-        for batch in inputs[id(node.inputs[0])]:
-            gram.update(batch)
-        segments = layout.group(array).reshape(-1, layout.groups_per_segment * fit.n)[:, : layout.length]
+        for batch, x in enumerate(inputs[id(node.inputs[0])]):
+            gram.update(x, fp_inputs[id(node)][batch] if fp_inputs else None)
+        segments = layout.group(array).reshape(-1, layout.groups_per_segment * fit.n)[:, : layout.length].astype(np.float64)
         codes = np.zeros((segments.shape[0], layout.groups_per_segment, fit.n), np.int8)
         scales = np.zeros((segments.shape[0], layout.groups_per_segment), np.float32)
         blocks = gram.h.shape[0]  # one H per kernel tap (segments of one output row cycle through the taps)
-        before = after = 0.0
+        before = after = energy = 0.0
         for tap in range(blocks):
-            fitted = fit_rows(segments[tap::blocks].astype(np.float64), damp(gram.h[tap], fit.damping), fit.n, iterations=fit.iterations)
+            rows = segments[tap::blocks]
+            h = damp(gram.h[tap], fit.damping)
+            ridge = h[0, 0] - gram.h[tap][0, 0]  # damping adds ridge * ||s - w||^2: b gets ridge * w
+            target = None if gram.cross is None else rows @ gram.cross[tap].T + ridge * rows
+            fitted = fit_rows(rows, h, fit.n, b=target, iterations=fit.iterations)
             codes[tap::blocks], scales[tap::blocks] = fitted.codes, fitted.scales
             before, after = before + fitted.history[0], after + fitted.history[-1]
-        energy = sum(float(np.einsum("rl,lm,rm->", segments[t::blocks], damp(gram.h[t], fit.damping), segments[t::blocks])) for t in range(blocks))
-        if energy > 0:  # output error ||(w - s)^T X||^2 = objective + w^T H w, relative to ||w^T X||^2
+            reach = h if gram.fp is None else gram.fp[tap] + ridge * np.eye(len(h))
+            energy += float(np.einsum("rl,lm,rm->", rows, reach, rows))
+        if energy > 0:  # output error ||w^T X_fp - s^T X||^2 = objective + w^T F w, relative to ||w^T X_fp||^2
             result.fits[label] = ((before + energy) / energy, (after + energy) / energy)
         replacements[node.outputs[0].name] = (original, TernaryWeight(layout, codes, scales))
     ReplaceTernaryWeightsPass(replacements, fit.storage, fit.scale_format)(model)

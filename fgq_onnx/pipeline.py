@@ -107,6 +107,7 @@ class CalibrationCache:
     samples: int = 0
     skipped: int = 0
     dropped: int = 0
+    reference: layerwise.Reference | None = None  # the fp32 pass bias correction and fitting need, taken once too
 
 
 def _skip_rule(config: ConvertConfig, model: ir.Model) -> Callable[[ir.Node], str | None]:
@@ -182,7 +183,7 @@ def collect_calibration(
     """
     config = replace(config or ConvertConfig(), **settings) if settings else (config or ConvertConfig())
     ir_model, _ = _load(model, REQUIRED_OPSET[config.weight_storage])
-    dataset = Dataset(calib, model_inputs(ir_model), options=config.image, batch_size=config.calib_batch_size, limit=config.calib_limit)
+    dataset = Dataset(layerwise.replayable(calib), model_inputs(ir_model), options=config.image, batch_size=config.calib_batch_size, limit=config.calib_limit)
     ir_model = _prepare(ir_model)
     targets = {
         node.inputs[0].name: node.inputs[0]
@@ -191,6 +192,9 @@ def collect_calibration(
     }
     if not targets:
         raise FgqError(_nothing_to_convert(Report()))
+    if config.bias_correction or config.method is Method.FIT:  # one fp32 pass gives the ranges and what refining needs
+        reference = layerwise.capture(ir_model, dataset, keep_model=config.method is Method.FIT)
+        return CalibrationCache(reference.histograms, reference.samples, dataset.skipped, dataset.dropped, reference)
     observer = ActivationObserver(targets, bins=0 if config.calib_method is CalibMethod.MINMAX else 2048)
     observer.collect(ir_model, dataset, on_batch=(lambda k: on_progress(k, dataset.size)) if on_progress else None)
     return CalibrationCache(observer.histograms, observer.samples, dataset.skipped, dataset.dropped)
@@ -265,7 +269,11 @@ def convert(
     ternarize = TernarizeWeightsPass(config.n, config.method, config.weight_storage, skip=_skip_rule(config, ir_model), scale_format=config.scale_format)
     ir_model = _prepare(ir_model)
     ir_model = _infer_shapes(ir_model, report)
-    reference = layerwise.capture(ir_model, dataset) if (config.bias_correction or config.method is Method.FIT) and dataset is not None else None
+    reference = None
+    if (config.bias_correction or config.method is Method.FIT) and dataset is not None:
+        cached = calibration_cache.reference if calibration_cache is not None else None
+        usable = cached is not None and (cached.model is not None or config.method is not Method.FIT)
+        reference = cached if usable else layerwise.capture(ir_model, dataset, keep_model=config.method is Method.FIT)
     ir_model = ternarize(ir_model).model
     report.layers = ternarize.records
     if not report.converted:

@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 
 import onnxruntime as ort
 
+from fgq_onnx.errors import FgqError
+
 DOMAIN = "com.fgq"
 LIBRARY_ENV = "FGQ_OPS_LIBRARY"
 KERNEL_ENV = "FGQ_KERNEL"
@@ -25,8 +27,8 @@ _LIBRARY_NAME = "libfgq_ops.so"
 _env_lock = threading.Lock()
 
 
-class RuntimeLibraryError(Exception):
-    """The custom-op library is missing, cannot be loaded, or rejected an option."""
+class RuntimeLibraryError(FgqError):
+    """The custom-op library is missing, cannot be loaded, or rejected an option (an FgqError: the CLI prints it)."""
 
 
 def library_path() -> pathlib.Path:

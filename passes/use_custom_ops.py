@@ -349,7 +349,8 @@ class UseCustomOpsPass(ir.passes.InPlacePass):
     scale of ones is written for float scales so every node has the same
     inputs as the FunctionProto). Q/DQ, Clip and
     weight nodes left without consumers are removed with their initializers;
-    a tensor still used elsewhere keeps its Q/DQ. Adds the ops' FunctionProtos
+    a tensor still used elsewhere keeps its Q/DQ. A Relu that is a Conv's only
+    consumer is fused (TernaryConv relu=1). Adds the ops' FunctionProtos
     and the com.fgq opset import when anything was rewritten. Nodes that do
     not match (asymmetric weights, float activations, 3-D Conv, auto_pad, ...)
     are left as they are; `records` says why.
@@ -437,9 +438,26 @@ class UseCustomOpsPass(ir.passes.InPlacePass):
         inputs = [act.source, act.scale, act.zero_point, codes, scale_value, row_value, None, None, bias]
         while inputs[-1] is None:
             inputs.pop()
+        old_nodes, old_output = [node], node.outputs[0]
+        relu = _single_relu_consumer(graph, node) if node.op_type == "Conv" else None
+        if relu is not None:  # TernaryConv applies the ReLU itself
+            attrs["relu"] = 1
+            old_nodes, old_output = [node, relu], relu.outputs[0]
         new = ir.node(OPS[node.op_type], inputs, attrs, domain=DOMAIN, name=label)
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+        ir.convenience.replace_nodes_and_values(graph, node, old_nodes, [new], [old_output], new.outputs)
         return None
+
+
+def _single_relu_consumer(graph: ir.Graph, node: ir.Node) -> ir.Node | None:
+    """The Relu that is the only consumer of `node`'s output (not itself a graph output), if any."""
+    output = node.outputs[0]
+    uses = list(output.uses())
+    if len(uses) != 1 or output in graph.outputs:
+        return None
+    consumer = uses[0][0] if isinstance(uses[0], tuple) else uses[0].node
+    if consumer.op_type != "Relu" or consumer.domain not in DEFAULT_DOMAINS or consumer.graph is not graph:
+        return None
+    return consumer
 
 
 def to_custom_ops(model: ir.Model) -> tuple[ir.Model, list[CustomOpRecord]]:

@@ -65,6 +65,8 @@ def test_rewrites_every_layer(cnn_qdq):
     assert all(record.converted for record in rewrite.records), rewrite.records
     ops = [node.op_type for node in custom.graph.node]
     assert not {"Conv", "Gemm", "MatMul", "QuantizeLinear"} & set(ops), ops
+    conv_relu = [n for n in custom.graph.node if n.op_type == "TernaryConv" and any(a.name == "relu" and a.i == 1 for a in n.attribute)]
+    assert conv_relu, "the Conv -> Relu pairs of the CNN are fused"
     assert {"TernaryConv", "TernaryGemm"} <= set(ops)
     assert {(f.domain, f.name) for f in custom.functions} == {
         (DOMAIN, "TernaryConv"), (DOMAIN, "TernaryGemm"), (DOMAIN, "TernaryMatMul")}
@@ -144,3 +146,12 @@ def test_embedded_model(n, act_bits):
         agree = float((got.argmax(1) == want[:count].argmax(1)).mean())
         print(f"N={n} act_bits={act_bits} kernel={kernel}: max |custom - qdq| = {diff:.2e}, top-1 agreement {agree:.3f}")
         assert diff < 0.05 and agree >= 0.99
+
+
+def test_to_custom_ops_function(cnn_qdq):
+    from fgq_onnx.passes.use_custom_ops import to_custom_ops
+
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(cnn_qdq))
+    rewritten, records = to_custom_ops(model)
+    assert rewritten is model and records and all(r.converted for r in records)
+    assert any(node.domain == DOMAIN for node in rewritten.graph)

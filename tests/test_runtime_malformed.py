@@ -222,3 +222,75 @@ def test_missing_library(monkeypatch, tmp_path):
     monkeypatch.setenv("FGQ_OPS_LIBRARY", str(bad))
     with pytest.raises(runtime.RuntimeLibraryError, match="cannot load"):
         runtime.session_options()
+
+
+# -- random claims (run under AddressSanitizer by .ci/sanitizers.sh) ---------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+SMALL = st.integers(-2, 6)
+WEIRD = st.sampled_from([-(2**62), -1, 0, 1, 2, 3, 4, 5, 9, 2**31, 2**62])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(
+    n=WEIRD, cg=SMALL, m=SMALL, r=SMALL, group=SMALL,
+    pads=st.lists(SMALL, min_size=0, max_size=5), strides=st.lists(SMALL, min_size=0, max_size=3),
+    dilations=st.lists(SMALL, min_size=0, max_size=3),
+    codes_shape=st.lists(st.integers(0, 7), min_size=1, max_size=3),
+    scales_shape=st.lists(st.integers(0, 7), min_size=1, max_size=3),
+    x_shape=st.lists(st.integers(0, 7), min_size=3, max_size=5),
+    seed=st.integers(0, 2**16),
+)
+def test_random_conv_claims_never_crash(n, cg, m, r, group, pads, strides, dilations, codes_shape, scales_shape,
+                                        x_shape, seed):
+    library_or_skip()
+    from fgq_onnx import runtime
+
+    rng = np.random.default_rng(seed)
+    attrs = dict(N=n, weight_shape=[m, cg, r, r], group=group)
+    if pads:
+        attrs["pads"] = pads
+    if strides:
+        attrs["strides"] = strides
+    if dilations:
+        attrs["dilations"] = dilations
+    inputs = dict(x_scale=np.float32(0.1), x_zero_point=np.uint8(0),
+                  codes=rng.integers(0, 256, size=codes_shape).astype(np.uint8),
+                  scales=rng.uniform(0, 1, size=scales_shape).astype(np.float32))
+    model = build_model("TernaryConv", inputs, attrs, x_shape)
+    x = rng.uniform(-1, 1, size=x_shape).astype(np.float32)
+    try:
+        runtime.inference_session(model.SerializeToString()).run(None, {"X": x})
+    except Exception as error:  # an onnxruntime error is the expected outcome; a crash would end the process
+        assert str(error)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(
+    n=WEIRD, k=WEIRD, trans_a=st.integers(-1, 2),
+    codes_shape=st.lists(st.integers(0, 9), min_size=1, max_size=3),
+    scales_shape=st.lists(st.integers(0, 9), min_size=1, max_size=3),
+    x_shape=st.lists(st.integers(0, 9), min_size=1, max_size=4),
+    op=st.sampled_from(["TernaryMatMul", "TernaryGemm"]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_matmul_claims_never_crash(n, k, trans_a, codes_shape, scales_shape, x_shape, op, seed):
+    library_or_skip()
+    from fgq_onnx import runtime
+
+    rng = np.random.default_rng(seed)
+    attrs = dict(N=n, K=k)
+    if op == "TernaryGemm":
+        attrs["transA"] = trans_a
+    inputs = dict(x_scale=np.float32(0.1), x_zero_point=np.int8(0),
+                  codes=rng.integers(0, 256, size=codes_shape).astype(np.uint8),
+                  scales=rng.integers(0, 256, size=scales_shape).astype(np.uint8),
+                  row_scale=rng.uniform(0, 1, size=codes_shape[:1]).astype(np.float32))
+    model = build_model(op, inputs, attrs, x_shape)
+    x = rng.uniform(-1, 1, size=x_shape).astype(np.float32)
+    try:
+        runtime.inference_session(model.SerializeToString()).run(None, {"X": x})
+    except Exception as error:
+        assert str(error)

@@ -300,6 +300,21 @@ void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
           std::vector<float> y(y_ref.size());
           a.y = y.data();
           d->gemm(a);
+          {  // transposed output (y_stride_b = 1, as Conv writes) with accumulate
+            std::vector<float> yt(y_ref.size(), 1.f);
+            fgq::GemmArgs ta = a;
+            ta.y = yt.data();
+            ta.y_stride_b = 1;
+            ta.y_stride_m = B;
+            ta.accumulate = true;
+            d->gemm(ta);
+            for (int64_t b = 0; b < B; ++b)
+              for (int64_t m = 0; m < M; ++m) {
+                const float want = y[static_cast<size_t>(b * M + m)] + 1.f;
+                EXPECT(std::fabs(yt[static_cast<size_t>(m * B + b)] - want) <= 1e-5f * (1.f + std::fabs(want)),
+                       "%s: transposed accumulate m=%ld b=%ld", d->name, (long)m, (long)b);
+              }
+          }
           if (M > 2) {  // a row range that does not start on a quad: rows outside stay untouched
             std::vector<float> part(y_ref.size(), -7.f);
             fgq::GemmArgs pa = a;
@@ -326,6 +341,44 @@ void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::printf("random: %d cases, SIMD paths vs reference\n", cases);
 }
 
+// The activation slots of every path equal the scalar definitions.
+void test_activation_slots(const std::vector<const fgq::KernelDispatch*>& ps) {
+  std::mt19937 rng(7);
+  std::vector<float> x(1000);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = (static_cast<float>(rng() % 2001) - 1000.f) / 8.f;  // many ties at scale 0.25
+  x[3] = NAN;
+  x[4] = INFINITY;
+  x[5] = -INFINITY;
+  x[6] = 1e30f;
+  for (bool is_signed : {false, true})
+    for (int qmax : {15, 255}) {
+      fgq::ActQuant q;
+      const int lo = is_signed ? -8 : 0, hi = is_signed ? (qmax == 15 ? 7 : 127) : qmax;
+      const std::string err = fgq::make_act_quant(0.25f, is_signed ? 0 : 3, lo == 0 && qmax == 255 ? 0 : lo, hi,
+                                                  is_signed, &q);
+      EXPECT(err.empty(), "make_act_quant: %s", err.c_str());
+      std::vector<int8_t> want(x.size());
+      for (size_t i = 0; i < x.size(); ++i) want[i] = fgq::quantize_one(x[i], q);
+      for (const fgq::KernelDispatch* d : ps) {
+        std::vector<int8_t> got(x.size());
+        d->quantize(x.data(), static_cast<int64_t>(x.size()), q, got.data());
+        EXPECT(got == want, "%s: quantize differs from quantize_one", d->name);
+      }
+    }
+  for (int64_t np : {4, 8, 20, 64, 128})
+    for (int64_t gp : {4, 8, 12}) {
+      std::vector<int8_t> natural(static_cast<size_t>(np * gp));
+      for (auto& v : natural) v = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
+      std::vector<int8_t> want(natural.size()), got(natural.size());
+      std::vector<int32_t> want_sum(static_cast<size_t>(gp)), got_sum(static_cast<size_t>(gp));
+      fgq::to_kernel_order(natural.data(), np, gp, want.data(), want_sum.data());
+      for (const fgq::KernelDispatch* d : ps) {
+        d->kernel_order(natural.data(), np, gp, got.data(), got_sum.data());
+        EXPECT(got == want && got_sum == want_sum, "%s: kernel order np=%ld", d->name, (long)np);
+      }
+    }
+}
+
 }  // namespace
 
 int main() {
@@ -333,6 +386,7 @@ int main() {
   test_rejects();
   test_golden(ps);
   test_random(ps);
+  test_activation_slots(ps);
   if (g_failures) {
     std::printf("%d failures\n", g_failures);
     return 1;

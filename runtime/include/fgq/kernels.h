@@ -39,7 +39,8 @@ struct ReductionLayout {
 // zero rows) and groups four at a time (a "super-group"; G is padded to
 // padded_groups, a multiple of 4, with zero groups). A group has np = N
 // rounded up to 4 positions (the tail is zero padding). For each quad,
-// super-group and step k < np / 4 there are 16 code bytes: byte b = 4 * gq + e
+// super-group and step k < np / 4 there are 16 code bytes (see quad_codes for
+// where they lie): byte b = 4 * gq + e
 // holds, in bits 2i..2i+1, u = t + 1 in {0, 1, 2} of row 4 * quad + i, group
 // 4 * sg + gq, position 4 * k + e. A SIMD path broadcasts the 16 bytes to
 // its four 128-bit lanes and masks lane i with 0x03 << 2i: lane i then holds
@@ -55,14 +56,20 @@ struct KernelWeights {
   int64_t padded_groups = 0;  // Gp: G rounded up to 4
   int64_t quads = 0;          // ceil(M / 4)
   ScaleType scale_type = ScaleType::kF32;
-  std::vector<uint8_t> codes;      // quads * (Gp / 4) * (np / 4) * 16
+  std::vector<uint8_t> codes;      // code_bytes(): quads rounded up to 4, * (Gp / 4) * (np / 4) * 16
   std::vector<uint8_t> scales;     // quads * (Gp / 4) * 16 scale elements (+ 64 bytes of slack)
   std::vector<float> row_scale;    // 4 * quads; the row_scale input, or 1 (0 for padding rows)
   std::vector<float> row_offset;   // 4 * quads; row_scale * sum_g scale[g] * sum(t in g): the offset term
   int64_t steps() const { return np / 4; }
   int64_t super_groups() const { return padded_groups / 4; }
   int64_t positions() const { return padded_groups * np; }
-  const uint8_t* quad_codes(int64_t quad) const { return codes.data() + quad * super_groups() * steps() * 16; }
+  // Codes of quad q, step j (= super-group * steps() + k) at quad_codes(q) + j * kCodeStride: four
+  // quads share a block, interleaved by step, so a block streams one contiguous region.
+  static constexpr int64_t kCodeStride = 64;
+  int64_t code_bytes() const { return (quads + 3) / 4 * 4 * super_groups() * steps() * 16; }
+  const uint8_t* quad_codes(int64_t quad) const {
+    return codes.data() + (quad / 4) * super_groups() * steps() * kCodeStride + (quad % 4) * 16;
+  }
   const uint8_t* quad_scales(int64_t quad) const {
     return scales.data() + quad * super_groups() * 16 * scale_size(scale_type);
   }
@@ -123,15 +130,18 @@ std::string make_act_quant(float scale, int zero_point, int qmin, int qmax, bool
 inline int8_t quantize_one(float x, const ActQuant& q) {
   const float lo = static_cast<float>(q.qmin - q.zero_point) - 1.f, hi = static_cast<float>(q.qmax - q.zero_point) + 1.f;
   float v = x / q.scale;
-  v = v > hi ? hi : v;
-  v = v < lo ? lo : v;
-  v = v == v ? v : 0.f;
+  v = v != v ? 0.f : v;
+  v = v < hi ? v : hi;
+  v = v > lo ? v : lo;
   constexpr float kMagic = 12582912.f;  // 1.5 * 2^23; (v + m) - m is not folded without -ffast-math
   const float r = (v + kMagic) - kMagic;
   int level = static_cast<int>(r) + q.zero_point;
   level = level < q.qmin ? q.qmin : (level > q.qmax ? q.qmax : level);
   return static_cast<int8_t>(level - q.shift);
 }
+// quantize_one over a contiguous span (vectorizable).
+void quantize_span(const float* __restrict src, int64_t count, const ActQuant& q, int8_t* __restrict out);
+
 inline int8_t requantize_one(int level, const ActQuant& q) {
   level = level < q.qmin ? q.qmin : (level > q.qmax ? q.qmax : level);
   return static_cast<int8_t>(level - q.shift);
@@ -164,6 +174,10 @@ struct KernelDispatch {
   void (*group_dots)(const KernelWeights& w, int64_t m, const int8_t* x, const int32_t* gsum, int32_t* out);
   // The fused kernel described at GemmArgs.
   void (*gemm)(const GemmArgs& args);
+  // quantize_one over count contiguous floats.
+  void (*quantize)(const float* src, int64_t count, const ActQuant& q, int8_t* out);
+  // to_kernel_order (same result, vectorized).
+  void (*kernel_order)(const int8_t* natural, int64_t np, int64_t padded_groups, int8_t* out, int32_t* gsum);
 };
 
 extern const KernelDispatch kRefDispatch;

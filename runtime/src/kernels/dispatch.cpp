@@ -13,7 +13,7 @@ namespace {
 #if defined(FGQ_HAVE_X86_KERNELS)
 struct CpuFeatures {
   bool avx2 = false;        // AVX2 + FMA + F16C, YMM state enabled by the OS
-  bool avx512vnni = false;  // AVX-512 F/BW/VL/VNNI, ZMM and opmask state enabled by the OS
+  bool avx512vnni = false;  // AVX-512 F/DQ/BW/VL/VNNI, ZMM and opmask state enabled by the OS
 };
 
 uint64_t read_xcr0() {
@@ -33,10 +33,10 @@ CpuFeatures detect() {
   const bool zmm_state = (xcr0 & 0xe6) == 0xe6;
   if (__get_cpuid_max(0, nullptr) < 7) return f;
   __cpuid_count(7, 0, a, b, c, d);
-  const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512bw = b & (1u << 30),
+  const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512dq = b & (1u << 17), avx512bw = b & (1u << 30),
              avx512vl = b & (1u << 31), vnni = c & (1u << 11);
   f.avx2 = ymm_state && avx2 && fma && f16c;
-  f.avx512vnni = f.avx2 && zmm_state && avx512f && avx512bw && avx512vl && vnni;
+  f.avx512vnni = f.avx2 && zmm_state && avx512f && avx512dq && avx512bw && avx512vl && vnni;
   return f;
 }
 

@@ -8,10 +8,14 @@
 // saturation) and vpmaddwd with ones replace vpdpbusd.
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "fgq/kernels.h"
 
 namespace fgq {
 namespace {
+
+#include "activation_impl.h"
 
 struct Consts {
   __m256i mask[2] = {_mm256_set_epi32(0x0c0c0c0c, 0x0c0c0c0c, 0x0c0c0c0c, 0x0c0c0c0c, 0x03030303, 0x03030303,
@@ -65,7 +69,7 @@ void block(const KernelWeights& w, int64_t quad0, const GemmArgs& a, int64_t b0,
       __m256i xb[C];
       for (int c = 0; c < C; ++c) xb[c] = bcast16(x[c] + base + 16 * s);
       for (int q = 0; q < Q; ++q) {
-        const __m256i v = bcast16(codes[q] + base + 16 * s);
+        const __m256i v = bcast16(codes[q] + (sg * steps + s) * KernelWeights::kCodeStride);
         for (int h = 0; h < 2; ++h) {
           const __m256i u = _mm256_and_si256(v, k.mask[h]);
           for (int c = 0; c < C; ++c) acc[q][c][h] = _mm256_add_epi32(acc[q][c][h], dot4(u, xb[c], k.ones));
@@ -146,7 +150,7 @@ void group_dots(const KernelWeights& w, int64_t m, const int8_t* x, const int32_
   for (int64_t sg = 0; sg < w.super_groups(); ++sg) {
     __m256i acc = _mm256_setzero_si256();
     for (int64_t s = 0; s < steps; ++s) {
-      const __m256i u = _mm256_and_si256(bcast16(codes + sg * stride + 16 * s), k.mask[h]);
+      const __m256i u = _mm256_and_si256(bcast16(codes + (sg * steps + s) * KernelWeights::kCodeStride), k.mask[h]);
       acc = _mm256_add_epi32(acc, dot4(u, bcast16(x + sg * stride + 16 * s), k.ones));
     }
     acc = _mm256_sub_epi32(acc, _mm256_sllv_epi32(bcast16(gsum + 4 * sg), k.shift[h]));
@@ -157,6 +161,6 @@ void group_dots(const KernelWeights& w, int64_t m, const int8_t* x, const int32_
 
 }  // namespace
 
-const KernelDispatch kAvx2Dispatch = {"avx2", group_dots, gemm};
+const KernelDispatch kAvx2Dispatch = {"avx2", group_dots, gemm, quantize_span_impl, to_kernel_order_impl};
 
 }  // namespace fgq

@@ -12,10 +12,14 @@
 // the 4^i go at the end (a power of two: exact in float).
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "fgq/kernels.h"
 
 namespace fgq {
 namespace {
+
+#include "activation_impl.h"
 
 inline __m512i lane_masks() {
   return _mm512_set_epi32(-1061109568, -1061109568, -1061109568, -1061109568,  // 0xc0c0c0c0
@@ -68,7 +72,7 @@ void block(const KernelWeights& w, int64_t quad0, const GemmArgs& a, int64_t b0,
       __m512i xb[C];
       for (int c = 0; c < C; ++c) xb[c] = bcast16(x[c] + base + 16 * k);
       for (int q = 0; q < Q; ++q) {
-        const __m512i u = _mm512_and_si512(bcast16(codes[q] + base + 16 * k), masks);
+        const __m512i u = _mm512_and_si512(bcast16(codes[q] + (sg * steps + k) * KernelWeights::kCodeStride), masks);
         for (int c = 0; c < C; ++c) acc[q][c] = _mm512_dpbusd_epi32(acc[q][c], u, xb[c]);
       }
     }
@@ -85,19 +89,58 @@ void block(const KernelWeights& w, int64_t quad0, const GemmArgs& a, int64_t b0,
     for (int c = 0; c < C; ++c) out[q][c] = _mm512_mul_ps(accf[q][c], factors);
 }
 
+// Per 128-bit lane: [sum(a), sum(b), sum(c), sum(d)] of the lane's four floats.
+inline __m512 lane_sums4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_ps(c, d, 0x88), _mm512_shuffle_ps(c, d, 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x88), _mm512_shuffle_ps(ab, cd, 0xDD));
+}
+
 template <ScaleType ST, int Q, int C>
 inline void block_store(const GemmArgs& a, int64_t quad0, int64_t b0) {
   const KernelWeights& w = *a.w;
   __m512 out[Q][C];
   block<ST, Q, C>(w, quad0, a, b0, out);
+  if (C == 4) {  // four activation rows: reduce and finish 4 rows x 4 columns at once
+    const __m512i row_of_lane = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    for (int q = 0; q < Q; ++q) {
+      const int64_t m0 = 4 * (quad0 + q);
+      // lane 4i + c: row m0 + i, column b0 + c
+      const __m512 sums = lane_sums4(out[q][0], out[q][C > 1 ? 1 : 0], out[q][C > 2 ? 2 : 0], out[q][C > 3 ? 3 : 0]);
+      const __m512 rs = _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(_mm_loadu_ps(w.row_scale.data() + m0)));
+      const __m512 ro = _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(_mm_loadu_ps(w.row_offset.data() + m0)));
+      const __m512 v = _mm512_mul_ps(_mm512_set1_ps(a.scale),
+                                     _mm512_fmadd_ps(rs, sums, _mm512_mul_ps(_mm512_set1_ps(a.offset), ro)));
+      alignas(64) float lanes[16];
+      _mm512_store_ps(lanes, v);
+      for (int i = 0; i < 4; ++i) {
+        const int64_t m = m0 + i;
+        if (m < a.m_begin || m >= a.m_end) continue;
+        float* y = a.y + b0 * a.y_stride_b + m * a.y_stride_m;
+        if (a.y_stride_b == 1) {
+          const __m128 r = _mm_load_ps(lanes + 4 * i);
+          _mm_storeu_ps(y, a.accumulate ? _mm_add_ps(_mm_loadu_ps(y), r) : r);
+        } else {
+          for (int c = 0; c < 4; ++c) {
+            float& yc = y[c * a.y_stride_b];
+            yc = a.accumulate ? yc + lanes[4 * i + c] : lanes[4 * i + c];
+          }
+        }
+      }
+    }
+    return;
+  }
   alignas(64) float lanes[16];
   for (int q = 0; q < Q; ++q)
     for (int c = 0; c < C; ++c) {
-      _mm512_store_ps(lanes, out[q][c]);
+      // Sum the four lanes of each 128-bit lane: row i's total lands in lane 4i.
+      __m512 v = _mm512_add_ps(out[q][c], _mm512_permute_ps(out[q][c], 0xB1));
+      v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E));
+      _mm512_store_ps(lanes, v);
       for (int i = 0; i < 4; ++i) {
         const int64_t m = 4 * (quad0 + q) + i;
         if (m < a.m_begin || m >= a.m_end) continue;
-        const float sum = (lanes[4 * i] + lanes[4 * i + 1]) + (lanes[4 * i + 2] + lanes[4 * i + 3]);
+        const float sum = lanes[4 * i];
         const float v = a.scale * (w.row_scale[static_cast<size_t>(m)] * sum +
                                    a.offset * w.row_offset[static_cast<size_t>(m)]);
         float& y = a.y[(b0 + c) * a.y_stride_b + m * a.y_stride_m];
@@ -147,7 +190,7 @@ void group_dots(const KernelWeights& w, int64_t m, const int8_t* x, const int32_
   for (int64_t sg = 0; sg < w.super_groups(); ++sg) {
     __m512i acc = _mm512_setzero_si512();
     for (int64_t k = 0; k < steps; ++k) {
-      const __m512i u = _mm512_and_si512(bcast16(codes + sg * stride + 16 * k), masks);
+      const __m512i u = _mm512_and_si512(bcast16(codes + (sg * steps + k) * KernelWeights::kCodeStride), masks);
       acc = _mm512_dpbusd_epi32(acc, u, bcast16(x + sg * stride + 16 * k));
     }
     acc = _mm512_sub_epi32(acc, _mm512_sllv_epi32(bcast16(gsum + 4 * sg), shifts));
@@ -158,6 +201,6 @@ void group_dots(const KernelWeights& w, int64_t m, const int8_t* x, const int32_
 
 }  // namespace
 
-const KernelDispatch kAvx512VnniDispatch = {"avx512vnni", group_dots, gemm};
+const KernelDispatch kAvx512VnniDispatch = {"avx512vnni", group_dots, gemm, quantize_span_impl, to_kernel_order_impl};
 
 }  // namespace fgq

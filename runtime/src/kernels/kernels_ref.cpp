@@ -39,6 +39,6 @@ void ref_gemm(const GemmArgs& a) {
 
 }  // namespace
 
-const KernelDispatch kRefDispatch = {"ref", ref_group_dots, ref_gemm};
+const KernelDispatch kRefDispatch = {"ref", ref_group_dots, ref_gemm, quantize_span, to_kernel_order};
 
 }  // namespace fgq

@@ -45,7 +45,7 @@ static float scale_value(ScaleType t, const void* scales, int64_t i) {
 
 int KernelWeights::t_at(int64_t m, int64_t g, int64_t i) const {
   const int64_t quad = m / 4, ri = m % 4, sg = g / 4, gq = g % 4, k = i / 4, e = i % 4;
-  const uint8_t byte = codes[static_cast<size_t>(((quad * super_groups() + sg) * steps() + k) * 16 + gq * 4 + e)];
+  const uint8_t byte = quad_codes(quad)[(sg * steps() + k) * kCodeStride + gq * 4 + e];
   return ((byte >> (2 * ri)) & 3) - 1;
 }
 
@@ -76,7 +76,7 @@ std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes
   w.quads = (rows + 3) / 4;
   w.scale_type = scale_type;
   const size_t esize = scale_size(scale_type);
-  w.codes.assign(static_cast<size_t>(w.quads * w.super_groups() * w.steps() * 16), 0x55);  // u = 1 (t = 0)
+  w.codes.assign(static_cast<size_t>(w.code_bytes()), 0x55);  // u = 1 (t = 0)
   w.scales.assign(static_cast<size_t>(w.quads * w.super_groups() * 16) * esize + 64, 0);
   w.row_scale.assign(static_cast<size_t>(w.quads * 4), 0.f);
   w.row_offset.assign(static_cast<size_t>(w.quads * 4), 0.f);
@@ -107,8 +107,8 @@ std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes
         if ((plane == Plane::kPositive && t < 0) || (plane == Plane::kNegative && t > 0)) t = 0;
         sum_t += t;
         const int64_t k = i / 4, e = i % 4;
-        uint8_t& byte =
-            w.codes[static_cast<size_t>(((quad * w.super_groups() + sg) * w.steps() + k) * 16 + gq * 4 + e)];
+        const int64_t at = (w.quad_codes(quad) - w.codes.data()) + (sg * w.steps() + k) * KernelWeights::kCodeStride;
+        uint8_t& byte = w.codes[static_cast<size_t>(at + gq * 4 + e)];
         const int shift = 2 * static_cast<int>(ri);
         byte = static_cast<uint8_t>((byte & ~(3 << shift)) | ((t + 1) << shift));
       }
@@ -139,16 +139,16 @@ std::vector<int64_t> kernel_position_map(const ReductionLayout& layout, int64_t 
   return map;
 }
 
+namespace {
+#include "activation_impl.h"
+}  // namespace
+
 void to_kernel_order(const int8_t* natural, int64_t np, int64_t padded_groups, int8_t* out, int32_t* gsum) {
-  const int64_t steps = np / 4;
-  for (int64_t g = 0; g < padded_groups; ++g) {
-    const int8_t* src = natural + g * np;
-    int32_t sum = 0;
-    for (int64_t i = 0; i < np; ++i) sum += src[i];
-    gsum[g] = sum;
-    int8_t* dst = out + (g / 4) * np * 4 + (g % 4) * 4;
-    for (int64_t k = 0; k < steps; ++k) std::memcpy(dst + k * 16, src + 4 * k, 4);
-  }
+  to_kernel_order_impl(natural, np, padded_groups, out, gsum);
+}
+
+void quantize_span(const float* __restrict src, int64_t count, const ActQuant& q, int8_t* __restrict out) {
+  quantize_span_impl(src, count, q, out);
 }
 
 std::string make_act_quant(float scale, int zero_point, int qmin, int qmax, bool is_signed, ActQuant* out) {

@@ -338,10 +338,18 @@ void TernaryKernelBase::run(OrtKernelContext* ctx, const Planes& p, GemmArgs arg
   parallel_for(ctx, static_cast<size_t>(tiles_m * tiles_b), task);
 }
 
-void quantize_row(const Tensor& x, int64_t base, int64_t stride, const std::vector<int64_t>& map, const ActQuant& q,
-                  const KernelWeights& w, int8_t* natural, int8_t* out, int32_t* gsum) {
+void quantize_row(const KernelDispatch& d, const Tensor& x, int64_t base, int64_t stride, int64_t length,
+                  const std::vector<int64_t>& map, const ActQuant& q, const KernelWeights& w, int8_t* natural,
+                  int8_t* out, int32_t* gsum) {
   const int64_t positions = static_cast<int64_t>(map.size());
-  if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+  if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && stride == 1) {  // quantize contiguously, then gather
+    std::vector<int8_t> levels(static_cast<size_t>(length));
+    d.quantize(x.as<float>() + base, length, q, levels.data());
+    for (int64_t p = 0; p < positions; ++p) {
+      const int64_t k = map[static_cast<size_t>(p)];
+      natural[p] = k < 0 ? 0 : levels[static_cast<size_t>(k)];
+    }
+  } else if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
     const float* src = x.as<float>() + base;
     for (int64_t p = 0; p < positions; ++p) {
       const int64_t k = map[static_cast<size_t>(p)];
@@ -360,7 +368,7 @@ void quantize_row(const Tensor& x, int64_t base, int64_t stride, const std::vect
       natural[p] = k < 0 ? 0 : requantize_one(src[k * stride], q);
     }
   }
-  to_kernel_order(natural, w.np, w.padded_groups, out, gsum);
+  d.kernel_order(natural, w.np, w.padded_groups, out, gsum);
 }
 
 }  // namespace ort

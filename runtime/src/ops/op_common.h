@@ -117,17 +117,19 @@ class TernaryKernelBase {
 // Quantizes activation values gathered through `map` (natural order,
 // map[p] < 0 gives 0) into `natural`, then writes the kernel-order row and
 // its group sums (to_kernel_order).
-void quantize_row(const Tensor& x, int64_t base, int64_t stride, const std::vector<int64_t>& map,
-                  const ActQuant& q, const KernelWeights& w, int8_t* natural, int8_t* out, int32_t* gsum);
+void quantize_row(const KernelDispatch& d, const Tensor& x, int64_t base, int64_t stride, int64_t length,
+                  const std::vector<int64_t>& map, const ActQuant& q, const KernelWeights& w, int8_t* natural,
+                  int8_t* out, int32_t* gsum);
 
 // 64-byte aligned scratch buffers.
 template <class T>
 struct AlignedBuffer {
-  explicit AlignedBuffer(int64_t count) {
+  // `zero`: false when every element will be written before it is read.
+  explicit AlignedBuffer(int64_t count, bool zero = true) {
     if (count < 0 || count > kMaxElements) fail("buffer size out of range");
     bytes_ = (static_cast<size_t>(count) * sizeof(T) + 63) / 64 * 64 + 64;
     ptr_ = static_cast<T*>(::operator new(bytes_, std::align_val_t(64)));
-    std::memset(static_cast<void*>(ptr_), 0, bytes_);
+    if (zero) std::memset(static_cast<void*>(ptr_), 0, bytes_);
   }
   ~AlignedBuffer() { ::operator delete(ptr_, std::align_val_t(64)); }
   AlignedBuffer(const AlignedBuffer&) = delete;

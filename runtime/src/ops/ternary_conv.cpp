@@ -116,34 +116,45 @@ class ConvKernel : public TernaryKernelBase {
 
     const int64_t Kp = positions_;
     const int64_t HW = checked_mul(H, W, "input");
-    AlignedBuffer<int8_t> image(checked_mul(HW, C, "input"));
-    AlignedBuffer<int8_t> cols(checked_mul(checked_mul(group_, P, "im2col"), Kp, "im2col"));
+    AlignedBuffer<int8_t> image(checked_mul(HW, C, "input"), false);  // every byte written below
+    AlignedBuffer<int8_t> planes_q(checked_mul(HW, C, "input"), false);
+    AlignedBuffer<int8_t> cols(checked_mul(checked_mul(group_, P, "im2col"), Kp, "im2col"), false);
     const int64_t Gp = p.pos.padded_groups;
-    AlignedBuffer<int32_t> gsum(checked_mul(checked_mul(group_, P, "im2col"), Gp, "im2col"));
+    AlignedBuffer<int32_t> gsum(checked_mul(checked_mul(group_, P, "im2col"), Gp, "im2col"), false);
     const int64_t x_image = checked_mul(C, HW, "input");
     const int8_t zero_level = q.zero_level();
     const int64_t mg = m_ / group_;
 
     for (int64_t n = 0; n < nb; ++n) {
-      // 1. quantize the image once, NCHW -> NHWC int8.
+      // 1. quantize the image once: each channel plane contiguously
+      // (vectorizes), then a byte transpose NCHW -> NHWC.
+      constexpr int64_t kChannelsPerTask = 8;
       auto quantize = [&](size_t t) {
-        const int64_t h = static_cast<int64_t>(t);
-        int8_t* dst = image.get() + h * W * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t src = n * x_image + c * HW + h * W;
+        const int64_t c0 = static_cast<int64_t>(t) * kChannelsPerTask, c1 = std::min(C, c0 + kChannelsPerTask);
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t src = n * x_image + c * HW;
+          int8_t* out = planes_q.get() + c * HW;
           if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-            const float* s = x.as<float>() + src;
-            for (int64_t w = 0; w < W; ++w) dst[w * C + c] = quantize_one(s[w], q);
+            dispatch_->quantize(x.as<float>() + src, HW, q, out);
           } else if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
             const uint8_t* s = x.as<uint8_t>() + src;
-            for (int64_t w = 0; w < W; ++w) dst[w * C + c] = requantize_one(s[w], q);
+            for (int64_t i = 0; i < HW; ++i) out[i] = requantize_one(s[i], q);
           } else {
             const int8_t* s = x.as<int8_t>() + src;
-            for (int64_t w = 0; w < W; ++w) dst[w * C + c] = requantize_one(s[w], q);
+            for (int64_t i = 0; i < HW; ++i) out[i] = requantize_one(s[i], q);
           }
         }
       };
-      parallel_for(ctx, static_cast<size_t>(H), quantize);
+      parallel_for(ctx, static_cast<size_t>((C + kChannelsPerTask - 1) / kChannelsPerTask), quantize);
+      auto transpose = [&](size_t t) {
+        const int64_t h = static_cast<int64_t>(t);
+        int8_t* dst = image.get() + h * W * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const int8_t* src = planes_q.get() + c * HW + h * W;
+          for (int64_t w = 0; w < W; ++w) dst[w * C + c] = src[w];
+        }
+      };
+      parallel_for(ctx, static_cast<size_t>(H), transpose);
 
       // 2. im2col, all groups.
       constexpr int64_t kPixelsPerTask = 64;
@@ -163,7 +174,7 @@ class ConvKernel : public TernaryKernelBase {
             else
               std::memcpy(dst + run.dst, image.get() + (ih * W + iw) * C + g * cg_ + run.c0, static_cast<size_t>(run.len));
           }
-          to_kernel_order(dst, p.pos.np, Gp, cols.get() + (g * P + pix) * Kp, gsum.get() + (g * P + pix) * Gp);
+          dispatch_->kernel_order(dst, p.pos.np, Gp, cols.get() + (g * P + pix) * Kp, gsum.get() + (g * P + pix) * Gp);
         }
       };
       parallel_for(ctx, static_cast<size_t>(group_ * pixel_tasks), gather);

@@ -57,7 +57,7 @@ class GemmKernel : public TernaryKernelBase {
       const int64_t r0 = static_cast<int64_t>(t) * kRowsPerTask, r1 = std::min(B, r0 + kRowsPerTask);
       std::vector<int8_t> natural(static_cast<size_t>(Kp));
       for (int64_t r = r0; r < r1; ++r)
-        quantize_row(x, trans_a_ ? r : r * k_, trans_a_ ? B : 1, map, q, p.pos, natural.data(), xs.get() + r * Kp,
+        quantize_row(*dispatch_, x, trans_a_ ? r : r * k_, trans_a_ ? B : 1, k_, map, q, p.pos, natural.data(), xs.get() + r * Kp,
                      gsum.get() + r * Gp);
     };
     parallel_for(ctx, static_cast<size_t>((B + kRowsPerTask - 1) / kRowsPerTask), quantize);
