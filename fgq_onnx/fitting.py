@@ -6,7 +6,10 @@ w^T X, not w itself:
 
     min_s ||X^T (w - s)||^2  =  s^T H s - 2 s^T b + const,   H = X X^T, b = H w
 
-(damped: H += lambda * mean(diag H) * I). Starting from the exact per-group
+(damped: H += lambda * mean(diag H) * I). With the fp32 model's inputs X_fp
+for the same samples the target becomes the fp32 layer on fp32 inputs,
+||X_fp^T w - X^T s||^2, i.e. b = X X_fp^T w: the fit then also absorbs the
+error that the converted layers upstream left in X. Starting from the exact per-group
 solution (the weight-space optimum), `fit_rows` alternates
 
 - a scale step: with the codes fixed the objective is quadratic in the G
@@ -94,28 +97,41 @@ def _scale_step(codes: np.ndarray, scales: np.ndarray, h: np.ndarray, b: np.ndar
     return codes.astype(np.int8), scales
 
 
-def _code_step(codes: np.ndarray, scales: np.ndarray, h: np.ndarray, b: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """One coordinate-descent sweep over the weights of all rows at once (rows share H)."""
+def _code_step(codes: np.ndarray, scales: np.ndarray, h: np.ndarray, b: np.ndarray, valid: np.ndarray, block: int = 64) -> np.ndarray:
+    """One coordinate-descent sweep over the weights of all rows at once (rows share H).
+
+    Sequential in the weights, but the gradient outside the current block of
+    `block` weights is brought up to date once per block (one BLAS product)
+    instead of after every weight; the result is the same.
+    """
     rows, groups, n = codes.shape
     codes = codes.copy()
     flat = codes.reshape(rows, -1)
-    s = _rows_of(codes, scales)
-    residual = s @ h - b  # gradient / 2 of the objective
+    residual = _rows_of(codes, scales) @ h - b  # gradient / 2 of the objective
     scale_of = np.repeat(scales.astype(np.float64), n, axis=1)
     diag = np.diag(h)
     candidates = np.array([-1, 0, 1], np.int8)
-    for i in np.flatnonzero(valid):
-        a = scale_of[:, i]
-        delta = a[:, None] * (candidates[None, :] - flat[:, i, None])  # [rows, 3]
-        gain = 2.0 * delta * residual[:, i, None] + delta**2 * diag[i]
-        best = np.argmin(gain, axis=1)
-        step = delta[np.arange(rows), best]
-        moved = gain[np.arange(rows), best] < 0.0
-        if not moved.any():
-            continue
-        step = np.where(moved, step, 0.0)
-        flat[:, i] = np.where(moved, candidates[best], flat[:, i])
-        residual += step[:, None] * h[i][None, :]
+    every = np.arange(rows)
+    for start in range(0, flat.shape[1], block):
+        stop = min(start + block, flat.shape[1])
+        local = residual[:, start:stop].copy()
+        h_local = h[start:stop, start:stop]
+        moved_by = np.zeros((rows, stop - start))
+        for j, i in enumerate(range(start, stop)):
+            if not valid[i]:
+                continue
+            delta = scale_of[:, i, None] * (candidates[None, :] - flat[:, i, None])  # [rows, 3]
+            gain = 2.0 * delta * local[:, j, None] + delta**2 * diag[i]
+            best = np.argmin(gain, axis=1)
+            moved = gain[every, best] < 0.0
+            if not moved.any():
+                continue
+            step = np.where(moved, delta[every, best], 0.0)
+            flat[:, i] = np.where(moved, candidates[best], flat[:, i])
+            local += step[:, None] * h_local[j][None, :]
+            moved_by[:, j] = step
+        if moved_by.any():
+            residual += moved_by @ h[start:stop, :]
     return codes
 
 
@@ -219,10 +235,10 @@ class PatchGram:
         padded = np.pad(x, [(0, 0), (0, 0), *pads])
         out = [(size + b + e - d * (k - 1) - 1) // s + 1 for size, (b, e), k, s, d in zip(spatial, pads, self.kernel, self.strides, self.dilations)]
         total = x.shape[0] * int(np.prod(out))
-        step = max(1, -(-total // self.max_columns))
+        picks = np.arange(0, total, max(1, -(-total // self.max_columns)))  # evenly spaced (sample, position) columns
+        where = np.unravel_index(picks, (x.shape[0], *out))
         taps = []
         for offset in np.ndindex(*self.kernel):
-            window = tuple(slice(o * d, o * d + s * (m - 1) + 1, s) for o, d, s, m in zip(offset, self.dilations, self.strides, out))
-            tap = padded[(slice(None), slice(None), *window)]  # [B, C, *out]
-            taps.append(np.moveaxis(tap, 1, 0).reshape(x.shape[1], -1)[:, ::step])
+            index = tuple(p * s + o * d for p, s, o, d in zip(where[1:], self.strides, offset, self.dilations))
+            taps.append(padded[(where[0], slice(None), *index)].T)  # [C, columns], only the picked columns copied
         return np.stack(taps)

@@ -155,7 +155,7 @@ class FitSettings:
     n: int
     storage: str
     scale_format: str
-    iterations: int = 3
+    iterations: int = 4
     damping: float = 0.01
 
 

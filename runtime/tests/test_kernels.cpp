@@ -365,13 +365,23 @@ void test_activation_slots(const std::vector<const fgq::KernelDispatch*>& ps) {
         EXPECT(got == want, "%s: quantize differs from quantize_one", d->name);
       }
     }
-  for (int64_t np : {4, 8, 20, 64, 128})
+  for (int64_t np : {4, 8, 12, 16, 20, 28, 64, 68, 128})
     for (int64_t gp : {4, 8, 12}) {
       std::vector<int8_t> natural(static_cast<size_t>(np * gp));
       for (auto& v : natural) v = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
       std::vector<int8_t> want(natural.size()), got(natural.size());
       std::vector<int32_t> want_sum(static_cast<size_t>(gp)), got_sum(static_cast<size_t>(gp));
-      fgq::to_kernel_order(natural.data(), np, gp, want.data(), want_sum.data());
+      for (int64_t g = 0; g < gp; ++g) {  // the definition, written out
+        int32_t sum = 0;
+        for (int64_t i = 0; i < np; ++i) {
+          const int8_t v = natural[static_cast<size_t>(g * np + i)];
+          sum += v;
+          want[static_cast<size_t>((g / 4) * np * 4 + (i / 4) * 16 + (g % 4) * 4 + i % 4)] = v;
+        }
+        want_sum[static_cast<size_t>(g)] = sum;
+      }
+      fgq::to_kernel_order(natural.data(), np, gp, got.data(), got_sum.data());
+      EXPECT(got == want && got_sum == want_sum, "to_kernel_order np=%ld", (long)np);
       for (const fgq::KernelDispatch* d : ps) {
         d->kernel_order(natural.data(), np, gp, got.data(), got_sum.data());
         EXPECT(got == want && got_sum == want_sum, "%s: kernel order np=%ld", d->name, (long)np);
