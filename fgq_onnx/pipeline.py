@@ -19,6 +19,7 @@ from fgq_onnx.data import Dataset, ImageOptions, model_inputs
 from fgq_onnx.errors import FgqError
 from fgq_onnx.passes.fold_batchnorm import FoldBatchNormPass
 from fgq_onnx.passes.insert_activation_qdq import ActivationQuant, InsertActivationQdqPass
+from fgq_onnx.passes.use_custom_ops import to_custom_ops
 from fgq_onnx.passes.ternarize_weights import LINEAR_OPS, REQUIRED_OPSET, TERNARY_MARK, TernarizeWeightsPass
 from fgq_onnx.report import ActivationRecord, Report
 from fgq_onnx.scales import SCALE_FORMATS
@@ -30,6 +31,7 @@ _REQUIRED_IR = {"int2": 13, "int8": 10}
 
 class OutputFormat(str, enum.Enum):
     QDQ = "qdq"  # standard ONNX: INT2 (or int8) codes -> blocked DequantizeLinear
+    CUSTOM = "custom"  # com.fgq Ternary* ops for the custom-op library, with ONNX function fallbacks
 
 
 @dataclass(frozen=True)
@@ -298,10 +300,20 @@ def convert(
         common.TopologicalSortPass(),
     ])
     ir_model = finish(ir_model).model
+    if config.format is OutputFormat.CUSTOM:
+        ir_model = _use_custom_ops(ir_model, report)
     ir_model.ir_version = max(ir_model.ir_version, _REQUIRED_IR[config.weight_storage])
     _stamp(ir_model, report)
     report.weight_bytes_after = model_io.weight_bytes(ir_model)
     return Conversion(ir_model, report)
+
+
+def _use_custom_ops(model: ir.Model, report: Report) -> ir.Model:
+    model, records = to_custom_ops(model)
+    kept = [r for r in records if not r.converted]
+    if kept:
+        report.notes.append(f"{len(kept)} ternary layer(s) stay in qdq form: " + "; ".join(f"{r.node} ({r.reason})" for r in kept))
+    return model
 
 
 def _nothing_to_convert(report: Report) -> str:

@@ -155,3 +155,22 @@ def test_to_custom_ops_function(cnn_qdq):
     rewritten, records = to_custom_ops(model)
     assert rewritten is model and records and all(r.converted for r in records)
     assert any(node.domain == DOMAIN for node in rewritten.graph)
+
+
+def test_cli_format_custom_runs_with_and_without_the_library(tmp_path, kit, cli):
+    path = kit.write_model(kit.build_cnn(), tmp_path / "cnn.onnx")
+    x = np.random.default_rng(5).uniform(0, 1, (16, 1, 28, 28)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    outputs = {}
+    for fmt in ("qdq", "custom"):
+        result = cli("convert", path, "--calib", tmp_path / "calib.npz", "--format", fmt, "-o", tmp_path / f"{fmt}.onnx", "-q")
+        assert result.exit_code == 0, result.stderr
+        outputs[fmt] = onnx.load(str(tmp_path / f"{fmt}.onnx"))
+    assert any(node.domain == DOMAIN for node in outputs["custom"].graph.node)
+    assert not any(node.domain == DOMAIN for node in outputs["qdq"].graph.node)
+    reference = _basic_session(outputs["qdq"]).run(None, {"x": x})[0]
+    fallback = _basic_session(outputs["custom"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(fallback, reference, rtol=1e-5, atol=1e-5)
+    kernel = _kernel_session(outputs["custom"]).run(None, {"x": x})[0]
+    assert (kernel.argmax(1) == reference.argmax(1)).mean() >= 0.9
+    assert np.abs(kernel - reference).max() < 0.1 * np.abs(reference).max()
