@@ -176,6 +176,7 @@ def convert(
     scale_format: Annotated[str, typer.Option("--scale-format", help="Group scales: f32, f16, or u8 (8-bit codes under one float32 scale per output row).")] = pipeline.ConvertConfig.scale_format,
     output_format: Annotated[pipeline.OutputFormat, typer.Option("--format", help="qdq: standard ONNX; custom: com.fgq ops for the fgq custom-op library (runs without it, slower).")] = pipeline.ConvertConfig.format,
     bias_correction: Annotated[bool, typer.Option("--bias-correction/--no-bias-correction", help="Match each converted layer's per-channel output mean and std to fp32 on the calibration data (needs --calib).")] = True,
+    refine_samples: Annotated[int, typer.Option("--refine-samples", help="Calibration samples that bias correction and fitting use (memory grows with it).")] = pipeline.ConvertConfig.refine_samples,
     external_data: Annotated[Optional[bool], typer.Option("--external-data/--no-external-data", help="Weights in a side file (default: only over 2 GB).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report table or progress bar.")] = False,
@@ -200,7 +201,7 @@ def convert(
         calib_batch_size=calib_batch_size, calib_limit=calib_limit, exclude=tuple(exclude or ()),
         op_types=tuple(t.strip() for t in op_types.split(",") if t.strip()), keep_first_last=keep_first_last,
         weight_storage=weight_storage, scale_format=scale_format, format=output_format, image=image_options(size, resize, layout, color, pixel_scale, mean, std),
-        bias_correction=bias_correction,
+        bias_correction=bias_correction, refine_samples=refine_samples,
     )
     with progress_bar("calibrating", quiet) as advance:
         result = pipeline.convert(model, config, calib=calib, on_progress=advance)

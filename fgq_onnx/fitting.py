@@ -73,27 +73,39 @@ def _rows_of(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return (codes * scales[..., None]).reshape(codes.shape[0], -1).astype(np.float64)
 
 
-def _scale_step(codes: np.ndarray, scales: np.ndarray, h: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _scale_step(codes: np.ndarray, scales: np.ndarray, h: np.ndarray, b: np.ndarray, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """One Gauss-Seidel sweep over a row's group scales: each the exact minimiser given the others.
 
     The objective is quadratic in a_g: the step is -t_g^T r_g / (t_g^T H_gg t_g)
     with r = H s - b. A scale that comes out negative flips its group's codes.
-    Cost rows * L^2 per sweep in BLAS calls (a joint G x G solve per row would be rows * G^3).
+    As in the code step, the gradient outside the current block of groups is
+    brought up to date once per block. Cost about rows * L^2 per sweep, in
+    BLAS (a joint G x G solve per row would be rows * G^3).
     """
     rows, groups, n = codes.shape
     codes, scales = codes.copy(), scales.astype(np.float64).copy()
     residual = _rows_of(codes, scales) @ h - b
-    for g in range(groups):
-        part = slice(g * n, (g + 1) * n)
-        t = codes[:, g, :].astype(np.float64)  # [rows, N]
-        ht = t @ h[part, :]  # [rows, L]: (H t_g)^T, H symmetric
-        curvature = np.sum(ht[:, part] * t, axis=1)
-        slope = np.sum(t * residual[:, part], axis=1)
-        step = np.divide(-slope, curvature, out=np.zeros(rows), where=curvature > 0)
-        residual += step[:, None] * ht
-        new = scales[:, g] + step
-        codes[:, g, :] = np.where((new < 0)[:, None], -codes[:, g, :], codes[:, g, :])
-        scales[:, g] = np.abs(new)
+    per_block = max(1, block // n)
+    for first in range(0, groups, per_block):
+        last = min(first + per_block, groups)
+        cols = slice(first * n, last * n)
+        local = residual[:, cols].copy()
+        h_local = h[cols, cols]
+        moved_by = np.zeros((rows, (last - first) * n))
+        for g in range(first, last):
+            part = slice((g - first) * n, (g - first + 1) * n)
+            t = codes[:, g, :].astype(np.float64)  # [rows, N]
+            ht = np.einsum("rn,nl->rl", t, h_local[part, :])  # (H t_g)^T within the block; inner size N: einsum, not threaded BLAS
+            curvature = np.sum(ht[:, part] * t, axis=1)
+            slope = np.sum(t * local[:, part], axis=1)
+            step = np.divide(-slope, curvature, out=np.zeros(rows), where=curvature > 0)
+            local += step[:, None] * ht
+            moved_by[:, part] = step[:, None] * t
+            new = scales[:, g] + step
+            codes[:, g, :] = np.where((new < 0)[:, None], -codes[:, g, :], codes[:, g, :])
+            scales[:, g] = np.abs(new)
+        if moved_by.any():
+            residual += moved_by @ h[cols, :]
     return codes.astype(np.int8), scales
 
 

@@ -167,6 +167,7 @@ class Refinement:
     shifts: dict[str, float] = field(default_factory=dict)  # node label -> |shift| / (|fp32 mean| + |fp32 std|)
     fits: dict[str, tuple[float, float]] = field(default_factory=dict)  # node label -> relative output error (exact, fitted)
     unfitted: dict[str, str] = field(default_factory=dict)  # node label -> why it kept its exact weights
+    skipped: str = ""  # why nothing was done, if so
 
 
 def refine(
@@ -191,6 +192,9 @@ def refine(
     used (whole batches, from the start): time and the kept tensors' memory
     grow with it; per-channel statistics settle after a few dozen images.
     """
+    control = sorted({n.op_type for n in model.graph if n.op_type in ("If", "Loop", "Scan")})
+    if control:  # the piecewise runner cannot cut through subgraphs that read outer values
+        return Refinement(skipped=f"the main graph has {', '.join(control)}")
     chosen = [n for n in model.graph if TERNARY_MARK in n.metadata_props and n.outputs[0].name in reference.moments]
     levels = dependency_levels(model, chosen)
     feeds = list(_first_samples(reference.feeds or dataset, samples))
@@ -324,6 +328,8 @@ def _corrected_output(fix, bias, shifted: bool, axis: int) -> Callable[[np.ndarr
 
 def describe(result: Refinement) -> list[str]:
     """Report lines about a refinement."""
+    if result.skipped:
+        return [f"fitting and bias correction skipped: {result.skipped}"]
     lines = []
     if result.fits:
         exact, fitted = np.mean([pair for pair in result.fits.values()], axis=0)

@@ -53,6 +53,7 @@ class ConvertConfig:
     scale_format: str = "u8"  # group scales: f32, f16, or u8 codes under a float32 row scale (docs/packed-format.md)
     image: ImageOptions = field(default_factory=ImageOptions)
     bias_correction: bool = True  # needs calibration data; skipped (with a note) without it
+    refine_samples: int = 256  # calibration samples bias correction and fitting use (their memory grows with it)
 
     def __post_init__(self) -> None:
         if self.n < 2:
@@ -68,6 +69,8 @@ class ConvertConfig:
         unknown = set(self.op_types) - set(LINEAR_OPS)
         if unknown or not self.op_types:
             raise FgqError(f"--op-types takes some of {', '.join(LINEAR_OPS)}; got {', '.join(sorted(unknown)) or 'none'}")
+        if self.refine_samples < 1:
+            raise FgqError(f"--refine-samples must be at least 1, got {self.refine_samples}")
         if self.calib_limit is not None and self.calib_limit < 1:
             raise FgqError(f"--calib-limit must be at least 1, got {self.calib_limit}")
         for pattern in self.exclude:
@@ -291,7 +294,7 @@ def convert(
         ir_model = InsertActivationQdqPass(quants)(ir_model).model
     if reference is not None:
         fit = layerwise.FitSettings(config.n, config.weight_storage, config.scale_format) if config.method is Method.FIT else None
-        report.notes += layerwise.describe(layerwise.refine(ir_model, reference, dataset, correct=config.bias_correction, fit=fit))
+        report.notes += layerwise.describe(layerwise.refine(ir_model, reference, dataset, correct=config.bias_correction, fit=fit, samples=config.refine_samples))
     elif config.bias_correction:
         report.notes.append("bias correction needs calibration data (--calib): skipped")
     finish = ir.passes.PassManager([

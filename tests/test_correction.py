@@ -281,3 +281,28 @@ def test_segment_runner_matches_the_whole_model_and_sees_transforms_downstream()
         np.testing.assert_allclose(pair[id(values["c3"])][batch], c3, rtol=1e-5, atol=1e-5)
     out = runner.run([model.graph.outputs[0]])[id(model.graph.outputs[0])]
     np.testing.assert_allclose(out[0], run(reference, batches[0])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_with_control_flow_converts_without_correction(tmp_path, calib_npz):
+    """The piecewise runner cannot cut through If/Loop: the conversion goes on, with a note."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(1)
+    then = helper.make_graph([helper.make_node("Identity", ["c"], ["t"])], "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Neg", ["c"], ["e"])], "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("ReduceMean", ["c"], ["m"], keepdims=0),
+            helper.make_node("Greater", ["m", "zero"], ["flag"]),
+            helper.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other),
+        ],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 1, 28, 28])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(rng.normal(size=(8, 1, 3, 3)).astype(np.float32), "w"), onnx.numpy_helper.from_array(np.array(0.0, np.float32), "zero")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    source = tmp_path / "if.onnx"
+    onnx.save(proto, source)
+    _, report = pipeline.convert(source, calib=calib_npz, act_bits=8)
+    assert any("bias correction skipped: the main graph has If" in note for note in report.notes)
