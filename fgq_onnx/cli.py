@@ -44,14 +44,39 @@ def _root_error(error: BaseException) -> BaseException:
     return error
 
 
+# Options shared by every command that reads images.
+SizeOpt = Annotated[Optional[tuple[int, int]], typer.Option("--size", help="Image height and width after the centre crop (default: the model's input).")]
+ResizeOpt = Annotated[Optional[int], typer.Option("--resize", help="Shorter image side before cropping (default: the crop's larger side).")]
+LayoutOpt = Annotated[Optional[Layout], typer.Option("--layout", help="Input layout (default: inferred from the input shape).")]
+ColorOpt = Annotated[Optional[Color], typer.Option("--color", help="Channel order (default: grey for 1 channel, rgb for 3).")]
+ScaleOpt = Annotated[float, typer.Option("--pixel-scale", help="Pixel values are multiplied by this first.")]
+MeanOpt = Annotated[str, typer.Option("--mean", help="Per-channel mean subtracted after scaling, comma separated.")]
+StdOpt = Annotated[str, typer.Option("--std", help="Per-channel std divided by after the mean, comma separated.")]
+_KEYWORD = inspect.Parameter.KEYWORD_ONLY
+IMAGE_PARAMETERS = [
+    inspect.Parameter("size", _KEYWORD, default=None, annotation=SizeOpt),
+    inspect.Parameter("resize", _KEYWORD, default=None, annotation=ResizeOpt),
+    inspect.Parameter("layout", _KEYWORD, default=None, annotation=LayoutOpt),
+    inspect.Parameter("color", _KEYWORD, default=None, annotation=ColorOpt),
+    inspect.Parameter("pixel_scale", _KEYWORD, default=1.0 / 255.0, annotation=ScaleOpt),
+    inspect.Parameter("mean", _KEYWORD, default="0", annotation=MeanOpt),
+    inspect.Parameter("std", _KEYWORD, default="1", annotation=StdOpt),
+]
+
+
 def command(function):
     """Register a command whose errors end in one line and a non-zero exit."""
+
+    signature = inspect.signature(function, eval_str=True)
+    reads_images = "image" in signature.parameters
 
     @functools.wraps(function)
     def wrapper(*args, debug: bool = False, **kwargs):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
+                if reads_images:
+                    kwargs["image"] = image_options(*(kwargs.pop(p.name) for p in IMAGE_PARAMETERS))
                 return function(*args, **kwargs)
             except (typer.Exit, typer.Abort):
                 raise
@@ -71,21 +96,14 @@ def command(function):
                 for warning in caught:
                     err.print(f"[yellow]warning[/yellow]: {escape(str(warning.message))}", highlight=False, soft_wrap=True)
 
-    # Expose --debug on every command without re-declaring it in each.
-    signature = inspect.signature(function, eval_str=True)
+    # Expose --debug on every command, and the image options on those that read
+    # images, without re-declaring them in each.
+    parameters = [p for p in signature.parameters.values() if p.name != "image"]
+    if reads_images:
+        parameters += IMAGE_PARAMETERS
     debug_param = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option("--debug", help="Show tracebacks.")])
-    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), debug_param])
+    wrapper.__signature__ = signature.replace(parameters=[*parameters, debug_param])
     return app.command()(wrapper)
-
-
-# Options shared by every command that reads images.
-SizeOpt = Annotated[Optional[tuple[int, int]], typer.Option("--size", help="Image height and width after the centre crop (default: the model's input).")]
-ResizeOpt = Annotated[Optional[int], typer.Option("--resize", help="Shorter image side before cropping (default: the crop's larger side).")]
-LayoutOpt = Annotated[Optional[Layout], typer.Option("--layout", help="Input layout (default: inferred from the input shape).")]
-ColorOpt = Annotated[Optional[Color], typer.Option("--color", help="Channel order (default: grey for 1 channel, rgb for 3).")]
-ScaleOpt = Annotated[float, typer.Option("--pixel-scale", help="Pixel values are multiplied by this first.")]
-MeanOpt = Annotated[str, typer.Option("--mean", help="Per-channel mean subtracted after scaling, comma separated.")]
-StdOpt = Annotated[str, typer.Option("--std", help="Per-channel std divided by after the mean, comma separated.")]
 
 
 def image_options(size, resize, layout, color, pixel_scale, mean, std) -> ImageOptions:
@@ -180,13 +198,7 @@ def convert(
     external_data: Annotated[Optional[bool], typer.Option("--external-data/--no-external-data", help="Weights in a side file (default: only over 2 GB).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report table or progress bar.")] = False,
-    size: SizeOpt = None,
-    resize: ResizeOpt = None,
-    layout: LayoutOpt = None,
-    color: ColorOpt = None,
-    pixel_scale: ScaleOpt = 1.0 / 255.0,
-    mean: MeanOpt = "0",
-    std: StdOpt = "1",
+    image: ImageOptions = ImageOptions(),  # replaced by the shared image options (see `command`)
 ):
     """Ternarize Conv/Gemm/MatMul weights in groups of N and quantize their activations."""
     output = output or model.with_name(model.name.removesuffix(".onnx") + ".fgq.onnx")
@@ -200,7 +212,7 @@ def convert(
         n=n, method=method, act_bits=act_bits, calib_method=calib_method, percentile=percentile,
         calib_batch_size=calib_batch_size, calib_limit=calib_limit, exclude=tuple(exclude or ()),
         op_types=tuple(t.strip() for t in op_types.split(",") if t.strip()), keep_first_last=keep_first_last,
-        weight_storage=weight_storage, scale_format=scale_format, format=output_format, image=image_options(size, resize, layout, color, pixel_scale, mean, std),
+        weight_storage=weight_storage, scale_format=scale_format, format=output_format, image=image,
         bias_correction=bias_correction, refine_samples=refine_samples,
     )
     with progress_bar("calibrating", quiet) as advance:
@@ -254,22 +266,15 @@ def eval(  # noqa: A001 - the command is called eval
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate at most this many samples.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (top1, top5, n, ...) instead of the table.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    size: SizeOpt = None,
-    resize: ResizeOpt = None,
-    layout: LayoutOpt = None,
-    color: ColorOpt = None,
-    pixel_scale: ScaleOpt = 1.0 / 255.0,
-    mean: MeanOpt = "0",
-    std: StdOpt = "1",
+    image: ImageOptions = ImageOptions(),  # replaced by the shared image options (see `command`)
 ):
     """Top-1 and top-5 accuracy on labelled data."""
     from fgq_onnx.evaluate import evaluate
 
     if limit is not None and limit < 1:
         raise FgqError(f"--limit must be at least 1, got {limit}")
-    options = image_options(size, resize, layout, color, pixel_scale, mean, std)
     with progress_bar("evaluating", quiet or json_out) as advance:
-        result = evaluate(model, data, options=options, batch_size=batch_size, limit=limit, output=output_name, on_progress=advance)
+        result = evaluate(model, data, options=image, batch_size=batch_size, limit=limit, output=output_name, on_progress=advance)
     if json_out:
         _print_json(result.to_dict())
         return
@@ -298,13 +303,7 @@ def compare(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the tables.")] = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV (one row per output and per layer) instead of the tables.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    size: SizeOpt = None,
-    resize: ResizeOpt = None,
-    layout: LayoutOpt = None,
-    color: ColorOpt = None,
-    pixel_scale: ScaleOpt = 1.0 / 255.0,
-    mean: MeanOpt = "0",
-    std: StdOpt = "1",
+    image: ImageOptions = ImageOptions(),  # replaced by the shared image options (see `command`)
 ):
     """How far CANDIDATE's outputs and ternarized layers drift from REFERENCE's (SQNR worst first)."""
     from fgq_onnx.compare import compare as run_compare
@@ -313,9 +312,8 @@ def compare(
         raise FgqError("choose one of --json and --csv")
     if limit is not None and limit < 1:
         raise FgqError(f"--limit must be at least 1, got {limit}")
-    options = image_options(size, resize, layout, color, pixel_scale, mean, std)
     with progress_bar("comparing", quiet or json_out or csv_out) as advance:
-        result = run_compare(reference, candidate, data, options=options, batch_size=batch_size, limit=limit, layers=layers, on_progress=advance)
+        result = run_compare(reference, candidate, data, options=image, batch_size=batch_size, limit=limit, layers=layers, on_progress=advance)
     if json_out:
         _print_json(result.to_dict())
         return
@@ -366,13 +364,7 @@ def sweep(
     keep_models: Annotated[bool, typer.Option("--keep-models", help="Keep the converted models in OUTPUT/models.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table or progress bar.")] = False,
-    size: SizeOpt = None,
-    resize: ResizeOpt = None,
-    layout: LayoutOpt = None,
-    color: ColorOpt = None,
-    pixel_scale: ScaleOpt = 1.0 / 255.0,
-    mean: MeanOpt = "0",
-    std: StdOpt = "1",
+    image: ImageOptions = ImageOptions(),  # replaced by the shared image options (see `command`)
 ):
     """Top-1, size and multiplications eliminated for every N x activation width x method."""
     from fgq_onnx.sweep import sweep as run_sweep
@@ -381,7 +373,7 @@ def sweep(
         raise FgqError(f"--limit must be at least 1, got {limit}")
     config = pipeline.ConvertConfig(
         calib_method=calib_method, percentile=percentile, calib_limit=calib_limit, bias_correction=bias_correction,
-        scale_format=scale_format, image=image_options(size, resize, layout, color, pixel_scale, mean, std),
+        scale_format=scale_format, image=image,
     )
     with progress_bar("sweeping", quiet or json_out) as advance:
         result = run_sweep(
