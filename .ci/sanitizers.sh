@@ -24,7 +24,9 @@ echo "== sanitizers: C++ kernel tests"
 
 echo "== sanitizers: op tests in onnxruntime (FGQ_OPS_LIBRARY=$build/libfgq_ops.so)"
 # libstdc++ preloaded too: ASan must see __cxa_throw at start-up (python itself is C).
+# `pytest`, not `python -m pytest`: the latter puts the source tree first on
+# sys.path, where fgq_onnx has no passes subpackage and no built library.
 asan_runtime="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)"
 FGQ_OPS_LIBRARY="$PWD/$build/libfgq_ops.so" LD_PRELOAD="$asan_runtime" \
-  "$python" -m pytest -q -p no:cacheprovider tests/test_runtime_ops.py tests/test_runtime_malformed.py tests/test_runtime_golden.py tests/test_custom_format.py
+  pytest -q -p no:cacheprovider tests/test_runtime_ops.py tests/test_runtime_malformed.py tests/test_runtime_golden.py tests/test_custom_format.py
 echo "== sanitizers: passed"
