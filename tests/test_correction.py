@@ -4,28 +4,17 @@ import numpy as np
 import onnx
 import onnx.parser
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 from fgq_onnx import layerwise, pipeline
 from fgq_onnx.correction import ChannelMoments, affine_correction
 from fgq_onnx.passes.correct_bias import CorrectBiasPass
 from fgq_onnx.passes.ternarize_weights import TernarizeWeightsPass
+from ir_models import make_model, run
 
 RNG = np.random.default_rng(5)
 
 
-def make_model(text: str, weights: dict[str, np.ndarray], opset: int = 25) -> ir.Model:
-    graph = onnx.parser.parse_graph(text)
-    graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in weights.items())
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
-    proto.ir_version = 13
-    return ir.serde.deserialize_model(proto)
-
-
-def run(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    proto = ir.serde.serialize_model(model)
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
 # -- numerics ----------------------------------------------------------------------

@@ -16,6 +16,7 @@ from fgq_onnx.errors import FgqError
 from fgq_onnx.passes.ternarize_weights import TernarizeWeightsPass, weight_layout
 from fgq_onnx.scales import SCALE_FORMATS, row_axis, store_scales
 from fgq_onnx.ternary import GroupLayout, Method, TernaryWeight, ternarize
+from ir_models import make_model
 
 RNG = np.random.default_rng(7)
 FORMATS = list(SCALE_FORMATS)
@@ -45,13 +46,6 @@ def layer_weights() -> dict[str, np.ndarray]:
         "mm_w": (RNG.standard_normal((10, 5)) * np.array([1e-3, 0.1, 1.0, 10.0, 0.5])).astype(np.float32),  # rows of very different size
     }
 
-
-def make_model(text: str, weights: dict[str, np.ndarray], opset: int = 25) -> ir.Model:
-    graph = onnx.parser.parse_graph(text)
-    graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in weights.items())
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
-    proto.ir_version = 13
-    return ir.serde.deserialize_model(proto)
 
 
 def session(model: ir.Model, level: str) -> ort.InferenceSession:
