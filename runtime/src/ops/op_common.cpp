@@ -307,6 +307,41 @@ const float* TernaryKernelBase::bias(OrtKernelContext* ctx, int64_t rows) const 
   return b.as<float>();
 }
 
+void TernaryKernelBase::quantize_rows_and_run(OrtKernelContext* ctx, const Tensor& x, const ActQuant& q, const Planes& p,
+                                              int64_t B, int64_t K, int64_t row_step, int64_t elem_step, float alpha,
+                                              float* y) const {
+  const int64_t M = p.pos.rows, Kp = p.pos.positions(), Gp = p.pos.padded_groups;
+  if (B == 0 || M == 0) return;
+  const std::vector<int64_t> map = kernel_position_map(layout_, p.pos.np, p.pos.padded_groups);
+  AlignedBuffer<int8_t> xs(checked_mul(B, Kp, "activation buffer"));
+  AlignedBuffer<int32_t> gsum(checked_mul(B, Gp, "activation buffer"));
+  constexpr int64_t kRowsPerTask = 8;
+  auto quantize = [&](size_t t) {
+    const int64_t r0 = static_cast<int64_t>(t) * kRowsPerTask, r1 = std::min(B, r0 + kRowsPerTask);
+    std::vector<int8_t> natural(static_cast<size_t>(Kp));
+    for (int64_t r = r0; r < r1; ++r)
+      quantize_row(*dispatch_, x, r * row_step, elem_step, K, map, q, p.pos, natural.data(), xs.get() + r * Kp,
+                   gsum.get() + r * Gp);
+  };
+  parallel_for(ctx, static_cast<size_t>((B + kRowsPerTask - 1) / kRowsPerTask), quantize);
+
+  GemmArgs a;
+  a.x = xs.get();
+  a.x_stride = Kp;
+  a.gsum = gsum.get();
+  a.s_stride = Gp;
+  a.y = y;
+  a.y_stride_b = M;
+  a.y_stride_m = 1;
+  a.m_begin = 0;
+  a.m_end = M;
+  a.b_begin = 0;
+  a.b_end = B;
+  a.scale = alpha * q.scale;
+  a.offset = static_cast<float>(q.offset());
+  run(ctx, p, a);
+}
+
 void TernaryKernelBase::run(OrtKernelContext* ctx, const Planes& p, GemmArgs args) const {
   const int64_t M = args.m_end - args.m_begin, B = args.b_end - args.b_begin;
   if (M <= 0 || B <= 0) return;

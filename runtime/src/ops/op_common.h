@@ -101,6 +101,11 @@ class TernaryKernelBase {
   const float* bias(OrtKernelContext* ctx, int64_t rows) const;
   // Runs the fused kernel over rows [m0, m0 + rows) x b < cols in parallel tiles.
   void run(OrtKernelContext* ctx, const Planes& p, GemmArgs args) const;
+  // MatMul and Gemm: quantizes the B activation rows of length K (row r starts at element
+  // r * row_step, its elements elem_step apart: a transposed A has row_step 1 and elem_step B)
+  // into the kernel's position order, then runs the kernel into y [B, M], scaled by alpha.
+  void quantize_rows_and_run(OrtKernelContext* ctx, const Tensor& x, const ActQuant& q, const Planes& p, int64_t B,
+                             int64_t K, int64_t row_step, int64_t elem_step, float alpha, float* y) const;
 
   const KernelDispatch* dispatch_ = nullptr;
   int64_t n_ = 0;

@@ -45,36 +45,7 @@ class GemmKernel : public TernaryKernelBase {
       c_stride_b = cb == 1 ? 0 : cm;
     }
     float* y = output(ctx, 0, {B, M});
-    if (B == 0 || M == 0) return;
-
-    const int64_t Kp = p.pos.positions();
-    const std::vector<int64_t> map = kernel_position_map(layout_, p.pos.np, p.pos.padded_groups);
-    AlignedBuffer<int8_t> xs(checked_mul(B, Kp, "activation buffer"));
-    const int64_t Gp = p.pos.padded_groups;
-    AlignedBuffer<int32_t> gsum(checked_mul(B, Gp, "activation buffer"));
-    constexpr int64_t kRowsPerTask = 8;
-    auto quantize = [&](size_t t) {
-      const int64_t r0 = static_cast<int64_t>(t) * kRowsPerTask, r1 = std::min(B, r0 + kRowsPerTask);
-      std::vector<int8_t> natural(static_cast<size_t>(Kp));
-      for (int64_t r = r0; r < r1; ++r)
-        quantize_row(*dispatch_, x, trans_a_ ? r : r * k_, trans_a_ ? B : 1, k_, map, q, p.pos, natural.data(), xs.get() + r * Kp,
-                     gsum.get() + r * Gp);
-    };
-    parallel_for(ctx, static_cast<size_t>((B + kRowsPerTask - 1) / kRowsPerTask), quantize);
-
-    GemmArgs a;
-    a.x = xs.get();
-    a.x_stride = Kp;
-    a.gsum = gsum.get();
-    a.s_stride = Gp;
-    a.y = y;
-    a.y_stride_b = M;
-    a.y_stride_m = 1;
-    a.m_end = M;
-    a.b_end = B;
-    a.scale = alpha_ * q.scale;
-    a.offset = static_cast<float>(q.offset());
-    run(ctx, p, a);
+    quantize_rows_and_run(ctx, x, q, p, B, k_, trans_a_ ? 1 : k_, trans_a_ ? B : 1, alpha_, y);
     if (c.present && beta_ != 0.f) {
       const float* cv = c.as<float>();
       for (int64_t r = 0; r < B; ++r)
