@@ -1,6 +1,4 @@
 // TernaryGemm: Y[B, M] = alpha * dequant(A') @ W' + beta * C.
-#include <algorithm>
-
 #include "ops.h"
 
 namespace fgq {

@@ -1,6 +1,4 @@
 // TernaryMatMul: Y[..., M] = dequant(X)[..., K] @ W[K, M] (+ bias).
-#include <algorithm>
-
 #include "ops.h"
 
 namespace fgq {
