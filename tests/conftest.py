@@ -236,6 +236,17 @@ def mlp_calib_npz(tmp_path, mlp_samples) -> Path:
 
 
 @pytest.fixture
+def converted(cnn_path, calib_npz, tmp_path) -> Path:
+    """The small CNN converted at N=4 with 8-bit activations."""
+    import fgq_onnx
+
+    model, _ = fgq_onnx.convert(cnn_path, n=4, calib=calib_npz)
+    path = tmp_path / "cnn.fgq.onnx"
+    fgq_onnx.save(model, path)
+    return path
+
+
+@pytest.fixture
 def image_dir(tmp_path) -> Path:
     """10 grey 32x36 PNGs (the CNN crops them to 28x28)."""
     folder = tmp_path / "images"

@@ -11,17 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import fgq_onnx
 from fgq_onnx.compare import compare, ternary_nodes
 from fgq_onnx.evaluate import open_session
-
-
-@pytest.fixture
-def converted(cnn_path, calib_npz, tmp_path) -> Path:
-    model, _ = fgq_onnx.convert(cnn_path, n=4, calib=calib_npz)
-    path = tmp_path / "cnn.fgq.onnx"
-    fgq_onnx.save(model, path)
-    return path
 
 
 @pytest.fixture

@@ -7,20 +7,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import fgq_onnx
 from fgq_onnx import view
 from fgq_onnx.errors import FgqError
 
 CHROMIUM = Path("/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (/usr/bin/chromium; CI installs it with apt-get install -y chromium)")
-
-
-@pytest.fixture
-def converted(cnn_path, calib_npz, tmp_path) -> Path:
-    model, _ = fgq_onnx.convert(cnn_path, n=4, calib=calib_npz)
-    path = tmp_path / "cnn.fgq.onnx"
-    fgq_onnx.save(model, path)
-    return path
 
 
 def fetch(url: str) -> bytes:

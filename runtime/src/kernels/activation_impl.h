@@ -1,4 +1,4 @@
-// Activation helpers shared by the kernel files. Each instruction-set file
+// Activation and output helpers shared by the kernel files. Each instruction-set file
 // includes this inside its own anonymous namespace, so the compiler
 // vectorizes the same loops with that file's flags (no ODR clash).
 // The loops are written without branches so that they vectorize; the
@@ -60,5 +60,20 @@ inline void to_kernel_order_impl(const int8_t* __restrict natural, int64_t np, i
         std::memcpy(dst + k * 16 + gq * 4, s, 4);
       }
     for (int gq = 0; gq < 4; ++gq) gsum[4 * sg + gq] = sums[gq];
+  }
+}
+
+// The epilogue of one quad of rows for batch row b: y[b, m] = scale * (row_scale[m] *
+// sums[i] + offset * row_offset[m]) for the rows m = 4 * quad + i inside [m_begin, m_end),
+// stored or accumulated.
+inline void store_quad_impl(const GemmArgs& a, int64_t quad, int64_t b, const float sums[4]) {
+  const KernelWeights& w = *a.w;
+  for (int i = 0; i < 4; ++i) {
+    const int64_t m = 4 * quad + i;
+    if (m < a.m_begin || m >= a.m_end) continue;
+    const float v = a.scale * (w.row_scale[static_cast<size_t>(m)] * sums[i] +
+                               a.offset * w.row_offset[static_cast<size_t>(m)]);
+    float& y = a.y[b * a.y_stride_b + m * a.y_stride_m];
+    y = a.accumulate ? y + v : v;
   }
 }

@@ -103,15 +103,9 @@ inline void block_store(const GemmArgs& a, int64_t quad0, int64_t b0) {
     for (int c = 0; c < C; ++c) {
       _mm256_store_ps(lanes, out[q][c][0]);
       _mm256_store_ps(lanes + 8, out[q][c][1]);
-      for (int i = 0; i < 4; ++i) {
-        const int64_t m = 4 * (quad0 + q) + i;
-        if (m < a.m_begin || m >= a.m_end) continue;
-        const float sum = (lanes[4 * i] + lanes[4 * i + 1]) + (lanes[4 * i + 2] + lanes[4 * i + 3]);
-        const float v = a.scale * (w.row_scale[static_cast<size_t>(m)] * sum +
-                                   a.offset * w.row_offset[static_cast<size_t>(m)]);
-        float& y = a.y[(b0 + c) * a.y_stride_b + m * a.y_stride_m];
-        y = a.accumulate ? y + v : v;
-      }
+      float sums[4];
+      for (int i = 0; i < 4; ++i) sums[i] = (lanes[4 * i] + lanes[4 * i + 1]) + (lanes[4 * i + 2] + lanes[4 * i + 3]);
+      store_quad_impl(a, quad0 + q, b0 + c, sums);
     }
 }
 

@@ -137,15 +137,8 @@ inline void block_store(const GemmArgs& a, int64_t quad0, int64_t b0) {
       __m512 v = _mm512_add_ps(out[q][c], _mm512_permute_ps(out[q][c], 0xB1));
       v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E));
       _mm512_store_ps(lanes, v);
-      for (int i = 0; i < 4; ++i) {
-        const int64_t m = 4 * (quad0 + q) + i;
-        if (m < a.m_begin || m >= a.m_end) continue;
-        const float sum = lanes[4 * i];
-        const float v = a.scale * (w.row_scale[static_cast<size_t>(m)] * sum +
-                                   a.offset * w.row_offset[static_cast<size_t>(m)]);
-        float& y = a.y[(b0 + c) * a.y_stride_b + m * a.y_stride_m];
-        y = a.accumulate ? y + v : v;
-      }
+      const float sums[4] = {lanes[0], lanes[4], lanes[8], lanes[12]};
+      store_quad_impl(a, quad0 + q, b0 + c, sums);
     }
 }
 
