@@ -68,7 +68,9 @@ def resnet50(path: Path) -> int:
 def run_measured(args: list[str]) -> dict:
     """Run `python -c ...` convert in a subprocess; return wall time and its peak RSS."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, *args], check=True, cwd=ROOT)
+    # Not cwd=ROOT: `python -c` puts the cwd first on sys.path, and the source tree's
+    # fgq_onnx lacks what `pip install .` adds (the passes subpackage, the library).
+    subprocess.run([sys.executable, *args], check=True, cwd=tempfile.gettempdir())
     elapsed = time.perf_counter() - start
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # max over children so far
     return {"seconds": elapsed, "peak_rss_mb": peak_kb / 1024}

@@ -40,8 +40,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
+# The installed package (pip install .): it carries the built library and fgq_onnx.passes.
 from fgq_onnx import runtime  # noqa: E402
 from fgq_onnx.packing import pack_rows  # noqa: E402
 from fgq_onnx.ternary import GroupLayout, solve_exact  # noqa: E402
