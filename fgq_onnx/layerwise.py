@@ -36,7 +36,7 @@ from fgq_onnx.graph_utils import DEFAULT_DOMAINS, constant_array, int_attr
 from fgq_onnx.passes.correct_bias import CorrectBiasPass, scalable
 from fgq_onnx.fitting import PatchGram, damp, fit_rows
 from fgq_onnx.passes.replace_ternary_weights import ReplaceTernaryWeightsPass
-from fgq_onnx.passes.ternarize_weights import LINEAR_OPS, TERNARY_MARK, weight_layout
+from fgq_onnx.passes.ternarize_weights import EXACT_MARK, LINEAR_OPS, TERNARY_MARK, weight_layout
 from fgq_onnx.ternary import GroupLayout, TernaryWeight
 from fgq_onnx.segments import SegmentRunner
 
@@ -195,7 +195,8 @@ def refine(
     control = sorted({n.op_type for n in model.graph if n.op_type in ("If", "Loop", "Scan")})
     if control:  # the piecewise runner cannot cut through subgraphs that read outer values
         return Refinement(skipped=f"the main graph has {', '.join(control)}")
-    chosen = [n for n in model.graph if TERNARY_MARK in n.metadata_props and n.outputs[0].name in reference.moments]
+    # Weights that were ternary already are kept exactly: neither fitted nor corrected.
+    chosen = [n for n in model.graph if TERNARY_MARK in n.metadata_props and EXACT_MARK not in n.metadata_props and n.outputs[0].name in reference.moments]
     levels = dependency_levels(model, chosen)
     feeds = list(_first_samples(reference.feeds or dataset, samples))
     runner = SegmentRunner(model, feeds)

@@ -18,6 +18,7 @@ from fgq_onnx.calibration import AbsHistogram, ActivationObserver, CalibMethod, 
 from fgq_onnx.data import Dataset, ImageOptions, model_inputs
 from fgq_onnx.errors import FgqError
 from fgq_onnx.passes.fold_batchnorm import FoldBatchNormPass
+from fgq_onnx.passes.fold_scale_mul import FoldScaleMulPass
 from fgq_onnx.passes.insert_activation_qdq import ActivationQuant, InsertActivationQdqPass
 from fgq_onnx.passes.use_custom_ops import to_custom_ops
 from fgq_onnx.passes.ternarize_weights import LINEAR_OPS, REQUIRED_OPSET, TERNARY_MARK, TernarizeWeightsPass
@@ -165,10 +166,11 @@ def _infer_shapes(model: ir.Model, report: Report) -> ir.Model:
 
 
 def _prepare(model: ir.Model) -> ir.Model:
-    """Constants lifted to initializers, initializers out of the inputs, BatchNorm folded."""
+    """Constants lifted to initializers, initializers out of the inputs, scale Muls and BatchNorm folded."""
     return ir.passes.PassManager([
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0),
         common.RemoveInitializersFromInputsPass(),
+        FoldScaleMulPass(),  # before BatchNorm: Conv -> Mul -> BatchNorm then folds twice
         FoldBatchNormPass(),
     ])(model).model
 

@@ -28,6 +28,7 @@ class LayerRecord:
     sqnr_db: float = math.nan
     code_bytes: int = 0  # stored bytes of the ternary codes (converted layers)
     scale_bytes: int = 0  # stored bytes of the group scales (and u8 row scales)
+    already_ternary: str = ""  # "exact (per row, asymmetric)" when the weight was ternary already and kept as is
 
     @property
     def multiplications_eliminated(self) -> float:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, float_attr, int_attr
+from fgq_onnx.channel_fold import fold_channel_affine, weight_channel_axis
+from fgq_onnx.graph_utils import DEFAULT_DOMAINS, constant_array, float_attr
 
 _FOLDABLE = {"Conv", "Gemm"}
 
@@ -27,49 +28,19 @@ def _bn_factors(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
     return scale, beta - mean * scale
 
 
-def _producer_weights(producer: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
-    if producer.op_type == "Gemm" and int_attr(producer, "transA", 0):
-        return None
-    weight = constant_array(producer.inputs[1])
-    bias_input = producer.inputs[2] if len(producer.inputs) > 2 else None
-    bias = constant_array(bias_input)
-    if weight is None or (bias_input is not None and bias is None):
-        return None
-    return weight, bias
-
-
 def _fold(producer: ir.Node, bn: ir.Node) -> bool:
     factors = _bn_factors(bn)
-    weights = _producer_weights(producer)
-    if factors is None or weights is None:
+    axis = weight_channel_axis(producer)
+    weight = constant_array(producer.inputs[1])
+    bias_input = producer.inputs[2] if len(producer.inputs) > 2 else None
+    if factors is None or axis is None or weight is None or (bias_input is not None and constant_array(bias_input) is None):
+        return False
+    if producer.op_type == "Gemm" and (float_attr(producer, "alpha", 1.0) != 1.0 or (bias_input is not None and float_attr(producer, "beta", 1.0) != 1.0)):
         return False
     scale, shift = factors
-    weight, bias = weights
-    if producer.op_type == "Conv":
-        channel_axis = 0
-    else:
-        channel_axis = 0 if int_attr(producer, "transB", 0) else 1
-        if float_attr(producer, "alpha", 1.0) != 1.0 or (bias is not None and float_attr(producer, "beta", 1.0) != 1.0):
-            return False
-    if weight.shape[channel_axis] != scale.shape[0]:
+    if weight.shape[axis] != scale.shape[0]:
         return False
-    shape = [1] * weight.ndim
-    shape[channel_axis] = -1
-    new_weight = (weight * scale.reshape(shape)).astype(weight.dtype)
-    new_bias = ((bias if bias is not None else 0.0) * scale + shift).astype(weight.dtype)
-
-    graph = producer.graph
-    weight_value = add_initializer(graph, f"{producer.name or bn.name}.bn_folded_weight", new_weight)
-    bias_value = add_initializer(graph, f"{producer.name or bn.name}.bn_folded_bias", new_bias)
-    producer.replace_input_with(1, weight_value)
-    if len(producer.inputs) < 3:
-        producer.resize_inputs(3)
-    producer.replace_input_with(2, bias_value)
-    output_name = bn.outputs[0].name
-    ir.convenience.replace_all_uses_with(bn.outputs[0], producer.outputs[0], replace_graph_outputs=True)
-    bn.outputs[0].name = None
-    producer.outputs[0].name = output_name  # graph outputs keep their names
-    graph.remove(bn, safe=True)
+    fold_channel_affine(producer, bn, scale, shift)
     return True
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from fgq_onnx import already_ternary
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, int_attr, unique_name
 from fgq_onnx.report import LayerRecord
 from fgq_onnx.scales import SCALE_FORMATS, StoredScales, row_axis, store_scales
@@ -19,6 +20,7 @@ from fgq_onnx.ternary import GroupLayout, Method, TernaryWeight, sqnr_db, ternar
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 TERNARY_MARK = "fgq.ternary"  # node metadata key: the node's weight is ternary
+EXACT_MARK = "fgq.already_ternary"  # node metadata key: its weight was ternary already and is kept exactly
 # Opset that introduced what the output needs: INT2 (25) or blocked DequantizeLinear (21).
 REQUIRED_OPSET = {"int2": 25, "int8": 21}
 _STORAGE_DTYPE = {"int2": ir.DataType.INT2.numpy(), "int8": np.int8}
@@ -136,11 +138,17 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
     node gets the metadata key "fgq.ternary". `records` lists every linear node
     seen, converted or not, with the reason.
 
+    A weight that is already ternary at N (fgq_onnx/already_ternary.py) keeps
+    its own codes and scales (method "already ternary", metadata key
+    "fgq.already_ternary"). When some are, the model was trained ternary and
+    the float layers it has (its first and last, as in TTQ) stay float too,
+    unless `trained_float_stays_float` is False.
+
     Requires: the default-domain opset the storage needs; weights as
     initializers (lift Constant nodes first).
     """
 
-    def __init__(self, n: int, method: Method = Method.EXACT, storage: str = "int2", skip: Callable[[ir.Node], str | None] | None = None, scale_format: str = "f32"):
+    def __init__(self, n: int, method: Method = Method.EXACT, storage: str = "int2", skip: Callable[[ir.Node], str | None] | None = None, scale_format: str = "f32", trained_float_stays_float: bool = True):
         super().__init__()
         if n < 2:
             raise ValueError(f"group size N must be at least 2, got {n}")
@@ -150,6 +158,8 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
             raise ValueError(f"scale format must be one of {', '.join(SCALE_FORMATS)}, got {scale_format!r}")
         self.n, self.method, self.storage, self.scale_format = n, Method(method), storage, scale_format
         self.skip = skip or (lambda node: None)
+        self.trained_float_stays_float = trained_float_stays_float
+        self.exact: dict[tuple[int, int], already_ternary.AlreadyTernary] = {}
         self.records: list[LayerRecord] = []
 
     def requires(self, model: ir.Model) -> None:
@@ -160,12 +170,13 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.records = []
         done: dict[tuple[int, int], tuple[ir.Value, LayerRecord]] = {}
+        self.exact = self._detect(model)
         for node in list(model.graph.all_nodes()):
             if node.op_type not in LINEAR_OPS or node.domain not in DEFAULT_DOMAINS:
                 continue
             record = LayerRecord(node=node.name or node.outputs[0].name, op_type=node.op_type)
             self.records.append(record)
-            reason = structural_skip_reason(node) or self.skip(node)
+            reason = structural_skip_reason(node) or self.skip(node) or self._float_in_trained(node)
             weight = node.inputs[1] if len(node.inputs) > 1 else None
             if weight is not None and weight.const_value is not None:
                 record.weight, record.shape = weight.name, tuple(weight.const_value.shape)
@@ -179,7 +190,9 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
                 done[key] = self._ternarize(node, weight, record)
             replacement, first = done[key]
             node.replace_input_with(1, replacement)
-            node.metadata_props[TERNARY_MARK] = f"n={self.n} method={self.method.value} scales={self.scale_format}"
+            node.metadata_props[TERNARY_MARK] = f"n={self.n} method={first.method} scales={self.scale_format}"
+            if first.already_ternary:
+                node.metadata_props[EXACT_MARK] = first.already_ternary
             if first is not record:
                 _copy_result(first, record, note=f"shares its weight with {first.node}")
         return ir.passes.PassResult(model, modified=bool(done))
@@ -187,12 +200,17 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
     def _ternarize(self, node: ir.Node, weight: ir.Value, record: LayerRecord) -> tuple[ir.Value, LayerRecord]:
         array = weight.const_value.numpy().astype(np.float32)
         layout, grouping = weight_layout(node, array.shape, self.n)
-        ternary = ternarize(array, layout, self.method)
-        stored = [store_scales(s, layout, self.scale_format) for s in (ternary.scale, ternary.neg_scale) if s is not None]
+        exact = self.exact.get((id(node.graph), id(weight)))
+        if exact is not None:  # keep the trained codes and scales: fitting again could only lose
+            ternary = exact.weight
+            stored, storage_note = already_ternary.store_exact(ternary, self.scale_format)
+        else:
+            ternary = ternarize(array, layout, self.method)
+            stored = [store_scales(s, layout, self.scale_format) for s in (ternary.scale, ternary.neg_scale) if s is not None]
         nodes, output = _dequantize_nodes(node, weight, ternary, self.storage, stored)
         node.graph.insert_before(node, nodes)
         short = layout.length % self.n
-        record.converted, record.n, record.method, record.grouping = True, self.n, self.method.value, grouping
+        record.converted, record.n, record.method, record.grouping = True, self.n, "already_ternary" if exact else self.method.value, grouping
         record.groups = int(ternary.scale.size)
         record.short_group = short
         dtype = weight.const_value.dtype.numpy()  # f32 scales are stored in the weight's own float type
@@ -200,12 +218,39 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         record.scale_bytes = sum(s.values.size * dtype.itemsize if s.format == "f32" else s.nbytes for s in stored)
         decoded = TernaryWeight(layout, ternary.codes, *(s.decoded for s in stored)).dequantize()
         record.sqnr_db = sqnr_db(array, decoded.astype(dtype).astype(np.float32))  # exactly what the graph computes
+        notes = []
+        if exact is not None:
+            record.already_ternary = f"exact ({exact.describe()})"
+            notes += [f"already ternary: {record.already_ternary}", storage_note]
         if short:
-            record.reason = f"reduction {layout.length} is not a multiple of N: last group has {short}"
+            notes.append(f"reduction {layout.length} is not a multiple of N: last group has {short}")
+        record.reason = "; ".join(note for note in notes if note)
         return output, record
+
+    def _candidates(self, model: ir.Model):
+        """(node, weight) of every linear node this pass would ternarize."""
+        for node in model.graph.all_nodes():
+            if node.op_type in LINEAR_OPS and node.domain in DEFAULT_DOMAINS and not (structural_skip_reason(node) or self.skip(node)):
+                yield node, node.inputs[1]
+
+    def _detect(self, model: ir.Model) -> dict[tuple[int, int], already_ternary.AlreadyTernary]:
+        """The weights that are already ternary at this N, keyed like `done` in call."""
+        found = {}
+        for node, weight in self._candidates(model):
+            array = weight.const_value.numpy().astype(np.float32)
+            detected = already_ternary.detect(array, weight_layout(node, array.shape, self.n)[0])
+            if detected is not None:
+                found[(id(node.graph), id(weight))] = detected
+        return found
+
+    def _float_in_trained(self, node: ir.Node) -> str | None:
+        """Why a float layer stays float in a model whose other layers are already ternary."""
+        if self.trained_float_stays_float and self.exact and (id(node.graph), id(node.inputs[1])) not in self.exact:
+            return "float layer of a trained-ternary model (its other layers are already ternary): kept float"
+        return None
 
 
 def _copy_result(source: LayerRecord, target: LayerRecord, note: str) -> None:
-    for name in ("converted", "n", "method", "grouping", "groups", "short_group", "sqnr_db", "code_bytes", "scale_bytes"):
+    for name in ("converted", "n", "method", "grouping", "groups", "short_group", "sqnr_db", "code_bytes", "scale_bytes", "already_ternary"):
         setattr(target, name, getattr(source, name))
     target.reason = note

@@ -55,7 +55,7 @@ def _attr_const(name: str, attr: str, kind: int) -> onnx.NodeProto:
 
 
 def _activation_and_weights() -> list[onnx.NodeProto]:
-    """Body prefix: xa (dequantized, clamped activation) and wg [M, G, N] (scaled ternary groups)."""
+    """Body prefix: xa (dequantized, clamped activation), ternary_groups [M, G, N] and scales3 [M, G, 1]."""
     return [
         helper.make_node("QuantizeLinear", ["X", "x_scale", "x_zero_point"], ["q"]),
         helper.make_node("DequantizeLinear", ["q", "x_scale", "x_zero_point"], ["xd"]),
@@ -94,11 +94,30 @@ def _activation_and_weights() -> list[onnx.NodeProto]:
         helper.make_node("Slice", ["ternary", "zero_i", "groups_n", "one_i"], ["ternary_used"]),
         helper.make_node("Concat", ["zero_i", "groups", "n"], ["group_shape"], axis=0),
         helper.make_node("Reshape", ["ternary_used", "group_shape"], ["ternary_groups"]),
-        helper.make_node("Cast", ["scales"], ["scales_f"], to=TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", ["row_scale", "minus_one"], ["row_scale2"]),
-        helper.make_node("Mul", ["scales_f", "row_scale2"], ["scales_rows"]),
-        helper.make_node("Unsqueeze", ["scales_rows", "minus_one"], ["scales3"]),
-        helper.make_node("Mul", ["ternary_groups", "scales3"], ["wg"]),
+        *_group_scales("scales", "row_scale", "scales3"),
+    ]
+
+
+def _group_scales(scales: str, row_scale: str, out: str) -> list[onnx.NodeProto]:
+    """float32 [M, G, 1] = scales * row_scale (one name prefix per scales input)."""
+    return [
+        helper.make_node("Cast", [scales], [f"{scales}_f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", [row_scale, "minus_one"], [f"{row_scale}2"]),
+        helper.make_node("Mul", [f"{scales}_f", f"{row_scale}2"], [f"{scales}_rows"]),
+        helper.make_node("Unsqueeze", [f"{scales}_rows", "minus_one"], [out]),
+    ]
+
+
+def _scaled_groups(asymmetric: bool) -> list[onnx.NodeProto]:
+    """wg [M, G, N] = ternary groups times their scale (+1 codes: scales; -1 codes: neg_scales when asymmetric)."""
+    if not asymmetric:
+        return [helper.make_node("Mul", ["ternary_groups", "scales3"], ["wg"])]
+    return [
+        *_group_scales("neg_scales", "neg_row_scale", "neg_scales3"),
+        _const("zero_t", np.array(0.0, np.float32)),
+        helper.make_node("Greater", ["ternary_groups", "zero_t"], ["is_pos"]),
+        helper.make_node("Where", ["is_pos", "scales3", "neg_scales3"], ["signed_scales"]),
+        helper.make_node("Mul", ["ternary_groups", "signed_scales"], ["wg"]),
     ]
 
 
@@ -162,18 +181,26 @@ def _attr_passthrough(name: str, kind: int) -> onnx.AttributeProto:
     return attr
 
 
-def function_protos(opset: int) -> list[onnx.FunctionProto]:
+ASYMMETRIC = "asymmetric"  # node and function overload of the bodies that read neg_scales
+
+
+def function_protos(opset: int, overload: str = "") -> list[onnx.FunctionProto]:
     """The FunctionProtos of the three ops, for the nodes this pass writes.
 
     Covers float activations, scales of any type with a row_scale input
-    (always written by the pass), no neg_scales; TernaryMatMul's body has no bias.
+    (always written by the pass); TernaryMatMul's body has no bias. A body
+    cannot test whether an optional input was given, so the asymmetric
+    nodes (neg_scales and neg_row_scale given) carry the overload
+    ASYMMETRIC and get the bodies of that overload (IR >= 10): onnxruntime
+    picks the body by (domain, name, overload) and the kernel by name alone.
     """
     imports = [helper.make_opsetid("", opset)]
     common_attrs = ["N", "act_qmin", "act_qmax"]
+    weights = [*_activation_and_weights(), *_scaled_groups(overload == ASYMMETRIC)]
 
     matmul = helper.make_function(
         DOMAIN, "TernaryMatMul", INPUTS, ["Y"],
-        [*_activation_and_weights(), *_rows_k(), helper.make_node("Transpose", ["w"], ["wt"]),
+        [*weights, *_rows_k(), helper.make_node("Transpose", ["w"], ["wt"]),
          helper.make_node("MatMul", ["xa", "wt"], ["Y"])],
         imports, [*common_attrs, "K"],
     )
@@ -182,7 +209,7 @@ def function_protos(opset: int) -> list[onnx.FunctionProto]:
                        ("beta", onnx.AttributeProto.FLOAT)):
         gemm_node.attribute.append(_attr_passthrough(name, kind))
     gemm = helper.make_function(
-        DOMAIN, "TernaryGemm", INPUTS, ["Y"], [*_activation_and_weights(), *_rows_k(), gemm_node],
+        DOMAIN, "TernaryGemm", INPUTS, ["Y"], [*weights, *_rows_k(), gemm_node],
         imports, [*common_attrs, "K", "transA", "transB", "alpha", "beta"],
     )
     conv_node = helper.make_node("Conv", ["xa", "w", "bias"], ["conv_out"])
@@ -198,10 +225,13 @@ def function_protos(opset: int) -> list[onnx.FunctionProto]:
         helper.make_node("Max", ["conv_out", "floor"], ["Y"]),
     ]
     conv = helper.make_function(
-        DOMAIN, "TernaryConv", INPUTS, ["Y"], [*_activation_and_weights(), *_conv_weight(), conv_node, *relu],
+        DOMAIN, "TernaryConv", INPUTS, ["Y"], [*weights, *_conv_weight(), conv_node, *relu],
         imports, [*common_attrs, "weight_shape", "group", "strides", "pads", "dilations", "kernel_shape", "relu"],
     )
-    return [matmul, gemm, conv]
+    functions = [matmul, gemm, conv]
+    for function in functions:
+        function.overload = overload
+    return functions
 
 
 # -- graph matching ---------------------------------------------------------------
@@ -256,8 +286,8 @@ def _match_activation(value: ir.Value) -> _Activation | str:
 @dataclass
 class _Weight:
     codes: np.ndarray  # int8 {-1, 0, 1} in the DequantizeLinear input's shape
-    scales: np.ndarray  # blocked scales as stored: float32, float16 or uint8 codes
-    row_scale: np.ndarray | None  # float32 [M] for uint8 scales
+    scales: list[np.ndarray]  # blocked scales as stored (float32, float16 or uint8 codes): [+] or [+, -]
+    row_scales: list[np.ndarray | None]  # float32 [M] for uint8 scales, one per entry of `scales`
     axis: int
     n: int
     flattened: bool
@@ -284,24 +314,30 @@ def _match_scales(value: ir.Value) -> tuple[np.ndarray, np.ndarray | None] | str
     return q, row_scale
 
 
-def _match_weight(value: ir.Value) -> _Weight | str:
-    flattened, target = False, None
-    reshape = _producer(value, "Reshape")
-    if reshape is not None:
-        target = constant_array(reshape.inputs[1]) if len(reshape.inputs) > 1 else None
-        if target is None or np.any(target <= 0):
-            return "weight Reshape without a constant, explicit shape"
-        flattened, value = True, reshape.inputs[0]
-    cast = _producer(value, "Cast")
-    if cast is not None:  # float16 scales: DequantizeLinear yields float16
-        value = cast.inputs[0]
-    if _producer(value, "Add") is not None:
-        return "asymmetric weights (Max/Min/Add of two DequantizeLinear) stay in qdq form"
+def _is_zero(value: ir.Value | None) -> bool:
+    array = constant_array(value)
+    return array is not None and array.size == 1 and float(array.reshape(())) == 0.0
+
+
+def _asymmetric_parts(add: ir.Node) -> list[ir.Value] | str:
+    """Add(Max(w_pos, 0), Min(w_neg, 0)) (TernarizeWeightsPass's asymmetric form) -> [w_pos, w_neg]."""
+    parts = {}
+    for value in add.inputs:
+        node = _producer(value, "Max") or _producer(value, "Min")
+        if node is None or len(node.inputs) != 2 or not _is_zero(node.inputs[1]):
+            return "weight Add is not max(w+, 0) + min(w-, 0)"
+        parts[node.op_type] = node.inputs[0]
+    if set(parts) != {"Max", "Min"}:
+        return "weight Add is not max(w+, 0) + min(w-, 0)"
+    return [parts["Max"], parts["Min"]]
+
+
+def _match_dequantize(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray | None, int, int] | str:
+    """Blocked DequantizeLinear(constant INT2/int8 codes, scales) -> (codes value, scales, row scale, block size, axis)."""
     dq = _producer(value, "DequantizeLinear")
     if dq is None or len(dq.inputs) < 2:
         return "weight is not a blocked DequantizeLinear"
-    codes = constant_array(dq.inputs[0])
-    if codes is None:
+    if constant_array(dq.inputs[0]) is None:
         return "weight codes are not a constant initializer"
     if dq.inputs[0].dtype not in (ir.DataType.INT2, ir.DataType.INT8):
         return f"weight codes are {dq.inputs[0].dtype}, not INT2/int8"
@@ -315,25 +351,49 @@ def _match_weight(value: ir.Value) -> _Weight | str:
     block = int_attr(dq, "block_size", 0)
     if block < 1:
         return "weight DequantizeLinear is not blocked"
-    codes = codes.astype(np.int8)
+    return dq.inputs[0], scales[0], scales[1], block, int_attr(dq, "axis", 1)
+
+
+def _match_weight(value: ir.Value) -> _Weight | str:
+    flattened, target = False, None
+    reshape = _producer(value, "Reshape")
+    if reshape is not None:
+        target = constant_array(reshape.inputs[1]) if len(reshape.inputs) > 1 else None
+        if target is None or np.any(target <= 0):
+            return "weight Reshape without a constant, explicit shape"
+        flattened, value = True, reshape.inputs[0]
+    cast = _producer(value, "Cast")
+    if cast is not None:  # float16 scales: DequantizeLinear yields float16
+        value = cast.inputs[0]
+    add = _producer(value, "Add")
+    parts = _asymmetric_parts(add) if add is not None else [value]
+    if isinstance(parts, str):
+        return parts
+    matches = [_match_dequantize(part) for part in parts]
+    for match in matches:
+        if isinstance(match, str):
+            return match
+    if any(m[0] is not matches[0][0] or m[3:] != matches[0][3:] or m[1].dtype != matches[0][1].dtype for m in matches):
+        return "the two DequantizeLinear of asymmetric weights differ in codes, scale type, axis or block size"
+    codes_value, _, _, block, axis = matches[0]
+    codes = constant_array(codes_value).astype(np.int8)
     if np.any(np.abs(codes) > 1):
         return "weight codes are not ternary"
-    axis = int_attr(dq, "axis", 1) % codes.ndim
+    axis %= codes.ndim
     shape = tuple(int(d) for d in target) if flattened else tuple(codes.shape)
     if int(np.prod(shape)) != codes.size:
         return "weight Reshape does not keep the element count"
-    return _Weight(codes, scales[0], scales[1], axis, block, flattened, shape)
+    return _Weight(codes, [m[1] for m in matches], [m[2] for m in matches], axis, block, flattened, shape)
 
 
-def _rows(weight: _Weight, to_rows: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(ternary groups [M, G, N], scales [M, G]) in the custom-op row order."""
+def _rows(weight: _Weight, to_rows: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(ternary groups [M, G, N], each of the weight's scales [M, G]) in the custom-op row order."""
     codes, scales, axis = weight.codes, weight.scales, weight.axis
     if to_rows:  # a [K, M] weight with groups along K: make it [M, K]
-        codes, scales, axis = codes.T, scales.T, 1
+        codes, scales, axis = codes.T, [s.T for s in scales], 1
     layout = GroupLayout(tuple(codes.shape), axis=axis, n=weight.n)
     groups = layout.rows_view(layout.group(codes))
-    moved = np.moveaxis(scales, axis, -1).reshape(-1, layout.groups_per_segment)
-    return groups, layout.rows_view(moved)
+    return groups, [layout.rows_view(np.moveaxis(s, axis, -1).reshape(-1, layout.groups_per_segment)) for s in scales]
 
 
 class UseCustomOpsPass(ir.passes.InPlacePass):
@@ -347,12 +407,14 @@ class UseCustomOpsPass(ir.passes.InPlacePass):
     (quantized inside the op), packed codes, and the group scales as the qdq
     model stores them (float32, float16, or uint8 under a row scale; a row
     scale of ones is written for float scales so every node has the same
-    inputs as the FunctionProto). Q/DQ, Clip and
+    inputs as the FunctionProto). Asymmetric weights (max(w+, 0) + min(w-, 0)
+    of two DequantizeLinear sharing the codes) also get neg_scales and
+    neg_row_scale, and the overload "asymmetric" whose bodies read them. Q/DQ, Clip and
     weight nodes left without consumers are removed with their initializers;
     a tensor still used elsewhere keeps its Q/DQ. A Relu that is a Conv's only
     consumer is fused (TernaryConv relu=1). Adds the ops' FunctionProtos
     and the com.fgq opset import when anything was rewritten. Nodes that do
-    not match (asymmetric weights, float activations, 3-D Conv, auto_pad, ...)
+    not match (float activations, 3-D Conv, auto_pad, ...)
     are left as they are; `records` says why.
 
     Requires: default-domain opset >= 21 (the qdq format has it).
@@ -380,7 +442,8 @@ class UseCustomOpsPass(ir.passes.InPlacePass):
             ir.passes.common.RemoveUnusedNodesPass()(model)
             model.opset_imports[DOMAIN] = 1
             opset = model.opset_imports[""]
-            for proto in function_protos(opset):
+            overloads = {node.overload for node in model.graph if node.domain == DOMAIN}
+            for proto in (p for overload in sorted(overloads) for p in function_protos(opset, overload)):
                 function = ir.serde.deserialize_function(proto)
                 model.functions[function.identifier()] = function
         return ir.passes.PassResult(model, modified=count > 0)
@@ -428,14 +491,16 @@ class UseCustomOpsPass(ir.passes.InPlacePass):
             elif bias is not None:
                 return "MatMul with a third input"
         m = groups.shape[0]
-        if weight.row_scale is not None and weight.row_scale.shape != (m,):
+        if any(r is not None and r.shape != (m,) for r in weight.row_scales):
             return "row scale does not have one value per output row"
         label = node.name or node.outputs[0].name
         codes = add_initializer(graph, f"{label}.packed_codes", pack_rows(groups.reshape(m, -1)))
-        scale_value = add_initializer(graph, f"{label}.packed_scales", scales)
-        row_scale = weight.row_scale if weight.row_scale is not None else np.ones(m, np.float32)
-        row_value = add_initializer(graph, f"{label}.row_scale", row_scale)
-        inputs = [act.source, act.scale, act.zero_point, codes, scale_value, row_value, None, None, bias]
+        scale_inputs = []
+        for suffix, array, row_scale in zip(("", "_neg"), scales, weight.row_scales):
+            scale_inputs.append(add_initializer(graph, f"{label}.packed_scales{suffix}", array))
+            scale_inputs.append(add_initializer(graph, f"{label}.row_scale{suffix}", row_scale if row_scale is not None else np.ones(m, np.float32)))
+        scale_inputs += [None] * (4 - len(scale_inputs))
+        inputs = [act.source, act.scale, act.zero_point, codes, *scale_inputs, bias]
         while inputs[-1] is None:
             inputs.pop()
         old_nodes, old_output = [node], node.outputs[0]
@@ -443,7 +508,8 @@ class UseCustomOpsPass(ir.passes.InPlacePass):
         if relu is not None:  # TernaryConv applies the ReLU itself
             attrs["relu"] = 1
             old_nodes, old_output = [node, relu], relu.outputs[0]
-        new = ir.node(OPS[node.op_type], inputs, attrs, domain=DOMAIN, name=label)
+        overload = ASYMMETRIC if len(scales) > 1 else ""
+        new = ir.node(OPS[node.op_type], inputs, attrs, domain=DOMAIN, overload=overload, name=label)
         ir.convenience.replace_nodes_and_values(graph, node, old_nodes, [new], [old_output], new.outputs)
         return None
 

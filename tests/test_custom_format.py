@@ -112,11 +112,29 @@ def test_leaves_unmatched_nodes(tmp_path, kit):
     assert rewrite.records and not any(r.converted for r in rewrite.records)
     assert all("not quantized" in r.reason for r in rewrite.records)
 
-    calib = tmp_path / "calib.npz"
-    np.savez(calib, x=np.random.default_rng(2).normal(size=(16, 64)).astype(np.float32))
-    asym = convert(path, calib=calib, n=4, act_bits=8, method="asymmetric", bias_correction=False).model
-    custom, rewrite, modified = _to_custom(asym)
-    assert not modified and all("asymmetric" in r.reason for r in rewrite.records)
+
+@pytest.mark.parametrize("scale_format", ["f32", "f16", "u8"])
+def test_asymmetric_weights_kernel_body_and_qdq_agree(tmp_path, kit, scale_format):
+    """max(t*a_p, 0) + min(t*a_n, 0) becomes a custom op with neg_scales; its overloaded body reads them."""
+    path = kit.write_model(kit.build_cnn(), tmp_path / "cnn.onnx")
+    x = np.random.default_rng(2).uniform(0, 1, (8, 1, 28, 28)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    qdq = convert(path, calib=tmp_path / "calib.npz", n=4, act_bits=8, method="asymmetric", scale_format=scale_format, bias_correction=False).model
+    custom, rewrite, modified = _to_custom(qdq)
+    assert modified and all(r.converted for r in rewrite.records), rewrite.records
+    ternary = [n for n in custom.graph.node if n.domain == DOMAIN]
+    assert ternary and all(n.overload == "asymmetric" and len(n.input) >= 8 and n.input[6] and n.input[7] for n in ternary)
+    assert {(f.name, f.overload) for f in custom.functions} >= {("TernaryConv", "asymmetric"), ("TernaryGemm", "asymmetric")}
+    assert not {"Max", "Min", "Add"} & {n.op_type for n in custom.graph.node}
+    onnx.checker.check_model(custom)
+    want = _basic_session(ir.serde.serialize_model(qdq)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(_basic_session(custom).run(None, {"x": x})[0], want)
+    symmetric = convert(path, calib=tmp_path / "calib.npz", n=4, act_bits=8, scale_format=scale_format, bias_correction=False).model
+    assert np.abs(_basic_session(ir.serde.serialize_model(symmetric)).run(None, {"x": x})[0] - want).max() > 1e-3  # the neg scales matter
+    kernel = _kernel_session(custom).run(None, {"x": x})[0]
+    np.testing.assert_allclose(kernel, want, rtol=1e-3, atol=1e-3)
+    del custom.functions[:]  # the overloaded nodes still find the kernel: it is what ran above
+    np.testing.assert_array_equal(_kernel_session(custom).run(None, {"x": x})[0], kernel)
 
 
 def test_rejects_low_opset():
