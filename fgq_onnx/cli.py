@@ -190,6 +190,7 @@ def convert(
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Keep matching node or weight names fp32 (a name or a regex; repeatable).")] = None,
     op_types: Annotated[str, typer.Option("--op-types", help="Comma-separated op types to ternarize.")] = "Conv,Gemm,MatMul",
     keep_first_last: Annotated[bool, typer.Option("--keep-first-last", help="Keep the first and last linear layers fp32.")] = False,
+    ternarize_float_layers: Annotated[bool, typer.Option("--ternarize-float-layers", help="In a model trained ternary (some weights already ternary), ternarize its float layers too.")] = False,
     weight_storage: Annotated[str, typer.Option("--weight-storage", help="int2 (opset 25, onnxruntime >= 1.24) or int8 (opset 21).")] = "int2",
     scale_format: Annotated[str, typer.Option("--scale-format", help="Group scales: f32, f16, or u8 (8-bit codes under one float32 scale per output row).")] = pipeline.ConvertConfig.scale_format,
     output_format: Annotated[pipeline.OutputFormat, typer.Option("--format", help="qdq: standard ONNX; custom: com.fgq ops for the fgq custom-op library (runs without it, slower).")] = pipeline.ConvertConfig.format,
@@ -212,6 +213,7 @@ def convert(
         n=n, method=method, act_bits=act_bits, calib_method=calib_method, percentile=percentile,
         calib_batch_size=calib_batch_size, calib_limit=calib_limit, exclude=tuple(exclude or ()),
         op_types=tuple(t.strip() for t in op_types.split(",") if t.strip()), keep_first_last=keep_first_last,
+        ternarize_float_layers=ternarize_float_layers,
         weight_storage=weight_storage, scale_format=scale_format, format=output_format, image=image,
         bias_correction=bias_correction, refine_samples=refine_samples,
     )

@@ -49,6 +49,7 @@ class ConvertConfig:
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = LINEAR_OPS
     keep_first_last: bool = False
+    ternarize_float_layers: bool = False  # in a model with already-ternary weights, its float layers stay float unless set
     format: OutputFormat = OutputFormat.QDQ
     weight_storage: str = "int2"
     scale_format: str = "u8"  # group scales: f32, f16, or u8 codes under a float32 row scale (docs/packed-format.md)
@@ -273,7 +274,7 @@ def convert(
         dataset = Dataset(layerwise.replayable(calib), model_inputs(ir_model), options=config.image, batch_size=config.calib_batch_size, limit=config.calib_limit)
     report.weight_bytes_before = model_io.weight_bytes(ir_model)
 
-    ternarize = TernarizeWeightsPass(config.n, config.method, config.weight_storage, skip=_skip_rule(config, ir_model), scale_format=config.scale_format)
+    ternarize = TernarizeWeightsPass(config.n, config.method, config.weight_storage, skip=_skip_rule(config, ir_model), scale_format=config.scale_format, trained_float_stays_float=not config.ternarize_float_layers)
     ir_model = _prepare(ir_model)
     ir_model = _infer_shapes(ir_model, report)
     reference = None
