@@ -94,6 +94,7 @@ class ConvertConfig:
             "weight_storage": self.weight_storage,
             "scale_format": self.scale_format,
             "bias_correction": self.bias_correction,
+            "ternarize_float_layers": self.ternarize_float_layers,
         }
 
 
