@@ -77,7 +77,9 @@ class Report:
     @property
     def sqnr_mean_db(self) -> float:
         values = [layer.sqnr_db for layer in self.converted if math.isfinite(layer.sqnr_db)]
-        return sum(values) / len(values) if values else math.nan
+        if not values:  # every layer exact (already ternary): inf, not "no data"
+            return math.inf if any(layer.sqnr_db == math.inf for layer in self.converted) else math.nan
+        return sum(values) / len(values)
 
     @property
     def bits_per_weight(self) -> float:

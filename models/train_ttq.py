@@ -25,7 +25,7 @@ Writes ``fashion_mnist_ttq.onnx`` (and prints its onnxruntime top-1 on
 
 Usage::
 
-    python models/train_ttq.py [--epochs 3] [--max-lr 0.05] [--seed 0] [--out-dir DIR]
+    python models/train_ttq.py [--epochs 1] [--max-lr 0.05] [--seed 0] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def make_ttq(model: SmallResNet) -> list[TTQConv2d]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
+    parser.add_argument("--epochs", type=int, default=1, help="training epochs (default: 1; it starts from the trained fp32 model)")
     parser.add_argument("--max-lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--seed", type=int, default=0)

@@ -139,7 +139,7 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
     seen, converted or not, with the reason.
 
     A weight that is already ternary at N (fgq_onnx/already_ternary.py) keeps
-    its own codes and scales (method "already ternary", metadata key
+    its own codes and scales (method "already_ternary", metadata key
     "fgq.already_ternary"). When some are, the model was trained ternary and
     the float layers it has (its first and last, as in TTQ) stay float too,
     unless `trained_float_stays_float` is False.
@@ -227,20 +227,16 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         record.reason = "; ".join(note for note in notes if note)
         return output, record
 
-    def _candidates(self, model: ir.Model):
-        """(node, weight) of every linear node this pass would ternarize."""
-        for node in model.graph.all_nodes():
-            if node.op_type in LINEAR_OPS and node.domain in DEFAULT_DOMAINS and not (structural_skip_reason(node) or self.skip(node)):
-                yield node, node.inputs[1]
-
     def _detect(self, model: ir.Model) -> dict[tuple[int, int], already_ternary.AlreadyTernary]:
-        """The weights that are already ternary at this N, keyed like `done` in call."""
+        """The weights this pass would ternarize that are already ternary at this N, keyed like `done` in call."""
         found = {}
-        for node, weight in self._candidates(model):
-            array = weight.const_value.numpy().astype(np.float32)
+        for node in model.graph.all_nodes():
+            if node.op_type not in LINEAR_OPS or node.domain not in DEFAULT_DOMAINS or structural_skip_reason(node) or self.skip(node):
+                continue
+            array = node.inputs[1].const_value.numpy().astype(np.float32)
             detected = already_ternary.detect(array, weight_layout(node, array.shape, self.n)[0])
             if detected is not None:
-                found[(id(node.graph), id(weight))] = detected
+                found[(id(node.graph), id(node.inputs[1]))] = detected
         return found
 
     def _float_in_trained(self, node: ir.Node) -> str | None:
