@@ -220,3 +220,17 @@ def test_bias_correction_and_fitting_leave_exact_layers_alone(tmp_path, method):
     assert all(layer.method == "already_ternary" for layer in report.converted)
     want = _run(source, x)
     np.testing.assert_allclose(_run(model, x), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("flag, float_layer_converted", [((), False), (("--ternarize-float-layers",), True)])
+def test_cli_reports_exact_layers(tmp_path, cli, flag, float_layer_converted):
+    source = mlp_model(4)
+    w1 = next(t for t in source.graph.initializer if t.name == "w1")
+    w1.CopyFrom(numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.2, (64, 32)).astype(np.float32), "w1"))
+    path = tmp_path / "mixed.onnx"
+    onnx.save(source, str(path))
+    result = cli("convert", path, "--act-bits", "0", "-o", tmp_path / "out.onnx", "--json", tmp_path / "report.json", *flag)
+    assert result.exit_code == 0, result.stderr
+    first, second = json.loads((tmp_path / "report.json").read_text())["layers"]
+    assert first["converted"] is float_layer_converted and first["already_ternary"] == ""
+    assert second["method"] == "already_ternary" and second["already_ternary"] == "exact (per tensor, asymmetric)"
