@@ -35,11 +35,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
-import onnx
 from onnx import numpy_helper
 
 from train_fashion_mnist import SmallResNet, export_onnx, load_split, op_counts, ort_top1, to_input, torch_top1, train
