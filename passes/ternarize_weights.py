@@ -43,6 +43,9 @@ def structural_skip_reason(node: ir.Node) -> str | None:
     if constant_array(weight) is None:
         if node.op_type == "MatMul" and constant_array(node.inputs[0]) is not None:
             return "constant first input (weight on the left) is not supported"
+        decoder = _quantized_weight_decoder(weight)
+        if decoder:
+            return f"weight is already quantized ({decoder}): left as it is"
         return "activation x activation: no constant weight"
     dtype = weight.const_value.dtype
     if not dtype.is_floating_point():
@@ -54,6 +57,21 @@ def structural_skip_reason(node: ir.Node) -> str | None:
         return f"{node.op_type} weight of rank {rank} (only 2-D weights are ternarized)"
     if weight.const_value.size == 0:
         return "empty weight"
+    return None
+
+
+def _quantized_weight_decoder(weight: ir.Value) -> str | None:
+    """How a weight computed from constant integer codes is decoded (DequantizeLinear, Cast*Mul), or None."""
+    producer = weight.producer()
+    if producer is None:
+        return None
+    if producer.op_type == "DequantizeLinear" and constant_array(producer.inputs[0]) is not None:
+        return f"{producer.inputs[0].const_value.dtype.name} codes through DequantizeLinear"
+    if producer.op_type == "Mul":
+        casts = [v.producer() for v in producer.inputs if v is not None and v.producer() is not None and v.producer().op_type == "Cast"]
+        codes = [c.inputs[0] for c in casts if constant_array(c.inputs[0]) is not None]
+        if codes and not codes[0].const_value.dtype.is_floating_point():
+            return f"{codes[0].const_value.dtype.name} codes through Cast and Mul"
     return None
 
 
@@ -182,6 +200,7 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
             node.metadata_props[TERNARY_MARK] = f"n={self.n} method={self.method.value} scales={self.scale_format}"
             if first is not record:
                 _copy_result(first, record, note=f"shares its weight with {first.node}")
+            _drop_if_unused(node.graph, weight)
         return ir.passes.PassResult(model, modified=bool(done))
 
     def _ternarize(self, node: ir.Node, weight: ir.Value, record: LayerRecord) -> tuple[ir.Value, LayerRecord]:
@@ -203,6 +222,12 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         if short:
             record.reason = f"reduction {layout.length} is not a multiple of N: last group has {short}"
         return output, record
+
+
+def _drop_if_unused(graph: ir.Graph, weight: ir.Value) -> None:
+    """Forget the float weight once nothing reads it: its memory (or mapped file) can go, and subgraphs keep no dead copy."""
+    if not weight.uses() and not weight.is_graph_output() and graph.initializers.get(weight.name) is weight:
+        graph.initializers.pop(weight.name)
 
 
 def _copy_result(source: LayerRecord, target: LayerRecord, note: str) -> None:
