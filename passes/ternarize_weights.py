@@ -7,6 +7,7 @@ the model stays a standard ONNX model (docs/packed-format.md, "Groups").
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -15,7 +16,7 @@ import onnx_ir as ir
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, int_attr, unique_name
 from fgq_onnx.report import LayerRecord
 from fgq_onnx.scales import SCALE_FORMATS, StoredScales, row_axis, store_scales
-from fgq_onnx.ternary import GroupLayout, Method, TernaryWeight, sqnr_db, ternarize
+from fgq_onnx.ternary import GroupLayout, Method, TernaryWeight, ternarize
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 TERNARY_MARK = "fgq.ternary"  # node metadata key: the node's weight is ternary
@@ -204,7 +205,7 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(done))
 
     def _ternarize(self, node: ir.Node, weight: ir.Value, record: LayerRecord) -> tuple[ir.Value, LayerRecord]:
-        array = weight.const_value.numpy().astype(np.float32)
+        array = np.asarray(weight.const_value.numpy(), dtype=np.float32)  # no copy of a (memory-mapped) float32 weight
         layout, grouping = weight_layout(node, array.shape, self.n)
         ternary = ternarize(array, layout, self.method)
         stored = [store_scales(s, layout, self.scale_format) for s in (ternary.scale, ternary.neg_scale) if s is not None]
@@ -217,17 +218,21 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         dtype = weight.const_value.dtype.numpy()  # f32 scales are stored in the weight's own float type
         record.code_bytes = -(-array.size * (2 if self.storage == "int2" else 8) // 8)
         record.scale_bytes = sum(s.values.size * dtype.itemsize if s.format == "f32" else s.nbytes for s in stored)
-        decoded = TernaryWeight(layout, ternary.codes, *(s.decoded for s in stored)).dequantize()
-        record.sqnr_db = sqnr_db(array, decoded.astype(dtype).astype(np.float32))  # exactly what the graph computes
+        record.sqnr_db = TernaryWeight(layout, ternary.codes, *(s.decoded for s in stored)).sqnr_db(array, dtype)  # exactly what the graph computes
         if short:
             record.reason = f"reduction {layout.length} is not a multiple of N: last group has {short}"
         return output, record
 
 
 def _drop_if_unused(graph: ir.Graph, weight: ir.Value) -> None:
-    """Forget the float weight once nothing reads it: its memory (or mapped file) can go, and subgraphs keep no dead copy."""
-    if not weight.uses() and not weight.is_graph_output() and graph.initializers.get(weight.name) is weight:
-        graph.initializers.pop(weight.name)
+    """Forget the float weight once nothing reads it: subgraphs keep no dead copy, and a memory-mapped
+    external weight is unmapped (it maps again if read later), so large models convert a layer at a time."""
+    if weight.uses() or weight.is_graph_output() or graph.initializers.get(weight.name) is not weight:
+        return
+    graph.initializers.pop(weight.name)
+    if isinstance(weight.const_value, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # an array still viewing the map keeps it
+            weight.const_value.release()
 
 
 def _copy_result(source: LayerRecord, target: LayerRecord, note: str) -> None:
