@@ -216,10 +216,13 @@ def refine(
     fp_runner = SegmentRunner(reference.model, feeds) if fit is not None and reference.model is not None else None
     result = Refinement(levels=len(levels))
     for index, nodes in enumerate(levels):
-        if fit is not None:
-            _fit_level(model, runner, fp_runner, nodes, reference, fit, result)
-        if correct:
-            _correct_level(model, runner, nodes, reference, scale, result)
+        try:
+            if fit is not None:
+                _fit_level(model, runner, fp_runner, nodes, reference, fit, result)
+            if correct:
+                _correct_level(model, runner, nodes, reference, scale, result)
+        except FgqError as error:
+            raise FgqError(f"at layer {', '.join(n.name or n.outputs[0].name for n in nodes)}: {error}") from None
         if on_level:
             on_level(index + 1, len(levels))
     return result
