@@ -109,7 +109,7 @@ def _expected_values(tensor: onnx.TensorProto) -> int:
 
 
 def _check_inline(tensor: onnx.TensorProto) -> None:
-    if tensor.HasField("raw_data"):
+    if tensor.HasField("raw_data") and tensor.data_type != onnx.TensorProto.STRING:  # strings live in string_data only
         expected, held, unit = _expected_bytes(tensor), len(tensor.raw_data), "bytes"
     else:
         expected, held, unit = _expected_values(tensor), max(len(getattr(tensor, f)) for f in _TYPED_FIELDS), "values"

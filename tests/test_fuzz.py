@@ -204,9 +204,9 @@ def _rss_mb(pid: int) -> float:
     return int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1)) / 1024
 
 
-@pytest.mark.parametrize("where", ["initializer", "constant", "input"])
-def test_absurd_dimensions_refused_before_allocating(worker, calib, where):
-    """A tensor or input claiming 2^40 x 2^40 elements is refused without the memory to match."""
+@pytest.mark.parametrize("where", ["initializer", "constant", "input", "image_input"])
+def test_absurd_dimensions_refused_before_allocating(worker, calib, kit, where):
+    """A tensor or input claiming 2^40 x 2^40 elements (or images of 2^20 x 2^20 pixels) is refused without the memory to match."""
     model = onnx.ModelProto()
     model.CopyFrom(BASE.model)
     weight = model.graph.initializer[0]
@@ -219,8 +219,12 @@ def test_absurd_dimensions_refused_before_allocating(worker, calib, where):
         model.graph.node.insert(0, helper.make_node("Constant", [], [weight.name], value=tensor))
         model.graph.initializer.remove(weight)
     else:
-        model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 2**40
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        dims[2].dim_value = dims[3].dim_value = 2**20 if where == "image_input" else 2**40
     path = _write(worker.folder, model.SerializeToString())
+    if where == "image_input":  # an image folder: every image would be resized to the input's size
+        calib = path.parent / "images"
+        kit.write_images(calib, 2)
     answer = worker.ask({"convert": str(path), "calib": str(calib)})
     assert answer["outcome"] == "refused", answer
     assert _rss_mb(worker.process.pid) < 1024, "the refusal allocated what the file claimed"
@@ -328,8 +332,13 @@ def _unknown_data_type(model):
     model.graph.initializer[0].data_type = 99
 
 
+def _string_with_raw_data(model):
+    model.graph.initializer[0].data_type = TensorProto.STRING
+
+
 @pytest.mark.parametrize(("mutate", "says"), [
     (_duplicate_node, "malformed"), (_cycle, "cycle"), (_float_data_mismatch, "need 216 values but it holds 1"), (_unknown_data_type, "unknown data type 99"),
+    (_string_with_raw_data, "need 216 values but it holds 0"),
 ])
 def test_found_by_fuzzing(cli, tmp_path, mutate, says):
     model = onnx.ModelProto()
