@@ -74,7 +74,7 @@ def _check_external(tensor: onnx.TensorProto, base_dir: Path) -> None:
     info = {entry.key: entry.value for entry in tensor.external_data}
     location = info.get("location", "")
     name = tensor.name
-    if not location or os.path.isabs(location) or ".." in Path(location).parts:
+    if not location or "\0" in location or os.path.isabs(location) or ".." in Path(location).parts:
         raise FgqError(f"tensor '{name}': external data location '{location}' must be a relative path inside the model's folder")
     path = base_dir / location
     real_base = base_dir.resolve()

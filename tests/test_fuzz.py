@@ -332,6 +332,13 @@ def _unknown_data_type(model):
     model.graph.initializer[0].data_type = 99
 
 
+def _null_byte_location(model):
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="data.bin\x00x")
+
+
 def _string_with_raw_data(model):
     model.graph.initializer[0].data_type = TensorProto.STRING
 
@@ -339,6 +346,7 @@ def _string_with_raw_data(model):
 @pytest.mark.parametrize(("mutate", "says"), [
     (_duplicate_node, "malformed"), (_cycle, "cycle"), (_float_data_mismatch, "need 216 values but it holds 1"), (_unknown_data_type, "unknown data type 99"),
     (_string_with_raw_data, "need 216 values but it holds 0"),
+    (_null_byte_location, "must be a relative path inside the model's folder"),
 ])
 def test_found_by_fuzzing(cli, tmp_path, mutate, says):
     model = onnx.ModelProto()
