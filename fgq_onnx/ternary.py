@@ -9,6 +9,7 @@ a * t approximates w.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,8 +188,7 @@ def ternarize(weight: np.ndarray, layout: GroupLayout, method: Method) -> Ternar
     if method in (Method.EXACT, Method.FIT):  # FIT starts from exact; the data-aware part needs calibration data
         solve = solve_exact
     elif method is Method.TWN:
-        valid = layout.valid_counts()
-        solve = lambda part: solve_twn(part, valid)  # noqa: E731
+        solve = functools.partial(solve_twn, valid=layout.valid_counts())
     elif method is Method.ASYMMETRIC:
         solve = solve_asymmetric
     else:

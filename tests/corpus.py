@@ -71,13 +71,12 @@ def _cnn_body(rng, x: str, channels: int, prefix: str = "") -> tuple[list, dict,
     return nodes, inits, f"{p}y"
 
 
-def small_cnn(opset: int = 17, *, batch="batch", hw=("h", "w"), ir_version: int = 8) -> Case:
-    """The plain NCHW CNN of _cnn_body, dynamic batch and spatial dims by default."""
+def small_cnn(opset: int = 17, ir_version: int = 8) -> Case:
+    """The plain NCHW CNN of _cnn_body with dynamic batch and spatial dims."""
     rng = _rng(opset)
     nodes, inits, y = _cnn_body(rng, "x", 3)
-    model = _model(nodes, [_input("x", [batch, 3, *hw])], [_input(y, [batch, 5])], inits, opset, ir_version)
-    extra = [{"x": _images(9, 3, 3, 20, 24)}] if not isinstance(batch, int) and not all(isinstance(d, int) for d in hw) else []
-    return Case(f"opset{opset}", model, {"x": _images(1, CALIB, 3, 16, 16)}, extra)
+    model = _model(nodes, [_input("x", ["batch", 3, "h", "w"])], [_input(y, ["batch", 5])], inits, opset, ir_version)
+    return Case(f"opset{opset}", model, {"x": _images(1, CALIB, 3, 16, 16)}, [{"x": _images(9, 3, 3, 20, 24)}])
 
 
 def constant_weights() -> Case:

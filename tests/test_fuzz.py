@@ -11,6 +11,7 @@ FGQ_FUZZ_RANDOM=1 for fresh random seeds instead of the fixed ones) runs longer.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -78,9 +79,12 @@ def worker(tmp_path_factory):
     runner.close()
 
 
-def _write(folder: Path, data: bytes, counter=[0]) -> Path:  # noqa: B006 - a file name per example
-    counter[0] += 1
-    case = folder / f"case{counter[0]}"
+_CASE_NUMBERS = itertools.count(1)
+
+
+def _write(folder: Path, data: bytes) -> Path:
+    """The model in a folder of its own (external data files land beside it)."""
+    case = folder / f"case{next(_CASE_NUMBERS)}"
     case.mkdir()
     path = case / "model.onnx"
     path.write_bytes(data)
