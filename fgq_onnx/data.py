@@ -84,6 +84,9 @@ class _ImageFormat:
     width: int
 
 
+MAX_IMAGE_PIXELS = 1 << 26  # 8192 x 8192: a model claiming more would have every image resized to it
+
+
 def _image_format(spec: InputSpec, options: ImageOptions) -> _ImageFormat:
     if len(spec.shape) != 4:
         raise FgqError(f"input '{spec.name}' has shape {list(spec.shape)}: images need a 4-D input (NCHW or NHWC)")
@@ -100,6 +103,8 @@ def _image_format(spec: InputSpec, options: ImageOptions) -> _ImageFormat:
         height, width = options.size
     if height is None or width is None:
         raise FgqError(f"input '{spec.name}' has a dynamic image size; give --size HEIGHT WIDTH")
+    if not (0 < height and 0 < width and height * width <= MAX_IMAGE_PIXELS):  # checked before any image is resized to it
+        raise FgqError(f"input '{spec.name}' takes {height} x {width} images; calibration images must have 1 to {MAX_IMAGE_PIXELS:,} pixels (give --size)")
     return _ImageFormat(layout, color, height, width)
 
 
