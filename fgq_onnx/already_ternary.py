@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fgq_onnx.scales import StoredScales, store_scales
+from fgq_onnx.scales import StoredScales, row_axis, store_scales
 from fgq_onnx.ternary import GroupLayout, TernaryWeight
 
 RTOL = 1e-6  # a few float32 ulps: rounding, not a real difference between weights
@@ -63,8 +63,21 @@ def _granularity(layout: GroupLayout, scales: list[np.ndarray], codes: np.ndarra
     return "per tensor" if per_tensor else "per row" if per_row else "per group"
 
 
+def _first_row(weight: np.ndarray, layout: GroupLayout) -> tuple[np.ndarray, GroupLayout]:
+    """Output row 0 of `weight` (a copy of one row) and its layout: a float weight fails there already."""
+    work = weight.reshape(layout.work_shape)
+    row = np.take(work, [0], axis=row_axis(layout))
+    return row, GroupLayout(row.shape, layout.axis, layout.n)
+
+
 def detect(weight: np.ndarray, layout: GroupLayout) -> AlreadyTernary | None:
     """The exact ternary form of `weight` in `layout`, or None if it is not ternary there."""
+    if layout.rows > 1 and _detect_groups(*_first_row(np.asarray(weight), layout)) is None:
+        return None  # without grouping (copying) the whole weight
+    return _detect_groups(weight, layout)
+
+
+def _detect_groups(weight: np.ndarray, layout: GroupLayout) -> AlreadyTernary | None:
     groups = layout.group(np.asarray(weight, dtype=np.float32))
     largest = np.abs(groups).max(axis=-1, keepdims=True)
     if not np.all(np.isfinite(largest)) or not np.any(largest > 0):

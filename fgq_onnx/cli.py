@@ -25,7 +25,7 @@ from fgq_onnx import pipeline
 from fgq_onnx import model_io
 from fgq_onnx.calibration import CalibMethod
 from fgq_onnx.data import Color, ImageOptions, Layout
-from fgq_onnx.errors import FgqError
+from fgq_onnx.errors import FgqError, fgq_error_in
 from fgq_onnx.report import Report
 from fgq_onnx.ternary import Method
 
@@ -35,13 +35,8 @@ err = Console(stderr=True)
 
 
 def _root_error(error: BaseException) -> BaseException:
-    """The FgqError behind wrapped errors (onnx-ir wraps what a pass raises), if any."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, FgqError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return error
+    """The FgqError behind wrapped errors (onnx-ir wraps what a pass raises), else the error itself."""
+    return fgq_error_in(error) or error
 
 
 # Options shared by every command that reads images.

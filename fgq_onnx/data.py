@@ -84,6 +84,9 @@ class _ImageFormat:
     width: int
 
 
+MAX_IMAGE_PIXELS = 1 << 26  # 8192 x 8192: a model claiming more would have every image resized to it
+
+
 def _image_format(spec: InputSpec, options: ImageOptions) -> _ImageFormat:
     if len(spec.shape) != 4:
         raise FgqError(f"input '{spec.name}' has shape {list(spec.shape)}: images need a 4-D input (NCHW or NHWC)")
@@ -100,6 +103,8 @@ def _image_format(spec: InputSpec, options: ImageOptions) -> _ImageFormat:
         height, width = options.size
     if height is None or width is None:
         raise FgqError(f"input '{spec.name}' has a dynamic image size; give --size HEIGHT WIDTH")
+    if not (0 < height and 0 < width and height * width <= MAX_IMAGE_PIXELS):  # checked before any image is resized to it
+        raise FgqError(f"input '{spec.name}' takes {height} x {width} images; calibration images must have 1 to {MAX_IMAGE_PIXELS:,} pixels (give --size)")
     return _ImageFormat(layout, color, height, width)
 
 
@@ -176,11 +181,7 @@ class Dataset:
         self._batches = self._folder_batches
 
     def _setup_npz(self, path: Path) -> None:
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {key: archive[key] for key in archive.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # not a zip, truncated, pickled objects
-            raise FgqError(f"cannot read '{path}': {error}") from None
+        arrays = _npz_members(path)
         missing = [spec.name for spec in self.inputs if spec.name not in arrays]
         if missing:
             raise FgqError(f"'{path}' has no array for input(s) {missing}; it holds {sorted(arrays)}")
@@ -193,12 +194,16 @@ class Dataset:
         scalars = [s.name for s in self.inputs if self._per_sample and not s.shape]
         if scalars:
             raise FgqError(f"input '{scalars[0]}' is a scalar, so '{path}' cannot hold its samples along a batch axis: give every array one more axis (one feed per entry)")
-        self._arrays = {s.name: _fit_array(arrays[s.name], s, self._per_sample) for s in self.inputs}
+        for spec in self.inputs:
+            _check_array(arrays[spec.name], spec, self._per_sample)
+        self._arrays = {s.name: arrays[s.name] for s in self.inputs}
         self._labels = arrays.get("y")
-        counts = {len(a) for a in self._arrays.values()} | ({len(self._labels)} if self.labelled else set())
+        counts = {a.shape[0] for a in self._arrays.values()} | ({self._labels.shape[0]} if self.labelled else set())
         if len(counts) != 1:
             raise FgqError(f"arrays in '{path}' disagree on the number of samples: {sorted(counts)}")
         self.size = counts.pop()
+        if self._labels is not None and self._labels.shape[0] != self.size:
+            self._labels = None  # unused labels that do not match the inputs
         if self.size == 0:
             raise FgqError(f"'{path}' holds no samples")
         self._batches = self._npz_batches
@@ -240,31 +245,91 @@ class Dataset:
 
     def _npz_batches(self):
         step = self.batch_size if self._per_sample else 1
+        specs = {spec.name: spec for spec in self.inputs}
+        streams = {name: member.chunks(step) for name, member in self._arrays.items()}
+        labels = self._labels.chunks(step) if self._labels is not None else None
         for start in range(0, self.size, step):
             stop = min(start + step, self.size)
-            if self._per_sample:
-                feed = {n: a[start:stop] for n, a in self._arrays.items()}
-            else:
-                feed = {n: np.asarray(a[start]) for n, a in self._arrays.items()}  # a 0-d entry must stay an array
-            yield feed, (self._labels[start:stop] if self._labels is not None else None)
+            feed = {}
+            for name, stream in streams.items():
+                chunk = next(stream)[: stop - start]
+                feed[name] = _cast_array(chunk if self._per_sample else np.asarray(chunk[0]), specs[name])  # a 0-d entry stays an array
+            yield feed, (next(labels)[: stop - start] if labels is not None else None)
 
     def _reader_batches(self):
         while (feed := self._source.get_next()) is not None:
             yield {k: np.asarray(v) for k, v in feed.items()}, None
 
 
-def _fit_array(array: np.ndarray, spec: InputSpec, per_sample: bool) -> np.ndarray:
-    """Check an array against the model input; cast it to the input's dtype where that is safe."""
+class _NpzMember:
+    """One array of an .npz, read a block of leading-axis entries at a time (never whole)."""
+
+    def __init__(self, path: Path, member: str, shape: tuple[int, ...], dtype: np.dtype):
+        self.path, self.member, self.shape, self.dtype = path, member, shape, dtype
+
+    def chunks(self, rows: int) -> Iterator[np.ndarray]:
+        entry = self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+        try:
+            with zipfile.ZipFile(self.path) as archive, archive.open(self.member) as stream:
+                _read_npy_header(stream)
+                for start in range(0, self.shape[0], rows):
+                    count = min(rows, self.shape[0] - start)
+                    data = stream.read(count * entry)
+                    if len(data) != count * entry:
+                        raise FgqError(f"'{self.path}': array '{self.member}' is truncated")
+                    yield np.frombuffer(data, self.dtype).reshape(count, *self.shape[1:])
+        except (OSError, zipfile.BadZipFile, zlib.error, EOFError) as error:
+            raise FgqError(f"cannot read '{self.path}': {error}") from None
+
+
+def _read_npy_header(stream) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(stream)
+
+
+def _npz_members(path: Path) -> dict[str, _NpzMember]:
+    """The arrays of an .npz by name, from their headers only: shapes and dtypes, no data."""
+    members = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as stream:
+                    shape, fortran_order, dtype = _read_npy_header(stream)
+                name = info.filename[: -len(".npy")]
+                if dtype.hasobject:
+                    raise FgqError(f"'{path}': array '{name}' holds Python objects, which are not loaded (pickle is unsafe)")
+                if fortran_order and len(shape) > 1:
+                    raise FgqError(f"'{path}': array '{name}' is in Fortran order; save it with np.ascontiguousarray")
+                if not shape:
+                    raise FgqError(f"'{path}': array '{name}' is a scalar; arrays need a sample axis")
+                members[name] = _NpzMember(path, info.filename, shape, dtype)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # not a zip, truncated, bad header
+        raise FgqError(f"cannot read '{path}': {error}") from None
+    return members
+
+
+def _check_array(array: _NpzMember, spec: InputSpec, per_sample: bool) -> None:
+    """Check an array's shape and dtype against the model input before reading any of it."""
     sample_shape = array.shape[1:]
     expected = spec.shape[1:] if per_sample else spec.shape
     if len(sample_shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, sample_shape)):
         raise FgqError(f"array '{spec.name}' has samples of shape {list(sample_shape)}, but the input takes {list(expected)}")
+    numeric = np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+    fits = array.dtype == spec.dtype or (np.issubdtype(spec.dtype, np.floating) and numeric)
+    fits = fits or (np.issubdtype(spec.dtype, np.integer) and np.issubdtype(array.dtype, np.integer) and np.can_cast(array.dtype, spec.dtype, "same_kind"))
+    if not fits:
+        raise FgqError(f"array '{spec.name}' is {array.dtype}, which does not fit the input's {spec.dtype}")
+
+
+def _cast_array(array: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """A block of samples in the input's dtype; integers must fit its range (checked per block)."""
     if array.dtype == spec.dtype:
         return array
-    if np.issubdtype(spec.dtype, np.floating) and (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        return array.astype(spec.dtype)
-    if np.issubdtype(spec.dtype, np.integer) and np.issubdtype(array.dtype, np.integer) and np.can_cast(array.dtype, spec.dtype, "same_kind"):
+    if np.issubdtype(spec.dtype, np.integer) and array.size:
         info = np.iinfo(spec.dtype)
-        if array.size == 0 or (array.min() >= info.min and array.max() <= info.max):
-            return array.astype(spec.dtype)
-    raise FgqError(f"array '{spec.name}' is {array.dtype}, which does not fit the input's {spec.dtype}")
+        if array.min() < info.min or array.max() > info.max:
+            raise FgqError(f"array '{spec.name}' holds values outside the input's {spec.dtype} range")
+    return array.astype(spec.dtype)

@@ -77,11 +77,25 @@ def capture(model: ir.Model, dataset: Iterable, *, ranges: bool = True, keep_mod
     if ranges:
         reference.histograms = {n.inputs[0].name: AbsHistogram() for n in nodes if n.inputs[0] is not None and n.inputs[0].const_value is None}
     kept: list = []
-    reference.samples = stream(model, {**reference.moments, **reference.histograms}, dataset, keep=kept, cache_bytes=cache_bytes)
+    watched: dict = dict(reference.moments)
+    for name, histogram in reference.histograms.items():  # a linear node's output may be the next one's input
+        watched[name] = _Both(watched[name], histogram) if name in watched else histogram
+    reference.samples = stream(model, watched, dataset, keep=kept, cache_bytes=cache_bytes)
     reference.feeds = kept if kept and kept[0] is not None else None
     if keep_model:
         reference.model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     return reference
+
+
+class _Both:
+    """Two accumulators fed the same tensor."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def update(self, array: np.ndarray) -> None:
+        self.first.update(array)
+        self.second.update(array)
 
 
 def stream(model: ir.Model, watched: dict, dataset: Iterable, keep: list | None = None, cache_bytes: int = 0) -> int:
@@ -203,10 +217,13 @@ def refine(
     fp_runner = SegmentRunner(reference.model, feeds) if fit is not None and reference.model is not None else None
     result = Refinement(levels=len(levels))
     for index, nodes in enumerate(levels):
-        if fit is not None:
-            _fit_level(model, runner, fp_runner, nodes, reference, fit, result)
-        if correct:
-            _correct_level(model, runner, nodes, reference, scale, result)
+        try:
+            if fit is not None:
+                _fit_level(model, runner, fp_runner, nodes, reference, fit, result)
+            if correct:
+                _correct_level(model, runner, nodes, reference, scale, result)
+        except FgqError as error:
+            raise FgqError(f"at layer {', '.join(n.name or n.outputs[0].name for n in nodes)}: {error}") from None
         if on_level:
             on_level(index + 1, len(levels))
     return result

@@ -74,7 +74,7 @@ def _check_external(tensor: onnx.TensorProto, base_dir: Path) -> None:
     info = {entry.key: entry.value for entry in tensor.external_data}
     location = info.get("location", "")
     name = tensor.name
-    if not location or os.path.isabs(location) or ".." in Path(location).parts:
+    if not location or "\0" in location or os.path.isabs(location) or ".." in Path(location).parts:
         raise FgqError(f"tensor '{name}': external data location '{location}' must be a relative path inside the model's folder")
     path = base_dir / location
     real_base = base_dir.resolve()
@@ -96,12 +96,25 @@ def _check_external(tensor: onnx.TensorProto, base_dir: Path) -> None:
         raise FgqError(f"tensor '{name}': dims {list(tensor.dims)} need {expected} bytes but its external data holds {length}")
 
 
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+
+
+def _expected_values(tensor: onnx.TensorProto) -> int:
+    """Entries the typed field (float_data, int32_data, ...) needs: complex takes two, sub-byte types pack into one."""
+    count = int(np.prod(tensor.dims, dtype=object))
+    if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+        return 2 * count
+    bits = ir.DataType(tensor.data_type).bitwidth if tensor.data_type != onnx.TensorProto.STRING else 8
+    return -(-count * bits // 8) if bits < 8 else count
+
+
 def _check_inline(tensor: onnx.TensorProto) -> None:
-    if not tensor.HasField("raw_data"):
-        return
-    expected = _expected_bytes(tensor)
-    if expected is not None and expected != len(tensor.raw_data):
-        raise FgqError(f"tensor '{tensor.name}': dims {list(tensor.dims)} need {expected} bytes but it holds {len(tensor.raw_data)}")
+    if tensor.HasField("raw_data") and tensor.data_type != onnx.TensorProto.STRING:  # strings live in string_data only
+        expected, held, unit = _expected_bytes(tensor), len(tensor.raw_data), "bytes"
+    else:
+        expected, held, unit = _expected_values(tensor), max(len(getattr(tensor, f)) for f in _TYPED_FIELDS), "values"
+    if expected is not None and expected != held:
+        raise FgqError(f"tensor '{tensor.name}': dims {list(tensor.dims)} need {expected} {unit} but it holds {held}")
 
 
 def _check_model(model: onnx.ModelProto, base_dir: Path) -> None:
@@ -113,6 +126,8 @@ def _check_model(model: onnx.ModelProto, base_dir: Path) -> None:
     if opset is None or opset < MIN_OPSET:
         raise FgqError(f"opset {opset} is too old; {MIN_OPSET} or newer is needed")
     for tensor in _tensors(model):
+        if tensor.data_type not in onnx.TensorProto.DataType.values() or tensor.data_type == onnx.TensorProto.UNDEFINED:
+            raise FgqError(f"tensor '{tensor.name}' has an unknown data type {tensor.data_type}")
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             _check_external(tensor, base_dir)
         else:
@@ -151,9 +166,22 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto, 
 
 def to_ir(model: onnx.ModelProto, base_dir: Path) -> ir.Model:
     """Proto -> onnx-ir model whose external tensors load lazily from base_dir."""
-    ir_model = ir.serde.deserialize_model(model)
+    try:
+        ir_model = ir.serde.deserialize_model(model)
+    except Exception as error:  # onnx-ir wraps what it finds (duplicate outputs, bad types, ...) in SerdeError
+        raise FgqError(f"the model's graph is malformed: {_innermost(error)}") from None
+    try:
+        ir_model.graph.sort()  # nodes in dependency order, as the passes expect
+    except ValueError:
+        raise FgqError("the model's graph has a cycle: a node depends on its own output") from None
     ir.external_data.set_base_dir(ir_model.graph, str(base_dir))
     return ir_model
+
+
+def _innermost(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def weight_bytes(model: ir.Model) -> int:

@@ -16,7 +16,7 @@ import onnx_ir.passes.common as common
 from fgq_onnx import __version__, layerwise, model_io
 from fgq_onnx.calibration import AbsHistogram, ActivationObserver, CalibMethod, non_negative_by_construction, threshold
 from fgq_onnx.data import Dataset, ImageOptions, model_inputs
-from fgq_onnx.errors import FgqError
+from fgq_onnx.errors import FgqError, fgq_error_in
 from fgq_onnx.passes.fold_batchnorm import FoldBatchNormPass
 from fgq_onnx.passes.fold_scale_mul import FoldScaleMulPass
 from fgq_onnx.passes.insert_activation_qdq import ActivationQuant, InsertActivationQdqPass
@@ -244,6 +244,26 @@ def _calibrate(model: ir.Model, dataset: Dataset | None, config: ConvertConfig, 
     return quants
 
 
+class _Progress:
+    """The stages a conversion went through, so that a failure can say what was done and what was not."""
+
+    def __init__(self):
+        self.done: list[str] = []
+        self.current: str | None = None
+
+    def begin(self, stage: str) -> None:
+        if self.current is not None:
+            self.done.append(self.current)
+        self.current = stage
+
+    def explain(self, error: FgqError) -> str:
+        if self.current is None:  # still loading: the error says it all
+            return str(error)
+        done = f"{', '.join(self.done)} done; " if self.done else ""
+        message = str(error)
+        return f"{done}{self.current} failed{'' if message.startswith('at layer') else ':'} {message}; nothing written"
+
+
 def convert(
     model: str | Path | onnx.ModelProto | ir.Model,
     config: ConvertConfig | None = None,
@@ -263,6 +283,27 @@ def convert(
     `calibration_cache` (from collect_calibration) replaces the calibration
     run and `calib`. Returns (model, report); save it with fgq_onnx.save.
     """
+    progress = _Progress()
+    try:
+        return _convert(model, config, calib=calib, on_progress=on_progress, calibration_cache=calibration_cache, progress=progress, **settings)
+    except Exception as error:  # an FgqError, maybe wrapped by a pass: say what was done before it
+        cause = fgq_error_in(error)
+        if cause is None:
+            raise
+        raise FgqError(progress.explain(cause)) from None
+
+
+def _convert(
+    model: str | Path | onnx.ModelProto | ir.Model,
+    config: ConvertConfig | None = None,
+    *,
+    calib=None,
+    on_progress: Callable[[int, int | None], None] | None = None,
+    calibration_cache: CalibrationCache | None = None,
+    progress: _Progress,
+    **settings,
+) -> Conversion:
+    """The body of convert; `progress` records the stages it begins."""
     config = replace(config or ConvertConfig(), **settings) if settings else (config or ConvertConfig())
     if config.act_bits and calib is None and calibration_cache is None:
         raise FgqError("activation quantization needs calibration data (--calib), or use --act-bits 0 for weights only")
@@ -282,7 +323,9 @@ def convert(
     if (config.bias_correction or config.method is Method.FIT) and dataset is not None:
         cached = calibration_cache.reference if calibration_cache is not None else None
         usable = cached is not None and (cached.model is not None or config.method is not Method.FIT)
+        progress.begin("the fp32 calibration pass")
         reference = cached if usable else layerwise.capture(ir_model, dataset, keep_model=config.method is Method.FIT)
+    progress.begin("ternarization")
     ir_model = ternarize(ir_model).model
     report.layers = ternarize.records
     if not report.converted:
@@ -291,6 +334,7 @@ def convert(
     if ranges_from_capture:  # fitting and bias correction bring activations back to the fp32 ranges: no second pass
         calibration_cache = CalibrationCache(reference.histograms, reference.samples, dataset.skipped, dataset.dropped)
     if config.act_bits:
+        progress.begin("activation calibration")
         quants = _calibrate(ir_model, dataset, config, report, on_progress, calibration_cache)
         if ranges_from_capture:
             report.calibration.pop("reused_fp32_statistics", None)
@@ -298,6 +342,7 @@ def convert(
         ir_model = InsertActivationQdqPass(quants)(ir_model).model
     if reference is not None:
         fit = layerwise.FitSettings(config.n, config.weight_storage, config.scale_format) if config.method is Method.FIT else None
+        progress.begin("fitting and bias correction" if fit and config.bias_correction else "fitting" if fit else "bias correction")
         report.notes += layerwise.describe(layerwise.refine(ir_model, reference, dataset, correct=config.bias_correction, fit=fit, samples=config.refine_samples))
     elif config.bias_correction:
         report.notes.append("bias correction needs calibration data (--calib): skipped")
@@ -308,6 +353,7 @@ def convert(
     ])
     ir_model = finish(ir_model).model
     if config.format is OutputFormat.CUSTOM:
+        progress.begin("the custom-op rewrite")
         ir_model = _use_custom_ops(ir_model, report)
     ir_model.ir_version = max(ir_model.ir_version, _REQUIRED_IR[config.weight_storage])
     _stamp(ir_model, report)

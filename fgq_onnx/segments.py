@@ -108,7 +108,10 @@ class SegmentRunner:
             proto.output[:] = [names[id(v)] for v in node.outputs]
             graph.node.append(proto)
         for value in initializers.values():
-            tensor = ir.serde.serialize_tensor(value.const_value)
+            const = value.const_value
+            if isinstance(const, ir.ExternalTensor):  # the piece is loaded from bytes: no folder to resolve a file in
+                const = ir.Tensor(const.numpy(), dtype=const.dtype)
+            tensor = ir.serde.serialize_tensor(const)
             tensor.name = names[id(value)]
             graph.initializer.append(tensor)
         for value in inputs.values():

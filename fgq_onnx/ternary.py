@@ -9,6 +9,7 @@ a * t approximates w.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,17 +155,46 @@ class TernaryWeight:
     def dequantize(self) -> np.ndarray:
         return self.layout.ungroup(dequantize(self.codes, self.scale, self.neg_scale))
 
+    def sqnr_db(self, weight: np.ndarray, dtype: np.dtype = np.dtype(np.float32)) -> float:
+        """SQNR of the decoded weight, rounded to `dtype` as the graph computes it, against `weight`.
+
+        Works on the groups a chunk at a time (zero padding adds nothing to
+        signal or noise), so a large weight needs no full-size float copies.
+        """
+        groups = self.layout.group(np.asarray(weight, dtype=np.float32))
+        signal = noise = 0.0
+        for part in _chunks(len(groups), groups.shape[1] * groups.shape[2]):
+            neg = None if self.neg_scale is None else self.neg_scale[part]
+            decoded = dequantize(self.codes[part], self.scale[part], neg).astype(dtype).astype(np.float32)
+            noise += float(np.sum((groups[part] - decoded) ** 2, dtype=np.float64))
+            signal += float(np.sum(np.square(groups[part]), dtype=np.float64))
+        if noise == 0.0:
+            return float("inf")
+        return float(10.0 * np.log10(max(signal, 1e-30) / noise))
+
+
+# Weights per solver call: the solvers' temporaries (int64 ranks, float64 sums) take ~40 bytes a weight.
+_CHUNK_WEIGHTS = 1 << 21
+
+
+def _chunks(count: int, weights_per_item: int) -> list[slice]:
+    step = max(1, _CHUNK_WEIGHTS // max(1, weights_per_item))
+    return [slice(start, start + step) for start in range(0, count, step)]
+
 
 def ternarize(weight: np.ndarray, layout: GroupLayout, method: Method) -> TernaryWeight:
-    """Ternarize a weight tensor group by group with the chosen solver."""
+    """Ternarize a weight tensor group by group with the chosen solver, a bounded chunk of segments at a time."""
     groups = layout.group(np.asarray(weight, dtype=np.float32))
     if method in (Method.EXACT, Method.FIT):  # FIT starts from exact; the data-aware part needs calibration data
-        return TernaryWeight(layout, *solve_exact(groups))
-    if method is Method.TWN:
-        return TernaryWeight(layout, *solve_twn(groups, layout.valid_counts()))
-    if method is Method.ASYMMETRIC:
-        return TernaryWeight(layout, *solve_asymmetric(groups))
-    raise ValueError(f"unknown method {method!r}")
+        solve = solve_exact
+    elif method is Method.TWN:
+        solve = functools.partial(solve_twn, valid=layout.valid_counts())
+    elif method is Method.ASYMMETRIC:
+        solve = solve_asymmetric
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    parts = [solve(groups[part]) for part in _chunks(len(groups), groups.shape[1] * groups.shape[2])]
+    return TernaryWeight(layout, *(np.concatenate(arrays) for arrays in zip(*parts)))
 
 
 def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:

@@ -116,6 +116,7 @@ def _add_after(node: ir.Node, shift: np.ndarray) -> None:
         graph.outputs[:] = [add.outputs[0] if v is output else v for v in graph.outputs]
         output.name = None
         add.outputs[0].name = name
+        add.outputs[0].type, add.outputs[0].shape = output.type, output.shape  # a graph output must keep its type
         output.name = f"{name}.uncorrected"
     else:
         add.outputs[0].name = f"{output.name}.bias_corrected"

@@ -7,6 +7,7 @@ the model stays a standard ONNX model (docs/packed-format.md, "Groups").
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -16,7 +17,7 @@ from fgq_onnx import already_ternary
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, int_attr, unique_name
 from fgq_onnx.report import LayerRecord
 from fgq_onnx.scales import SCALE_FORMATS, StoredScales, row_axis, store_scales
-from fgq_onnx.ternary import GroupLayout, Method, TernaryWeight, sqnr_db, ternarize
+from fgq_onnx.ternary import GroupLayout, Method, TernaryWeight, ternarize
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 TERNARY_MARK = "fgq.ternary"  # node metadata key: the node's weight is ternary
@@ -45,6 +46,9 @@ def structural_skip_reason(node: ir.Node) -> str | None:
     if constant_array(weight) is None:
         if node.op_type == "MatMul" and constant_array(node.inputs[0]) is not None:
             return "constant first input (weight on the left) is not supported"
+        decoder = _quantized_weight_decoder(weight)
+        if decoder:
+            return f"weight is already quantized ({decoder}): left as it is"
         return "activation x activation: no constant weight"
     dtype = weight.const_value.dtype
     if not dtype.is_floating_point():
@@ -56,6 +60,21 @@ def structural_skip_reason(node: ir.Node) -> str | None:
         return f"{node.op_type} weight of rank {rank} (only 2-D weights are ternarized)"
     if weight.const_value.size == 0:
         return "empty weight"
+    return None
+
+
+def _quantized_weight_decoder(weight: ir.Value) -> str | None:
+    """How a weight computed from constant integer codes is decoded (DequantizeLinear, Cast*Mul), or None."""
+    producer = weight.producer()
+    if producer is None:
+        return None
+    if producer.op_type == "DequantizeLinear" and constant_array(producer.inputs[0]) is not None:
+        return f"{producer.inputs[0].const_value.dtype.name} codes through DequantizeLinear"
+    if producer.op_type == "Mul":
+        casts = [v.producer() for v in producer.inputs if v is not None and v.producer() is not None and v.producer().op_type == "Cast"]
+        codes = [c.inputs[0] for c in casts if constant_array(c.inputs[0]) is not None]
+        if codes and not codes[0].const_value.dtype.is_floating_point():
+            return f"{codes[0].const_value.dtype.name} codes through Cast and Mul"
     return None
 
 
@@ -195,10 +214,11 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
                 node.metadata_props[EXACT_MARK] = first.already_ternary
             if first is not record:
                 _copy_result(first, record, note=f"shares its weight with {first.node}")
+            _drop_if_unused(node.graph, weight)
         return ir.passes.PassResult(model, modified=bool(done))
 
     def _ternarize(self, node: ir.Node, weight: ir.Value, record: LayerRecord) -> tuple[ir.Value, LayerRecord]:
-        array = weight.const_value.numpy().astype(np.float32)
+        array = np.asarray(weight.const_value.numpy(), dtype=np.float32)  # no copy of a (memory-mapped) float32 weight
         layout, grouping = weight_layout(node, array.shape, self.n)
         exact = self.exact.get((id(node.graph), id(weight)))
         if exact is not None:  # keep the trained codes and scales: fitting again could only lose
@@ -216,8 +236,7 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         dtype = weight.const_value.dtype.numpy()  # f32 scales are stored in the weight's own float type
         record.code_bytes = -(-array.size * (2 if self.storage == "int2" else 8) // 8)
         record.scale_bytes = sum(s.values.size * dtype.itemsize if s.format == "f32" else s.nbytes for s in stored)
-        decoded = TernaryWeight(layout, ternary.codes, *(s.decoded for s in stored)).dequantize()
-        record.sqnr_db = sqnr_db(array, decoded.astype(dtype).astype(np.float32))  # exactly what the graph computes
+        record.sqnr_db = TernaryWeight(layout, ternary.codes, *(s.decoded for s in stored)).sqnr_db(array, dtype)  # exactly what the graph computes
         notes = []
         if exact is not None:
             record.already_ternary = f"exact ({exact.describe()})"
@@ -233,10 +252,15 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         for node in model.graph.all_nodes():
             if node.op_type not in LINEAR_OPS or node.domain not in DEFAULT_DOMAINS or structural_skip_reason(node) or self.skip(node):
                 continue
-            array = node.inputs[1].const_value.numpy().astype(np.float32)
+            tensor = node.inputs[1].const_value
+            array = np.asarray(tensor.numpy(), dtype=np.float32)
             detected = already_ternary.detect(array, weight_layout(node, array.shape, self.n)[0])
             if detected is not None:
                 found[(id(node.graph), id(node.inputs[1]))] = detected
+            del array
+            if isinstance(tensor, ir.ExternalTensor):  # maps again when ternarized: keep large models a layer at a time
+                with contextlib.suppress(BufferError):
+                    tensor.release()
         return found
 
     def _float_in_trained(self, node: ir.Node) -> str | None:
@@ -244,6 +268,17 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         if self.trained_float_stays_float and self.exact and (id(node.graph), id(node.inputs[1])) not in self.exact:
             return "float layer of a trained-ternary model (its other layers are already ternary): kept float"
         return None
+
+
+def _drop_if_unused(graph: ir.Graph, weight: ir.Value) -> None:
+    """Forget the float weight once nothing reads it: subgraphs keep no dead copy, and a memory-mapped
+    external weight is unmapped (it maps again if read later), so large models convert a layer at a time."""
+    if weight.uses() or weight.is_graph_output() or graph.initializers.get(weight.name) is not weight:
+        return
+    graph.initializers.pop(weight.name)
+    if isinstance(weight.const_value, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # an array still viewing the map keeps it
+            weight.const_value.release()
 
 
 def _copy_result(source: LayerRecord, target: LayerRecord, note: str) -> None:
