@@ -22,6 +22,7 @@ from fgq_onnx.ternary import GroupLayout, Method, TernaryWeight, ternarize
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 TERNARY_MARK = "fgq.ternary"  # node metadata key: the node's weight is ternary
 EXACT_MARK = "fgq.already_ternary"  # node metadata key: its weight was ternary already and is kept exactly
+TRAINED_SHARE = 0.5  # a model whose already-ternary weights are more than this share of all was trained ternary
 # Opset that introduced what the output needs: INT2 (25) or blocked DequantizeLinear (21).
 REQUIRED_OPSET = {"int2": 25, "int8": 21}
 _STORAGE_DTYPE = {"int2": ir.DataType.INT2.numpy(), "int8": np.int8}
@@ -159,9 +160,9 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
 
     A weight that is already ternary at N (fgq_onnx/already_ternary.py) keeps
     its own codes and scales (method "already_ternary", metadata key
-    "fgq.already_ternary"). When some are, the model was trained ternary and
-    the float layers it has (its first and last, as in TTQ) stay float too,
-    unless `trained_float_stays_float` is False.
+    "fgq.already_ternary"). When they hold most of the weights (TRAINED_SHARE),
+    the model was trained ternary and the float layers it has (its first and
+    last, as in TTQ) stay float too, unless `trained_float_stays_float` is False.
 
     Requires: the default-domain opset the storage needs; weights as
     initializers (lift Constant nodes first).
@@ -179,6 +180,7 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         self.skip = skip or (lambda node: None)
         self.trained_float_stays_float = trained_float_stays_float
         self.exact: dict[tuple[int, int], already_ternary.AlreadyTernary] = {}
+        self.trained_ternary = False  # most of the weights are already ternary
         self.records: list[LayerRecord] = []
 
     def requires(self, model: ir.Model) -> None:
@@ -248,11 +250,12 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
 
     def _detect(self, model: ir.Model) -> dict[tuple[int, int], already_ternary.AlreadyTernary]:
         """The weights this pass would ternarize that are already ternary at this N, keyed like `done` in call."""
-        found = {}
+        found, self.trained_ternary, candidates = {}, False, {}
         for node in model.graph.all_nodes():
             if node.op_type not in LINEAR_OPS or node.domain not in DEFAULT_DOMAINS or structural_skip_reason(node) or self.skip(node):
                 continue
             tensor = node.inputs[1].const_value
+            candidates[(id(node.graph), id(node.inputs[1]))] = tensor.size
             array = np.asarray(tensor.numpy(), dtype=np.float32)
             detected = already_ternary.detect(array, weight_layout(node, array.shape, self.n)[0])
             if detected is not None:
@@ -261,11 +264,13 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
             if isinstance(tensor, ir.ExternalTensor):  # maps again when ternarized: keep large models a layer at a time
                 with contextlib.suppress(BufferError):
                     tensor.release()
+        # Trained ternary when most weights are: one fixed 0/1 or constant-valued layer of a float model is not.
+        self.trained_ternary = sum(candidates[key] for key in found) > TRAINED_SHARE * sum(candidates.values())
         return found
 
     def _float_in_trained(self, node: ir.Node) -> str | None:
         """Why a float layer stays float in a model whose other layers are already ternary."""
-        if self.trained_float_stays_float and self.exact and (id(node.graph), id(node.inputs[1])) not in self.exact:
+        if self.trained_float_stays_float and self.trained_ternary and (id(node.graph), id(node.inputs[1])) not in self.exact:
             return "float layer of a trained-ternary model (its other layers are already ternary): kept float"
         return None
 

@@ -201,14 +201,23 @@ def test_near_ternary_model_is_fitted_not_packed():
     assert report.layers[1].already_ternary == "" and report.layers[1].sqnr_db < 60
 
 
-def test_float_layers_of_a_trained_ternary_model_stay_float(tmp_path):
-    source = mlp_model(4)
-    w1 = next(t for t in source.graph.initializer if t.name == "w1")
-    w1.CopyFrom(numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.2, (64, 32)).astype(np.float32), "w1"))
-    _, report = convert(source, n=4, act_bits=0)
+def _with_float(source: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    tensor = next(t for t in source.graph.initializer if t.name == name)
+    shape = tuple(tensor.dims)
+    tensor.CopyFrom(numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.2, shape).astype(np.float32), name))
+    return source
+
+
+def test_float_layers_of_a_trained_ternary_model_stay_float():
+    _, report = convert(_with_float(mlp_model(4), "w2"), n=4, act_bits=0)  # 2048 of 2368 weights ternary
     first, second = report.layers
-    assert not first.converted and "trained-ternary" in first.reason
-    assert second.converted and second.method == "already_ternary"
+    assert first.converted and first.method == "already_ternary"
+    assert not second.converted and "trained-ternary" in second.reason
+
+
+def test_one_ternary_layer_does_not_make_a_float_model_trained_ternary():
+    _, report = convert(_with_float(mlp_model(4), "w1"), n=4, act_bits=0)  # 320 of 2368 weights ternary
+    assert [(layer.converted, layer.method) for layer in report.layers] == [(True, "exact"), (True, "already_ternary")]
 
 
 @pytest.mark.parametrize("method", ["exact", "fit"])
@@ -224,13 +233,10 @@ def test_bias_correction_and_fitting_leave_exact_layers_alone(tmp_path, method):
 
 @pytest.mark.parametrize("flag, float_layer_converted", [((), False), (("--ternarize-float-layers",), True)])
 def test_cli_reports_exact_layers(tmp_path, cli, flag, float_layer_converted):
-    source = mlp_model(4)
-    w1 = next(t for t in source.graph.initializer if t.name == "w1")
-    w1.CopyFrom(numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.2, (64, 32)).astype(np.float32), "w1"))
     path = tmp_path / "mixed.onnx"
-    onnx.save(source, str(path))
+    onnx.save(_with_float(mlp_model(4), "w2"), str(path))
     result = cli("convert", path, "--act-bits", "0", "-o", tmp_path / "out.onnx", "--json", tmp_path / "report.json", *flag)
     assert result.exit_code == 0, result.stderr
     first, second = json.loads((tmp_path / "report.json").read_text())["layers"]
-    assert first["converted"] is float_layer_converted and first["already_ternary"] == ""
-    assert second["method"] == "already_ternary" and second["already_ternary"] == "exact (per tensor, asymmetric)"
+    assert first["method"] == "already_ternary" and first["already_ternary"] == "exact (per group, symmetric)"
+    assert second["converted"] is float_layer_converted and second["already_ternary"] == ""
