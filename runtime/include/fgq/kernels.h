@@ -58,8 +58,8 @@ struct KernelWeights {
   ScaleType scale_type = ScaleType::kF32;
   std::vector<uint8_t> codes;      // code_bytes(): quads rounded up to 4, * (Gp / 4) * (np / 4) * 16
   std::vector<uint8_t> scales;     // quads * (Gp / 4) * 16 scale elements (+ 64 bytes of slack)
-  std::vector<float> row_scale;    // 4 * quads; the row_scale input, or 1 (0 for padding rows)
-  std::vector<float> row_offset;   // 4 * quads; row_scale * sum_g scale[g] * sum(t in g): the offset term
+  std::vector<float> row_scale;    // 16 * panels(); the row_scale input, or 1 (0 for padding rows)
+  std::vector<float> row_offset;   // 16 * panels(); row_scale * sum_g scale[g] * sum(t in g): the offset term
   // Folded form (uint8 scales, small N; see fold_scales): the integer weights w = t * s
   // (s the group's uint8 scale code) in int8 planes, w = 128 * plane1 + plane0
   // (fold_planes = 2), or w = plane0 when every code is <= 127 (fold_planes = 1);

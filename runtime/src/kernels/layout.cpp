@@ -81,8 +81,8 @@ std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes
   const size_t esize = scale_size(scale_type);
   w.codes.assign(static_cast<size_t>(w.code_bytes()), 0x55);  // u = 1 (t = 0)
   w.scales.assign(static_cast<size_t>(w.quads * w.super_groups() * 16) * esize + 64, 0);
-  w.row_scale.assign(static_cast<size_t>(w.quads * 4), 0.f);
-  w.row_offset.assign(static_cast<size_t>(w.quads * 4), 0.f);
+  w.row_scale.assign(static_cast<size_t>(w.panels() * 16), 0.f);  // whole panels: the folded path loads 16 rows
+  w.row_offset.assign(static_cast<size_t>(w.panels() * 16), 0.f);
 
   const int64_t gps = layout.groups_per_segment();
   for (int64_t m = 0; m < rows; ++m) {
