@@ -13,10 +13,14 @@ Cases (--cases):
   time per layer and the DRAM roofline of the variant's weight bytes.
 - gemm: batch-64 MatMul 4096x4096 (a chain of 4), GOP/s.
 - conv: ResNet-50 3x3 and 1x1 conv shapes at batch 1 and 8.
+- model: the embedded Fashion-MNIST ResNet converted at N=4 and N=16 (8-bit
+  activations), whole model at batch 64: fp32, qdq (onnxruntime's int8
+  kernels) and custom (com.fgq ops).
 Variants: fp32 (MatMul / Conv), int8 (DynamicQuantizeMatMul; Conv: QDQ that
 onnxruntime fuses into QLinearConv), MatMulNBits 2- and 4-bit (block 128,
 accuracy_level 4), ternary (com.fgq) at N=64 and N=4 (uint8 scales with a
-row scale, the converter's default; --scale-format to change).
+row scale, the converter's default; --scale-format to change; "u7" limits the
+codes to 0..127, a proposed format the kernels run as int8 weights t * s).
 "rel_err" is ||y - y_fp32|| / ||y_fp32|| against the fp32 variant with the
 original weights (MatMul: one layer of the chain): it includes each format's
 quantization error (ternary: about 0.3 to 0.5 on random Gaussian weights). "kernel_err"
@@ -27,6 +31,7 @@ weights and activations: the kernel's own error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -47,6 +52,7 @@ from fgq_onnx.packing import pack_rows  # noqa: E402
 from fgq_onnx.ternary import GroupLayout, solve_exact  # noqa: E402
 
 OPSET = 21
+U8_LEVELS = {"u8": 255, "u7": 127}  # largest uint8 scale code
 MS = "com.microsoft"
 
 
@@ -80,9 +86,10 @@ def ternarize_rows(w_rows: np.ndarray, n: int, scale_format: str):
         stored = scales.astype(np.float16)
         row_scale, decoded = None, stored.astype(np.float32)
     else:
-        row_scale = (scales.max(axis=1) / 255).astype(np.float32)
+        levels = U8_LEVELS[scale_format]
+        row_scale = (scales.max(axis=1) / levels).astype(np.float32)
         safe = np.where(row_scale > 0, row_scale, 1)[:, None]
-        stored = np.clip(np.rint(scales / safe), 0, 255).astype(np.uint8)
+        stored = np.clip(np.rint(scales / safe), 0, levels).astype(np.uint8)
         decoded = stored.astype(np.float32) * row_scale[:, None]
     deq = (codes * decoded[:, :, None]).reshape(m, -1)[:, :k]
     return pack_rows(codes.reshape(m, -1)), stored, row_scale, deq.astype(np.float32)
@@ -329,6 +336,45 @@ def bench_conv(variants, threads_list, args, rows, batches=(1, 8)):
                     print_row(row)
 
 
+@contextlib.contextmanager
+def _converter_u8_levels(levels):
+    """The converter with its uint8 scale codes limited to `levels` (u7 is not a converter option yet)."""
+    import fgq_onnx.scales
+
+    saved = fgq_onnx.scales.U8_LEVELS
+    fgq_onnx.scales.U8_LEVELS = levels or saved
+    try:
+        yield
+    finally:
+        fgq_onnx.scales.U8_LEVELS = saved
+
+
+def bench_model(threads_list, args, rows, batch=64, ns=(4, 16)):
+    import tempfile
+
+    import fgq_onnx
+
+    source = ROOT / "models" / "fashion_mnist_resnet.onnx"
+    x = np.load(ROOT / "models" / "fashion_mnist_test.npz")["input"][:batch]
+    with tempfile.TemporaryDirectory() as folder, _converter_u8_levels(U8_LEVELS.get(args.scale_format)):
+        models = {"fp32": source}
+        for n in ns:
+            for fmt in ("qdq", "custom"):
+                path = pathlib.Path(folder) / f"{fmt}{n}.onnx"
+                fgq_onnx.save(fgq_onnx.convert(source, n=n, format=fgq_onnx.OutputFormat(fmt), calib=ROOT / "models" / "calib",
+                                               scale_format="u8" if args.scale_format == "u7" else args.scale_format).model, path)
+                models[f"{fmt} N={n}"] = path
+        for variant, path in models.items():
+            model = onnx.load(str(path))
+            for threads in threads_list:
+                _, times = timed(session(model, threads), {"input": x}, args.repeat, args.min_seconds)
+                med = float(np.median(times))
+                row = dict(case="model fashion_mnist", variant=variant, threads=threads, batch=batch,
+                           us=med * 1e6, us_min=float(np.min(times)) * 1e6, us_max=float(np.max(times)) * 1e6, gops=0.0)
+                rows.append(row)
+                print_row(row)
+
+
 def print_row(row):
     time_us = row.get("us_per_layer", row.get("us"))
     extra = ""
@@ -381,18 +427,25 @@ def summarize(rows) -> list[str]:
                     if tr and c8 and c32:
                         lines.append(f"t={t} {case} b={b} {variant}: vs int8 {ratio(c8, tr, 'us')}, "
                                      f"vs fp32 {ratio(c32, tr, 'us')} (targets >= 1x, >= 3x)")
+        base = next((r for r in rows if r["case"].startswith("model") and r["variant"] == "fp32" and r["threads"] == t), None)
+        model_ns = {int(r["variant"].split("=")[1]) for r in rows if r["case"].startswith("model") and "=" in r["variant"]}
+        for n in sorted(model_ns) if base else ():
+            qdq, custom = find(base["case"], f"qdq N={n}", t), find(base["case"], f"custom N={n}", t)
+            if qdq and custom:
+                lines.append(f"t={t} whole model N={n}: custom vs qdq {ratio(qdq, custom, 'us')}, "
+                             f"vs fp32 {ratio(base, custom, 'us')} (targets > 1x, >= 3x)")
     return lines
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--cases", nargs="+", default=["gemv", "gemm", "conv"], choices=["gemv", "gemm", "conv"])
+    parser.add_argument("--cases", nargs="+", default=["gemv", "gemm", "conv", "model"], choices=["gemv", "gemm", "conv", "model"])
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--min-seconds", type=float, default=1.0)
     parser.add_argument("--layers", type=int, default=12, help="chained layers for the batch-1 case")
     parser.add_argument("--conv-limit", type=int, default=len(RESNET50_CONVS), help="first K ResNet-50 conv shapes")
-    parser.add_argument("--scale-format", default="u8", choices=["f32", "f16", "u8"])
+    parser.add_argument("--scale-format", default="u8", choices=["f32", "f16", "u8", "u7"])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, 2 conv shapes (a smoke run)")
     parser.add_argument("--json", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "bench_kernels.json")
     parser.add_argument("--summarize", type=pathlib.Path, help="only print the targets of an earlier JSON result")
@@ -424,6 +477,8 @@ def main(argv=None) -> int:
         bench_matmul("gemm b64 4096x4096", 64, 4, mm_variants, args.threads, args, rows)
     if "conv" in args.cases:
         bench_conv(["fp32", "int8", "ternary N=64", "ternary N=4"], args.threads, args, rows)
+    if "model" in args.cases:
+        bench_model(args.threads, args, rows)
     summary = summarize(rows)
     print("\nTargets:")
     for line in summary:

@@ -1,7 +1,8 @@
 """The com.fgq ops in real onnxruntime sessions, on every kernel path this CPU runs.
 
-- Exact mode (int8 activations, x_scale 1, unit scales): the output is the
-  integer dot product itself, so every path must match numpy bit for bit;
+- Exact mode (int8 activations, x_scale 1, unit scales or uint8 scale codes
+  under a unit row scale): the output is the integer dot product itself, so
+  every path must match numpy bit for bit;
   hypothesis draws the shapes (N not dividing C, odd channels, pads, strides,
   dilations, depthwise, batch 1 and many, rank-3/4 MatMul).
 - Float mode: fused activation quantization, float16/uint8 scales, asymmetric
@@ -126,6 +127,36 @@ def test_conv_exact_all_paths(kernels, nb, cg, group, mg, r, s, hw, strides, pad
         got = run(model, {"X": x}, kernel, threads=2)
         assert got.shape == want.shape
         assert np.array_equal(got, want), kernel
+
+
+@SETTINGS
+@given(
+    rows=st.sampled_from([1, 4, 9]),
+    k=st.integers(1, 200),
+    m=st.integers(1, 40),
+    n=st.sampled_from([2, 4, 5, 8, 16, 64]),
+    max_code=st.sampled_from([127, 255]),
+    seed=st.integers(0, 2**16),
+)
+def test_matmul_exact_uint8_scales(kernels, rows, k, m, n, max_code, seed):
+    """uint8 scale codes under a unit row scale: the output is sum_g s_g * dot_g, an integer below 2^24
+    (AVX-512 folds s into the weights for >= 4 rows when N <= 8 or every code is <= 127)."""
+    rng = np.random.default_rng(seed)
+    t = random_ternary(rng, (m, k))
+    codes, groups = pack_weight(t, n)
+    scales = rng.integers(0, max_code + 1, size=(m, groups.shape[1])).astype(np.uint8)
+    x = rng.integers(-128, 128, size=(rows, k)).astype(np.int8)
+    model = build_model(
+        "TernaryMatMul",
+        dict(x_scale=np.float32(1), x_zero_point=np.int8(0), codes=codes, scales=scales, row_scale=np.ones(m, np.float32)),
+        dict(N=n, K=k),
+        list(x.shape),
+        x_type=TensorProto.INT8,
+    )
+    weight = scales_to_weight(groups, scales.astype(np.float64), k, 1).astype(np.int64)
+    want = (x.astype(np.int64) @ weight.T).astype(np.float32)
+    for kernel in kernels:
+        assert np.array_equal(run(model, {"X": x}, kernel, threads=2), want), kernel
 
 
 def test_depthwise_exact(kernels):

@@ -240,7 +240,7 @@ void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
   int cases = 0;
   for (int64_t n : ns)
     for (int64_t k : ks)
-      for (int st = 0; st < 3; ++st) {
+      for (int st = 0; st < 4; ++st) {  // f32, f16, u8, u8 codes <= 127 (one folded plane)
         const int64_t M = 1 + static_cast<int64_t>(rng() % 11), B = 1 + static_cast<int64_t>(rng() % 9);
         const fgq::ReductionLayout layout{1, k, n};
         const int64_t G = layout.groups(), row_bytes = (G * n + 3) / 4;
@@ -258,15 +258,19 @@ void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
         for (size_t i = 0; i < f32.size(); ++i) {
           f32[i] = static_cast<float>(rng() % 1000) / 997.f;
           f16[i] = float_to_half_simple(f32[i]);
-          u8[i] = static_cast<uint8_t>(rng() % 256);
+          u8[i] = static_cast<uint8_t>(rng() % (st == 3 ? 128 : 256));
         }
-        const fgq::ScaleType type = static_cast<fgq::ScaleType>(st);
+        const fgq::ScaleType type = static_cast<fgq::ScaleType>(std::min(st, 2));
         const void* scales = st == 0 ? static_cast<const void*>(f32.data())
                                      : (st == 1 ? static_cast<const void*>(f16.data()) : static_cast<const void*>(u8.data()));
         fgq::KernelWeights w;
         const std::string err = fgq::repack_weights(packed.data(), M, row_bytes, scales, type, row_scale.data(), layout,
                                                     fgq::Plane::kAll, &w);
         EXPECT(err.empty(), "random repack: %s", err.c_str());
+        const bool seven_bit = *std::max_element(u8.begin(), u8.end()) <= 127;
+        const int64_t want_planes = st < 2 ? 0 : (seven_bit ? 1 : (n <= fgq::kFoldMaxGroupSize ? 2 : 0));
+        EXPECT(w.fold_planes == want_planes, "folded planes %ld, want %ld (n=%ld st=%d)", (long)w.fold_planes,
+               (long)want_planes, (long)n, st);
         const int64_t Kp = w.positions(), Gp = w.padded_groups;
         std::vector<int8_t> natural(static_cast<size_t>(Kp)), xs(static_cast<size_t>(B * Kp));
         std::vector<int32_t> gsum(static_cast<size_t>(B * Gp));

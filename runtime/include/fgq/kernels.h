@@ -58,8 +58,19 @@ struct KernelWeights {
   ScaleType scale_type = ScaleType::kF32;
   std::vector<uint8_t> codes;      // code_bytes(): quads rounded up to 4, * (Gp / 4) * (np / 4) * 16
   std::vector<uint8_t> scales;     // quads * (Gp / 4) * 16 scale elements (+ 64 bytes of slack)
-  std::vector<float> row_scale;    // 4 * quads; the row_scale input, or 1 (0 for padding rows)
-  std::vector<float> row_offset;   // 4 * quads; row_scale * sum_g scale[g] * sum(t in g): the offset term
+  std::vector<float> row_scale;    // 16 * panels(); the row_scale input, or 1 (0 for padding rows)
+  std::vector<float> row_offset;   // 16 * panels(); row_scale * sum_g scale[g] * sum(t in g): the offset term
+  // Folded form (uint8 scales, small N; see fold_scales): the integer weights w = t * s
+  // (s the group's uint8 scale code) in int8 planes, w = 128 * plane1 + plane0
+  // (fold_planes = 2), or w = plane0 when every code is <= 127 (fold_planes = 1);
+  // 0: not built. Panels of 16 rows; per panel, 4-position chunk j (kernel order,
+  // j = position / 4) and plane: 64 bytes, row r at 4r..4r+3. The SIMD path meets
+  // them with x + 128 (unsigned) in vpdpbusd and subtracts fold_bias[m] = 128 * sum(w):
+  // one exact int32 sum a row, no per-group float work.
+  int64_t fold_planes = 0;
+  std::vector<int8_t> folded;      // panels() * positions() / 4 * fold_planes * 64
+  std::vector<int32_t> fold_bias;  // 16 * panels()
+  int64_t panels() const { return (rows + 15) / 16; }
   int64_t steps() const { return np / 4; }
   int64_t super_groups() const { return padded_groups / 4; }
   int64_t positions() const { return padded_groups * np; }
@@ -77,6 +88,18 @@ struct KernelWeights {
   int t_at(int64_t m, int64_t g, int64_t i) const;
   double scale_at(int64_t m, int64_t g) const;
 };
+
+// The folded form is built for uint8 scales when every code is <= 127 (one plane:
+// int8 GEMM speed at any N), else for N up to this (two planes, twice the vpdpbusd;
+// they pay only where the code path's per-group float work dominates: measured
+// 2x faster at N = 4, 1.15x at N = 8, slower at N = 16).
+constexpr int64_t kFoldMaxGroupSize = 8;
+// Positions up to this keep the folded int32 sum exact: |w| <= 255, |x| <= 128.
+constexpr int64_t kFoldMaxPositions = 65536;
+
+// Builds w.folded / fold_bias / fold_planes from w's codes and uint8 scales when
+// the rule above says so (repack_weights calls it for uint8 scales).
+void fold_scales(KernelWeights* w);
 
 // np for a group length n (see KernelWeights).
 inline int64_t kernel_group_positions(int64_t n) { return (n + 3) / 4 * 4; }

@@ -12,7 +12,9 @@
 // the 4^i go at the end (a power of two: exact in float).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "fgq/kernels.h"
 
@@ -142,6 +144,78 @@ inline void block_store(const GemmArgs& a, int64_t quad0, int64_t b0) {
     }
 }
 
+// The folded form (KernelWeights::folded): one panel of 16 rows x C activation rows
+// (xu: x + 128, kPositions bytes a row), exact int32 sums per row, then the epilogue.
+template <int P, int C>
+void folded_block(const GemmArgs& a, const uint8_t* xu, int64_t xu_stride, int64_t panel, int64_t b0) {
+  const KernelWeights& w = *a.w;
+  const int64_t chunks = w.positions() / 4;
+  const int8_t* wp = w.folded.data() + panel * chunks * P * 64;
+  const uint8_t* x[C];
+  for (int c = 0; c < C; ++c) x[c] = xu + (b0 - a.b_begin + c) * xu_stride;
+  __m512i acc[P][C];
+  for (int p = 0; p < P; ++p)
+    for (int c = 0; c < C; ++c) acc[p][c] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < chunks; ++j) {
+    __m512i xv[C];
+    for (int c = 0; c < C; ++c) {
+      int32_t four;
+      std::memcpy(&four, x[c] + 4 * j, 4);
+      xv[c] = _mm512_set1_epi32(four);
+    }
+    for (int p = 0; p < P; ++p) {
+      const __m512i wv = _mm512_loadu_si512(wp + (j * P + p) * 64);
+      for (int c = 0; c < C; ++c) acc[p][c] = _mm512_dpbusd_epi32(acc[p][c], xv[c], wv);
+    }
+  }
+  const int64_t m0 = 16 * panel;
+  const __m512i bias = _mm512_loadu_si512(w.fold_bias.data() + m0);
+  const __m512 rs = _mm512_loadu_ps(w.row_scale.data() + m0), ro = _mm512_loadu_ps(w.row_offset.data() + m0);
+  const __m512 offset_term = _mm512_mul_ps(_mm512_set1_ps(a.offset), ro), scale = _mm512_set1_ps(a.scale);
+  const int64_t lo = std::max<int64_t>(a.m_begin - m0, 0), hi = std::min<int64_t>(a.m_end - m0, 16);
+  const __mmask16 rows = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+  for (int c = 0; c < C; ++c) {
+    __m512i total = acc[0][c];
+    if (P == 2) total = _mm512_add_epi32(total, _mm512_slli_epi32(acc[1][c], 7));
+    total = _mm512_sub_epi32(total, bias);
+    __m512 v = _mm512_mul_ps(scale, _mm512_fmadd_ps(rs, _mm512_cvtepi32_ps(total), offset_term));
+    float* y = a.y + (b0 + c) * a.y_stride_b + m0 * a.y_stride_m;
+    if (a.y_stride_m == 1) {
+      if (a.accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(rows, y));
+      _mm512_mask_storeu_ps(y, rows, v);
+    } else {
+      alignas(64) float lanes[16];
+      _mm512_store_ps(lanes, v);
+      for (int64_t i = lo; i < hi; ++i) {
+        float& yi = y[i * a.y_stride_m];
+        yi = a.accumulate ? yi + lanes[i] : lanes[i];
+      }
+    }
+  }
+}
+
+template <int P>
+void gemm_folded(const GemmArgs& a) {
+  const KernelWeights& w = *a.w;
+  const int64_t positions = w.positions(), cols = a.b_end - a.b_begin;
+  std::vector<uint8_t> xu(static_cast<size_t>(cols * positions));  // x + 128 = x ^ 0x80, once for all panels
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t c = 0; c < cols; ++c) {
+    const int8_t* src = a.x + (a.b_begin + c) * a.x_stride;
+    uint8_t* dst = xu.data() + c * positions;
+    int64_t i = 0;
+    for (; i + 64 <= positions; i += 64)
+      _mm512_storeu_si512(dst + i, _mm512_xor_si512(_mm512_loadu_si512(src + i), flip));
+    for (; i < positions; ++i) dst[i] = static_cast<uint8_t>(src[i] ^ 0x80);
+  }
+  for (int64_t panel = a.m_begin / 16; panel < (a.m_end + 15) / 16; ++panel) {
+    int64_t b = a.b_begin;
+    for (; b + 8 <= a.b_end; b += 8) folded_block<P, 8>(a, xu.data(), positions, panel, b);
+    for (; b + 4 <= a.b_end; b += 4) folded_block<P, 4>(a, xu.data(), positions, panel, b);
+    for (; b < a.b_end; ++b) folded_block<P, 1>(a, xu.data(), positions, panel, b);
+  }
+}
+
 template <ScaleType ST>
 void gemm_t(const GemmArgs& a) {
   const int64_t q0 = a.m_begin / 4, q1 = (a.m_end + 3) / 4;
@@ -168,6 +242,13 @@ void gemm_t(const GemmArgs& a) {
 
 void gemm(const GemmArgs& a) {
   if (a.m_end <= a.m_begin || a.b_end <= a.b_begin) return;
+  // Batch rows >= 4: the folded form when built (compute bound; below 4 rows the
+  // kernel streams weights, and the 2-bit codes are 4-8x fewer bytes).
+  if (a.w->fold_planes && a.b_end - a.b_begin >= 4) {
+    if (a.w->fold_planes == 1) gemm_folded<1>(a);
+    else gemm_folded<2>(a);
+    return;
+  }
   switch (a.w->scale_type) {
     case ScaleType::kF32: gemm_t<ScaleType::kF32>(a); break;
     case ScaleType::kF16: gemm_t<ScaleType::kF16>(a); break;

@@ -81,8 +81,8 @@ std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes
   const size_t esize = scale_size(scale_type);
   w.codes.assign(static_cast<size_t>(w.code_bytes()), 0x55);  // u = 1 (t = 0)
   w.scales.assign(static_cast<size_t>(w.quads * w.super_groups() * 16) * esize + 64, 0);
-  w.row_scale.assign(static_cast<size_t>(w.quads * 4), 0.f);
-  w.row_offset.assign(static_cast<size_t>(w.quads * 4), 0.f);
+  w.row_scale.assign(static_cast<size_t>(w.panels() * 16), 0.f);  // whole panels: the folded path loads 16 rows
+  w.row_offset.assign(static_cast<size_t>(w.panels() * 16), 0.f);
 
   const int64_t gps = layout.groups_per_segment();
   for (int64_t m = 0; m < rows; ++m) {
@@ -128,7 +128,38 @@ std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes
     w.row_scale[static_cast<size_t>(m)] = rs;
     w.row_offset[static_cast<size_t>(m)] = static_cast<float>(offset * static_cast<double>(rs));
   }
+  if (scale_type == ScaleType::kU8 && w.positions() <= kFoldMaxPositions) fold_scales(&w);
   return "";
+}
+
+void fold_scales(KernelWeights* out) {
+  KernelWeights& w = *out;
+  const int64_t chunks = w.positions() / 4;
+  int max_code = 0;
+  for (int64_t m = 0; m < w.rows; ++m)
+    for (int64_t g = 0; g < w.groups; ++g) max_code = std::max(max_code, static_cast<int>(w.scale_at(m, g)));
+  const int64_t planes = max_code <= 127 ? 1 : 2;
+  if (planes == 2 && w.n > kFoldMaxGroupSize) return;  // two vpdpbusd a chunk: slower than the codes there
+  w.fold_planes = planes;
+  w.folded.assign(static_cast<size_t>(w.panels() * chunks * planes * 64), 0);
+  w.fold_bias.assign(static_cast<size_t>(w.panels() * 16), 0);
+  for (int64_t m = 0; m < w.rows; ++m) {
+    int8_t* panel = w.folded.data() + (m / 16) * chunks * planes * 64 + (m % 16) * 4;
+    int64_t sum = 0;
+    for (int64_t g = 0; g < w.groups; ++g) {
+      const int s = static_cast<int>(w.scale_at(m, g));
+      for (int64_t i = 0; i < w.n; ++i) {
+        const int v = w.t_at(m, g, i) * s;
+        // kernel order: group 4 * sg + gq, position 4k + e at chunk (sg * steps + k) * 4 + gq, element e
+        const int64_t j = ((g / 4) * w.steps() + i / 4) * 4 + g % 4;
+        int8_t* at = panel + j * planes * 64 + i % 4;
+        at[0] = static_cast<int8_t>(planes == 1 ? v : v % 128);  // v = 128 * (v / 128) + v % 128
+        if (planes == 2) at[64] = static_cast<int8_t>(v / 128);
+        sum += v;
+      }
+    }
+    w.fold_bias[static_cast<size_t>(m)] = static_cast<int32_t>(128 * sum);
+  }
 }
 
 std::vector<int64_t> kernel_position_map(const ReductionLayout& layout, int64_t np, int64_t padded_groups) {
