@@ -19,8 +19,9 @@ Cases (--cases):
 Variants: fp32 (MatMul / Conv), int8 (DynamicQuantizeMatMul; Conv: QDQ that
 onnxruntime fuses into QLinearConv), MatMulNBits 2- and 4-bit (block 128,
 accuracy_level 4), ternary (com.fgq) at N=64 and N=4 (uint8 scales with a
-row scale, the converter's default; --scale-format to change; "u7" limits the
-codes to 0..127, a proposed format the kernels run as int8 weights t * s).
+row scale, the converter's default: codes 0..127, which the kernels fold into
+int8 weights t * s; --scale-format to change; "u8-255" uses codes 0..255 as
+older files may, which needs two int8 planes).
 "rel_err" is ||y - y_fp32|| / ||y_fp32|| against the fp32 variant with the
 original weights (MatMul: one layer of the chain): it includes each format's
 quantization error (ternary: about 0.3 to 0.5 on random Gaussian weights). "kernel_err"
@@ -49,10 +50,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The installed package (pip install .): it carries the built library and fgq_onnx.passes.
 from fgq_onnx import runtime  # noqa: E402
 from fgq_onnx.packing import pack_rows  # noqa: E402
+from fgq_onnx.scales import store_scales  # noqa: E402
 from fgq_onnx.ternary import GroupLayout, solve_exact  # noqa: E402
 
 OPSET = 21
-U8_LEVELS = {"u8": 255, "u7": 127}  # largest uint8 scale code
+U8_LEVELS = {"u8": 127, "u8-255": 255}  # largest uint8 scale code
 MS = "com.microsoft"
 
 
@@ -80,19 +82,11 @@ def ternarize_rows(w_rows: np.ndarray, n: int, scale_format: str):
     m, k = w_rows.shape
     layout = GroupLayout((m, k), axis=1, n=n)
     codes, scales = solve_exact(layout.group(w_rows.astype(np.float32)))  # [M, G, N], [M, G]
-    if scale_format == "f32":
-        stored, row_scale, decoded = scales.astype(np.float32), None, scales.astype(np.float32)
-    elif scale_format == "f16":
-        stored = scales.astype(np.float16)
-        row_scale, decoded = None, stored.astype(np.float32)
-    else:
-        levels = U8_LEVELS[scale_format]
-        row_scale = (scales.max(axis=1) / levels).astype(np.float32)
-        safe = np.where(row_scale > 0, row_scale, 1)[:, None]
-        stored = np.clip(np.rint(scales / safe), 0, levels).astype(np.uint8)
-        decoded = stored.astype(np.float32) * row_scale[:, None]
+    with _converter_u8_levels(U8_LEVELS.get(scale_format)):
+        stored = store_scales(scales, layout, "u8" if scale_format in U8_LEVELS else scale_format)
+    decoded = stored.decoded
     deq = (codes * decoded[:, :, None]).reshape(m, -1)[:, :k]
-    return pack_rows(codes.reshape(m, -1)), stored, row_scale, deq.astype(np.float32)
+    return pack_rows(codes.reshape(m, -1)), stored.values, stored.row_scale, deq.astype(np.float32)
 
 
 def ternary_node(op, x, y, prefix, w_rows, n, scale_format, x_scale, inits, **attrs):
@@ -338,7 +332,7 @@ def bench_conv(variants, threads_list, args, rows, batches=(1, 8)):
 
 @contextlib.contextmanager
 def _converter_u8_levels(levels):
-    """The converter with its uint8 scale codes limited to `levels` (u7 is not a converter option yet)."""
+    """The converter with `levels` as its largest uint8 scale code (u8-255 is not a converter option)."""
     import fgq_onnx.scales
 
     saved = fgq_onnx.scales.U8_LEVELS
@@ -362,7 +356,7 @@ def bench_model(threads_list, args, rows, batch=64, ns=(4, 16)):
             for fmt in ("qdq", "custom"):
                 path = pathlib.Path(folder) / f"{fmt}{n}.onnx"
                 fgq_onnx.save(fgq_onnx.convert(source, n=n, format=fgq_onnx.OutputFormat(fmt), calib=ROOT / "models" / "calib",
-                                               scale_format="u8" if args.scale_format == "u7" else args.scale_format).model, path)
+                                               scale_format="u8" if args.scale_format in U8_LEVELS else args.scale_format).model, path)
                 models[f"{fmt} N={n}"] = path
         for variant, path in models.items():
             model = onnx.load(str(path))
@@ -445,7 +439,7 @@ def main(argv=None) -> int:
     parser.add_argument("--min-seconds", type=float, default=1.0)
     parser.add_argument("--layers", type=int, default=12, help="chained layers for the batch-1 case")
     parser.add_argument("--conv-limit", type=int, default=len(RESNET50_CONVS), help="first K ResNet-50 conv shapes")
-    parser.add_argument("--scale-format", default="u8", choices=["f32", "f16", "u8", "u7"])
+    parser.add_argument("--scale-format", default="u8", choices=["f32", "f16", *U8_LEVELS])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, 2 conv shapes (a smoke run)")
     parser.add_argument("--json", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "bench_kernels.json")
     parser.add_argument("--summarize", type=pathlib.Path, help="only print the targets of an earlier JSON result")

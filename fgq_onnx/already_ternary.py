@@ -111,7 +111,7 @@ def store_exact(ternary: TernaryWeight, scale_format: str) -> tuple[list[StoredS
     """Stored scales that decode to exactly `ternary`'s, in `scale_format` if it can, else float32; and a note.
 
     u8 is exact when each row has one non-zero scale (it becomes the row
-    scale, codes 0/1) or when the usual max/255 rounding happens to be exact;
+    scale, codes 0/1) or when the usual max/127 rounding happens to be exact;
     f16 when the scales are float16 values.
     """
     layout = ternary.layout

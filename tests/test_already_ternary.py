@@ -91,7 +91,7 @@ def test_u8_storage_is_exact_or_falls_back_to_f32():
     np.testing.assert_array_equal(stored[0].decoded, per_row.scale)
     per_group = detect(codes * np.repeat(RNG.uniform(0.1, 2.0, (32, 12)).astype(np.float32), 4, axis=1), LAYOUT).weight
     stored, note = store_exact(per_group, "u8")
-    assert stored[0].format == "f32" and "stored as f32" in note  # max/255 rounding would change these
+    assert stored[0].format == "f32" and "stored as f32" in note  # max/127 rounding would change these
     np.testing.assert_array_equal(stored[0].decoded, per_group.scale)
 
 

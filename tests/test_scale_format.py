@@ -14,7 +14,7 @@ import pytest
 from fgq_onnx import pipeline
 from fgq_onnx.errors import FgqError
 from fgq_onnx.passes.ternarize_weights import TernarizeWeightsPass, weight_layout
-from fgq_onnx.scales import SCALE_FORMATS, row_axis, store_scales
+from fgq_onnx.scales import SCALE_FORMATS, U8_LEVELS, row_axis, store_scales
 from fgq_onnx.ternary import GroupLayout, Method, TernaryWeight, ternarize
 from ir_models import make_model
 
@@ -93,10 +93,10 @@ def test_store_scales_u8_rounds_to_the_nearest_code_under_the_row_scale(shape, a
     rows = layout.rows_view(scales)
     assert stored.values.dtype == np.uint8 and stored.values.shape == scales.shape
     assert stored.row_scale.dtype == np.float32 and stored.row_scale.shape == (layout.rows,)
-    np.testing.assert_array_equal(stored.row_scale, (rows.max(axis=1) / np.float32(255)).astype(np.float32))
+    np.testing.assert_array_equal(stored.row_scale, (rows.max(axis=1) / np.float32(U8_LEVELS)).astype(np.float32))
     q = layout.rows_view(stored.values)
     live = rows.max(axis=1) > 0
-    assert np.all(q.max(axis=1)[live] == 255) and np.all(q[~live] == 0)
+    assert np.all(q.max(axis=1)[live] == U8_LEVELS) and np.all(q[~live] == 0)
     np.testing.assert_array_equal(layout.rows_view(stored.decoded), q.astype(np.float32) * stored.row_scale[:, None])
     error = np.abs(layout.rows_view(stored.decoded) - rows)
     assert np.all(error <= stored.row_scale[:, None] * (0.5 + 1e-4))
