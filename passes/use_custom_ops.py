@@ -5,9 +5,9 @@ Input: the portable "qdq" model of TernarizeWeightsPass + InsertActivationQdqPas
 [Clip] -> QuantizeLinear -> DequantizeLinear). Output: TernaryConv /
 TernaryGemm / TernaryMatMul nodes (docs/custom-ops.md) with packed 2-bit codes
 (docs/packed-format.md) that quantize their float input themselves, plus a
-model-local FunctionProto per op whose body computes the same with standard
-ops: the model still runs without the library (onnxruntime inlines the body)
-and shape inference and Netron understand it.
+model-local FunctionProto per op (fgq_onnx/custom_op_functions.py) whose body
+computes the same with standard ops: the model still runs without the library
+(onnxruntime inlines the body) and shape inference and Netron understand it.
 """
 
 from __future__ import annotations
@@ -15,17 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-from onnx import TensorProto, helper
 
+from fgq_onnx.custom_op_functions import ASYMMETRIC, DOMAIN, OPS, function_protos
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, int_attr
 from fgq_onnx.packing import pack_rows
 from fgq_onnx.ternary import GroupLayout
-
-DOMAIN = "com.fgq"
-OPS = {"MatMul": "TernaryMatMul", "Gemm": "TernaryGemm", "Conv": "TernaryConv"}
-INPUTS = ["X", "x_scale", "x_zero_point", "codes", "scales", "row_scale", "neg_scales", "neg_row_scale", "bias"]
 
 
 @dataclass
@@ -39,199 +34,6 @@ class CustomOpRecord:
 
 
 # -- the function bodies ----------------------------------------------------------
-
-
-def _const(name: str, array) -> onnx.NodeProto:
-    return helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.asarray(array), name))
-
-
-def _attr_const(name: str, attr: str, kind: int) -> onnx.NodeProto:
-    """Constant whose value is the calling node's attribute (value_int / value_ints / value_float)."""
-    field = {onnx.AttributeProto.INT: "value_int", onnx.AttributeProto.INTS: "value_ints"}[kind]
-    node = helper.make_node("Constant", [], [name])
-    node.attribute.append(helper.make_attribute_ref(field, kind, attr))
-    node.attribute[-1].ref_attr_name = attr
-    return node
-
-
-def _activation_and_weights() -> list[onnx.NodeProto]:
-    """Body prefix: xa (dequantized, clamped activation), ternary_groups [M, G, N] and scales3 [M, G, 1]."""
-    return [
-        helper.make_node("QuantizeLinear", ["X", "x_scale", "x_zero_point"], ["q"]),
-        helper.make_node("DequantizeLinear", ["q", "x_scale", "x_zero_point"], ["xd"]),
-        _attr_const("qmin", "act_qmin", onnx.AttributeProto.INT),
-        _attr_const("qmax", "act_qmax", onnx.AttributeProto.INT),
-        helper.make_node("Cast", ["qmin"], ["qminf"], to=TensorProto.FLOAT),
-        helper.make_node("Cast", ["qmax"], ["qmaxf"], to=TensorProto.FLOAT),
-        helper.make_node("Cast", ["x_zero_point"], ["zpf"], to=TensorProto.FLOAT),
-        helper.make_node("Sub", ["qminf", "zpf"], ["lo_levels"]),
-        helper.make_node("Sub", ["qmaxf", "zpf"], ["hi_levels"]),
-        helper.make_node("Mul", ["lo_levels", "x_scale"], ["lo"]),
-        helper.make_node("Mul", ["hi_levels", "x_scale"], ["hi"]),
-        helper.make_node("Clip", ["xd", "lo", "hi"], ["xa"]),
-        # 2-bit codes -> {-1, 0, +1}: four codes a byte, the first in the low bits.
-        _const("shifts", np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4)),
-        _const("three", np.array(3, np.uint8)),
-        _const("one_u8", np.array(1, np.uint8)),
-        _const("four", np.array(4.0, np.float32)),
-        _const("minus_one", np.array([-1], np.int64)),
-        _const("zero_i", np.array([0], np.int64)),
-        _const("one_i", np.array([1], np.int64)),
-        _const("flat", np.array([0, -1], np.int64)),
-        helper.make_node("Unsqueeze", ["codes", "minus_one"], ["codes3"]),
-        helper.make_node("BitShift", ["codes3", "shifts"], ["shifted"], direction="RIGHT"),
-        helper.make_node("BitwiseAnd", ["shifted", "three"], ["code"]),
-        helper.make_node("Cast", ["code"], ["code_f"], to=TensorProto.FLOAT),
-        helper.make_node("Greater", ["code", "one_u8"], ["is_neg"]),
-        helper.make_node("Cast", ["is_neg"], ["is_neg_f"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["is_neg_f", "four"], ["neg_offset"]),
-        helper.make_node("Sub", ["code_f", "neg_offset"], ["ternary3"]),
-        helper.make_node("Reshape", ["ternary3", "flat"], ["ternary"]),
-        helper.make_node("Shape", ["scales"], ["groups"], start=1, end=2),
-        _attr_const("n_scalar", "N", onnx.AttributeProto.INT),
-        helper.make_node("Reshape", ["n_scalar", "minus_one"], ["n"]),
-        helper.make_node("Mul", ["groups", "n"], ["groups_n"]),
-        helper.make_node("Slice", ["ternary", "zero_i", "groups_n", "one_i"], ["ternary_used"]),
-        helper.make_node("Concat", ["zero_i", "groups", "n"], ["group_shape"], axis=0),
-        helper.make_node("Reshape", ["ternary_used", "group_shape"], ["ternary_groups"]),
-        *_group_scales("scales", "row_scale", "scales3"),
-    ]
-
-
-def _group_scales(scales: str, row_scale: str, out: str) -> list[onnx.NodeProto]:
-    """float32 [M, G, 1] = scales * row_scale (one name prefix per scales input)."""
-    return [
-        helper.make_node("Cast", [scales], [f"{scales}_f"], to=TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", [row_scale, "minus_one"], [f"{row_scale}2"]),
-        helper.make_node("Mul", [f"{scales}_f", f"{row_scale}2"], [f"{scales}_rows"]),
-        helper.make_node("Unsqueeze", [f"{scales}_rows", "minus_one"], [out]),
-    ]
-
-
-def _scaled_groups(asymmetric: bool) -> list[onnx.NodeProto]:
-    """wg [M, G, N] = ternary groups times their scale (+1 codes: scales; -1 codes: neg_scales when asymmetric)."""
-    if not asymmetric:
-        return [helper.make_node("Mul", ["ternary_groups", "scales3"], ["wg"])]
-    return [
-        *_group_scales("neg_scales", "neg_row_scale", "neg_scales3"),
-        _const("zero_t", np.array(0.0, np.float32)),
-        helper.make_node("Greater", ["ternary_groups", "zero_t"], ["is_pos"]),
-        helper.make_node("Where", ["is_pos", "scales3", "neg_scales3"], ["signed_scales"]),
-        helper.make_node("Mul", ["ternary_groups", "signed_scales"], ["wg"]),
-    ]
-
-
-def _rows_k() -> list[onnx.NodeProto]:
-    """wg -> w [M, K] (MatMul and Gemm: one segment a row)."""
-    return [
-        helper.make_node("Reshape", ["wg", "flat"], ["w_padded"]),
-        _attr_const("k_scalar", "K", onnx.AttributeProto.INT),
-        helper.make_node("Reshape", ["k_scalar", "minus_one"], ["k"]),
-        helper.make_node("Slice", ["w_padded", "zero_i", "k", "one_i"], ["w"]),
-    ]
-
-
-def _conv_weight() -> list[onnx.NodeProto]:
-    """wg -> the ONNX Conv weight [M, C/g, R, S] (segments per (r, s) when C/g >= N, else one)."""
-    segmented = helper.make_graph(
-        [
-            helper.make_node("Mul", ["r", "s"], ["rs"]),
-            helper.make_node("Concat", ["zero_i", "rs", "minus_one"], ["seg_shape"], axis=0),
-            helper.make_node("Reshape", ["wg", "seg_shape"], ["w_seg"]),
-            _const("two_i", np.array([2], np.int64)),
-            helper.make_node("Slice", ["w_seg", "zero_i", "cg", "two_i"], ["w_seg_used"]),
-            helper.make_node("Concat", ["zero_i", "r", "s", "cg"], ["rsc_shape"], axis=0),
-            helper.make_node("Reshape", ["w_seg_used", "rsc_shape"], ["w_rsc"]),
-            helper.make_node("Transpose", ["w_rsc"], ["w_then"], perm=[0, 3, 1, 2]),
-        ],
-        "segmented",
-        [],
-        [helper.make_tensor_value_info("w_then", TensorProto.FLOAT, None)],
-    )
-    whole = helper.make_graph(
-        [
-            helper.make_node("Reshape", ["wg", "flat"], ["w_flat"]),
-            helper.make_node("Mul", ["r", "s"], ["rs2"]),
-            helper.make_node("Mul", ["cg", "rs2"], ["filter_len"]),
-            helper.make_node("Slice", ["w_flat", "zero_i", "filter_len", "one_i"], ["w_flat_used"]),
-            helper.make_node("Reshape", ["w_flat_used", "weight_shape"], ["w_else"]),
-        ],
-        "whole_filter",
-        [],
-        [helper.make_tensor_value_info("w_else", TensorProto.FLOAT, None)],
-    )
-    return [
-        _attr_const("weight_shape", "weight_shape", onnx.AttributeProto.INTS),
-        _const("idx1", np.array([1], np.int64)),
-        _const("idx2", np.array([2], np.int64)),
-        _const("idx3", np.array([3], np.int64)),
-        _const("idx4", np.array([4], np.int64)),
-        helper.make_node("Slice", ["weight_shape", "idx1", "idx2"], ["cg"]),
-        helper.make_node("Slice", ["weight_shape", "idx2", "idx3"], ["r"]),
-        helper.make_node("Slice", ["weight_shape", "idx3", "idx4"], ["s"]),
-        helper.make_node("GreaterOrEqual", ["cg", "n"], ["segmented_1"]),
-        helper.make_node("Squeeze", ["segmented_1"], ["segmented"]),
-        helper.make_node("If", ["segmented"], ["w"], then_branch=segmented, else_branch=whole),
-    ]
-
-
-def _attr_passthrough(name: str, kind: int) -> onnx.AttributeProto:
-    attr = onnx.AttributeProto()
-    attr.name, attr.ref_attr_name, attr.type = name, name, kind
-    return attr
-
-
-ASYMMETRIC = "asymmetric"  # node and function overload of the bodies that read neg_scales
-
-
-def function_protos(opset: int, overload: str = "") -> list[onnx.FunctionProto]:
-    """The FunctionProtos of the three ops, for the nodes this pass writes.
-
-    Covers float activations, scales of any type with a row_scale input
-    (always written by the pass); TernaryMatMul's body has no bias. A body
-    cannot test whether an optional input was given, so the asymmetric
-    nodes (neg_scales and neg_row_scale given) carry the overload
-    ASYMMETRIC and get the bodies of that overload (IR >= 10): onnxruntime
-    picks the body by (domain, name, overload) and the kernel by name alone.
-    """
-    imports = [helper.make_opsetid("", opset)]
-    common_attrs = ["N", "act_qmin", "act_qmax"]
-    weights = [*_activation_and_weights(), *_scaled_groups(overload == ASYMMETRIC)]
-
-    matmul = helper.make_function(
-        DOMAIN, "TernaryMatMul", INPUTS, ["Y"],
-        [*weights, *_rows_k(), helper.make_node("Transpose", ["w"], ["wt"]),
-         helper.make_node("MatMul", ["xa", "wt"], ["Y"])],
-        imports, [*common_attrs, "K"],
-    )
-    gemm_node = helper.make_node("Gemm", ["xa", "w", "bias"], ["Y"], transB=1)
-    for name, kind in (("transA", onnx.AttributeProto.INT), ("alpha", onnx.AttributeProto.FLOAT),
-                       ("beta", onnx.AttributeProto.FLOAT)):
-        gemm_node.attribute.append(_attr_passthrough(name, kind))
-    gemm = helper.make_function(
-        DOMAIN, "TernaryGemm", INPUTS, ["Y"], [*weights, *_rows_k(), gemm_node],
-        imports, [*common_attrs, "K", "transA", "transB", "alpha", "beta"],
-    )
-    conv_node = helper.make_node("Conv", ["xa", "w", "bias"], ["conv_out"])
-    for name in ("group", "strides", "pads", "dilations"):
-        kind = onnx.AttributeProto.INT if name == "group" else onnx.AttributeProto.INTS
-        conv_node.attribute.append(_attr_passthrough(name, kind))
-    relu = [
-        _attr_const("relu_flag", "relu", onnx.AttributeProto.INT),
-        helper.make_node("Cast", ["relu_flag"], ["relu_bool"], to=TensorProto.BOOL),
-        _const("zero_f", np.array(0.0, np.float32)),
-        _const("neg_inf", np.array(-np.inf, np.float32)),
-        helper.make_node("Where", ["relu_bool", "zero_f", "neg_inf"], ["floor"]),
-        helper.make_node("Max", ["conv_out", "floor"], ["Y"]),
-    ]
-    conv = helper.make_function(
-        DOMAIN, "TernaryConv", INPUTS, ["Y"], [*weights, *_conv_weight(), conv_node, *relu],
-        imports, [*common_attrs, "weight_shape", "group", "strides", "pads", "dilations", "kernel_shape", "relu"],
-    )
-    functions = [matmul, gemm, conv]
-    for function in functions:
-        function.overload = overload
-    return functions
 
 
 # -- graph matching ---------------------------------------------------------------
