@@ -363,7 +363,8 @@ def _convert(
 
 def _use_custom_ops(model: ir.Model, report: Report) -> ir.Model:
     model, records = to_custom_ops(model)
-    kept = [r for r in records if not r.converted]
+    ternary = {layer.node for layer in report.layers if layer.converted}
+    kept = [r for r in records if not r.converted and r.node in ternary]  # float layers stay float anyway
     if kept:
         report.notes.append(f"{len(kept)} ternary layer(s) stay in qdq form: " + "; ".join(f"{r.node} ({r.reason})" for r in kept))
     return model

@@ -63,7 +63,8 @@ def test_8bit_activations_equal_the_exported_model_with_the_same_activation_quan
     np.testing.assert_array_equal(qdq_out, reference)
     assert np.abs(qdq_out - _run(TTQ, images)).max() > 1e-4  # the activation quantization is really there
 
-    custom, _ = convert(TTQ, act_bits=8, calib=MODELS / "calib", calib_limit=64, bias_correction=False, format="custom")
+    custom, custom_report = convert(TTQ, act_bits=8, calib=MODELS / "calib", calib_limit=64, bias_correction=False, format="custom")
+    assert not any("qdq form" in note for note in custom_report.notes)  # the float layers are not ternary layers left behind
     ternary = [node for node in custom.graph if node.domain == "com.fgq"]
     assert len(ternary) == TERNARY_LAYERS and all(node.overload == "asymmetric" for node in ternary)
     np.testing.assert_allclose(_run(custom, images), reference, rtol=1e-6, atol=1e-6 * np.abs(reference).max())  # function bodies
