@@ -150,9 +150,8 @@ def _bias_vector(node: ir.Node, channels: int) -> np.ndarray | None:
 
 @dataclass(frozen=True)
 class FitSettings:
-    """How `refine` refits ternary weights (fgq_onnx/fitting.py) and stores them."""
+    """How `refine` refits ternary weights (fgq_onnx/fitting.py) and stores them (each node keeps its own N)."""
 
-    n: int
     storage: str
     scale_format: str
     iterations: int = 4
@@ -259,6 +258,12 @@ def _gram_for(node: ir.Node, layout: GroupLayout) -> PatchGram | str:
     return PatchGram(kernel, attrs.get("strides"), attrs.get("dilations"), attrs.get("pads"), per_tap=not layout.flatten)
 
 
+def _group_size(node: ir.Node) -> int:
+    """The N that TernarizeWeightsPass gave the node (recorded in its metadata: "n=4 method=...")."""
+    fields = dict(item.split("=", 1) for item in node.metadata_props[TERNARY_MARK].split())
+    return int(fields["n"])
+
+
 def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, result: Refinement) -> None:
     todo = []
     for node in nodes:
@@ -270,7 +275,7 @@ def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, res
             result.unfitted[label] = "weight shared with another node"
             continue
         array = constant_array(original).astype(np.float32)
-        layout, _ = weight_layout(node, array.shape, fit.n)
+        layout, _ = weight_layout(node, array.shape, _group_size(node))
         gram = _gram_for(node, layout)
         if isinstance(gram, str):
             result.unfitted[label] = gram
@@ -289,8 +294,8 @@ def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, res
     for node, label, original, array, layout, gram in todo:
         for batch, x in enumerate(inputs[id(node.inputs[0])]):
             gram.update(x, fp_inputs[id(node)][batch] if fp_inputs else None)
-        segments = layout.group(array).reshape(-1, layout.groups_per_segment * fit.n)[:, : layout.length].astype(np.float64)
-        codes = np.zeros((segments.shape[0], layout.groups_per_segment, fit.n), np.int8)
+        segments = layout.group(array).reshape(-1, layout.groups_per_segment * layout.n)[:, : layout.length].astype(np.float64)
+        codes = np.zeros((segments.shape[0], layout.groups_per_segment, layout.n), np.int8)
         scales = np.zeros((segments.shape[0], layout.groups_per_segment), np.float32)
         blocks = gram.h.shape[0]  # one H per kernel tap (segments of one output row cycle through the taps)
         before = after = energy = 0.0
@@ -299,7 +304,7 @@ def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, res
             h = damp(gram.h[tap], fit.damping)
             ridge = h[0, 0] - gram.h[tap][0, 0]  # damping adds ridge * ||s - w||^2: b gets ridge * w
             target = None if gram.cross is None else rows @ gram.cross[tap].T + ridge * rows
-            fitted = fit_rows(rows, h, fit.n, b=target, iterations=fit.iterations)
+            fitted = fit_rows(rows, h, layout.n, b=target, iterations=fit.iterations)
             codes[tap::blocks], scales[tap::blocks] = fitted.codes, fitted.scales
             before, after = before + fitted.history[0], after + fitted.history[-1]
             reach = h if gram.fp is None else gram.fp[tap] + ridge * np.eye(len(h))

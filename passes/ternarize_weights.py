@@ -131,8 +131,9 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
     whose weight is a constant float initializer into
     DequantizeLinear(codes, scales, axis, block_size=N), codes stored as INT2
     (opset 25) or int8 (opset 21), scales as `scale_format` ("f32", "f16" or
-    "u8", see _dequantize_nodes and fgq_onnx.scales). A weight shared by several nodes is
-    ternarized once. MatMuls of two activations are left alone. Each rewritten
+    "u8", see _dequantize_nodes and fgq_onnx.scales). `n` is one group size,
+    or a function node -> N for mixed group sizes. A weight shared by several
+    nodes is ternarized once per N. MatMuls of two activations are left alone. Each rewritten
     node gets the metadata key "fgq.ternary". `records` lists every linear node
     seen, converted or not, with the reason.
 
@@ -140,15 +141,16 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
     initializers (lift Constant nodes first).
     """
 
-    def __init__(self, n: int, method: Method = Method.EXACT, storage: str = "int2", skip: Callable[[ir.Node], str | None] | None = None, scale_format: str = "f32"):
+    def __init__(self, n: int | Callable[[ir.Node], int], method: Method = Method.EXACT, storage: str = "int2", skip: Callable[[ir.Node], str | None] | None = None, scale_format: str = "f32"):
         super().__init__()
-        if n < 2:
+        if not callable(n) and n < 2:
             raise ValueError(f"group size N must be at least 2, got {n}")
         if storage not in REQUIRED_OPSET:
             raise ValueError(f"weight storage must be one of {sorted(REQUIRED_OPSET)}, got {storage!r}")
         if scale_format not in SCALE_FORMATS:
             raise ValueError(f"scale format must be one of {', '.join(SCALE_FORMATS)}, got {scale_format!r}")
-        self.n, self.method, self.storage, self.scale_format = n, Method(method), storage, scale_format
+        self.n_of = n if callable(n) else (lambda node: n)  # per-node N (mixed group sizes) or one N
+        self.method, self.storage, self.scale_format = Method(method), storage, scale_format
         self.skip = skip or (lambda node: None)
         self.records: list[LayerRecord] = []
 
@@ -174,25 +176,28 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
             if reason:
                 record.reason = reason
                 continue
-            key = (id(node.graph), id(weight))
+            n = self.n_of(node)
+            if n < 2:
+                raise ValueError(f"group size N must be at least 2, got {n} for {record.node}")
+            key = (id(node.graph), id(weight), n)
             if key not in done:
-                done[key] = self._ternarize(node, weight, record)
+                done[key] = self._ternarize(node, weight, record, n)
             replacement, first = done[key]
             node.replace_input_with(1, replacement)
-            node.metadata_props[TERNARY_MARK] = f"n={self.n} method={self.method.value} scales={self.scale_format}"
+            node.metadata_props[TERNARY_MARK] = f"n={n} method={self.method.value} scales={self.scale_format}"
             if first is not record:
                 _copy_result(first, record, note=f"shares its weight with {first.node}")
         return ir.passes.PassResult(model, modified=bool(done))
 
-    def _ternarize(self, node: ir.Node, weight: ir.Value, record: LayerRecord) -> tuple[ir.Value, LayerRecord]:
+    def _ternarize(self, node: ir.Node, weight: ir.Value, record: LayerRecord, n: int) -> tuple[ir.Value, LayerRecord]:
         array = weight.const_value.numpy().astype(np.float32)
-        layout, grouping = weight_layout(node, array.shape, self.n)
+        layout, grouping = weight_layout(node, array.shape, n)
         ternary = ternarize(array, layout, self.method)
         stored = [store_scales(s, layout, self.scale_format) for s in (ternary.scale, ternary.neg_scale) if s is not None]
         nodes, output = _dequantize_nodes(node, weight, ternary, self.storage, stored)
         node.graph.insert_before(node, nodes)
-        short = layout.length % self.n
-        record.converted, record.n, record.method, record.grouping = True, self.n, self.method.value, grouping
+        short = layout.length % n
+        record.converted, record.n, record.method, record.grouping = True, n, self.method.value, grouping
         record.groups = int(ternary.scale.size)
         record.short_group = short
         dtype = weight.const_value.dtype.numpy()  # f32 scales are stored in the weight's own float type
