@@ -259,7 +259,7 @@ def convert(
         weight_storage=weight_storage, scale_format=scale_format, format=output_format, image=image,
         bias_correction=bias_correction, refine_samples=refine_samples,
     )
-    with progress_bar("calibrating", quiet) as advance, search_progress(quiet or config.n != "auto") as on_search:
+    with progress_bar("calibrating", quiet or config.n == "auto") as advance, search_progress(quiet or config.n != "auto") as on_search:
         result = pipeline.convert(model, config, calib=calib, on_progress=advance, data=data, on_search=on_search)
     pipeline.save(result.model, output, external_data=external_data, inputs=(model,))
     result.report.file_bytes_after = output.stat().st_size + sum(p.stat().st_size for p in [output.with_name(output.name + ".data")] if p.exists())

@@ -204,13 +204,17 @@ class PatchGram:
     Otherwise a Conv input [B, C, *spatial] with the given kernel geometry:
     `per_tap` keeps one C x C block per kernel tap (groups along channels),
     else one (C * taps) x (C * taps) block in (c, tap) order (whole-filter groups).
+    `joint` (groups along channels) keeps the full (taps * C) x (taps * C)
+    matrix in (tap, c) order instead of the per-tap blocks: the cross-tap
+    terms (neighbouring pixels are strongly correlated) enter the fit, at
+    taps^2 times the memory.
     Given the fp32 model's input for the same samples too (`update(x, x_fp)`),
     it also keeps the cross blocks C = X X_fp^T and F = X_fp X_fp^T, for the
     target w^T X_fp (the fp32 layer on fp32 inputs) instead of w^T X.
     """
 
-    def __init__(self, kernel=None, strides=None, dilations=None, pads=None, per_tap: bool = True, max_columns: int = 4096):
-        self.kernel, self.per_tap, self.max_columns = kernel, per_tap, max_columns
+    def __init__(self, kernel=None, strides=None, dilations=None, pads=None, per_tap: bool = True, max_columns: int = 4096, joint: bool = False):
+        self.kernel, self.per_tap, self.joint, self.max_columns = kernel, per_tap, joint, max_columns
         rank = len(kernel) if kernel else 0
         self.strides = tuple(strides or (1,) * rank)
         self.dilations = tuple(dilations or (1,) * rank)
@@ -227,7 +231,9 @@ class PatchGram:
             cols = x.reshape(-1, x.shape[-1])
             return np.ascontiguousarray(cols[:: max(1, len(cols) // self.max_columns)].T)[None]
         patches = self._patches(x)  # [taps, C, columns]
-        if not self.per_tap:
+        if self.joint:
+            patches = patches.reshape(1, -1, patches.shape[2])
+        elif not self.per_tap:
             patches = patches.transpose(1, 0, 2).reshape(1, -1, patches.shape[2])
         return np.ascontiguousarray(patches)
 

@@ -272,8 +272,9 @@ def convert_auto(model, config: pipeline.ConvertConfig, *, calib, data=None, cal
     if chosen < 0:
         closest = min(trials, key=lambda t: t.drop)
         raise FgqError(f"no plan loses at most {config.max_drop} points ({judge.description}): the best tried, {describe_plan(closest.plan)}, loses {closest.drop:.2f}")
-    conversion = best["conversion"]
+    conversion = best["conversion"]  # the smallest plan within budget: the one at `chosen`
     _record(conversion.report, config, judge.description, layers, path, chosen, drops, trials)
+    pipeline._stamp(conversion.model, conversion.report)  # the model's metadata says n=auto too (each node has its own N)
     return conversion
 
 

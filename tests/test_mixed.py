@@ -87,6 +87,15 @@ def test_pass_takes_a_group_size_per_node(kit):
     assert {r.node: r.n for r in ternarize.records} == plan
 
 
+def test_fitting_keeps_each_layers_group_size(tiny):
+    folder, model, calib, _ = tiny
+    plan = dict(zip(LAYERS, (16, 4, 8, 0)))
+    fitted, report = fgq_onnx.convert(folder / "mlp.onnx", n=4, layer_n=plan, method="fit", calib=folder / "calib.npz", act_bits=0)
+    assert dequantize_block_sizes(fitted) == {"mm0": 16, "mm1": 4, "mm2": 8}
+    assert any(note.startswith("fit: 3 layer(s) refitted") for note in report.notes), report.notes
+    assert next(r for r in report.layers if r.node == "mm3").reason.startswith("kept fp32")
+
+
 def test_sensitivity_matches_each_layer_converted_alone(tiny):
     """The one-session Where switch against brute force: a real conversion of each layer alone, at each N."""
     folder, model, calib, _ = tiny
@@ -151,7 +160,7 @@ def test_search_respects_the_budget_on_labelled_data(tiny):
     assert search["weight_bytes"] < search["uniform_smallest_n_bytes"]
     assert dequantize_block_sizes(converted) == {k: v for k, v in search["plan"].items() if v}
     assert {r.node: r.n for r in report.converted} == {k: v for k, v in search["plan"].items() if v}
-    assert report.settings["n"] == "auto" and '"search"' in report.to_json()
+    assert report.settings["n"] == "auto" and '"search"' in report.to_json() and converted.metadata_props["fgq_onnx.n"] == "auto"
     assert search["plan"]["mm0"] == 64 and len(set(search["plan"].values())) > 1  # mm0 is exact at any N
 
 
