@@ -207,11 +207,11 @@ class Trial:
     fits: bool
 
 
-def search(path: list[dict[str, int]], start: int, measure: Callable[[dict[str, int]], float], budget: float, on_step: Step | None = None) -> tuple[int, dict[int, Trial]]:
+def search(path: list[dict[str, int]], start: int, measure: Callable[[dict[str, int]], float], budget: float, on_step: Step | None = None) -> tuple[int, dict[int, float]]:
     """Binary search for the last plan of `path` measured within `budget`, starting at index `start`.
 
     Assumes the drop grows along the path; every answer is a measured plan.
-    Returns its index (-1 when none fits) and every trial by index.
+    Returns its index (-1 when none fits) and the drop measured for each plan tried, by index.
     """
     trials: dict[int, float] = {}
 
