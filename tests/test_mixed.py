@@ -212,3 +212,14 @@ def test_cli_prints_the_plan(cli, tiny, tmp_path):
 
     search = json.loads((tmp_path / "report.json").read_text())["search"]
     assert search["drop_points"] <= 2.0 and set(search["plan"]) == set(LAYERS)
+
+
+def test_custom_format_runs_a_mixed_plan_like_qdq(tiny):
+    """Each com.fgq node takes its own N (here through the ONNX function fallbacks)."""
+    folder, _, calib, _ = tiny
+    plan = dict(zip(LAYERS, (16, 4, 8, 0)))
+    qdq, _ = fgq_onnx.convert(folder / "mlp.onnx", n=4, layer_n=plan, calib=folder / "calib.npz")
+    custom, _ = fgq_onnx.convert(folder / "mlp.onnx", n=4, layer_n=plan, calib=folder / "calib.npz", format="custom")
+    assert {n.name: n.attributes["N"].as_int() for n in custom.graph if n.op_type == "TernaryMatMul"} == {"mm0": 16, "mm1": 4, "mm2": 8}
+    basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    np.testing.assert_allclose(run(custom, calib, basic), run(qdq, calib, basic), rtol=1e-5, atol=1e-6)
