@@ -23,10 +23,12 @@ and never accepts a step that raises the objective, so the objective is
 monotone and the result is never worse than `exact` on it.
 
 H is shared by every row that sees the same inputs: all output channels of a
-Conv see the same patches. It is kept block-diagonal per group segment: for a
-Conv with groups along input channels, one C x C block per kernel tap (r, s)
-(cross-tap terms are dropped: memory and time stay ~1/(R*S) of the full
-d x d), for Gemm/MatMul and whole-filter groups the full d x d. Plain numpy.
+Conv see the same patches. For Gemm/MatMul and whole-filter groups it is the
+full d x d. For a Conv with groups along input channels it is the full
+(R*S*C) x (R*S*C) in (r, s, c) order when the caller asks (`joint`, for
+filters small enough: cross-tap terms matter, neighbouring pixels being
+strongly correlated), else block-diagonal, one C x C block per kernel tap
+(memory and time ~1/(R*S) of the full matrix). Plain numpy.
 """
 
 from __future__ import annotations
