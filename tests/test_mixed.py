@@ -133,6 +133,7 @@ def test_plan_path_shrinks_and_starts_from_the_smallest_n():
     ([0.0, 0.1, 0.2, 0.3, 0.6, 0.9, 1.5], 0.15, 1),  # start fails: search back into the last resort
     ([0.0, 0.1, 0.2, 0.3, 0.6, 0.9, 1.5], 2.0, 6),
     ([0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5], 0.5, -1),  # nothing fits
+    ([0.0, 0.1, 0.2, 0.3, 100 * (0.9298 - 0.9268), 0.9, 1.5], 0.3, 4),  # 15 samples in 5,000 are 0.3 points, not more
 ])
 def test_search_returns_the_last_plan_measured_within_budget(drops, budget, expected):
     path = [{"layer": i} for i in range(len(drops))]
@@ -147,7 +148,7 @@ def test_search_returns_the_last_plan_measured_within_budget(drops, budget, expe
     assert len(measured) == len(set(measured)) <= 1 + math.ceil(math.log2(len(path)))
     assert set(trials) == set(measured)
     if chosen >= 0:
-        assert trials[chosen] <= budget and (chosen + 1 not in trials or trials[chosen + 1] > budget)
+        assert mixed.within(trials[chosen], budget) and (chosen + 1 not in trials or not mixed.within(trials[chosen + 1], budget))
 
 
 def test_search_respects_the_budget_on_labelled_data(tiny):
