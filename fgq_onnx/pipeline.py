@@ -160,7 +160,7 @@ def _skip_rule(config: ConvertConfig, model: ir.Model) -> Callable[[ir.Node], st
         if id(node) in first_last:
             return "--keep-first-last"
         if config.n_of(node) == 0:
-            return "kept fp32 by the per-layer plan (--n auto: too sensitive at every N)"
+            return "kept fp32 by the per-layer plan (layer_n, or --n auto)"
         return None
 
     return skip
