@@ -129,6 +129,48 @@ def progress_bar(description: str, quiet: bool):
         yield advance
 
 
+@contextlib.contextmanager
+def search_progress(quiet: bool):
+    """Progress bars for the --n auto search; yields a callback(phase, advance, total), one bar per phase."""
+    if quiet:
+        yield None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as progress:
+        tasks: dict[str, int] = {}
+
+        def advance(phase: str, step: int, total: int | None) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task({"sensitivity": "layer sensitivity (layer x N)", "verifying": "converting and measuring plans"}.get(phase, phase), total=total)
+            progress.update(tasks[phase], advance=step, total=total)
+
+        yield advance
+
+
+def _group_size(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise FgqError(f"--n takes a whole number or 'auto', got '{text}'") from None
+
+
+def print_search(search: dict) -> None:
+    """The --n auto search: the plans measured along the path and the one chosen."""
+    table = Table(title=f"Group sizes chosen under --max-drop {search['budget_points']} ({escape(search['measure'])})")
+    for column in ("plan", "weights", "drop (points)", "within budget"):
+        table.add_column(column, justify="left" if column == "plan" else "right")
+    for trial in sorted(search["trials"], key=lambda t: -t["weight_bytes"]):
+        table.add_row(trial["summary"], _fmt_bytes(trial["weight_bytes"]), f"{trial['drop_points']:.2f}", "yes" if trial["within_budget"] else "no")
+    out.print(table)
+    out.print(
+        f"chosen: {search['plan_summary']}, {_fmt_bytes(search['weight_bytes'])} of codes and scales "
+        f"(N={search['smallest_n']} everywhere: {_fmt_bytes(search['uniform_smallest_n_bytes'])}), "
+        f"measured drop {search['drop_points']:.2f} points; the N of each layer is in the table above",
+        highlight=False,
+    )
+
+
 def _fmt_bytes(count: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if count < 1024 or unit == "GB":
@@ -174,7 +216,9 @@ def print_report(report: Report) -> None:
 def convert(
     model: Annotated[Path, typer.Argument(help="The fp32 ONNX model.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default: MODEL with .fgq.onnx).")] = None,
-    n: Annotated[int, typer.Option("--n", help="Group size: one scale per N weights along the reduction axis.")] = 4,
+    n: Annotated[str, typer.Option("--n", help="Group size: one scale per N weights along the reduction axis; 'auto': one per layer, under --max-drop.")] = "4",
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="With --n auto: points of top-1 the model may lose on --data (without --data: % of calibration samples whose top-1 changes).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="With --n auto: labelled data the budget is measured on (keep it apart from the test set).")] = None,
     method: Annotated[Method, typer.Option("--method", help="How codes and scales are chosen.")] = Method.EXACT,
     act_bits: Annotated[int, typer.Option("--act-bits", help="Activation bits: 8, 4, or 0 for float activations.")] = 8,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration data: an image folder or an .npz keyed by input names.")] = None,
@@ -198,28 +242,30 @@ def convert(
 ):
     """Ternarize Conv/Gemm/MatMul weights in groups of N and quantize their activations."""
     output = output or model.with_name(model.name.removesuffix(".onnx") + ".fgq.onnx")
-    sources = [model, *([calib] if calib is not None else [])]
+    sources = [model, *(p for p in (calib, data) if p is not None)]
     model_io.check_output_path(output, sources)
     if json_path is not None:
         model_io.check_output_path(json_path, sources)
         if json_path.resolve() == output.resolve():
             raise FgqError(f"--json '{json_path}' is also the output model's path; choose another")
     config = pipeline.ConvertConfig(
-        n=n, method=method, act_bits=act_bits, calib_method=calib_method, percentile=percentile,
+        n=_group_size(n), max_drop=max_drop, method=method, act_bits=act_bits, calib_method=calib_method, percentile=percentile,
         calib_batch_size=calib_batch_size, calib_limit=calib_limit, exclude=tuple(exclude or ()),
         op_types=tuple(t.strip() for t in op_types.split(",") if t.strip()), keep_first_last=keep_first_last,
         ternarize_float_layers=ternarize_float_layers,
         weight_storage=weight_storage, scale_format=scale_format, format=output_format, image=image,
         bias_correction=bias_correction, refine_samples=refine_samples,
     )
-    with progress_bar("calibrating", quiet) as advance:
-        result = pipeline.convert(model, config, calib=calib, on_progress=advance)
+    with progress_bar("calibrating", quiet or config.n == "auto") as advance, search_progress(quiet or config.n != "auto") as on_search:
+        result = pipeline.convert(model, config, calib=calib, on_progress=advance, data=data, on_search=on_search)
     pipeline.save(result.model, output, external_data=external_data, inputs=(model,))
     result.report.file_bytes_after = output.stat().st_size + sum(p.stat().st_size for p in [output.with_name(output.name + ".data")] if p.exists())
     if json_path is not None:
         json_path.write_text(result.report.to_json())
     if not quiet:
         print_report(result.report)
+        if result.report.search:
+            print_search(result.report.search)
         out.print(f"wrote {output}", highlight=False)
 
 

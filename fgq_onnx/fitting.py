@@ -23,10 +23,12 @@ and never accepts a step that raises the objective, so the objective is
 monotone and the result is never worse than `exact` on it.
 
 H is shared by every row that sees the same inputs: all output channels of a
-Conv see the same patches. It is kept block-diagonal per group segment: for a
-Conv with groups along input channels, one C x C block per kernel tap (r, s)
-(cross-tap terms are dropped: memory and time stay ~1/(R*S) of the full
-d x d), for Gemm/MatMul and whole-filter groups the full d x d. Plain numpy.
+Conv see the same patches. For Gemm/MatMul and whole-filter groups it is the
+full d x d. For a Conv with groups along input channels it is the full
+(R*S*C) x (R*S*C) in (r, s, c) order when the caller asks (`joint`, for
+filters small enough: cross-tap terms matter, neighbouring pixels being
+strongly correlated), else block-diagonal, one C x C block per kernel tap
+(memory and time ~1/(R*S) of the full matrix). Plain numpy.
 """
 
 from __future__ import annotations
@@ -204,13 +206,17 @@ class PatchGram:
     Otherwise a Conv input [B, C, *spatial] with the given kernel geometry:
     `per_tap` keeps one C x C block per kernel tap (groups along channels),
     else one (C * taps) x (C * taps) block in (c, tap) order (whole-filter groups).
+    `joint` (groups along channels) keeps the full (taps * C) x (taps * C)
+    matrix in (tap, c) order instead of the per-tap blocks: the cross-tap
+    terms (neighbouring pixels are strongly correlated) enter the fit, at
+    taps^2 times the memory.
     Given the fp32 model's input for the same samples too (`update(x, x_fp)`),
     it also keeps the cross blocks C = X X_fp^T and F = X_fp X_fp^T, for the
     target w^T X_fp (the fp32 layer on fp32 inputs) instead of w^T X.
     """
 
-    def __init__(self, kernel=None, strides=None, dilations=None, pads=None, per_tap: bool = True, max_columns: int = 4096):
-        self.kernel, self.per_tap, self.max_columns = kernel, per_tap, max_columns
+    def __init__(self, kernel=None, strides=None, dilations=None, pads=None, per_tap: bool = True, max_columns: int = 4096, joint: bool = False):
+        self.kernel, self.per_tap, self.joint, self.max_columns = kernel, per_tap, joint, max_columns
         rank = len(kernel) if kernel else 0
         self.strides = tuple(strides or (1,) * rank)
         self.dilations = tuple(dilations or (1,) * rank)
@@ -227,7 +233,9 @@ class PatchGram:
             cols = x.reshape(-1, x.shape[-1])
             return np.ascontiguousarray(cols[:: max(1, len(cols) // self.max_columns)].T)[None]
         patches = self._patches(x)  # [taps, C, columns]
-        if not self.per_tap:
+        if self.joint:
+            patches = patches.reshape(1, -1, patches.shape[2])
+        elif not self.per_tap:
             patches = patches.transpose(1, 0, 2).reshape(1, -1, patches.shape[2])
         return np.ascontiguousarray(patches)
 

@@ -164,9 +164,8 @@ def _bias_vector(node: ir.Node, channels: int) -> np.ndarray | None:
 
 @dataclass(frozen=True)
 class FitSettings:
-    """How `refine` refits ternary weights (fgq_onnx/fitting.py) and stores them."""
+    """How `refine` refits ternary weights (fgq_onnx/fitting.py) and stores them (each node keeps its own N)."""
 
-    n: int
     storage: str
     scale_format: str
     iterations: int = 4
@@ -262,6 +261,12 @@ def _correct_level(model, runner, nodes, reference, scale, result) -> None:
             runner.transform(value, _corrected_output(fix, bias, key in correct.in_bias, _channel_axis(node)))
 
 
+# Conv filters up to this many weights (taps x channels) are fitted with the full input statistics
+# (cross-tap terms included: 42 MB of float64 per matrix at the limit, three matrices); wider
+# ones with one block per kernel tap.
+JOINT_WIDTH = 2304
+
+
 def _gram_for(node: ir.Node, layout: GroupLayout) -> PatchGram | str:
     """The input statistics a node's fit needs, or why it cannot be fitted."""
     if node.op_type == "Gemm" and int_attr(node, "transA", 0):
@@ -274,7 +279,14 @@ def _gram_for(node: ir.Node, layout: GroupLayout) -> PatchGram | str:
     if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         return f"Conv auto_pad={attrs['auto_pad']}"
     kernel = tuple(attrs.get("kernel_shape") or layout.shape[2:])
-    return PatchGram(kernel, attrs.get("strides"), attrs.get("dilations"), attrs.get("pads"), per_tap=not layout.flatten)
+    joint = not layout.flatten and layout.length % layout.n == 0 and int(np.prod(kernel)) * layout.length <= JOINT_WIDTH
+    return PatchGram(kernel, attrs.get("strides"), attrs.get("dilations"), attrs.get("pads"), per_tap=not layout.flatten, joint=joint)
+
+
+def _group_size(node: ir.Node) -> int:
+    """The N that TernarizeWeightsPass gave the node (recorded in its metadata: "n=4 method=...")."""
+    fields = dict(item.split("=", 1) for item in node.metadata_props[TERNARY_MARK].split())
+    return int(fields["n"])
 
 
 def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, result: Refinement) -> None:
@@ -288,7 +300,7 @@ def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, res
             result.unfitted[label] = "weight shared with another node"
             continue
         array = constant_array(original).astype(np.float32)
-        layout, _ = weight_layout(node, array.shape, fit.n)
+        layout, _ = weight_layout(node, array.shape, _group_size(node))
         gram = _gram_for(node, layout)
         if isinstance(gram, str):
             result.unfitted[label] = gram
@@ -307,9 +319,11 @@ def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, res
     for node, label, original, array, layout, gram in todo:
         for batch, x in enumerate(inputs[id(node.inputs[0])]):
             gram.update(x, fp_inputs[id(node)][batch] if fp_inputs else None)
-        segments = layout.group(array).reshape(-1, layout.groups_per_segment * fit.n)[:, : layout.length].astype(np.float64)
-        codes = np.zeros((segments.shape[0], layout.groups_per_segment, fit.n), np.int8)
-        scales = np.zeros((segments.shape[0], layout.groups_per_segment), np.float32)
+        segments = layout.group(array).reshape(-1, layout.groups_per_segment * layout.n)[:, : layout.length].astype(np.float64)
+        span = gram.h.shape[-1] // layout.length  # segments fitted as one row: every tap of a filter when joint
+        segments = segments.reshape(-1, span * layout.length)
+        codes = np.zeros((segments.shape[0], span * layout.groups_per_segment, layout.n), np.int8)
+        scales = np.zeros((segments.shape[0], span * layout.groups_per_segment), np.float32)
         blocks = gram.h.shape[0]  # one H per kernel tap (segments of one output row cycle through the taps)
         before = after = energy = 0.0
         for tap in range(blocks):
@@ -317,14 +331,15 @@ def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, res
             h = damp(gram.h[tap], fit.damping)
             ridge = h[0, 0] - gram.h[tap][0, 0]  # damping adds ridge * ||s - w||^2: b gets ridge * w
             target = None if gram.cross is None else rows @ gram.cross[tap].T + ridge * rows
-            fitted = fit_rows(rows, h, fit.n, b=target, iterations=fit.iterations)
+            fitted = fit_rows(rows, h, layout.n, b=target, iterations=fit.iterations)
             codes[tap::blocks], scales[tap::blocks] = fitted.codes, fitted.scales
             before, after = before + fitted.history[0], after + fitted.history[-1]
             reach = h if gram.fp is None else gram.fp[tap] + ridge * np.eye(len(h))
             energy += float(np.einsum("rl,lm,rm->", rows, reach, rows))
         if energy > 0:  # output error ||w^T X_fp - s^T X||^2 = objective + w^T F w, relative to ||w^T X_fp||^2
             result.fits[label] = ((before + energy) / energy, (after + energy) / energy)
-        replacements[node.outputs[0].name] = (original, TernaryWeight(layout, codes, scales))
+        shape = (-1, layout.groups_per_segment)
+        replacements[node.outputs[0].name] = (original, TernaryWeight(layout, codes.reshape(*shape, layout.n), scales.reshape(shape)))
     ReplaceTernaryWeightsPass(replacements, fit.storage, fit.scale_format)(model)
 
 

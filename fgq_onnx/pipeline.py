@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -39,7 +40,7 @@ class OutputFormat(str, enum.Enum):
 class ConvertConfig:
     """Every setting of a conversion, validated once here."""
 
-    n: int = 4
+    n: int | str = 4  # or "auto": a group size per layer, chosen under max_drop (fgq_onnx/mixed.py)
     method: Method = Method.EXACT
     act_bits: int = 8  # 8 or 4; 0 leaves activations in float (weights only)
     calib_method: CalibMethod = CalibMethod.MINMAX
@@ -56,10 +57,14 @@ class ConvertConfig:
     image: ImageOptions = field(default_factory=ImageOptions)
     bias_correction: bool = True  # needs calibration data; skipped (with a note) without it
     refine_samples: int = 256  # calibration samples bias correction and fitting use (their memory grows with it)
+    max_drop: float | None = None  # n="auto": points of top-1 the model may lose
+    auto_ns: tuple[int, ...] = (4, 8, 16, 32, 64)  # n="auto": the group sizes a layer may get
+    layer_n: tuple[tuple[str, int], ...] = ()  # per-layer N by node name (0: keep fp32), over `n`; what n="auto" chose
 
     def __post_init__(self) -> None:
-        if self.n < 2:
-            raise FgqError(f"--n must be at least 2 (one scale per group of N weights), got {self.n}")
+        object.__setattr__(self, "layer_n", tuple(dict(self.layer_n).items()))  # a dict is welcome too
+        object.__setattr__(self, "auto_ns", tuple(sorted(set(self.auto_ns))))
+        _check_group_sizes(self)
         if self.act_bits not in (0, 4, 8):
             raise FgqError(f"--act-bits must be 8, 4 or 0 (float activations), got {self.act_bits}")
         if not 0.0 < self.percentile <= 100.0:
@@ -84,6 +89,10 @@ class ConvertConfig:
         object.__setattr__(self, "calib_method", CalibMethod(self.calib_method))
         object.__setattr__(self, "format", OutputFormat(self.format))
 
+    def n_of(self, node: ir.Node) -> int:
+        """The node's group size: its entry in layer_n, else n."""
+        return dict(self.layer_n).get(node.name or node.outputs[0].name, self.n)
+
     def settings(self) -> dict[str, object]:
         return {
             "n": self.n,
@@ -96,6 +105,24 @@ class ConvertConfig:
             "bias_correction": self.bias_correction,
             "ternarize_float_layers": self.ternarize_float_layers,
         }
+
+
+def _check_group_sizes(config: ConvertConfig) -> None:
+    if config.n == "auto":
+        if config.max_drop is None:
+            raise FgqError("--n auto needs --max-drop: the points of top-1 the model may lose")
+        if not math.isfinite(config.max_drop) or config.max_drop < 0:
+            raise FgqError(f"--max-drop must be a number of points >= 0, got {config.max_drop}")
+        if not config.auto_ns or min(config.auto_ns) < 2:
+            raise FgqError(f"the group sizes --n auto chooses from must all be at least 2, got {list(config.auto_ns)}")
+        return
+    if isinstance(config.n, str) or config.n < 2:
+        raise FgqError(f"--n must be 'auto' or at least 2 (one scale per group of N weights), got {config.n}")
+    if config.max_drop is not None:
+        raise FgqError("--max-drop only applies with --n auto")
+    bad = [f"{name}={n}" for name, n in config.layer_n if n != 0 and n < 2]
+    if bad:
+        raise FgqError(f"per-layer group sizes must be at least 2 (or 0 to keep a layer fp32), got {', '.join(bad)}")
 
 
 class Conversion(NamedTuple):
@@ -135,6 +162,8 @@ def _skip_rule(config: ConvertConfig, model: ir.Model) -> Callable[[ir.Node], st
                 return f"--exclude '{pattern.pattern}'"
         if id(node) in first_last:
             return "--keep-first-last"
+        if config.n_of(node) == 0:
+            return "kept fp32 by the per-layer plan (layer_n, or --n auto)"
         return None
 
     return skip
@@ -271,6 +300,8 @@ def convert(
     calib=None,
     on_progress: Callable[[int, int | None], None] | None = None,
     calibration_cache: CalibrationCache | None = None,
+    data=None,
+    on_search: Callable[[str, int, int | None], None] | None = None,
     **settings,
 ) -> Conversion:
     """Ternarize a model's Conv/Gemm/MatMul weights and quantize their activations.
@@ -282,10 +313,21 @@ def convert(
     or as keywords (n=4, method="exact", act_bits=8, ...).
     `calibration_cache` (from collect_calibration) replaces the calibration
     run and `calib`. Returns (model, report); save it with fgq_onnx.save.
+    n="auto" with max_drop=D chooses a group size per layer (fgq_onnx/mixed.py):
+    the smallest model that loses at most D points of top-1 on labelled
+    `data`, or, without `data`, that disagrees with the fp32 model on at most
+    D% of the calibration samples; `on_search(phase, advance, total)` follows it.
     """
+    config = replace(config or ConvertConfig(), **settings) if settings else (config or ConvertConfig())
+    if config.n == "auto":
+        from fgq_onnx import mixed
+
+        return mixed.convert_auto(model, config, calib=calib, data=data, calibration_cache=calibration_cache, on_step=on_search)
+    if data is not None:
+        raise FgqError("--data is only used by --n auto (to measure the accuracy of candidate plans)")
     progress = _Progress()
     try:
-        return _convert(model, config, calib=calib, on_progress=on_progress, calibration_cache=calibration_cache, progress=progress, **settings)
+        return _convert(model, config, calib=calib, on_progress=on_progress, calibration_cache=calibration_cache, progress=progress)
     except Exception as error:  # an FgqError, maybe wrapped by a pass: say what was done before it
         cause = fgq_error_in(error)
         if cause is None:
@@ -295,16 +337,14 @@ def convert(
 
 def _convert(
     model: str | Path | onnx.ModelProto | ir.Model,
-    config: ConvertConfig | None = None,
+    config: ConvertConfig,
     *,
-    calib=None,
-    on_progress: Callable[[int, int | None], None] | None = None,
-    calibration_cache: CalibrationCache | None = None,
+    calib,
+    on_progress: Callable[[int, int | None], None] | None,
+    calibration_cache: CalibrationCache | None,
     progress: _Progress,
-    **settings,
 ) -> Conversion:
     """The body of convert; `progress` records the stages it begins."""
-    config = replace(config or ConvertConfig(), **settings) if settings else (config or ConvertConfig())
     if config.act_bits and calib is None and calibration_cache is None:
         raise FgqError("activation quantization needs calibration data (--calib), or use --act-bits 0 for weights only")
     ir_model, report = _load(model, REQUIRED_OPSET[config.weight_storage])
@@ -316,7 +356,7 @@ def _convert(
         dataset = Dataset(layerwise.replayable(calib), model_inputs(ir_model), options=config.image, batch_size=config.calib_batch_size, limit=config.calib_limit)
     report.weight_bytes_before = model_io.weight_bytes(ir_model)
 
-    ternarize = TernarizeWeightsPass(config.n, config.method, config.weight_storage, skip=_skip_rule(config, ir_model), scale_format=config.scale_format, trained_float_stays_float=not config.ternarize_float_layers)
+    ternarize = TernarizeWeightsPass(config.n_of, config.method, config.weight_storage, skip=_skip_rule(config, ir_model), scale_format=config.scale_format, trained_float_stays_float=not config.ternarize_float_layers)
     ir_model = _prepare(ir_model)
     ir_model = _infer_shapes(ir_model, report)
     reference = None
@@ -341,7 +381,7 @@ def _convert(
             report.notes.append("activation ranges come from the fp32 model, whose statistics fitting and bias correction restore")
         ir_model = InsertActivationQdqPass(quants)(ir_model).model
     if reference is not None:
-        fit = layerwise.FitSettings(config.n, config.weight_storage, config.scale_format) if config.method is Method.FIT else None
+        fit = layerwise.FitSettings(config.weight_storage, config.scale_format) if config.method is Method.FIT else None
         progress.begin("fitting and bias correction" if fit and config.bias_correction else "fitting" if fit else "bias correction")
         report.notes += layerwise.describe(layerwise.refine(ir_model, reference, dataset, correct=config.bias_correction, fit=fit, samples=config.refine_samples))
     elif config.bias_correction:

@@ -59,6 +59,7 @@ class Report:
     file_bytes_after: int = 0
     settings: dict[str, object] = field(default_factory=dict)
     calibration: dict[str, object] = field(default_factory=dict)
+    search: dict[str, object] = field(default_factory=dict)  # --n auto: budget, measured drop, plan per layer, trials
 
     @property
     def converted(self) -> list[LayerRecord]:
@@ -117,6 +118,7 @@ class Report:
             "notes": self.notes,
             "layers": [dataclasses.asdict(layer) for layer in self.layers],
             "activations": [dataclasses.asdict(act) for act in self.activations],
+            **({"search": self.search} if self.search else {}),
         }
 
     def to_json(self) -> str:

@@ -153,8 +153,9 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
     whose weight is a constant float initializer into
     DequantizeLinear(codes, scales, axis, block_size=N), codes stored as INT2
     (opset 25) or int8 (opset 21), scales as `scale_format` ("f32", "f16" or
-    "u8", see _dequantize_nodes and fgq_onnx.scales). A weight shared by several nodes is
-    ternarized once. MatMuls of two activations are left alone. Each rewritten
+    "u8", see _dequantize_nodes and fgq_onnx.scales). `n` is one group size,
+    or a function node -> N for mixed group sizes. A weight shared by several
+    nodes is ternarized once per N. MatMuls of two activations are left alone. Each rewritten
     node gets the metadata key "fgq.ternary". `records` lists every linear node
     seen, converted or not, with the reason.
 
@@ -168,18 +169,19 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
     initializers (lift Constant nodes first).
     """
 
-    def __init__(self, n: int, method: Method = Method.EXACT, storage: str = "int2", skip: Callable[[ir.Node], str | None] | None = None, scale_format: str = "f32", trained_float_stays_float: bool = True):
+    def __init__(self, n: int | Callable[[ir.Node], int], method: Method = Method.EXACT, storage: str = "int2", skip: Callable[[ir.Node], str | None] | None = None, scale_format: str = "f32", trained_float_stays_float: bool = True):
         super().__init__()
-        if n < 2:
+        if not callable(n) and n < 2:
             raise ValueError(f"group size N must be at least 2, got {n}")
         if storage not in REQUIRED_OPSET:
             raise ValueError(f"weight storage must be one of {sorted(REQUIRED_OPSET)}, got {storage!r}")
         if scale_format not in SCALE_FORMATS:
             raise ValueError(f"scale format must be one of {', '.join(SCALE_FORMATS)}, got {scale_format!r}")
-        self.n, self.method, self.storage, self.scale_format = n, Method(method), storage, scale_format
+        self.n_of = n if callable(n) else (lambda node: n)  # per-node N (mixed group sizes) or one N
+        self.method, self.storage, self.scale_format = Method(method), storage, scale_format
         self.skip = skip or (lambda node: None)
         self.trained_float_stays_float = trained_float_stays_float
-        self.exact: dict[tuple[int, int], already_ternary.AlreadyTernary] = {}
+        self.exact: dict[tuple[int, int, int], already_ternary.AlreadyTernary] = {}
         self.trained_ternary = False  # most of the weights are already ternary
         self.records: list[LayerRecord] = []
 
@@ -190,7 +192,7 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.records = []
-        done: dict[tuple[int, int], tuple[ir.Value, LayerRecord]] = {}
+        done: dict[tuple[int, int, int], tuple[ir.Value, LayerRecord]] = {}
         self.exact = self._detect(model)
         for node in list(model.graph.all_nodes()):
             if node.op_type not in LINEAR_OPS or node.domain not in DEFAULT_DOMAINS:
@@ -206,12 +208,15 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
             if reason:
                 record.reason = reason
                 continue
-            key = (id(node.graph), id(weight))
+            n = self.n_of(node)
+            if n < 2:
+                raise ValueError(f"group size N must be at least 2, got {n} for {record.node}")
+            key = (id(node.graph), id(weight), n)
             if key not in done:
-                done[key] = self._ternarize(node, weight, record)
+                done[key] = self._ternarize(node, weight, record, n)
             replacement, first = done[key]
             node.replace_input_with(1, replacement)
-            node.metadata_props[TERNARY_MARK] = f"n={self.n} method={first.method} scales={self.scale_format}"
+            node.metadata_props[TERNARY_MARK] = f"n={n} method={first.method} scales={self.scale_format}"
             if first.already_ternary:
                 node.metadata_props[EXACT_MARK] = first.already_ternary
             if first is not record:
@@ -219,10 +224,10 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
             _drop_if_unused(node.graph, weight)
         return ir.passes.PassResult(model, modified=bool(done))
 
-    def _ternarize(self, node: ir.Node, weight: ir.Value, record: LayerRecord) -> tuple[ir.Value, LayerRecord]:
+    def _ternarize(self, node: ir.Node, weight: ir.Value, record: LayerRecord, n: int) -> tuple[ir.Value, LayerRecord]:
         array = np.asarray(weight.const_value.numpy(), dtype=np.float32)  # no copy of a (memory-mapped) float32 weight
-        layout, grouping = weight_layout(node, array.shape, self.n)
-        exact = self.exact.get((id(node.graph), id(weight)))
+        layout, grouping = weight_layout(node, array.shape, n)
+        exact = self.exact.get((id(node.graph), id(weight), n))
         if exact is not None:  # keep the trained codes and scales: fitting again could only lose
             ternary = exact.weight
             stored, storage_note = already_ternary.store_exact(ternary, self.scale_format)
@@ -231,8 +236,8 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
             stored = [store_scales(s, layout, self.scale_format) for s in (ternary.scale, ternary.neg_scale) if s is not None]
         nodes, output = _dequantize_nodes(node, weight, ternary, self.storage, stored)
         node.graph.insert_before(node, nodes)
-        short = layout.length % self.n
-        record.converted, record.n, record.method, record.grouping = True, self.n, "already_ternary" if exact else self.method.value, grouping
+        short = layout.length % n
+        record.converted, record.n, record.method, record.grouping = True, n, "already_ternary" if exact else self.method.value, grouping
         record.groups = int(ternary.scale.size)
         record.short_group = short
         dtype = weight.const_value.dtype.numpy()  # f32 scales are stored in the weight's own float type
@@ -248,18 +253,20 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         record.reason = "; ".join(note for note in notes if note)
         return output, record
 
-    def _detect(self, model: ir.Model) -> dict[tuple[int, int], already_ternary.AlreadyTernary]:
+    def _detect(self, model: ir.Model) -> dict[tuple[int, int, int], already_ternary.AlreadyTernary]:
         """The weights this pass would ternarize that are already ternary at this N, keyed like `done` in call."""
         found, self.trained_ternary, candidates = {}, False, {}
         for node in model.graph.all_nodes():
             if node.op_type not in LINEAR_OPS or node.domain not in DEFAULT_DOMAINS or structural_skip_reason(node) or self.skip(node):
                 continue
             tensor = node.inputs[1].const_value
-            candidates[(id(node.graph), id(node.inputs[1]))] = tensor.size
+            n = self.n_of(node)
+            key = (id(node.graph), id(node.inputs[1]), n)
+            candidates[key] = tensor.size
             array = np.asarray(tensor.numpy(), dtype=np.float32)
-            detected = already_ternary.detect(array, weight_layout(node, array.shape, self.n)[0])
+            detected = already_ternary.detect(array, weight_layout(node, array.shape, n)[0])
             if detected is not None:
-                found[(id(node.graph), id(node.inputs[1]))] = detected
+                found[key] = detected
             del array
             if isinstance(tensor, ir.ExternalTensor):  # maps again when ternarized: keep large models a layer at a time
                 with contextlib.suppress(BufferError):
@@ -270,7 +277,7 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
 
     def _float_in_trained(self, node: ir.Node) -> str | None:
         """Why a float layer stays float in a model whose other layers are already ternary."""
-        if self.trained_float_stays_float and self.trained_ternary and (id(node.graph), id(node.inputs[1])) not in self.exact:
+        if self.trained_float_stays_float and self.trained_ternary and (id(node.graph), id(node.inputs[1]), self.n_of(node)) not in self.exact:
             return "float layer of a trained-ternary model (its other layers are already ternary): kept float"
         return None
 

@@ -89,6 +89,11 @@ def test_patch_gram_blocks_match_the_convolution():
     one_tap = np.zeros_like(w)
     one_tap[0, :, 1, 2] = w[0, :, 1, 2]
     assert w[0, :, 1, 2] @ per_tap.h[1 * 3 + 2] @ w[0, :, 1, 2] == pytest.approx(_conv_energy(x, one_tap, pads, strides), rel=1e-5)
+    joint = PatchGram((3, 3), strides, None, pads, joint=True)  # every tap together, a filter in (r, s, c) order
+    joint.update(x)
+    assert joint.h.shape == (1, 45, 45)
+    tap_major = w[0].transpose(1, 2, 0).reshape(-1)
+    assert tap_major @ joint.h[0] @ tap_major == pytest.approx(_conv_energy(x, w, pads, strides), rel=1e-5)
     rows = PatchGram()
     a = rng.normal(size=(2, 4, 6)).astype(np.float32)
     rows.update(a)

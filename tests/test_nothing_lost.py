@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 import fgq_onnx

@@ -1,0 +1,310 @@
+"""Mixed group sizes under an accuracy budget: `--n auto --max-drop D`.
+
+Small groups (N=4) keep a layer accurate, large ones (N=64) make it smaller
+(2 bits per weight plus one scale per N weights). Layers differ in how much
+they suffer, so the search gives each its own N:
+
+1. Sensitivity. Per candidate N, one onnxruntime session of the fp32 model
+   in which every ternarizable layer's weight is Where(select_i, ternary_i,
+   fp32_i), select_i a graph input: one run per layer makes that layer
+   alone ternary (exact codes, the stored scale format, float activations)
+   and measures KL(softmax fp32 || softmax candidate) on the calibration
+   samples. A layers x N table for len(N) sessions.
+2. Plans. From every layer at the smallest N, a greedy path: each step moves
+   one layer to a larger N, the move adding the least KL per byte saved
+   (bytes: codes + scales, as the report counts them). Before that start,
+   the last resort: the most sensitive layers kept fp32 (most KL removed
+   per byte added first). The path runs from large and accurate to small.
+3. Verification. The KL sum only orders the plans. A real conversion (the
+   user's method, bias correction and activation bits; calibration
+   collected once) is measured on data: the top-1 drop against the fp32
+   model on labelled `data`, or without it the share of calibration
+   samples whose top-1 class changes (a bound on the top-1 drop there).
+   A binary search along the path returns the smallest plan measured
+   within the budget: a plan the proxy misjudged is tightened by moving
+   back along the path, and nothing unmeasured is returned.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from fgq_onnx import layerwise, pipeline
+from fgq_onnx.calibration import _session_with_outputs
+from fgq_onnx.data import Dataset, model_inputs
+from fgq_onnx.errors import FgqError
+from fgq_onnx.evaluate import evaluate, open_session
+from fgq_onnx.graph_utils import unique_name
+from fgq_onnx.passes.ternarize_weights import TERNARY_MARK, TernarizeWeightsPass
+from fgq_onnx.ternary import Method
+
+KEEP = 0  # a plan's N for a layer kept fp32
+Step = Callable[[str, int, int | None], None]  # (phase, advance, total)
+
+
+@dataclass
+class LayerOptions:
+    """One layer's choices: stored bytes and KL added alone, per N (KEEP: fp32, KL 0)."""
+
+    label: str
+    nbytes: dict[int, int] = field(default_factory=dict)
+    kl: dict[int, float] = field(default_factory=dict)
+
+
+# -- 1. sensitivity --------------------------------------------------------------
+
+
+def _log_softmax(scores: np.ndarray) -> np.ndarray:
+    scores = scores.reshape(-1, scores.shape[-1]).astype(np.float64)
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Mean over rows of KL(softmax(reference) || softmax(candidate)), softmax over the last axis."""
+    p, q = _log_softmax(reference), _log_softmax(candidate)
+    return float(np.mean(np.sum(np.exp(p) * (p - q), axis=1)))
+
+
+def _switchable(model: ir.Model, n: int, config: pipeline.ConvertConfig) -> tuple[ir.Model, dict[str, str], dict[str, int]]:
+    """A copy of `model` whose convertible layers take Where(select, ternary at N, fp32) as weight.
+
+    Returns it, {layer label: its selector input}, {layer label: stored bytes at N}.
+    """
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    originals = {id(node): node.inputs[1] for node in copy.graph.all_nodes() if len(node.inputs) > 1}
+    ternarize = TernarizeWeightsPass(n, Method.EXACT, config.weight_storage, skip=pipeline._skip_rule(config, copy), scale_format=config.scale_format,
+                                     trained_float_stays_float=not config.ternarize_float_layers)
+    ternarize(copy)
+    selectors = {}
+    for node in list(copy.graph.all_nodes()):
+        if TERNARY_MARK not in node.metadata_props:
+            continue
+        label = node.name or node.outputs[0].name
+        original = originals[id(node)]
+        if original.name not in node.graph.initializers:  # the pass dropped the float weight it replaced
+            node.graph.register_initializer(original)
+        select = ir.val(f"fgq.select.{len(selectors)}", ir.DataType.BOOL, ir.Shape([]))
+        copy.graph.inputs.append(select)
+        where = ir.node("Where", [select, node.inputs[1], original], name=f"{label}/select_weight")
+        where.outputs[0].name = unique_name(node.graph, f"{label}.selected_weight")
+        node.graph.insert_before(node, where)
+        node.replace_input_with(1, where.outputs[0])
+        selectors[label] = select.name
+    sizes = {r.node: r.code_bytes + r.scale_bytes for r in ternarize.records if r.converted}
+    return copy, selectors, sizes
+
+
+def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: pipeline.ConvertConfig, on_step: Step | None = None) -> list[LayerOptions]:
+    """KL added by each convertible layer alone at each N of config.auto_ns, and its bytes (model: prepared fp32)."""
+    output = model.graph.outputs[0].name
+    with tempfile.TemporaryDirectory(prefix="fgq-mixed-") as folder:
+        session = _session_with_outputs(model, [], Path(folder))
+        reference = [session.run([output], feed)[0] for feed in feeds]
+        layers: dict[str, LayerOptions] = {}
+        for n in config.auto_ns:
+            copy, selectors, sizes = _switchable(model, n, config)
+            session = _session_with_outputs(copy, [], Path(folder))
+            off = {name: np.array(False) for name in selectors.values()}
+            for label, name in selectors.items():
+                runs = [session.run([output], {**feed, **off, name: np.array(True)})[0] for feed in feeds]
+                layer = layers.setdefault(label, LayerOptions(label))
+                layer.kl[n] = float(np.mean([kl_divergence(r, c) for r, c in zip(reference, runs)]))
+                layer.nbytes[n] = sizes[label]
+                if on_step:
+                    on_step("sensitivity", 1, len(selectors) * len(config.auto_ns))
+    weights = {node.name or node.outputs[0].name: node.inputs[1] for node in model.graph.all_nodes() if len(node.inputs) > 1}
+    for layer in layers.values():
+        layer.kl[KEEP], layer.nbytes[KEEP] = 0.0, weights[layer.label].const_value.nbytes
+    if not layers:
+        raise FgqError(pipeline._nothing_to_convert(pipeline.Report()))
+    return list(layers.values())
+
+
+# -- 2. plans ---------------------------------------------------------------------
+
+
+def _monotone_kl(layer: LayerOptions, ns: list[int]) -> dict[int, float]:
+    """KL made non-decreasing in N: a larger group is never counted as more accurate (noise)."""
+    cost, worst = {}, 0.0
+    for n in ns:
+        worst = max(worst, layer.kl[n])
+        cost[n] = worst
+    return cost
+
+
+def plan_path(layers: list[LayerOptions]) -> tuple[list[dict[str, int]], int]:
+    """Plans ({label: N}) from the most accurate to the smallest, and the index of all-smallest-N."""
+    ns = sorted(n for n in layers[0].kl if n != KEEP)
+    cost = {layer.label: _monotone_kl(layer, ns) for layer in layers}
+    base = {layer.label: ns[0] for layer in layers}
+    state, forward = dict(base), []
+    while True:
+        moves = []
+        for layer in layers:
+            here = state[layer.label]
+            for n in ns[ns.index(here) + 1 :]:
+                saved = layer.nbytes[here] - layer.nbytes[n]
+                if saved > 0:
+                    moves.append(((cost[layer.label][n] - cost[layer.label][here]) / saved, -saved, layer.label, n))
+        if not moves:
+            break
+        _, _, label, n = min(moves)
+        state[label] = n
+        forward.append(dict(state))
+    state, backward = dict(base), []
+    worth = sorted(layers, key=lambda layer: layer.kl[ns[0]] / max(1, layer.nbytes[KEEP] - layer.nbytes[ns[0]]), reverse=True)
+    for layer in worth[:-1]:  # at least one layer stays converted
+        state[layer.label] = KEEP
+        backward.append(dict(state))
+    return [*reversed(backward), base, *forward], len(backward)
+
+
+def plan_bytes(plan: dict[str, int], layers: list[LayerOptions]) -> int:
+    return sum(layer.nbytes[plan[layer.label]] for layer in layers)
+
+
+# -- 3. verification --------------------------------------------------------------
+
+
+class _Top1Drop:
+    """Points of top-1 lost against the fp32 model on labelled data."""
+
+    def __init__(self, fp32: Path, data, config: pipeline.ConvertConfig):
+        self.data, self.options = data, config.image
+        self.reference = evaluate(fp32, data, options=config.image)
+        self.description = f"top-1 drop on '{data}' ({self.reference.n:,} samples; fp32 {100 * self.reference.top1:.2f}%)"
+
+    def __call__(self, path: Path) -> float:
+        return 100.0 * (self.reference.top1 - evaluate(path, self.data, options=self.options).top1)
+
+
+class _Disagreement:
+    """Points of calibration samples whose top-1 class differs from the fp32 model's."""
+
+    def __init__(self, fp32: Path, feeds: list[dict[str, np.ndarray]]):
+        self.feeds = feeds
+        self.reference = self._classes(fp32)
+        self.description = f"top-1 changes against fp32 on {len(self.reference):,} calibration samples (no --data)"
+
+    def _classes(self, path: Path) -> np.ndarray:
+        session = open_session(path)
+        name = session.outputs[0]
+        scores = [session.run(feed, [name])[name] for feed in self.feeds]
+        return np.concatenate([s.reshape(-1, s.shape[-1]).argmax(axis=1) for s in scores])
+
+    def __call__(self, path: Path) -> float:
+        return 100.0 * float(np.mean(self._classes(path) != self.reference))
+
+
+def within(drop: float, budget: float) -> bool:
+    """drop <= budget, allowing for rounding: a drop of 15 in 5,000 samples is 0.30000000000000004 points."""
+    return drop <= budget + 1e-9
+
+
+@dataclass
+class Trial:
+    plan: dict[str, int]
+    nbytes: int
+    drop: float
+    fits: bool
+
+
+def search(path: list[dict[str, int]], start: int, measure: Callable[[dict[str, int]], float], budget: float, on_step: Step | None = None) -> tuple[int, dict[int, float]]:
+    """Binary search for the last plan of `path` measured within `budget`, starting at index `start`.
+
+    Assumes the drop grows along the path; every answer is a measured plan.
+    Returns its index (-1 when none fits) and the drop measured for each plan tried, by index.
+    """
+    trials: dict[int, float] = {}
+
+    def fits(index: int) -> bool:
+        if index not in trials:
+            trials[index] = measure(path[index])
+            if on_step:
+                on_step("verifying", 1, None)
+        return within(trials[index], budget)
+
+    low, high = (start, len(path)) if fits(start) else (-1, start)  # low fits (or -1), high fails (or past the end)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low, trials
+
+
+def _calibration_feeds(model: ir.Model, calib, config: pipeline.ConvertConfig) -> list[dict[str, np.ndarray]]:
+    limit = min(config.refine_samples, config.calib_limit or config.refine_samples)
+    dataset = Dataset(calib, model_inputs(model), options=config.image, batch_size=config.calib_batch_size, limit=limit)
+    return [feed for feed, _ in dataset]
+
+
+def convert_auto(model, config: pipeline.ConvertConfig, *, calib, data=None, calibration_cache=None, on_step: Step | None = None) -> pipeline.Conversion:
+    """The smallest mixed-N conversion measured within config.max_drop (see the module docstring)."""
+    if calib is None:
+        raise FgqError("--n auto measures each layer's sensitivity on calibration data: give --calib")
+    calib = layerwise.replayable(calib)
+    ir_model, _ = pipeline._load(model, pipeline.REQUIRED_OPSET[config.weight_storage])
+    if data is not None:
+        try:  # labels checked before the slow work
+            Dataset(data, model_inputs(ir_model), options=config.image, labelled=True)
+        except FgqError as error:
+            raise FgqError(f"--n auto measures top-1 on --data, so it needs labels: {error}") from None
+    feeds = _calibration_feeds(ir_model, calib, config)
+    prepared = pipeline._infer_shapes(pipeline._prepare(ir_model), pipeline.Report())
+    layers = sensitivity(prepared, feeds, config, on_step)
+    path, start = plan_path(layers)
+    cache = calibration_cache or pipeline.collect_calibration(model, calib, config)
+    smallest = config.auto_ns[0]
+    best: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="fgq-auto-") as folder:
+        fp32 = Path(folder) / "fp32.onnx"
+        ir.save(ir_model, fp32)
+        judge = _Top1Drop(fp32, data, config) if data is not None else _Disagreement(fp32, feeds)
+
+        def measure(plan: dict[str, int]) -> float:
+            conversion = pipeline.convert(model, replace(config, n=smallest, max_drop=None, layer_n=plan), calib=calib, calibration_cache=cache)
+            candidate = Path(folder) / "candidate.onnx"
+            pipeline.save(conversion.model, candidate)
+            drop = judge(candidate)
+            if within(drop, config.max_drop) and plan_bytes(plan, layers) < best.get("bytes", float("inf")):
+                best.update(bytes=plan_bytes(plan, layers), conversion=conversion)
+            return drop
+
+        chosen, drops = search(path, start, measure, config.max_drop, on_step)
+    trials = [Trial(path[i], plan_bytes(path[i], layers), drop, within(drop, config.max_drop)) for i, drop in sorted(drops.items())]
+    if chosen < 0:
+        closest = min(trials, key=lambda t: t.drop)
+        raise FgqError(f"no plan loses at most {config.max_drop} points ({judge.description}): the best tried, {describe_plan(closest.plan)}, loses {closest.drop:.2f}")
+    conversion = best["conversion"]  # the smallest plan within budget: the one at `chosen`
+    _record(conversion.report, config, judge.description, layers, path, chosen, drops, trials)
+    pipeline._stamp(conversion.model, conversion.report)  # the model's metadata says n=auto too (each node has its own N)
+    return conversion
+
+
+def describe_plan(plan: dict[str, int]) -> str:
+    """'N=4 x3, N=16 x5, fp32 x1': how many layers got each N."""
+    counts = {n: list(plan.values()).count(n) for n in sorted(set(plan.values()), key=lambda n: (n == KEEP, n))}
+    return ", ".join(f"{'fp32' if n == KEEP else f'N={n}'} x{count}" for n, count in counts.items())
+
+
+def _record(report, config, measured, layers, path, chosen, drops, trials) -> None:
+    report.settings.update(n="auto", max_drop=config.max_drop)
+    report.search = {
+        "budget_points": config.max_drop,
+        "measure": measured,
+        "drop_points": drops[chosen],
+        "plan": path[chosen],
+        "plan_summary": describe_plan(path[chosen]),
+        "weight_bytes": plan_bytes(path[chosen], layers),
+        "smallest_n": config.auto_ns[0],
+        "uniform_smallest_n_bytes": plan_bytes({layer.label: config.auto_ns[0] for layer in layers}, layers),
+        "plans_on_path": len(path),
+        "trials": [{"summary": describe_plan(t.plan), "weight_bytes": t.nbytes, "drop_points": t.drop, "within_budget": t.fits} for t in trials],
+        "sensitivity_kl": {layer.label: {("fp32" if n == KEEP else str(n)): kl for n, kl in layer.kl.items()} for layer in layers},
+    }

@@ -1,0 +1,228 @@
+"""--n auto: per-layer sensitivity, the plan path, the budgeted search, and per-layer N in the graph."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import fgq_onnx
+from fgq_onnx import mixed, pipeline
+from fgq_onnx.passes.ternarize_weights import TernarizeWeightsPass
+from ir_models import make_model
+
+WIDTHS = (32, 48, 48, 48, 10)
+LAYERS = [f"mm{i}" for i in range(len(WIDTHS) - 1)]
+EXACT_AT = (64, 4, 16, 64)  # each layer's weights are ternary per this many inputs
+QUICK = dict(act_bits=0, bias_correction=False, scale_format="f32", auto_ns=(4, 16, 64))  # weights only, exact scales: fast
+
+
+def deep_mlp(kit) -> ir.Model:
+    """x [batch, 32] -> four MatMuls (Relu between) whose weights are ternary with one scale per
+    EXACT_AT[i] inputs: exact at that N and any divisor of it, off at larger N. A little noise keeps
+    them from being taken as already ternary (which would pack them exactly, never fitted)."""
+    rng = np.random.default_rng(11)
+    weights, lines, previous = {}, [], "x"
+    for i, (fan_in, fan_out) in enumerate(zip(WIDTHS, WIDTHS[1:])):
+        ternary = kit.ternary_exact_weight(rng, (fan_in, fan_out), 0, EXACT_AT[i]) * np.float32(4 / np.sqrt(fan_in))
+        weights[f"w{i}"] = ternary * (1 + rng.normal(0, 1e-3, ternary.shape)).astype(np.float32)
+        out = "y" if i == len(WIDTHS) - 2 else f"h{i}"
+        lines += [f"{out} = MatMul({previous}, w{i})"] if out == "y" else [f"m{i} = MatMul({previous}, w{i})", f"{out} = Relu(m{i})"]
+        previous = out
+    text = f"g (float[N, {WIDTHS[0]}] x) => (float[N, {WIDTHS[-1]}] y) {{ " + " ".join(lines) + " }"
+    model = make_model(text, weights)
+    for node in model.graph:
+        if node.op_type == "MatMul":
+            node.name = f"mm{node.inputs[1].name[1:]}"
+    return model
+
+
+def run(model: ir.Model, x: np.ndarray, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> np.ndarray:
+    """Outputs in onnxruntime. At ENABLE_ALL (what `fgq-onnx eval` uses) a MatMul whose weight has
+    blocks of N >= 16 becomes MatMulNBits, which quantizes its activations to int8 as well."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, kit):
+    """The model file, calibration data, and labelled data whose labels are the fp32 model's classes."""
+    folder = tmp_path_factory.mktemp("mixed")
+    model = deep_mlp(kit)
+    path = folder / "mlp.onnx"
+    onnx.save(ir.serde.serialize_model(model), path)
+    rng = np.random.default_rng(5)
+    calib, test = (rng.normal(0, 1, (count, WIDTHS[0])).astype(np.float32) for count in (64, 400))
+    np.savez(folder / "calib.npz", x=calib)
+    np.savez(folder / "data.npz", x=test, y=run(model, test).argmax(axis=1))
+    np.savez(folder / "unlabelled.npz", x=test)
+    return folder, model, calib, test
+
+
+def top1_drop(model: ir.Model, reference: ir.Model, x: np.ndarray) -> float:
+    labels = run(reference, x).argmax(axis=1)
+    return 100.0 * float(np.mean(run(model, x).argmax(axis=1) != labels))
+
+
+def dequantize_block_sizes(model: ir.Model) -> dict[str, int]:
+    """block_size of the DequantizeLinear feeding each MatMul's weight (the converted ones)."""
+    sizes = {}
+    for node in model.graph:
+        producer = node.inputs[1].producer() if node.op_type == "MatMul" else None
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            sizes[node.name] = producer.attributes["block_size"].as_int()
+    return sizes
+
+
+def test_pass_takes_a_group_size_per_node(kit):
+    model = deep_mlp(kit)
+    plan = dict(zip(LAYERS, (4, 8, 32, 16)))
+    ternarize = TernarizeWeightsPass(lambda node: plan[node.name])
+    ternarize(model)
+    assert dequantize_block_sizes(model) == plan
+    assert {r.node: r.n for r in ternarize.records} == plan
+
+
+def test_fitting_keeps_each_layers_group_size(tiny):
+    folder, model, calib, _ = tiny
+    plan = dict(zip(LAYERS, (16, 4, 8, 0)))
+    fitted, report = fgq_onnx.convert(folder / "mlp.onnx", n=4, layer_n=plan, method="fit", calib=folder / "calib.npz", act_bits=0)
+    assert dequantize_block_sizes(fitted) == {"mm0": 16, "mm1": 4, "mm2": 8}
+    assert any(note.startswith("fit: 3 layer(s) refitted") for note in report.notes), report.notes
+    assert next(r for r in report.layers if r.node == "mm3").reason.startswith("kept fp32")
+
+
+def test_sensitivity_matches_each_layer_converted_alone(tiny):
+    """The one-session Where switch against brute force: a real conversion of each layer alone, at each N."""
+    folder, model, calib, _ = tiny
+    config = pipeline.ConvertConfig(n="auto", max_drop=1.0, **QUICK)
+    table = {layer.label: layer for layer in mixed.sensitivity(model, [{"x": calib}], config)}
+    reference = run(model, calib)
+    basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # the weights alone, as the Where switch sees them
+    for label in LAYERS:
+        for n in config.auto_ns:
+            plan = {other: (n if other == label else mixed.KEEP) for other in LAYERS}
+            alone, report = fgq_onnx.convert(folder / "mlp.onnx", n=4, layer_n=plan, act_bits=0, bias_correction=False, scale_format="f32")
+            assert table[label].kl[n] == pytest.approx(mixed.kl_divergence(reference, run(alone, calib, basic)), rel=1e-4, abs=1e-9), (label, n)
+            assert table[label].nbytes[n] == sum(r.code_bytes + r.scale_bytes for r in report.converted)
+        assert table[label].nbytes[mixed.KEEP] == model.graph.initializers[f"w{label[2:]}"].const_value.nbytes
+    for label, at in zip(LAYERS, EXACT_AT):  # next to no loss where the weights are ternary per group of N (up to the noise)
+        assert [table[label].kl[n] < 1e-7 for n in config.auto_ns] == [at % n == 0 for n in config.auto_ns]
+
+
+def test_plan_path_shrinks_and_starts_from_the_smallest_n():
+    layers = [
+        mixed.LayerOptions("a", {0: 4000, 4: 520, 16: 280, 64: 260}, {0: 0.0, 4: 0.01, 16: 0.02, 64: 0.5}),
+        mixed.LayerOptions("b", {0: 4000, 4: 520, 16: 280, 64: 260}, {0: 0.0, 4: 0.2, 16: 0.9, 64: 0.7}),
+    ]
+    path, start = mixed.plan_path(layers)
+    assert path[start] == {"a": 4, "b": 4}
+    sizes = [mixed.plan_bytes(plan, layers) for plan in path]
+    assert all(later < earlier for earlier, later in zip(sizes, sizes[1:]))
+    assert path[0] == {"a": 4, "b": mixed.KEEP}  # the last resort keeps the most sensitive layer, never all
+    assert path[start + 1] == {"a": 16, "b": 4}  # cheapest KL per byte first
+    assert path[-1] == {"a": 64, "b": 64}
+
+
+@pytest.mark.parametrize("drops, budget, expected", [
+    ([0.0, 0.1, 0.2, 0.3, 0.6, 0.9, 1.5], 0.5, 3),  # start fits: search forward
+    ([0.0, 0.1, 0.2, 0.3, 0.6, 0.9, 1.5], 0.15, 1),  # start fails: search back into the last resort
+    ([0.0, 0.1, 0.2, 0.3, 0.6, 0.9, 1.5], 2.0, 6),
+    ([0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5], 0.5, -1),  # nothing fits
+    ([0.0, 0.1, 0.2, 0.3, 100 * (0.9298 - 0.9268), 0.9, 1.5], 0.3, 4),  # 15 samples in 5,000 are 0.3 points, not more
+])
+def test_search_returns_the_last_plan_measured_within_budget(drops, budget, expected):
+    path = [{"layer": i} for i in range(len(drops))]
+    measured = []
+
+    def measure(plan):
+        measured.append(plan["layer"])
+        return drops[plan["layer"]]
+
+    chosen, trials = mixed.search(path, 3, measure, budget)
+    assert chosen == expected
+    assert len(measured) == len(set(measured)) <= 1 + math.ceil(math.log2(len(path)))
+    assert set(trials) == set(measured)
+    if chosen >= 0:
+        assert mixed.within(trials[chosen], budget) and (chosen + 1 not in trials or not mixed.within(trials[chosen + 1], budget))
+
+
+def test_search_respects_the_budget_on_labelled_data(tiny):
+    folder, model, calib, test = tiny
+    budget = 2.0
+    converted, report = fgq_onnx.convert(folder / "mlp.onnx", n="auto", max_drop=budget, calib=folder / "calib.npz", data=folder / "data.npz", **QUICK)
+    search = report.search
+    measured = top1_drop(converted, model, test)
+    assert measured == pytest.approx(search["drop_points"]) and measured <= budget
+    assert search["weight_bytes"] < search["uniform_smallest_n_bytes"]
+    assert dequantize_block_sizes(converted) == {k: v for k, v in search["plan"].items() if v}
+    assert {r.node: r.n for r in report.converted} == {k: v for k, v in search["plan"].items() if v}
+    assert report.settings["n"] == "auto" and '"search"' in report.to_json() and converted.metadata_props["fgq_onnx.n"] == "auto"
+    assert search["plan"]["mm0"] == 64 and len(set(search["plan"].values())) > 1  # mm0 is exact at any N
+
+
+def test_search_without_labels_bounds_top1_changes_on_calibration_data(tiny):
+    folder, model, calib, _ = tiny
+    converted, report = fgq_onnx.convert(folder / "mlp.onnx", n="auto", max_drop=3.0, calib=folder / "calib.npz", **QUICK)
+    assert "calibration samples" in report.search["measure"]
+    changed = top1_drop(converted, model, calib)
+    assert changed == pytest.approx(report.search["drop_points"]) and changed <= 3.0
+    assert report.search["weight_bytes"] < report.search["uniform_smallest_n_bytes"]
+
+
+@pytest.mark.parametrize("settings, says", [
+    (dict(n="auto"), "--max-drop"),
+    (dict(n="auto", max_drop=-0.5), "--max-drop"),
+    (dict(n="auto", max_drop=float("nan")), "--max-drop"),
+    (dict(n=4, max_drop=0.5), "only applies with --n auto"),
+    (dict(n="four"), "--n"),
+    (dict(n="auto", max_drop=0.5, auto_ns=(1, 4)), "at least 2"),
+    (dict(layer_n={"mm0": 1}), "mm0=1"),
+])
+def test_bad_settings(settings, says):
+    with pytest.raises(fgq_onnx.FgqError, match=says):
+        pipeline.ConvertConfig(**settings)
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--n", "auto", "--data", "DATA/unlabelled.npz", "--max-drop", "1"), ("needs labels", "'y'")),
+    (("--n", "auto"), ("--max-drop",)),
+    (("--n", "auto", "--max-drop", "-1"), ("--max-drop", ">= 0")),
+    (("--n", "4", "--data", "DATA/data.npz"), ("--data", "--n auto")),
+    (("--n", "x4"), ("--n", "'x4'")),
+])
+def test_cli_refuses_bad_auto_settings(cli, kit, tiny, tmp_path, args, says):
+    from test_bad_input import refused
+
+    folder = tiny[0]
+    args = [str(a).replace("DATA", str(folder)) for a in args]
+    refused(cli, kit, [folder, tmp_path], folder / "mlp.onnx", "--calib", folder / "calib.npz", "--act-bits", "0", "-o", tmp_path / "out.onnx", *args, says=says)
+
+
+def test_cli_prints_the_plan(cli, tiny, tmp_path):
+    folder = tiny[0]
+    result = cli("convert", folder / "mlp.onnx", "--n", "auto", "--max-drop", "2", "--calib", folder / "calib.npz", "--data", folder / "data.npz",
+                 "--act-bits", "0", "--no-bias-correction", "-o", tmp_path / "out.onnx", "--json", tmp_path / "report.json")
+    assert result.exit_code == 0, result.stderr
+    assert "Group sizes chosen under --max-drop 2.0" in result.stdout and "chosen:" in result.stdout
+    import json
+
+    search = json.loads((tmp_path / "report.json").read_text())["search"]
+    assert search["drop_points"] <= 2.0 and set(search["plan"]) == set(LAYERS)
+
+
+def test_custom_format_runs_a_mixed_plan_like_qdq(tiny):
+    """Each com.fgq node takes its own N (here through the ONNX function fallbacks)."""
+    folder, _, calib, _ = tiny
+    plan = dict(zip(LAYERS, (16, 4, 8, 0)))
+    qdq, _ = fgq_onnx.convert(folder / "mlp.onnx", n=4, layer_n=plan, calib=folder / "calib.npz")
+    custom, _ = fgq_onnx.convert(folder / "mlp.onnx", n=4, layer_n=plan, calib=folder / "calib.npz", format="custom")
+    assert {n.name: n.attributes["N"].as_int() for n in custom.graph if n.op_type == "TernaryMatMul"} == {"mm0": 16, "mm1": 4, "mm2": 8}
+    basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    np.testing.assert_allclose(run(custom, calib, basic), run(qdq, calib, basic), rtol=1e-5, atol=1e-6)
