@@ -20,6 +20,7 @@ from fgq_onnx.scales import SCALE_FORMATS, StoredScales, row_axis, store_scales
 from fgq_onnx.ternary import GroupLayout, Method, TernaryWeight, ternarize
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
+MAX_ROW_GROUP = 65536  # largest N the custom ops take: per-row trained scales get one group a row up to this
 TERNARY_MARK = "fgq.ternary"  # node metadata key: the node's weight is ternary
 EXACT_MARK = "fgq.already_ternary"  # node metadata key: its weight was ternary already and is kept exactly
 TRAINED_SHARE = 0.5  # a model whose already-ternary weights are more than this share of all was trained ternary
@@ -216,7 +217,7 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
                 done[key] = self._ternarize(node, weight, record, n)
             replacement, first = done[key]
             node.replace_input_with(1, replacement)
-            node.metadata_props[TERNARY_MARK] = f"n={n} method={first.method} scales={self.scale_format}"
+            node.metadata_props[TERNARY_MARK] = f"n={first.n} method={first.method} scales={self.scale_format}"
             if first.already_ternary:
                 node.metadata_props[EXACT_MARK] = first.already_ternary
             if first is not record:
@@ -226,8 +227,9 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
 
     def _ternarize(self, node: ir.Node, weight: ir.Value, record: LayerRecord, n: int) -> tuple[ir.Value, LayerRecord]:
         array = np.asarray(weight.const_value.numpy(), dtype=np.float32)  # no copy of a (memory-mapped) float32 weight
-        layout, grouping = weight_layout(node, array.shape, n)
         exact = self.exact.get((id(node.graph), id(weight), n))
+        n = exact.weight.layout.n if exact is not None else n  # one group a row where the trained scales allow
+        layout, grouping = weight_layout(node, array.shape, n)
         if exact is not None:  # keep the trained codes and scales: fitting again could only lose
             ternary = exact.weight
             stored, storage_note = already_ternary.store_exact(ternary, self.scale_format)
@@ -265,6 +267,9 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
             candidates[key] = tensor.size
             array = np.asarray(tensor.numpy(), dtype=np.float32)
             detected = already_ternary.detect(array, weight_layout(node, array.shape, n)[0])
+            row = _row_length(node, array.shape)
+            if detected is not None and detected.granularity != "per group" and n < row <= MAX_ROW_GROUP:
+                detected = already_ternary.detect(array, weight_layout(node, array.shape, row)[0])  # same values, one scale a row
             if detected is not None:
                 found[key] = detected
             del array
@@ -280,6 +285,13 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         if self.trained_float_stays_float and self.trained_ternary and (id(node.graph), id(node.inputs[1]), self.n_of(node)) not in self.exact:
             return "float layer of a trained-ternary model (its other layers are already ternary): kept float"
         return None
+
+
+def _row_length(node: ir.Node, shape: tuple[int, ...]) -> int:
+    """The reduction length of one output row: an N that makes one group per row."""
+    if node.op_type == "Conv":
+        return int(np.prod(shape[1:]))
+    return shape[1] if node.op_type == "Gemm" and int_attr(node, "transB", 0) else shape[0]
 
 
 def _drop_if_unused(graph: ir.Graph, weight: ir.Value) -> None:

@@ -175,6 +175,9 @@ def test_weights_only_conversion_is_exact(case, scale_format):
     assert report.converted and all(layer.method == "already_ternary" for layer in report.converted), [(l.node, l.reason) for l in report.layers]
     assert all("already ternary: exact" in layer.reason for layer in report.converted)
     assert all(layer.sqnr_db == float("inf") for layer in report.converted)
+    for layer in report.converted:  # scales constant over a row: one group a row, whatever --n says
+        per_group = "per group" in layer.reason
+        assert (layer.n == 4) if per_group else (layer.n == int(np.prod(layer.shape)) // layer.shape[0 if layer.op_type != "MatMul" else 1]), layer
     assert "Mul" not in {node.op_type for node in model.graph}  # trailing scales folded into the weights
     layers = json.loads(report.to_json())["layers"]
     assert all(layer["already_ternary"].startswith("exact (") for layer in layers)
