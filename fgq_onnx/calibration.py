@@ -140,7 +140,7 @@ class ActivationObserver:
         graph_inputs = {v.name for v in model.graph.inputs}
         fetched = [name for name in self.histograms if name not in graph_inputs]
         with tempfile.TemporaryDirectory(prefix="fgq-calib-") as folder:
-            session = _session_with_outputs(model, fetched, Path(folder))
+            session = session_with_outputs(model, fetched, Path(folder))
             for feed, _ in batches:
                 try:
                     outputs = session.run(fetched, feed)
@@ -163,7 +163,7 @@ def _samples_in(feed: dict[str, np.ndarray]) -> int:
     return len(first) if first is not None and np.ndim(first) else 1
 
 
-def _session_with_outputs(model: ir.Model, names: list[str], folder: Path) -> ort.InferenceSession:
+def session_with_outputs(model: ir.Model, names: list[str], folder: Path) -> ort.InferenceSession:
     """An onnxruntime session of `model` that also returns the named tensors."""
     values = {v.name: v for node in model.graph for v in node.outputs}
     exposed = [values[name] for name in names if not values[name].is_graph_output()]

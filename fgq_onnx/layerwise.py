@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from fgq_onnx.calibration import AbsHistogram, _session_with_outputs
+from fgq_onnx.calibration import AbsHistogram, session_with_outputs
 from fgq_onnx.correction import ChannelMoments, affine_correction
 from fgq_onnx.errors import FgqError
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, constant_array, int_attr
@@ -106,7 +106,7 @@ def stream(model: ir.Model, watched: dict, dataset: Iterable, keep: list | None 
     fetched = [name for name in watched if name not in graph_inputs]
     samples, kept_bytes = 0, 0
     with tempfile.TemporaryDirectory(prefix="fgq-layerwise-") as folder:
-        session = _session_with_outputs(model, fetched, Path(folder))
+        session = session_with_outputs(model, fetched, Path(folder))
         for batch in dataset:
             feed = batch[0]
             if keep is not None and keep[:1] != [None]:

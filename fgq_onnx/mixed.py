@@ -36,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from fgq_onnx import layerwise, pipeline
-from fgq_onnx.calibration import _session_with_outputs
+from fgq_onnx.calibration import session_with_outputs
 from fgq_onnx.data import Dataset, model_inputs
 from fgq_onnx.errors import FgqError
 from fgq_onnx.evaluate import evaluate, open_session
@@ -79,7 +79,7 @@ def _switchable(model: ir.Model, n: int, config: pipeline.ConvertConfig) -> tupl
     """
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     originals = {id(node): node.inputs[1] for node in copy.graph.all_nodes() if len(node.inputs) > 1}
-    ternarize = TernarizeWeightsPass(n, Method.EXACT, config.weight_storage, skip=pipeline._skip_rule(config, copy), scale_format=config.scale_format,
+    ternarize = TernarizeWeightsPass(n, Method.EXACT, config.weight_storage, skip=pipeline.skip_rule(config, copy), scale_format=config.scale_format,
                                      trained_float_stays_float=not config.ternarize_float_layers)
     ternarize(copy)
     selectors = {}
@@ -105,12 +105,12 @@ def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: pip
     """KL added by each convertible layer alone at each N of config.auto_ns, and its bytes (model: prepared fp32)."""
     output = model.graph.outputs[0].name
     with tempfile.TemporaryDirectory(prefix="fgq-mixed-") as folder:
-        session = _session_with_outputs(model, [], Path(folder))
+        session = session_with_outputs(model, [], Path(folder))
         reference = [session.run([output], feed)[0] for feed in feeds]
         layers: dict[str, LayerOptions] = {}
         for n in config.auto_ns:
             copy, selectors, sizes = _switchable(model, n, config)
-            session = _session_with_outputs(copy, [], Path(folder))
+            session = session_with_outputs(copy, [], Path(folder))
             off = {name: np.array(False) for name in selectors.values()}
             for label, name in selectors.items():
                 runs = [session.run([output], {**feed, **off, name: np.array(True)})[0] for feed in feeds]
@@ -123,7 +123,7 @@ def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: pip
     for layer in layers.values():
         layer.kl[KEEP], layer.nbytes[KEEP] = 0.0, weights[layer.label].const_value.nbytes
     if not layers:
-        raise FgqError(pipeline._nothing_to_convert(pipeline.Report()))
+        raise FgqError(pipeline.nothing_to_convert(pipeline.Report()))
     return list(layers.values())
 
 
@@ -249,14 +249,14 @@ def convert_auto(model, config: pipeline.ConvertConfig, *, calib, data=None, cal
     if calib is None:
         raise FgqError("--n auto measures each layer's sensitivity on calibration data: give --calib")
     calib = layerwise.replayable(calib)
-    ir_model, _ = pipeline._load(model, pipeline.REQUIRED_OPSET[config.weight_storage])
+    ir_model, _ = pipeline.load_model(model, pipeline.REQUIRED_OPSET[config.weight_storage])
     if data is not None:
         try:  # labels checked before the slow work
             Dataset(data, model_inputs(ir_model), options=config.image, labelled=True)
         except FgqError as error:
             raise FgqError(f"--n auto measures top-1 on --data, so it needs labels: {error}") from None
     feeds = _calibration_feeds(ir_model, calib, config)
-    prepared = pipeline._infer_shapes(pipeline._prepare(ir_model), pipeline.Report())
+    prepared = pipeline.infer_shapes(pipeline.prepare(ir_model), pipeline.Report())
     layers = sensitivity(prepared, feeds, config, on_step)
     path, start = plan_path(layers)
     cache = calibration_cache or pipeline.collect_calibration(model, calib, config)
@@ -283,7 +283,7 @@ def convert_auto(model, config: pipeline.ConvertConfig, *, calib, data=None, cal
         raise FgqError(f"no plan loses at most {config.max_drop} points ({judge.description}): the best tried, {describe_plan(closest.plan)}, loses {closest.drop:.2f}")
     conversion = best["conversion"]  # the smallest plan within budget: the one at `chosen`
     _record(conversion.report, config, judge.description, layers, path, chosen, drops, trials)
-    pipeline._stamp(conversion.model, conversion.report)  # the model's metadata says n=auto too (each node has its own N)
+    pipeline.stamp(conversion.model, conversion.report)  # the model's metadata says n=auto too (each node has its own N)
     return conversion
 
 

@@ -145,7 +145,7 @@ class CalibrationCache:
     reference: layerwise.Reference | None = None  # the fp32 pass bias correction and fitting need, taken once too
 
 
-def _skip_rule(config: ConvertConfig, model: ir.Model) -> Callable[[ir.Node], str | None]:
+def skip_rule(config: ConvertConfig, model: ir.Model) -> Callable[[ir.Node], str | None]:
     """The user's exclusions as one predicate: node -> reason to skip, or None."""
     patterns = [re.compile(p) for p in config.exclude]
     first_last: set[int] = set()
@@ -169,7 +169,7 @@ def _skip_rule(config: ConvertConfig, model: ir.Model) -> Callable[[ir.Node], st
     return skip
 
 
-def _load(model: str | Path | onnx.ModelProto | ir.Model, opset: int) -> tuple[ir.Model, Report]:
+def load_model(model: str | Path | onnx.ModelProto | ir.Model, opset: int) -> tuple[ir.Model, Report]:
     report = Report()
     if isinstance(model, ir.Model):
         proto, base_dir = ir.serde.serialize_model(model), Path(".")
@@ -187,7 +187,7 @@ def _load(model: str | Path | onnx.ModelProto | ir.Model, opset: int) -> tuple[i
     return model_io.to_ir(proto, base_dir), report
 
 
-def _infer_shapes(model: ir.Model, report: Report) -> ir.Model:
+def infer_shapes(model: ir.Model, report: Report) -> ir.Model:
     """Shapes let the report count multiplications; failing that, it counts weights."""
     try:
         return common.ShapeInferencePass().call(model).model
@@ -196,7 +196,7 @@ def _infer_shapes(model: ir.Model, report: Report) -> ir.Model:
         return model
 
 
-def _prepare(model: ir.Model) -> ir.Model:
+def prepare(model: ir.Model) -> ir.Model:
     """Constants lifted to initializers, initializers out of the inputs, scale Muls and BatchNorm folded."""
     return ir.passes.PassManager([
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0),
@@ -220,16 +220,16 @@ def collect_calibration(
     as in a plain convert), which is what lets them be reused across settings.
     """
     config = replace(config or ConvertConfig(), **settings) if settings else (config or ConvertConfig())
-    ir_model, _ = _load(model, REQUIRED_OPSET[config.weight_storage])
+    ir_model, _ = load_model(model, REQUIRED_OPSET[config.weight_storage])
     dataset = Dataset(layerwise.replayable(calib), model_inputs(ir_model), options=config.image, batch_size=config.calib_batch_size, limit=config.calib_limit)
-    ir_model = _prepare(ir_model)
+    ir_model = prepare(ir_model)
     targets = {
         node.inputs[0].name: node.inputs[0]
         for node in ir_model.graph
         if node.op_type in LINEAR_OPS and len(node.inputs) > 1 and node.inputs[0] is not None and node.inputs[0].const_value is None
     }
     if not targets:
-        raise FgqError(_nothing_to_convert(Report()))
+        raise FgqError(nothing_to_convert(Report()))
     if config.bias_correction or config.method is Method.FIT:  # one fp32 pass gives the ranges and what refining needs
         reference = layerwise.capture(ir_model, dataset, keep_model=config.method is Method.FIT)
         return CalibrationCache(reference.histograms, reference.samples, dataset.skipped, dataset.dropped, reference)
@@ -347,7 +347,7 @@ def _convert(
     """The body of convert; `progress` records the stages it begins."""
     if config.act_bits and calib is None and calibration_cache is None:
         raise FgqError("activation quantization needs calibration data (--calib), or use --act-bits 0 for weights only")
-    ir_model, report = _load(model, REQUIRED_OPSET[config.weight_storage])
+    ir_model, report = load_model(model, REQUIRED_OPSET[config.weight_storage])
     report.settings.update(config.settings())
     dataset = None
     if config.method is Method.FIT and calib is None:
@@ -356,9 +356,9 @@ def _convert(
         dataset = Dataset(layerwise.replayable(calib), model_inputs(ir_model), options=config.image, batch_size=config.calib_batch_size, limit=config.calib_limit)
     report.weight_bytes_before = model_io.weight_bytes(ir_model)
 
-    ternarize = TernarizeWeightsPass(config.n_of, config.method, config.weight_storage, skip=_skip_rule(config, ir_model), scale_format=config.scale_format, trained_float_stays_float=not config.ternarize_float_layers)
-    ir_model = _prepare(ir_model)
-    ir_model = _infer_shapes(ir_model, report)
+    ternarize = TernarizeWeightsPass(config.n_of, config.method, config.weight_storage, skip=skip_rule(config, ir_model), scale_format=config.scale_format, trained_float_stays_float=not config.ternarize_float_layers)
+    ir_model = prepare(ir_model)
+    ir_model = infer_shapes(ir_model, report)
     reference = None
     if (config.bias_correction or config.method is Method.FIT) and dataset is not None:
         cached = calibration_cache.reference if calibration_cache is not None else None
@@ -369,7 +369,7 @@ def _convert(
     ir_model = ternarize(ir_model).model
     report.layers = ternarize.records
     if not report.converted:
-        raise FgqError(_nothing_to_convert(report))
+        raise FgqError(nothing_to_convert(report))
     ranges_from_capture = reference is not None and calibration_cache is None
     if ranges_from_capture:  # fitting and bias correction bring activations back to the fp32 ranges: no second pass
         calibration_cache = CalibrationCache(reference.histograms, reference.samples, dataset.skipped, dataset.dropped)
@@ -396,7 +396,7 @@ def _convert(
         progress.begin("the custom-op rewrite")
         ir_model = _use_custom_ops(ir_model, report)
     ir_model.ir_version = max(ir_model.ir_version, _REQUIRED_IR[config.weight_storage])
-    _stamp(ir_model, report)
+    stamp(ir_model, report)
     report.weight_bytes_after = model_io.weight_bytes(ir_model)
     return Conversion(ir_model, report)
 
@@ -410,14 +410,14 @@ def _use_custom_ops(model: ir.Model, report: Report) -> ir.Model:
     return model
 
 
-def _nothing_to_convert(report: Report) -> str:
+def nothing_to_convert(report: Report) -> str:
     if not report.layers:
         return "nothing to convert: the model has no Conv, Gemm or MatMul"
     reasons = sorted({layer.reason for layer in report.layers})
     return f"nothing to convert: all {len(report.layers)} Conv/Gemm/MatMul nodes were skipped ({'; '.join(reasons)})"
 
 
-def _stamp(model: ir.Model, report: Report) -> None:
+def stamp(model: ir.Model, report: Report) -> None:
     model.producer_name = "fgq-onnx"
     model.producer_version = __version__
     model.metadata_props.update({f"fgq_onnx.{key}": str(value) for key, value in {"version": __version__, **report.settings}.items()})

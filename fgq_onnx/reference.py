@@ -17,14 +17,14 @@ import onnx_ir as ir
 
 from fgq_onnx.passes.insert_activation_qdq import ActivationQuant, InsertActivationQdqPass
 from fgq_onnx.passes.ternarize_weights import REQUIRED_OPSET, TERNARY_MARK
-from fgq_onnx.pipeline import _load, _prepare
+from fgq_onnx.pipeline import load_model, prepare
 from fgq_onnx.report import Report
 
 
 def activation_only(model: str | Path | onnx.ModelProto | ir.Model, report: Report) -> ir.Model:
     """`model` with the activation Q/DQ that produced `report`, float weights (the input is not modified)."""
-    ir_model, _ = _load(model, REQUIRED_OPSET[str(report.settings.get("weight_storage", "int2"))])
-    ir_model = _prepare(ir_model)
+    ir_model, _ = load_model(model, REQUIRED_OPSET[str(report.settings.get("weight_storage", "int2"))])
+    ir_model = prepare(ir_model)
     converted = {layer.node for layer in report.converted}
     for node in ir_model.graph.all_nodes():
         if node.outputs and (node.name or node.outputs[0].name) in converted:

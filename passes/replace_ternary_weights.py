@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from fgq_onnx.passes.correct_bias import ternary_scale_nodes
-from fgq_onnx.passes.ternarize_weights import _dequantize_nodes
+from fgq_onnx.passes.ternarize_weights import dequantize_nodes
 from fgq_onnx.scales import store_scales
 from fgq_onnx.ternary import TernaryWeight
 
@@ -56,7 +56,7 @@ class ReplaceTernaryWeightsPass(ir.passes.InPlacePass):
             node.replace_input_with(1, None)
             model.graph.remove([n for n in model.graph if any(n is o for o in old)], safe=True)
             stored = [store_scales(s, ternary.layout, self.scale_format) for s in (ternary.scale, ternary.neg_scale) if s is not None]
-            new_nodes, output = _dequantize_nodes(node, original, ternary, self.storage, stored)
+            new_nodes, output = dequantize_nodes(node, original, ternary, self.storage, stored)
             model.graph.insert_before(node, new_nodes)
             node.replace_input_with(1, output)
         return ir.passes.PassResult(model, modified=bool(self.weights))

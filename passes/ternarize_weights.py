@@ -90,7 +90,7 @@ def macs_per_sample(node: ir.Node, params: int) -> int:
     return params * int(np.prod(list(shape[2:])))
 
 
-def _dequantize_nodes(node: ir.Node, weight: ir.Value, ternary: TernaryWeight, storage: str, scales: list[StoredScales]) -> tuple[list[ir.Node], ir.Value]:
+def dequantize_nodes(node: ir.Node, weight: ir.Value, ternary: TernaryWeight, storage: str, scales: list[StoredScales]) -> tuple[list[ir.Node], ir.Value]:
     """Nodes that rebuild the float weight from its codes and stored scales; returns them and their output.
 
     `scales` holds the stored group scales (two for the asymmetric method: + then -).
@@ -154,7 +154,7 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
     whose weight is a constant float initializer into
     DequantizeLinear(codes, scales, axis, block_size=N), codes stored as INT2
     (opset 25) or int8 (opset 21), scales as `scale_format` ("f32", "f16" or
-    "u8", see _dequantize_nodes and fgq_onnx.scales). `n` is one group size,
+    "u8", see dequantize_nodes and fgq_onnx.scales). `n` is one group size,
     or a function node -> N for mixed group sizes. A weight shared by several
     nodes is ternarized once per N. MatMuls of two activations are left alone. Each rewritten
     node gets the metadata key "fgq.ternary". `records` lists every linear node
@@ -236,7 +236,7 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         else:
             ternary = ternarize(array, layout, self.method)
             stored = [store_scales(s, layout, self.scale_format) for s in (ternary.scale, ternary.neg_scale) if s is not None]
-        nodes, output = _dequantize_nodes(node, weight, ternary, self.storage, stored)
+        nodes, output = dequantize_nodes(node, weight, ternary, self.storage, stored)
         node.graph.insert_before(node, nodes)
         short = layout.length % n
         record.converted, record.n, record.method, record.grouping = True, n, "already_ternary" if exact else self.method.value, grouping

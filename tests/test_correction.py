@@ -201,7 +201,7 @@ def _channel_stats(model_or_path, names, feeds):
 def test_converted_layers_get_the_fp32_channel_statistics(kit, tmp_path, calib_npz, cnn_samples, act_bits):
     """After correction each ternarized layer's output has the fp32 per-channel mean and std on the calibration data."""
     source = kit.write_model(kit.build_cnn(n=16), tmp_path / "cnn.onnx")
-    fp = pipeline._prepare(ir.load(source))  # BatchNorm folded, as the converter sees it
+    fp = pipeline.prepare(ir.load(source))  # BatchNorm folded, as the converter sees it
     names = [n.outputs[0].name for n in fp.graph if n.op_type in ("Conv", "Gemm")]
     want = _channel_stats(fp, names, {"x": cnn_samples})
     results = {}
