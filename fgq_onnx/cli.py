@@ -6,32 +6,26 @@ code 1; anything else one line and exit code 2; `--debug` shows tracebacks.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-import math
 import sys
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fgq_onnx import pipeline
+from fgq_onnx import console, pipeline
 from fgq_onnx import model_io
 from fgq_onnx.calibration import CalibMethod
 from fgq_onnx.data import Color, ImageOptions, Layout
 from fgq_onnx.errors import FgqError, fgq_error_in
-from fgq_onnx.report import Report
 from fgq_onnx.ternary import Method
 
 app = typer.Typer(help="Fine-grained ternary (2-bit) quantization of ONNX models.", no_args_is_help=True, add_completion=False)
-out = Console()
-err = Console(stderr=True)
+out, err = console.out, console.err
 
 
 def _root_error(error: BaseException) -> BaseException:
@@ -114,38 +108,6 @@ def image_options(size, resize, layout, color, pixel_scale, mean, std) -> ImageO
     return ImageOptions(size=size, resize=resize, layout=layout, color=color, scale=pixel_scale, mean=floats(mean, "--mean"), std=std_values)
 
 
-@contextlib.contextmanager
-def progress_bar(description: str, quiet: bool):
-    """A rich progress bar; yields a callback(advance, total)."""
-    if quiet:
-        yield None
-        return
-    with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as progress:
-        task = progress.add_task(description, total=None)
-
-        def advance(step: int, total: int | None) -> None:
-            progress.update(task, advance=step, total=total)
-
-        yield advance
-
-
-@contextlib.contextmanager
-def search_progress(quiet: bool):
-    """Progress bars for the --n auto search; yields a callback(phase, advance, total), one bar per phase."""
-    if quiet:
-        yield None
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as progress:
-        tasks: dict[str, int] = {}
-
-        def advance(phase: str, step: int, total: int | None) -> None:
-            if phase not in tasks:
-                tasks[phase] = progress.add_task({"sensitivity": "layer sensitivity (layer x N)", "verifying": "converting and measuring plans"}.get(phase, phase), total=total)
-            progress.update(tasks[phase], advance=step, total=total)
-
-        yield advance
-
-
 def _group_size(text: str) -> int | str:
     if text.strip().lower() == "auto":
         return "auto"
@@ -153,63 +115,6 @@ def _group_size(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise FgqError(f"--n takes a whole number or 'auto', got '{text}'") from None
-
-
-def print_search(search: dict) -> None:
-    """The --n auto search: the plans measured along the path and the one chosen."""
-    table = Table(title=f"Group sizes chosen under --max-drop {search['budget_points']} ({escape(search['measure'])})")
-    for column in ("plan", "weights", "drop (points)", "within budget"):
-        table.add_column(column, justify="left" if column == "plan" else "right")
-    for trial in sorted(search["trials"], key=lambda t: -t["weight_bytes"]):
-        table.add_row(trial["summary"], _fmt_bytes(trial["weight_bytes"]), f"{trial['drop_points']:.2f}", "yes" if trial["within_budget"] else "no")
-    out.print(table)
-    out.print(
-        f"chosen: {search['plan_summary']}, {_fmt_bytes(search['weight_bytes'])} of codes and scales "
-        f"(N={search['smallest_n']} everywhere: {_fmt_bytes(search['uniform_smallest_n_bytes'])}), "
-        f"measured drop {search['drop_points']:.2f} points; the N of each layer is in the table above",
-        highlight=False,
-    )
-
-
-def _fmt_bytes(count: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1024 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return str(count)
-
-
-def print_report(report: Report) -> None:
-    table = Table(title="Layers", show_lines=False)
-    for column in ("layer", "op", "weight shape", "N", "grouped along", "SQNR dB", "note"):
-        table.add_column(column, overflow="fold")
-    for layer in report.layers:
-        sqnr = f"{layer.sqnr_db:.1f}" if layer.converted and math.isfinite(layer.sqnr_db) else ("exact" if layer.converted else "")
-        status = "" if layer.converted else "[yellow]skipped[/yellow]: "
-        table.add_row(layer.node, layer.op_type, "x".join(map(str, layer.shape)), str(layer.n or ""), layer.grouping, sqnr, status + layer.reason)
-    out.print(table)
-    summary = report.summary()
-    totals = Table(title="Summary", show_header=False)
-    totals.add_column("what")
-    totals.add_column("value")
-    worst = report.sqnr_worst
-    rows = [
-        ("settings", ", ".join(f"{k}={v}" for k, v in report.settings.items() if k != "source_sha256")),
-        ("layers converted / skipped", f"{summary['layers_converted']} / {summary['layers_skipped']}"),
-        ("parameters ternarized", f"{summary['params_converted']:,} of {summary['params_total']:,}"),
-        ("weights", f"{_fmt_bytes(report.weight_bytes_before)} -> {_fmt_bytes(report.weight_bytes_after)}"),
-        ("file size", f"{_fmt_bytes(report.file_bytes_before)} -> {_fmt_bytes(report.file_bytes_after)}" if report.file_bytes_after else "(not saved)"),
-        ("multiplications eliminated", f"{100 * report.multiplications_eliminated:.1f}%"),
-        ("bits per ternarized weight", f"{report.bits_per_weight:.2f} (codes + scales)"),
-        ("weight SQNR mean / worst", f"{report.sqnr_mean_db:.1f} dB / {worst.sqnr_db:.1f} dB ({worst.node})" if worst else "-"),
-    ]
-    if report.calibration:
-        rows.append(("calibration", ", ".join(f"{k}={v}" for k, v in report.calibration.items())))
-    for row in rows:
-        totals.add_row(*row)
-    out.print(totals)
-    for note in report.notes:
-        out.print(f"note: {escape(note)}", highlight=False)
 
 
 @command
@@ -256,16 +161,16 @@ def convert(
         weight_storage=weight_storage, scale_format=scale_format, format=output_format, image=image,
         bias_correction=bias_correction, refine_samples=refine_samples,
     )
-    with progress_bar("calibrating", quiet or config.n == "auto") as advance, search_progress(quiet or config.n != "auto") as on_search:
+    with console.progress_bar("calibrating", quiet or config.n == "auto") as advance, console.search_progress(quiet or config.n != "auto") as on_search:
         result = pipeline.convert(model, config, calib=calib, on_progress=advance, data=data, on_search=on_search)
     pipeline.save(result.model, output, external_data=external_data, inputs=(model,))
     result.report.file_bytes_after = output.stat().st_size + sum(p.stat().st_size for p in [output.with_name(output.name + ".data")] if p.exists())
     if json_path is not None:
         json_path.write_text(result.report.to_json())
     if not quiet:
-        print_report(result.report)
+        console.print_report(result.report)
         if result.report.search:
-            print_search(result.report.search)
+            console.print_search(result.report.search)
         out.print(f"wrote {output}", highlight=False)
 
 
@@ -280,24 +185,6 @@ def ops_path():
 # -- checking the result: eval, compare, sweep, view ---------------------------
 
 DataOpt = Annotated[Path, typer.Option("--data", help="Labelled data: an image folder with one sub-folder per class (sorted names are the labels) or an .npz with the input(s) and 'y'.")]
-
-
-def _print_json(payload: dict) -> None:
-    import json
-
-    print(json.dumps(payload, indent=2))
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
-
-
-def _num(value: float | None, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and math.isinf(value):
-        return "exact" if value > 0 else "-inf"
-    return f"{value:.{digits}g}"
 
 
 @command
@@ -316,16 +203,16 @@ def eval(  # noqa: A001 - the command is called eval
 
     if limit is not None and limit < 1:
         raise FgqError(f"--limit must be at least 1, got {limit}")
-    with progress_bar("evaluating", quiet or json_out) as advance:
+    with console.progress_bar("evaluating", quiet or json_out) as advance:
         result = evaluate(model, data, options=image, batch_size=batch_size, limit=limit, output=output_name, on_progress=advance)
     if json_out:
-        _print_json(result.to_dict())
+        console.print_json(result.to_dict())
         return
     table = Table(title=f"Accuracy of {model.name}", show_header=False)
     table.add_column("what")
     table.add_column("value")
-    table.add_row("top-1", f"{_pct(result.top1)} ({result.correct1:,} of {result.n:,})")
-    table.add_row(f"top-{result.k}", f"{_pct(result.top5)} ({result.correct5:,} of {result.n:,})")
+    table.add_row("top-1", f"{console.pct(result.top1)} ({result.correct1:,} of {result.n:,})")
+    table.add_row(f"top-{result.k}", f"{console.pct(result.top5)} ({result.correct5:,} of {result.n:,})")
     table.add_row("classes", f"{result.classes} (output '{escape(result.output)}')")
     if result.skipped:
         table.add_row("unreadable images skipped", str(result.skipped))
@@ -355,10 +242,10 @@ def compare(
         raise FgqError("choose one of --json and --csv")
     if limit is not None and limit < 1:
         raise FgqError(f"--limit must be at least 1, got {limit}")
-    with progress_bar("comparing", quiet or json_out or csv_out) as advance:
+    with console.progress_bar("comparing", quiet or json_out or csv_out) as advance:
         result = run_compare(reference, candidate, data, options=image, batch_size=batch_size, limit=limit, layers=layers, on_progress=advance)
     if json_out:
-        _print_json(result.to_dict())
+        console.print_json(result.to_dict())
         return
     if csv_out:
         sys.stdout.write(result.to_csv())
@@ -367,7 +254,7 @@ def compare(
     for column in ("output", "top-1 agreement", "max |diff|", "mean |diff|", "cosine", "KL(softmax)", "SQNR dB"):
         outputs.add_column(column, overflow="fold")
     for row in result.outputs:
-        outputs.add_row(escape(row.name), _pct(row.top1_agreement), _num(row.max_abs_diff), _num(row.mean_abs_diff), _num(row.cosine, 6), _num(row.kl), _num(row.sqnr_db, 3))
+        outputs.add_row(escape(row.name), console.pct(row.top1_agreement), console.num(row.max_abs_diff), console.num(row.mean_abs_diff), console.num(row.cosine, 6), console.num(row.kl), console.num(row.sqnr_db, 3))
     out.print(outputs)
     if layers:
         settings = sorted({row.setting for row in result.layers})
@@ -376,7 +263,7 @@ def compare(
         for column in columns:
             table.add_column(column, overflow="fold", justify="left" if column in ("node", "op", "setting") else "right")
         for row in result.layers:
-            cells = (escape(row.node or row.name), row.op_type, *((escape(row.setting),) if len(settings) > 1 else ()), _num(row.sqnr_db, 3), _num(row.max_abs_diff), _num(row.cosine, 6))
+            cells = (escape(row.node or row.name), row.op_type, *((escape(row.setting),) if len(settings) > 1 else ()), console.num(row.sqnr_db, 3), console.num(row.max_abs_diff), console.num(row.cosine, 6))
             table.add_row(*cells)
         out.print(table)
         if not result.layers and not result.unmatched:
@@ -418,14 +305,14 @@ def sweep(
         calib_method=calib_method, percentile=percentile, calib_limit=calib_limit, bias_correction=bias_correction,
         scale_format=scale_format, image=image,
     )
-    with progress_bar("sweeping", quiet or json_out) as advance:
+    with console.progress_bar("sweeping", quiet or json_out) as advance:
         result = run_sweep(
             model, calib, data, ns=n or (4, 8, 16, 32, 64), act_bits=act_bits or (8, 4), methods=method or (Method.EXACT, Method.TWN),
             config=config, out_dir=output, keep_models=keep_models, eval_batch_size=batch_size, eval_limit=limit,
             recalibrate=recalibrate, on_progress=advance,
         )
     if json_out:
-        _print_json(result.to_dict())
+        console.print_json(result.to_dict())
         return
     if quiet:
         return
@@ -437,11 +324,11 @@ def sweep(
     def kb(count: int) -> str:
         return f"{count / 1024:.0f} KB"
 
-    table.add_row("-", "fp32", "fp32", _pct(reference.top1), f"{100 * reference.top5:.1f}%", "", kb(reference.file_bytes), "0%", "")
+    table.add_row("-", "fp32", "fp32", console.pct(reference.top1), f"{100 * reference.top5:.1f}%", "", kb(reference.file_bytes), "0%", "")
     for row in result.rows:
         table.add_row(
-            str(row.n), row.method, "float" if not row.act_bits else f"int{row.act_bits}", _pct(row.top1), f"{100 * row.top5:.1f}%",
-            f"{100 * (row.top1 - reference.top1):+.2f}", kb(row.file_bytes), f"{100 * row.multiplications_eliminated:.1f}%", _num(row.sqnr_mean_db, 3),
+            str(row.n), row.method, "float" if not row.act_bits else f"int{row.act_bits}", console.pct(row.top1), f"{100 * row.top5:.1f}%",
+            f"{100 * (row.top1 - reference.top1):+.2f}", kb(row.file_bytes), f"{100 * row.multiplications_eliminated:.1f}%", console.num(row.sqnr_mean_db, 3),
         )
     out.print("size: the saved model file; mults cut: share of Conv/Gemm/MatMul multiplications eliminated; SQNR: mean weight SQNR (dB) of the ternarized layers", highlight=False)
     out.print(table)
