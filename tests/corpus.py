@@ -250,8 +250,13 @@ def _torch_attention_class():
     return TorchAttention
 
 
-def torch_module(kind: str) -> Case:
-    """A torch model exported with torch.onnx.export(dynamo=False): "cnn" (Conv+BN, depthwise, Linear) or "attention" (a transformer block)."""
+def torch_module(kind: str, dynamo: bool = False) -> Case:
+    """A torch model exported by torch.onnx.export (TorchScript, or dynamo: it needs onnxscript):
+    "cnn" (Conv+BN, depthwise, Linear) or "attention" (a transformer block)."""
+    if dynamo:
+        import pytest
+
+        pytest.importorskip("onnxscript")
     import torch
     from torch import nn
 
@@ -276,6 +281,11 @@ def torch_module(kind: str) -> Case:
             if isinstance(module, nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.2, 0.2)
                 module.running_var.uniform_(0.5, 2.0)
+    if dynamo:
+        with torch.no_grad():
+            program = torch.onnx.export(net, (example,), input_names=["x"], output_names=["y"], dynamic_axes={**axes, "y": {0: "batch"}},
+                                        dynamo=True, external_data=False)
+        return Case(f"torch_dynamo_{kind}", program.model_proto, calib, extra)
     buffer = io.BytesIO()
     with torch.no_grad():
         torch.onnx.export(net, (example,), buffer, input_names=["x"], output_names=["y"], dynamic_axes={**axes, "y": {0: "batch"}},
@@ -296,5 +306,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "dynamic_dims": small_cnn,
     "torch_cnn": lambda: torch_module("cnn"),
     "torch_attention": lambda: torch_module("attention"),
+    "torch_dynamo_cnn": lambda: torch_module("cnn", dynamo=True),
+    "torch_dynamo_attention": lambda: torch_module("attention", dynamo=True),
 }
 OPSETS = range(11, 26)

@@ -254,15 +254,3 @@ def test_custom_format(converted, tmp_path, name):
     for feeds in calib_feeds(qdq.case):
         cosine, _ = fidelity(run(qdq.output, feeds), run(custom.output, feeds, custom=True))
         assert cosine > 0.999, cosine
-
-
-def test_torch_dynamo_export_converts(tmp_path):
-    """The dynamo exporter needs onnxscript, which is not a dependency: skipped where it is missing."""
-    pytest.importorskip("onnxscript")
-    import torch
-
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 5)).eval()
-    program = torch.onnx.export(net, (torch.rand(2, 3, 16, 16),), input_names=["x"], dynamo=True, external_data=False)
-    case = corpus.Case("torch_dynamo", program.model_proto, {"x": corpus._images(1, corpus.CALIB, 3, 16, 16)})
-    result = convert_case(case, tmp_path)
-    assert len(result.report.converted) == 2
