@@ -192,6 +192,13 @@ struct GemmArgs {
   const int8_t* x = nullptr;
   int64_t x_stride = 0;
   bool natural = false;
+  // Natural rows read in place (a convolution without im2col), when row_offsets is set:
+  // row b's positions [k * segment_len, (k + 1) * segment_len) lie at
+  // x + row_offsets[b] + segment_offsets[k] for k < segments; the positions after
+  // segments * segment_len must meet zero weights (they are not read).
+  const int64_t* row_offsets = nullptr;
+  const int64_t* segment_offsets = nullptr;
+  int64_t segments = 0, segment_len = 0;
   const int32_t* gsum = nullptr;
   int64_t s_stride = 0;
   float* y = nullptr;

@@ -145,27 +145,36 @@ inline void block_store(const GemmArgs& a, int64_t quad0, int64_t b0) {
 }
 
 // The folded form (KernelWeights::folded): one panel of 16 rows x C natural unsigned
-// activation rows, exact int32 sums per row, then the epilogue.
+// activation rows (contiguous, or in segments: GemmArgs::row_offsets), exact int32 sums
+// per row, then the epilogue.
 template <int P, int C>
 void folded_block(const GemmArgs& a, int64_t panel, int64_t b0) {
   const KernelWeights& w = *a.w;
   const int64_t chunks = w.positions() / 4;
   const int8_t* wp = w.folded.data() + panel * chunks * P * 64;
-  const int8_t* x[C];
-  for (int c = 0; c < C; ++c) x[c] = a.x + (b0 + c) * a.x_stride;
+  const bool indirect = a.row_offsets != nullptr;
+  const int64_t segments = indirect ? a.segments : 1, segment_chunks = indirect ? a.segment_len / 4 : chunks;
+  const int8_t* row[C];
+  for (int c = 0; c < C; ++c) row[c] = a.x + (indirect ? a.row_offsets[b0 + c] : (b0 + c) * a.x_stride);
   __m512i acc[P][C];
   for (int p = 0; p < P; ++p)
     for (int c = 0; c < C; ++c) acc[p][c] = _mm512_setzero_si512();
-  for (int64_t j = 0; j < chunks; ++j) {
-    __m512i xv[C];
-    for (int c = 0; c < C; ++c) {
-      int32_t four;
-      std::memcpy(&four, x[c] + 4 * j, 4);
-      xv[c] = _mm512_set1_epi32(four);
-    }
-    for (int p = 0; p < P; ++p) {
-      const __m512i wv = _mm512_loadu_si512(wp + (j * P + p) * 64);
-      for (int c = 0; c < C; ++c) acc[p][c] = _mm512_dpbusd_epi32(acc[p][c], xv[c], wv);
+  for (int64_t k = 0; k < segments; ++k) {
+    const int64_t offset = indirect ? a.segment_offsets[k] : 0;
+    const int8_t* x[C];
+    for (int c = 0; c < C; ++c) x[c] = row[c] + offset;
+    const int8_t* wk = wp + k * segment_chunks * P * 64;
+    for (int64_t j = 0; j < segment_chunks; ++j) {
+      __m512i xv[C];
+      for (int c = 0; c < C; ++c) {
+        int32_t four;
+        std::memcpy(&four, x[c] + 4 * j, 4);
+        xv[c] = _mm512_set1_epi32(four);
+      }
+      for (int p = 0; p < P; ++p) {
+        const __m512i wv = _mm512_loadu_si512(wk + (j * P + p) * 64);
+        for (int c = 0; c < C; ++c) acc[p][c] = _mm512_dpbusd_epi32(acc[p][c], xv[c], wv);
+      }
     }
   }
   const int64_t m0 = 16 * panel;

@@ -148,13 +148,14 @@ struct AlignedBuffer {
 
 // A buffer that keeps its memory between calls, for per-call scratch: declare it
 // thread_local at the call site (onnxruntime may run Compute concurrently).
+// Zeroed when it grows, so the 64 bytes of slack past `count` are defined.
 template <class T>
 class ScratchBuffer {
  public:
   T* get(int64_t count) {
     if (!buffer_ || count > capacity_) {
       buffer_.reset();  // free first: only one copy alive
-      buffer_ = std::make_unique<AlignedBuffer<T>>(count, false);
+      buffer_ = std::make_unique<AlignedBuffer<T>>(count);
       capacity_ = count;
     }
     return buffer_->get();

@@ -1,10 +1,11 @@
 // TernaryConv: 2-D NCHW convolution with ternary weights (groups, depthwise,
 // strides, pads, dilations, bias, optional fused ReLU). Per image, the
 // activation is quantized in one pass into a padded NHWC int8 image (the
-// border holds the level of 0.0), then gathered into kernel rows (im2col) by
-// copying channel runs; a 1x1 convolution over all channels takes the image
-// as its rows, with no gather. The rows are in the order the kernel takes:
-// natural unsigned rows for the folded form, else kernel order with group sums.
+// border holds the level of 0.0). The folded form (natural unsigned rows)
+// reads its rows from the image in place, one segment (kernel offset r, s)
+// at a time, with no im2col; otherwise (the code path, or channels in fewer
+// than N) the rows are gathered (im2col) by copying channel runs, in the
+// order the kernel takes (natural, or kernel order with group sums).
 #include <algorithm>
 #include <cstring>
 
@@ -95,10 +96,6 @@ class ConvKernel : public TernaryKernelBase {
       else
         runs_.push_back(next);
     }
-    // A 1x1 convolution over all channels: the NHWC image rows are the kernel rows.
-    const bool unit = r_ == 1 && s_ == 1 && strides_[0] == 1 && strides_[1] == 1 &&
-                      std::all_of(pads_.begin(), pads_.end(), [](int64_t v) { return v == 0; });
-    image_rows_ = unit && group_ == 1 && runs_.size() == 1 && runs_[0].r == 0 && runs_[0].len == positions_;
   }
 
   void Compute(OrtKernelContext* ctx) const {
@@ -127,28 +124,45 @@ class ConvKernel : public TernaryKernelBase {
     const ActQuant qi = natural ? unsigned_levels(q) : q;
     thread_local ScratchBuffer<int8_t> image_buffer, rows_buffer;
     thread_local ScratchBuffer<int32_t> gsum_buffer;
-    const Image image{image_buffer.get(checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), C, "input")),
-                      geo.padded_w, C};
+    thread_local ScratchBuffer<int64_t> offsets_buffer;
+    // Slack of a row: in-place segments read up to segment_len - cg bytes past the last pixel.
+    const int64_t image_bytes = checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), C, "input");
+    const Image image{image_buffer.get(checked_add(image_bytes, positions_, "input")), geo.padded_w, C};
     fill_border(geo, static_cast<int8_t>(q.zero_point - qi.shift), image);
-    const bool gather_rows = !(natural && image_rows_);
-    const int64_t row_count = checked_mul(group_, P, "im2col");
-    int8_t* rows = gather_rows ? rows_buffer.get(checked_mul(row_count, positions_, "im2col")) : nullptr;
-    int32_t* gsum = natural ? nullptr : gsum_buffer.get(checked_mul(row_count, p.pos.padded_groups, "im2col"));
+    GemmArgs a;
+    a.natural = natural;
+    a.s_stride = p.pos.padded_groups;
+    a.y_stride_b = 1;
+    a.y_stride_m = P;
+    a.scale = q.scale;
+    a.offset = static_cast<float>(q.offset());
+    const bool in_place = natural && segmented_;
+    int8_t* rows = nullptr;  // im2col rows, when not in place
+    int32_t* gsum = nullptr;
+    int64_t group_step;      // x advance from one group's rows to the next
+    if (in_place) {
+      int64_t* offsets = offsets_buffer.get(checked_add(P, r_ * s_, "output"));
+      set_offsets(geo, offsets, offsets + P);
+      a.row_offsets = offsets;
+      a.segment_offsets = offsets + P;
+      a.segments = r_ * s_;
+      a.segment_len = kernel_group_positions(n_) * ((cg_ + n_ - 1) / n_);
+      group_step = cg_;
+    } else {
+      const int64_t row_count = checked_mul(group_, P, "im2col");
+      a.x = rows = rows_buffer.get(checked_mul(row_count, positions_, "im2col"));
+      a.x_stride = positions_;
+      if (!natural) a.gsum = gsum = gsum_buffer.get(checked_mul(row_count, p.pos.padded_groups, "im2col"));
+      group_step = P * positions_;
+    }
     for (int64_t n = 0; n < nb; ++n) {
       quantize_image(ctx, x, n, qi, geo, image);
-      if (gather_rows) gather(ctx, geo, image, natural, p.pos, rows, gsum);
-      GemmArgs a;
-      a.x = gather_rows ? rows : image.data;
-      a.x_stride = gather_rows ? positions_ : C;
-      a.natural = natural;
-      a.gsum = gsum;
-      a.s_stride = p.pos.padded_groups;
+      if (in_place)
+        a.x = image.data;
+      else
+        gather(ctx, geo, image, natural, p.pos, rows, gsum);
       a.y = y + n * m_ * P;
-      a.y_stride_b = 1;
-      a.y_stride_m = P;
-      a.scale = q.scale;
-      a.offset = static_cast<float>(q.offset());
-      gemm(ctx, p, P, a, b);
+      gemm(ctx, p, P, group_step, a, b);
     }
   }
 
@@ -156,6 +170,14 @@ class ConvKernel : public TernaryKernelBase {
   struct Geometry {
     int64_t nb, C, H, W, OH, OW, padded_h, padded_w;
   };
+
+  // In-place rows: pixel (oh, ow) at its top-left input pixel, segment (r, s) at its kernel offset.
+  void set_offsets(const Geometry& geo, int64_t* row_offsets, int64_t* segment_offsets) const {
+    for (int64_t pix = 0; pix < geo.OH * geo.OW; ++pix)
+      row_offsets[pix] = ((pix / geo.OW) * strides_[0] * geo.padded_w + (pix % geo.OW) * strides_[1]) * geo.C;
+    for (int64_t k = 0; k < r_ * s_; ++k)
+      segment_offsets[k] = ((k / s_) * dilations_[0] * geo.padded_w + (k % s_) * dilations_[1]) * geo.C;
+  }
 
   // The border of the padded image: the level of 0.0 (the interior is rewritten per image).
   void fill_border(const Geometry& geo, int8_t zero, const Image& image) const {
@@ -225,7 +247,8 @@ class ConvKernel : public TernaryKernelBase {
   }
 
   // The ternary GEMM per group over the P pixels of one image, bias and ReLU per tile.
-  void gemm(OrtKernelContext* ctx, const Planes& p, int64_t P, const GemmArgs& args, const float* b) const {
+  void gemm(OrtKernelContext* ctx, const Planes& p, int64_t P, int64_t group_step, const GemmArgs& args,
+            const float* b) const {
     const int64_t mg = m_ / group_;
     const int64_t mb = 64, bb = P <= 8 ? P : 64;
     const int64_t tiles_m = (mg + mb - 1) / mb, tiles_b = (P + bb - 1) / bb;
@@ -233,7 +256,7 @@ class ConvKernel : public TernaryKernelBase {
       const int64_t i = static_cast<int64_t>(t);
       const int64_t g = i / (tiles_m * tiles_b), tm = i % tiles_m, tb = i / tiles_m % tiles_b;
       GemmArgs a = args;
-      a.x += g * P * a.x_stride;
+      a.x += g * group_step;
       if (a.gsum) a.gsum += g * P * a.s_stride;
       a.m_begin = g * mg + tm * mb;
       a.m_end = std::min(g * mg + mg, a.m_begin + mb);
@@ -261,7 +284,7 @@ class ConvKernel : public TernaryKernelBase {
 
  private:
   int64_t m_ = 0, cg_ = 0, r_ = 0, s_ = 0, group_ = 1, relu_ = 0, positions_ = 0;
-  bool segmented_ = true, image_rows_ = false;
+  bool segmented_ = true;
   std::vector<int64_t> strides_, dilations_, pads_;
   std::vector<Run> runs_;
 };
