@@ -140,7 +140,7 @@ def test_conv_exact_all_paths(kernels, nb, cg, group, mg, r, s, hw, strides, pad
     strides=st.sampled_from([(1, 1), (1, 1), (2, 1)]),
     pads=st.sampled_from([(0, 0, 0, 0), (0, 0, 0, 0), (1, 1, 1, 1), (0, 2, 1, 0)]),
     dilations=st.sampled_from([(1, 1), (2, 1)]),
-    n=st.sampled_from([4, 8, 16]),
+    n=st.sampled_from([3, 4, 5, 8, 16]),
     max_code=st.sampled_from([127, 255]),
     x_type=st.sampled_from(["float", "int8"]),
     seed=st.integers(0, 2**16),

@@ -193,12 +193,12 @@ struct GemmArgs {
   int64_t x_stride = 0;
   bool natural = false;
   // Natural rows read in place (a convolution without im2col), when row_offsets is set:
-  // row b's positions [k * segment_len, (k + 1) * segment_len) lie at
-  // x + row_offsets[b] + segment_offsets[k] for k < segments; the positions after
-  // segments * segment_len must meet zero weights (they are not read).
+  // row b's positions [k * segment_len, k * segment_len + segment_read) lie at
+  // x + row_offsets[b] + segment_offsets[k] for k < segments; the other positions
+  // (segment_read, a multiple of 4, up to segment_len) must meet zero weights: they are not read.
   const int64_t* row_offsets = nullptr;
   const int64_t* segment_offsets = nullptr;
-  int64_t segments = 0, segment_len = 0;
+  int64_t segments = 0, segment_len = 0, segment_read = 0;
   const int32_t* gsum = nullptr;
   int64_t s_stride = 0;
   float* y = nullptr;

@@ -154,6 +154,7 @@ void folded_block(const GemmArgs& a, int64_t panel, int64_t b0) {
   const int8_t* wp = w.folded.data() + panel * chunks * P * 64;
   const bool indirect = a.row_offsets != nullptr;
   const int64_t segments = indirect ? a.segments : 1, segment_chunks = indirect ? a.segment_len / 4 : chunks;
+  const int64_t read_chunks = indirect ? a.segment_read / 4 : chunks;
   const int8_t* row[C];
   for (int c = 0; c < C; ++c) row[c] = a.x + (indirect ? a.row_offsets[b0 + c] : (b0 + c) * a.x_stride);
   __m512i acc[P][C];
@@ -164,7 +165,7 @@ void folded_block(const GemmArgs& a, int64_t panel, int64_t b0) {
     const int8_t* x[C];
     for (int c = 0; c < C; ++c) x[c] = row[c] + offset;
     const int8_t* wk = wp + k * segment_chunks * P * 64;
-    for (int64_t j = 0; j < segment_chunks; ++j) {
+    for (int64_t j = 0; j < read_chunks; ++j) {
       __m512i xv[C];
       for (int c = 0; c < C; ++c) {
         int32_t four;
@@ -269,16 +270,26 @@ void group_dots(const KernelWeights& w, int64_t m, const int8_t* x, const int32_
 }
 
 // quantize_one on 16 floats (same clamps and round-half-even), the levels as 16 bytes.
-inline __m128i quantize16(__m512 x, const ActQuant& q) {
-  __m512 v = _mm512_div_ps(x, _mm512_set1_ps(q.scale));
-  v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN -> 0
-  v = _mm512_min_ps(v, _mm512_set1_ps(static_cast<float>(q.qmax - q.zero_point) + 1.f));
-  v = _mm512_max_ps(v, _mm512_set1_ps(static_cast<float>(q.qmin - q.zero_point) - 1.f));
-  __m512i level = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  level = _mm512_add_epi32(level, _mm512_set1_epi32(q.zero_point));
-  level = _mm512_min_epi32(_mm512_max_epi32(level, _mm512_set1_epi32(q.qmin)), _mm512_set1_epi32(q.qmax));
-  return _mm512_cvtepi32_epi8(_mm512_sub_epi32(level, _mm512_set1_epi32(q.shift)));  // keeps the low byte
-}
+struct Quantizer {
+  __m512 scale, hi, lo;
+  __m512i zero, qmin, qmax, shift;
+  explicit Quantizer(const ActQuant& q)
+      : scale(_mm512_set1_ps(q.scale)),
+        hi(_mm512_set1_ps(static_cast<float>(q.qmax - q.zero_point) + 1.f)),
+        lo(_mm512_set1_ps(static_cast<float>(q.qmin - q.zero_point) - 1.f)),
+        zero(_mm512_set1_epi32(q.zero_point)),
+        qmin(_mm512_set1_epi32(q.qmin)),
+        qmax(_mm512_set1_epi32(q.qmax)),
+        shift(_mm512_set1_epi32(q.shift)) {}
+  __m128i operator()(__m512 x) const {
+    __m512 v = _mm512_div_ps(x, scale);
+    v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN -> 0
+    v = _mm512_max_ps(_mm512_min_ps(v, hi), lo);
+    __m512i level = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zero);
+    level = _mm512_min_epi32(_mm512_max_epi32(level, qmin), qmax);
+    return _mm512_cvtepi32_epi8(_mm512_sub_epi32(level, shift));  // keeps the low byte
+  }
+};
 
 // 16 x 16 bytes: r[i] byte j <- r[j] byte i (four rounds of interleaves).
 inline void transpose16x16(__m128i r[16]) {
@@ -306,15 +317,23 @@ void quantize_transposed_tiles(const float* src, int64_t channels, int64_t pixel
                          int8_t* out, int64_t pixel_stride) {
   // After the four interleave rounds, row i holds pixel kPixelOf[i] (a bit reversal).
   static constexpr int kPixelOf[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  constexpr int64_t kAhead = 64;  // floats: one stream per channel is more than the hardware prefetcher follows
+  const Quantizer quantize16(q);
   for (int64_t p0 = 0; p0 < pixels; p0 += 16) {
     const int64_t np = std::min<int64_t>(16, pixels - p0);
     const __mmask16 pmask = static_cast<__mmask16>((1u << np) - 1);
     for (int64_t c0 = 0; c0 < channels; c0 += 16) {
       const int64_t nc = std::min<int64_t>(16, channels - c0);
       __m128i r[16];
-      for (int c = 0; c < 16; ++c)
-        r[c] = c < nc ? quantize16(_mm512_maskz_loadu_ps(pmask, src + (c0 + c) * channel_stride + p0), q)
-                      : _mm_setzero_si128();
+      for (int c = 0; c < 16; ++c) {
+        if (c >= nc) {
+          r[c] = _mm_setzero_si128();
+          continue;
+        }
+        const float* at = src + (c0 + c) * channel_stride + p0;
+        if (p0 + kAhead < pixels) _mm_prefetch(reinterpret_cast<const char*>(at + kAhead), _MM_HINT_T0);
+        r[c] = quantize16(_mm512_maskz_loadu_ps(pmask, at));
+      }
       transpose16x16(r);
       const __mmask16 cmask = static_cast<__mmask16>((1u << nc) - 1);
       for (int i = 0; i < 16; ++i)

@@ -3,9 +3,9 @@
 // activation is quantized in one pass into a padded NHWC int8 image (the
 // border holds the level of 0.0). The folded form (natural unsigned rows)
 // reads its rows from the image in place, one segment (kernel offset r, s)
-// at a time, with no im2col; otherwise (the code path, or channels in fewer
-// than N) the rows are gathered (im2col) by copying channel runs, in the
-// order the kernel takes (natural, or kernel order with group sums).
+// at a time, with no im2col; otherwise (the code path, fewer channels than N,
+// or N not a multiple of 4) the rows are gathered (im2col) by copying channel
+// runs, in the order the kernel takes (natural, or kernel order with group sums).
 #include <algorithm>
 #include <cstring>
 
@@ -125,7 +125,7 @@ class ConvKernel : public TernaryKernelBase {
     thread_local ScratchBuffer<int8_t> image_buffer, rows_buffer;
     thread_local ScratchBuffer<int32_t> gsum_buffer;
     thread_local ScratchBuffer<int64_t> offsets_buffer;
-    // Slack of a row: in-place segments read up to segment_len - cg bytes past the last pixel.
+    // Slack: in-place segments read up to 3 bytes past the last pixel's channels.
     const int64_t image_bytes = checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), C, "input");
     const Image image{image_buffer.get(checked_add(image_bytes, positions_, "input")), geo.padded_w, C};
     fill_border(geo, static_cast<int8_t>(q.zero_point - qi.shift), image);
@@ -136,7 +136,8 @@ class ConvKernel : public TernaryKernelBase {
     a.y_stride_m = P;
     a.scale = q.scale;
     a.offset = static_cast<float>(q.offset());
-    const bool in_place = natural && segmented_;
+    // In place when a segment's positions are its channels: groups without position padding.
+    const bool in_place = natural && segmented_ && n_ % 4 == 0;
     int8_t* rows = nullptr;  // im2col rows, when not in place
     int32_t* gsum = nullptr;
     int64_t group_step;      // x advance from one group's rows to the next
@@ -147,6 +148,7 @@ class ConvKernel : public TernaryKernelBase {
       a.segment_offsets = offsets + P;
       a.segments = r_ * s_;
       a.segment_len = kernel_group_positions(n_) * ((cg_ + n_ - 1) / n_);
+      a.segment_read = kernel_group_positions(cg_);  // the channels, rounded up to 4
       group_step = cg_;
     } else {
       const int64_t row_count = checked_mul(group_, P, "im2col");
