@@ -146,8 +146,8 @@ std::vector<int64_t> attr_ints(const OrtKernelInfo* info, const char* name, cons
 
 void parallel_for(OrtKernelContext* ctx, size_t total, void (*fn)(void*, size_t), void* data) {
   if (total == 0) return;
-  if (total == 1) {
-    fn(data, 0);
+  if (total == 1 || !ctx) {
+    for (size_t i = 0; i < total; ++i) fn(data, i);
     return;
   }
   check(g_api->KernelContext_ParallelFor(ctx, fn, total, 0, data));

@@ -55,7 +55,7 @@ int64_t attr_int(const OrtKernelInfo* info, const char* name, const int64_t* fal
 float attr_float(const OrtKernelInfo* info, const char* name, const float* fallback);
 std::vector<int64_t> attr_ints(const OrtKernelInfo* info, const char* name, const std::vector<int64_t>* fallback);
 
-// Runs fn(i) for i < total on onnxruntime's intra-op thread pool.
+// Runs fn(i) for i < total on onnxruntime's intra-op thread pool (ctx null: serially, here).
 void parallel_for(OrtKernelContext* ctx, size_t total, void (*fn)(void*, size_t), void* data);
 template <class F>
 void parallel_for(OrtKernelContext* ctx, size_t total, const F& f) {

@@ -8,6 +8,8 @@
 // runs, in the order the kernel takes (natural, or kernel order with group sums).
 #include <algorithm>
 #include <cstring>
+#include <exception>
+#include <mutex>
 
 #include "ops.h"
 
@@ -122,13 +124,7 @@ class ConvKernel : public TernaryKernelBase {
     const Geometry geo{nb, C, H, W, OH, OW, H + pads_[0] + pads_[2], W + pads_[1] + pads_[3]};
     const bool natural = folded_rows(p, P);
     const ActQuant qi = natural ? unsigned_levels(q) : q;
-    thread_local ScratchBuffer<int8_t> image_buffer, rows_buffer;
-    thread_local ScratchBuffer<int32_t> gsum_buffer;
     thread_local ScratchBuffer<int64_t> offsets_buffer;
-    // Slack: in-place segments read up to 3 bytes past the last pixel's channels.
-    const int64_t image_bytes = checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), C, "input");
-    const Image image{image_buffer.get(checked_add(image_bytes, positions_, "input")), geo.padded_w, C};
-    fill_border(geo, static_cast<int8_t>(q.zero_point - qi.shift), image);
     GemmArgs a;
     a.natural = natural;
     a.s_stride = p.pos.padded_groups;
@@ -138,9 +134,6 @@ class ConvKernel : public TernaryKernelBase {
     a.offset = static_cast<float>(q.offset());
     // In place when a segment's positions are its channels: groups without position padding.
     const bool in_place = natural && segmented_ && n_ % 4 == 0;
-    int8_t* rows = nullptr;  // im2col rows, when not in place
-    int32_t* gsum = nullptr;
-    int64_t group_step;      // x advance from one group's rows to the next
     if (in_place) {
       int64_t* offsets = offsets_buffer.get(checked_add(P, r_ * s_, "output"));
       set_offsets(geo, offsets, offsets + P);
@@ -149,29 +142,61 @@ class ConvKernel : public TernaryKernelBase {
       a.segments = r_ * s_;
       a.segment_len = kernel_group_positions(n_) * ((cg_ + n_ - 1) / n_);
       a.segment_read = kernel_group_positions(cg_);  // the channels, rounded up to 4
-      group_step = cg_;
-    } else {
-      const int64_t row_count = checked_mul(group_, P, "im2col");
-      a.x = rows = rows_buffer.get(checked_mul(row_count, positions_, "im2col"));
-      a.x_stride = positions_;
-      if (!natural) a.gsum = gsum = gsum_buffer.get(checked_mul(row_count, p.pos.padded_groups, "im2col"));
-      group_step = P * positions_;
     }
-    for (int64_t n = 0; n < nb; ++n) {
-      quantize_image(ctx, x, n, qi, geo, image);
-      if (in_place)
-        a.x = image.data;
-      else
-        gather(ctx, geo, image, natural, p.pos, rows, gsum);
-      a.y = y + n * m_ * P;
-      gemm(ctx, p, P, group_step, a, b);
+    // Several images: one task each, on its own thread's buffers; one image: parallel inside.
+    auto image_task = [&](size_t n, OrtKernelContext* inner) {
+      run_image(inner, x, static_cast<int64_t>(n), qi, geo, p, in_place, a, y + static_cast<int64_t>(n) * m_ * P, b);
+    };
+    if (nb == 1) {
+      image_task(0, ctx);
+      return;
     }
+    std::mutex mutex;
+    std::exception_ptr error;  // rethrown here: an exception must not cross onnxruntime's thread pool
+    parallel_for(ctx, static_cast<size_t>(nb), [&](size_t n) {
+      try {
+        image_task(n, nullptr);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex);
+        if (!error) error = std::current_exception();
+      }
+    });
+    if (error) std::rethrow_exception(error);
   }
 
  private:
   struct Geometry {
     int64_t nb, C, H, W, OH, OW, padded_h, padded_w;
   };
+
+  // Image n: quantize, gather unless in place, GEMM into y_image (ctx null: serially).
+  void run_image(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& qi, const Geometry& geo,
+                 const Planes& p, bool in_place, GemmArgs a, float* y_image, const float* b) const {
+    thread_local ScratchBuffer<int8_t> image_buffer, rows_buffer;
+    thread_local ScratchBuffer<int32_t> gsum_buffer;
+    const int64_t P = geo.OH * geo.OW;
+    // Slack: in-place segments read up to 3 bytes past the last pixel's channels.
+    const int64_t image_bytes = checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), geo.C, "input");
+    const Image image{image_buffer.get(checked_add(image_bytes, positions_, "input")), geo.padded_w, geo.C};
+    fill_border(geo, static_cast<int8_t>(qi.zero_point - qi.shift), image);
+    quantize_image(ctx, x, n, qi, geo, image);
+    int64_t group_step;  // x advance from one group's rows to the next
+    if (in_place) {
+      a.x = image.data;
+      group_step = cg_;
+    } else {
+      const int64_t row_count = checked_mul(group_, P, "im2col");
+      int8_t* rows = rows_buffer.get(checked_mul(row_count, positions_, "im2col"));
+      int32_t* gsum = a.natural ? nullptr : gsum_buffer.get(checked_mul(row_count, p.pos.padded_groups, "im2col"));
+      gather(ctx, geo, image, a.natural, p.pos, rows, gsum);
+      a.x = rows;
+      a.x_stride = positions_;
+      a.gsum = gsum;
+      group_step = P * positions_;
+    }
+    a.y = y_image;
+    gemm(ctx, p, P, group_step, a, b);
+  }
 
   // In-place rows: pixel (oh, ow) at its top-left input pixel, segment (r, s) at its kernel offset.
   void set_offsets(const Geometry& geo, int64_t* row_offsets, int64_t* segment_offsets) const {
