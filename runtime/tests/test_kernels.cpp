@@ -318,6 +318,28 @@ void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
             for (size_t i = 0; i < y.size(); ++i)
               EXPECT(std::fabs(yf[i] - y_ref[i]) <= 1e-5 * (1 + scale_sum), "%s: folded gemm n=%ld k=%ld",
                      d->name, (long)n, (long)k);
+            // The same rows read in place, one group a segment, segments stored in reverse
+            // order: row b's group g at ((G - 1 - g) * B + b) * np; padding groups not read.
+            const int64_t G = w.groups, np = w.np;
+            std::vector<int8_t> scattered(static_cast<size_t>(G * B * np));
+            std::vector<int64_t> row_offsets(static_cast<size_t>(B)), segment_offsets(static_cast<size_t>(G));
+            for (int64_t b = 0; b < B; ++b) row_offsets[static_cast<size_t>(b)] = b * np;
+            for (int64_t g = 0; g < G; ++g) {
+              segment_offsets[static_cast<size_t>(g)] = (G - 1 - g) * B * np;
+              for (int64_t b = 0; b < B; ++b)
+                std::memcpy(scattered.data() + ((G - 1 - g) * B + b) * np, xu.data() + b * Kp + g * np,
+                            static_cast<size_t>(np));
+            }
+            fgq::GemmArgs ia = fa;
+            ia.x = scattered.data();
+            ia.row_offsets = row_offsets.data();
+            ia.segment_offsets = segment_offsets.data();
+            ia.segments = G;
+            ia.segment_len = ia.segment_read = np;
+            std::vector<float> yi(y_ref.size());
+            ia.y = yi.data();
+            d->gemm(ia);
+            EXPECT(yi == yf, "%s: folded gemm from in-place segments n=%ld k=%ld", d->name, (long)n, (long)k);
             ++folded_cases;
           }
           {  // transposed output (y_stride_b = 1, as Conv writes) with accumulate

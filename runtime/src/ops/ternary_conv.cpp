@@ -121,7 +121,7 @@ class ConvKernel : public TernaryKernelBase {
     float* y = output(ctx, 0, {nb, m_, OH, OW});
     if (nb == 0 || P == 0) return;
 
-    const Geometry geo{nb, C, H, W, OH, OW, H + pads_[0] + pads_[2], W + pads_[1] + pads_[3]};
+    const Geometry geo{C, H, W, OH, OW, H + pads_[0] + pads_[2], W + pads_[1] + pads_[3]};
     const bool natural = folded_rows(p, P);
     const ActQuant qi = natural ? unsigned_levels(q) : q;
     thread_local ScratchBuffer<int64_t> offsets_buffer;
@@ -166,7 +166,7 @@ class ConvKernel : public TernaryKernelBase {
 
  private:
   struct Geometry {
-    int64_t nb, C, H, W, OH, OW, padded_h, padded_w;
+    int64_t C, H, W, OH, OW, padded_h, padded_w;
   };
 
   // Image n: quantize, gather unless in place, GEMM into y_image (ctx null: serially).
