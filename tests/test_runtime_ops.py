@@ -129,6 +129,55 @@ def test_conv_exact_all_paths(kernels, nb, cg, group, mg, r, s, hw, strides, pad
         assert np.array_equal(got, want), kernel
 
 
+@settings(SETTINGS, max_examples=60)
+@given(
+    nb=st.sampled_from([1, 2]),
+    cg=st.sampled_from([1, 5, 8, 16, 24, 32, 33, 48]),
+    group=st.sampled_from([1, 1, 1, 2]),
+    mg=st.integers(1, 20),
+    rs=st.sampled_from([(1, 1), (1, 1), (3, 3), (2, 3)]),
+    hw=st.tuples(st.integers(2, 9), st.integers(2, 9)),
+    strides=st.sampled_from([(1, 1), (1, 1), (2, 1)]),
+    pads=st.sampled_from([(0, 0, 0, 0), (0, 0, 0, 0), (1, 1, 1, 1), (0, 2, 1, 0)]),
+    dilations=st.sampled_from([(1, 1), (2, 1)]),
+    n=st.sampled_from([3, 4, 5, 8, 16]),
+    max_code=st.sampled_from([127, 255]),
+    x_type=st.sampled_from(["float", "int8"]),
+    seed=st.integers(0, 2**16),
+)
+def test_conv_exact_uint8_scales(kernels, nb, cg, group, mg, rs, hw, strides, pads, dilations, n, max_code, x_type, seed):
+    """uint8 scale codes under a unit row scale, exact: AVX-512 runs the folded form from natural rows
+    (1x1 convolutions straight from the quantized NHWC image), the other paths the codes."""
+    (r, s), (h, w) = rs, hw
+    if h + pads[0] + pads[2] < dilations[0] * (r - 1) + 1 or w + pads[1] + pads[3] < dilations[1] * (s - 1) + 1:
+        return
+    rng = np.random.default_rng(seed)
+    m, c = mg * group, cg * group
+    t4 = random_ternary(rng, (m, cg, r, s))
+    rows, segments = conv_rows(t4, n)
+    codes, groups = pack_weight(rows, n, segments)
+    scales = rng.integers(0, max_code + 1, size=(m, groups.shape[1])).astype(np.uint8)
+    length = rows.shape[1] // segments
+    weight = rows_to_conv(scales_to_weight(groups, scales.astype(np.float64), length, segments), (m, cg, r, s), n)
+    levels = rng.integers(-128, 128, size=(nb, c, h, w))
+    x = levels.astype(np.int8) if x_type == "int8" else (levels * 0.5).astype(np.float32)
+    model = build_model(
+        "TernaryConv",
+        dict(x_scale=np.float32(1 if x_type == "int8" else 0.5), x_zero_point=np.int8(0), codes=codes, scales=scales,
+             row_scale=np.ones(m, np.float32)),
+        dict(N=n, weight_shape=[m, cg, r, s], group=group, strides=list(strides), pads=list(pads),
+             dilations=list(dilations)),
+        list(x.shape),
+        x_type=TensorProto.INT8 if x_type == "int8" else TensorProto.FLOAT,
+    )
+    want = conv2d_ref(levels.astype(np.float64), weight, None, strides, pads, dilations, group)
+    if x_type == "float":
+        want = want * 0.5
+    for kernel in kernels:
+        got = run(model, {"X": x}, kernel, threads=2)
+        assert np.array_equal(got, want.astype(np.float32)), kernel
+
+
 @SETTINGS
 @given(
     rows=st.sampled_from([1, 4, 9]),

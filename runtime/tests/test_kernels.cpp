@@ -237,7 +237,7 @@ void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::mt19937 rng(1234);
   const int64_t ns[] = {1, 3, 4, 5, 8, 12, 16, 17, 32, 33, 63, 64, 65, 100, 128, 192};
   const int64_t ks[] = {1, 15, 16, 17, 63, 64, 65, 127, 200, 513};
-  int cases = 0;
+  int cases = 0, folded_cases = 0;
   for (int64_t n : ns)
     for (int64_t k : ks)
       for (int st = 0; st < 4; ++st) {  // f32, f16, u8, u8 codes <= 127 (one folded plane)
@@ -272,11 +272,12 @@ void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
         EXPECT(w.fold_planes == want_planes, "folded planes %ld, want %ld (n=%ld st=%d)", (long)w.fold_planes,
                (long)want_planes, (long)n, st);
         const int64_t Kp = w.positions(), Gp = w.padded_groups;
-        std::vector<int8_t> natural(static_cast<size_t>(Kp)), xs(static_cast<size_t>(B * Kp));
+        std::vector<int8_t> natural(static_cast<size_t>(Kp)), xs(static_cast<size_t>(B * Kp)), xu(xs.size());
         std::vector<int32_t> gsum(static_cast<size_t>(B * Gp));
         for (int64_t b = 0; b < B; ++b) {
           for (auto& v : natural) v = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
           fgq::to_kernel_order(natural.data(), w.np, Gp, xs.data() + b * Kp, gsum.data() + b * Gp);
+          for (int64_t i = 0; i < Kp; ++i) xu[static_cast<size_t>(b * Kp + i)] = static_cast<int8_t>(natural[i] ^ 0x80);
         }
         std::vector<float> y_ref(static_cast<size_t>(B * M));
         fgq::GemmArgs a;
@@ -304,6 +305,43 @@ void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
           std::vector<float> y(y_ref.size());
           a.y = y.data();
           d->gemm(a);
+          double scale_sum = 0;
+          for (float v : y_ref) scale_sum = std::max(scale_sum, static_cast<double>(std::fabs(v)));
+          if (fgq::use_folded(*d, w, B)) {  // the folded form from natural unsigned rows
+            std::vector<float> yf(y_ref.size());
+            fgq::GemmArgs fa = a;
+            fa.x = xu.data();
+            fa.natural = true;
+            fa.gsum = nullptr;
+            fa.y = yf.data();
+            d->gemm(fa);
+            for (size_t i = 0; i < y.size(); ++i)
+              EXPECT(std::fabs(yf[i] - y_ref[i]) <= 1e-5 * (1 + scale_sum), "%s: folded gemm n=%ld k=%ld",
+                     d->name, (long)n, (long)k);
+            // The same rows read in place, one group a segment, segments stored in reverse
+            // order: row b's group g at ((G - 1 - g) * B + b) * np; padding groups not read.
+            const int64_t G = w.groups, np = w.np;
+            std::vector<int8_t> scattered(static_cast<size_t>(G * B * np));
+            std::vector<int64_t> row_offsets(static_cast<size_t>(B)), segment_offsets(static_cast<size_t>(G));
+            for (int64_t b = 0; b < B; ++b) row_offsets[static_cast<size_t>(b)] = b * np;
+            for (int64_t g = 0; g < G; ++g) {
+              segment_offsets[static_cast<size_t>(g)] = (G - 1 - g) * B * np;
+              for (int64_t b = 0; b < B; ++b)
+                std::memcpy(scattered.data() + ((G - 1 - g) * B + b) * np, xu.data() + b * Kp + g * np,
+                            static_cast<size_t>(np));
+            }
+            fgq::GemmArgs ia = fa;
+            ia.x = scattered.data();
+            ia.row_offsets = row_offsets.data();
+            ia.segment_offsets = segment_offsets.data();
+            ia.segments = G;
+            ia.segment_len = ia.segment_read = np;
+            std::vector<float> yi(y_ref.size());
+            ia.y = yi.data();
+            d->gemm(ia);
+            EXPECT(yi == yf, "%s: folded gemm from in-place segments n=%ld k=%ld", d->name, (long)n, (long)k);
+            ++folded_cases;
+          }
           {  // transposed output (y_stride_b = 1, as Conv writes) with accumulate
             std::vector<float> yt(y_ref.size(), 1.f);
             fgq::GemmArgs ta = a;
@@ -333,8 +371,6 @@ void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
                        "%s: row range [1, M-1) m=%ld", d->name, (long)m);
               }
           }
-          double scale_sum = 0;
-          for (float v : y_ref) scale_sum = std::max(scale_sum, static_cast<double>(std::fabs(v)));
           for (size_t i = 0; i < y.size(); ++i)
             EXPECT(std::fabs(y[i] - y_ref[i]) <= 1e-5 * (1 + scale_sum), "%s: gemm n=%ld k=%ld st=%d: %g vs %g", d->name,
                    (long)n, (long)k, st, y[i], y_ref[i]);
@@ -342,7 +378,7 @@ void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
         }
         ++cases;
       }
-  std::printf("random: %d cases, SIMD paths vs reference\n", cases);
+  std::printf("random: %d cases (%d on the folded form), SIMD paths vs reference\n", cases, folded_cases);
 }
 
 // The activation slots of every path equal the scalar definitions.
@@ -367,6 +403,20 @@ void test_activation_slots(const std::vector<const fgq::KernelDispatch*>& ps) {
         std::vector<int8_t> got(x.size());
         d->quantize(x.data(), static_cast<int64_t>(x.size()), q, got.data());
         EXPECT(got == want, "%s: quantize differs from quantize_one", d->name);
+        // x as [channels][pixels] (channel stride 25) -> pixel-major rows of pixel_stride bytes
+        for (int64_t channels : {1, 3, 16, 17, 39})
+          for (int64_t pixels : {1, 7, 16, 25}) {
+            const int64_t pixel_stride = channels + 5;
+            std::vector<int8_t> nhwc(static_cast<size_t>(pixels * pixel_stride), 99);
+            d->quantize_transposed(x.data(), channels, pixels, 25, q, nhwc.data(), pixel_stride);
+            for (int64_t p = 0; p < pixels; ++p)
+              for (int64_t c = 0; c < pixel_stride; ++c) {
+                const int8_t v = nhwc[static_cast<size_t>(p * pixel_stride + c)];
+                EXPECT(v == (c < channels ? want[static_cast<size_t>(c * 25 + p)] : 99),
+                       "%s: quantize_transposed c=%ld p=%ld (%ld channels, %ld pixels)", d->name, (long)c, (long)p,
+                       (long)channels, (long)pixels);
+              }
+          }
       }
     }
   for (int64_t np : {4, 8, 12, 16, 20, 28, 64, 68, 128})

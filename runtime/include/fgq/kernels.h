@@ -63,10 +63,10 @@ struct KernelWeights {
   // Folded form (uint8 scales, small N; see fold_scales): the integer weights w = t * s
   // (s the group's uint8 scale code) in int8 planes, w = 128 * plane1 + plane0
   // (fold_planes = 2), or w = plane0 when every code is <= 127 (fold_planes = 1);
-  // 0: not built. Panels of 16 rows; per panel, 4-position chunk j (kernel order,
+  // 0: not built. Panels of 16 rows; per panel, 4-position chunk j (natural order,
   // j = position / 4) and plane: 64 bytes, row r at 4r..4r+3. The SIMD path meets
-  // them with x + 128 (unsigned) in vpdpbusd and subtracts fold_bias[m] = 128 * sum(w):
-  // one exact int32 sum a row, no per-group float work.
+  // them with unsigned natural rows (GemmArgs::natural) in vpdpbusd and subtracts
+  // fold_bias[m] = 128 * sum(w): one exact int32 sum a row, no per-group float work.
   int64_t fold_planes = 0;
   std::vector<int8_t> folded;      // panels() * positions() / 4 * fold_planes * 64
   std::vector<int32_t> fold_bias;  // 16 * panels()
@@ -144,6 +144,13 @@ struct ActQuant {
   int8_t zero_level() const { return static_cast<int8_t>(zero_point - shift); }  // x = 0.0
 };
 
+// The same levels as unsigned bytes xs + 128 (the folded form's rows, GemmArgs::natural):
+// quantize_one with this writes the bit pattern of xs + 128; offset() is not meaningful.
+inline ActQuant unsigned_levels(ActQuant q) {
+  q.shift -= 128;
+  return q;
+}
+
 // Picks shift for an 8-bit type (is_signed) and level range; "" or an error.
 std::string make_act_quant(float scale, int zero_point, int qmin, int qmax, bool is_signed, ActQuant* out);
 
@@ -164,6 +171,9 @@ inline int8_t quantize_one(float x, const ActQuant& q) {
 }
 // quantize_one over a contiguous span (vectorizable).
 void quantize_span(const float* __restrict src, int64_t count, const ActQuant& q, int8_t* __restrict out);
+// quantize_one of a [channels][pixels] block into pixel-major bytes (KernelDispatch::quantize_transposed).
+void quantize_transposed(const float* src, int64_t channels, int64_t pixels, int64_t channel_stride, const ActQuant& q,
+                         int8_t* out, int64_t pixel_stride);
 
 inline int8_t requantize_one(int level, const ActQuant& q) {
   level = level < q.qmin ? q.qmin : (level > q.qmax ? q.qmax : level);
@@ -176,9 +186,20 @@ inline int8_t requantize_one(int level, const ActQuant& q) {
 // stored, or added when `accumulate`. P = dot(t, xs) over group g, exact int32.
 struct GemmArgs {
   const KernelWeights* w = nullptr;
-  const int8_t* x = nullptr;          // activation row b (kernel order) at x + b * x_stride, positions() bytes
+  // Activation row b at x + b * x_stride, positions() bytes: kernel order (xs) with its
+  // group sums at gsum + b * s_stride, or when `natural` (only if use_folded says so)
+  // natural order as unsigned bytes xs + 128 (unsigned_levels), no group sums.
+  const int8_t* x = nullptr;
   int64_t x_stride = 0;
-  const int32_t* gsum = nullptr;      // its group sums (to_kernel_order) at gsum + b * s_stride
+  bool natural = false;
+  // Natural rows read in place (a convolution without im2col), when row_offsets is set:
+  // row b's positions [k * segment_len, k * segment_len + segment_read) lie at
+  // x + row_offsets[b] + segment_offsets[k] for k < segments; the other positions
+  // (segment_read, a multiple of 4, up to segment_len) must meet zero weights: they are not read.
+  const int64_t* row_offsets = nullptr;
+  const int64_t* segment_offsets = nullptr;
+  int64_t segments = 0, segment_len = 0, segment_read = 0;
+  const int32_t* gsum = nullptr;
   int64_t s_stride = 0;
   float* y = nullptr;
   int64_t y_stride_b = 0, y_stride_m = 1;
@@ -201,7 +222,20 @@ struct KernelDispatch {
   void (*quantize)(const float* src, int64_t count, const ActQuant& q, int8_t* out);
   // to_kernel_order (same result, vectorized).
   void (*kernel_order)(const int8_t* natural, int64_t np, int64_t padded_groups, int8_t* out, int32_t* gsum);
+  // quantize_one of a [channels][pixels] block (channel c's pixels at src + c * channel_stride,
+  // contiguous) into pixel-major bytes: pixel p's channels at out + p * pixel_stride (NCHW -> NHWC).
+  void (*quantize_transposed)(const float* src, int64_t channels, int64_t pixels, int64_t channel_stride,
+                              const ActQuant& q, int8_t* out, int64_t pixel_stride);
+  // The path runs the folded form (KernelWeights::folded) from natural rows.
+  bool folded;
 };
+
+// Whether a call over `rows` activation rows takes natural unsigned rows (GemmArgs::natural):
+// the folded form, when this path has it and it was built. Below 4 rows the kernel streams
+// weights, and the 2-bit codes are 4-8x fewer bytes than the folded planes.
+inline bool use_folded(const KernelDispatch& d, const KernelWeights& w, int64_t rows) {
+  return d.folded && w.fold_planes > 0 && rows >= 4;
+}
 
 extern const KernelDispatch kRefDispatch;
 #if defined(FGQ_HAVE_X86_KERNELS)

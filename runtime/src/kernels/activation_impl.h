@@ -22,6 +22,21 @@ inline void quantize_span_impl(const float* __restrict src, int64_t count, const
   }
 }
 
+// NCHW -> NHWC quantization in tiles of 64 pixels: each channel's span quantized
+// contiguously (vectorizes), then scattered to its pixels.
+inline void quantize_transposed_impl(const float* src, int64_t channels, int64_t pixels, int64_t channel_stride,
+                                     const ActQuant& q, int8_t* out, int64_t pixel_stride) {
+  constexpr int64_t kTile = 64;
+  int8_t levels[kTile];
+  for (int64_t p0 = 0; p0 < pixels; p0 += kTile) {
+    const int64_t count = pixels - p0 < kTile ? pixels - p0 : kTile;
+    for (int64_t c = 0; c < channels; ++c) {
+      quantize_span_impl(src + c * channel_stride + p0, count, q, levels);
+      for (int64_t p = 0; p < count; ++p) out[(p0 + p) * pixel_stride + c] = levels[p];
+    }
+  }
+}
+
 inline void to_kernel_order_impl(const int8_t* __restrict natural, int64_t np, int64_t padded_groups,
                                  int8_t* __restrict out, int32_t* __restrict gsum) {
   const int64_t steps = np / 4;

@@ -155,6 +155,7 @@ void group_dots(const KernelWeights& w, int64_t m, const int8_t* x, const int32_
 
 }  // namespace
 
-const KernelDispatch kAvx2Dispatch = {"avx2", group_dots, gemm, quantize_span_impl, to_kernel_order_impl};
+const KernelDispatch kAvx2Dispatch = {"avx2",          group_dots, gemm, quantize_span_impl, to_kernel_order_impl,
+                                      quantize_transposed_impl, false};
 
 }  // namespace fgq

@@ -144,28 +144,38 @@ inline void block_store(const GemmArgs& a, int64_t quad0, int64_t b0) {
     }
 }
 
-// The folded form (KernelWeights::folded): one panel of 16 rows x C activation rows
-// (xu: x + 128, kPositions bytes a row), exact int32 sums per row, then the epilogue.
+// The folded form (KernelWeights::folded): one panel of 16 rows x C natural unsigned
+// activation rows (contiguous, or in segments: GemmArgs::row_offsets), exact int32 sums
+// per row, then the epilogue.
 template <int P, int C>
-void folded_block(const GemmArgs& a, const uint8_t* xu, int64_t xu_stride, int64_t panel, int64_t b0) {
+void folded_block(const GemmArgs& a, int64_t panel, int64_t b0) {
   const KernelWeights& w = *a.w;
   const int64_t chunks = w.positions() / 4;
   const int8_t* wp = w.folded.data() + panel * chunks * P * 64;
-  const uint8_t* x[C];
-  for (int c = 0; c < C; ++c) x[c] = xu + (b0 - a.b_begin + c) * xu_stride;
+  const bool indirect = a.row_offsets != nullptr;
+  const int64_t segments = indirect ? a.segments : 1, segment_chunks = indirect ? a.segment_len / 4 : chunks;
+  const int64_t read_chunks = indirect ? a.segment_read / 4 : chunks;
+  const int8_t* row[C];
+  for (int c = 0; c < C; ++c) row[c] = a.x + (indirect ? a.row_offsets[b0 + c] : (b0 + c) * a.x_stride);
   __m512i acc[P][C];
   for (int p = 0; p < P; ++p)
     for (int c = 0; c < C; ++c) acc[p][c] = _mm512_setzero_si512();
-  for (int64_t j = 0; j < chunks; ++j) {
-    __m512i xv[C];
-    for (int c = 0; c < C; ++c) {
-      int32_t four;
-      std::memcpy(&four, x[c] + 4 * j, 4);
-      xv[c] = _mm512_set1_epi32(four);
-    }
-    for (int p = 0; p < P; ++p) {
-      const __m512i wv = _mm512_loadu_si512(wp + (j * P + p) * 64);
-      for (int c = 0; c < C; ++c) acc[p][c] = _mm512_dpbusd_epi32(acc[p][c], xv[c], wv);
+  for (int64_t k = 0; k < segments; ++k) {
+    const int64_t offset = indirect ? a.segment_offsets[k] : 0;
+    const int8_t* x[C];
+    for (int c = 0; c < C; ++c) x[c] = row[c] + offset;
+    const int8_t* wk = wp + k * segment_chunks * P * 64;
+    for (int64_t j = 0; j < read_chunks; ++j) {
+      __m512i xv[C];
+      for (int c = 0; c < C; ++c) {
+        int32_t four;
+        std::memcpy(&four, x[c] + 4 * j, 4);
+        xv[c] = _mm512_set1_epi32(four);
+      }
+      for (int p = 0; p < P; ++p) {
+        const __m512i wv = _mm512_loadu_si512(wk + (j * P + p) * 64);
+        for (int c = 0; c < C; ++c) acc[p][c] = _mm512_dpbusd_epi32(acc[p][c], xv[c], wv);
+      }
     }
   }
   const int64_t m0 = 16 * panel;
@@ -196,23 +206,11 @@ void folded_block(const GemmArgs& a, const uint8_t* xu, int64_t xu_stride, int64
 
 template <int P>
 void gemm_folded(const GemmArgs& a) {
-  const KernelWeights& w = *a.w;
-  const int64_t positions = w.positions(), cols = a.b_end - a.b_begin;
-  std::vector<uint8_t> xu(static_cast<size_t>(cols * positions));  // x + 128 = x ^ 0x80, once for all panels
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t c = 0; c < cols; ++c) {
-    const int8_t* src = a.x + (a.b_begin + c) * a.x_stride;
-    uint8_t* dst = xu.data() + c * positions;
-    int64_t i = 0;
-    for (; i + 64 <= positions; i += 64)
-      _mm512_storeu_si512(dst + i, _mm512_xor_si512(_mm512_loadu_si512(src + i), flip));
-    for (; i < positions; ++i) dst[i] = static_cast<uint8_t>(src[i] ^ 0x80);
-  }
   for (int64_t panel = a.m_begin / 16; panel < (a.m_end + 15) / 16; ++panel) {
     int64_t b = a.b_begin;
-    for (; b + 8 <= a.b_end; b += 8) folded_block<P, 8>(a, xu.data(), positions, panel, b);
-    for (; b + 4 <= a.b_end; b += 4) folded_block<P, 4>(a, xu.data(), positions, panel, b);
-    for (; b < a.b_end; ++b) folded_block<P, 1>(a, xu.data(), positions, panel, b);
+    for (; b + 8 <= a.b_end; b += 8) folded_block<P, 8>(a, panel, b);
+    for (; b + 4 <= a.b_end; b += 4) folded_block<P, 4>(a, panel, b);
+    for (; b < a.b_end; ++b) folded_block<P, 1>(a, panel, b);
   }
 }
 
@@ -242,9 +240,7 @@ void gemm_t(const GemmArgs& a) {
 
 void gemm(const GemmArgs& a) {
   if (a.m_end <= a.m_begin || a.b_end <= a.b_begin) return;
-  // Batch rows >= 4: the folded form when built (compute bound; below 4 rows the
-  // kernel streams weights, and the 2-bit codes are 4-8x fewer bytes).
-  if (a.w->fold_planes && a.b_end - a.b_begin >= 4) {
+  if (a.natural) {  // the caller checked use_folded
     if (a.w->fold_planes == 1) gemm_folded<1>(a);
     else gemm_folded<2>(a);
     return;
@@ -273,8 +269,82 @@ void group_dots(const KernelWeights& w, int64_t m, const int8_t* x, const int32_
   }
 }
 
+// quantize_one on 16 floats (same clamps and round-half-even), the levels as 16 bytes.
+struct Quantizer {
+  __m512 scale, hi, lo;
+  __m512i zero, qmin, qmax, shift;
+  explicit Quantizer(const ActQuant& q)
+      : scale(_mm512_set1_ps(q.scale)),
+        hi(_mm512_set1_ps(static_cast<float>(q.qmax - q.zero_point) + 1.f)),
+        lo(_mm512_set1_ps(static_cast<float>(q.qmin - q.zero_point) - 1.f)),
+        zero(_mm512_set1_epi32(q.zero_point)),
+        qmin(_mm512_set1_epi32(q.qmin)),
+        qmax(_mm512_set1_epi32(q.qmax)),
+        shift(_mm512_set1_epi32(q.shift)) {}
+  __m128i operator()(__m512 x) const {
+    __m512 v = _mm512_div_ps(x, scale);
+    v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN -> 0
+    v = _mm512_max_ps(_mm512_min_ps(v, hi), lo);
+    __m512i level = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zero);
+    level = _mm512_min_epi32(_mm512_max_epi32(level, qmin), qmax);
+    return _mm512_cvtepi32_epi8(_mm512_sub_epi32(level, shift));  // keeps the low byte
+  }
+};
+
+// 16 x 16 bytes: r[i] byte j <- r[j] byte i (four rounds of interleaves).
+inline void transpose16x16(__m128i r[16]) {
+  __m128i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
+    t[i + 8] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm_unpacklo_epi16(t[2 * i], t[2 * i + 1]);
+    r[i + 8] = _mm_unpackhi_epi16(t[2 * i], t[2 * i + 1]);
+  }
+  for (int i = 0; i < 8; ++i) {
+    t[i] = _mm_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[i + 8] = _mm_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm_unpacklo_epi64(t[2 * i], t[2 * i + 1]);
+    r[i + 8] = _mm_unpackhi_epi64(t[2 * i], t[2 * i + 1]);
+  }
+}
+
+// Tiles of 16 channels x 16 pixels: quantized per channel, transposed in registers.
+void quantize_transposed_tiles(const float* src, int64_t channels, int64_t pixels, int64_t channel_stride, const ActQuant& q,
+                         int8_t* out, int64_t pixel_stride) {
+  // After the four interleave rounds, row i holds pixel kPixelOf[i] (a bit reversal).
+  static constexpr int kPixelOf[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  constexpr int64_t kAhead = 64;  // floats: one stream per channel is more than the hardware prefetcher follows
+  const Quantizer quantize16(q);
+  for (int64_t p0 = 0; p0 < pixels; p0 += 16) {
+    const int64_t np = std::min<int64_t>(16, pixels - p0);
+    const __mmask16 pmask = static_cast<__mmask16>((1u << np) - 1);
+    for (int64_t c0 = 0; c0 < channels; c0 += 16) {
+      const int64_t nc = std::min<int64_t>(16, channels - c0);
+      __m128i r[16];
+      for (int c = 0; c < 16; ++c) {
+        if (c >= nc) {
+          r[c] = _mm_setzero_si128();
+          continue;
+        }
+        const float* at = src + (c0 + c) * channel_stride + p0;
+        if (p0 + kAhead < pixels) _mm_prefetch(reinterpret_cast<const char*>(at + kAhead), _MM_HINT_T0);
+        r[c] = quantize16(_mm512_maskz_loadu_ps(pmask, at));
+      }
+      transpose16x16(r);
+      const __mmask16 cmask = static_cast<__mmask16>((1u << nc) - 1);
+      for (int i = 0; i < 16; ++i)
+        if (kPixelOf[i] < np) _mm_mask_storeu_epi8(out + (p0 + kPixelOf[i]) * pixel_stride + c0, cmask, r[i]);
+    }
+  }
+}
+
 }  // namespace
 
-const KernelDispatch kAvx512VnniDispatch = {"avx512vnni", group_dots, gemm, quantize_span_impl, to_kernel_order_impl};
+const KernelDispatch kAvx512VnniDispatch = {"avx512vnni",        group_dots,          gemm, quantize_span_impl,
+                                            to_kernel_order_impl, quantize_transposed_tiles, true};
 
 }  // namespace fgq

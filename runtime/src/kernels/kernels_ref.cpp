@@ -39,6 +39,7 @@ void ref_gemm(const GemmArgs& a) {
 
 }  // namespace
 
-const KernelDispatch kRefDispatch = {"ref", ref_group_dots, ref_gemm, quantize_span, to_kernel_order};
+const KernelDispatch kRefDispatch = {"ref", ref_group_dots, ref_gemm, quantize_span, to_kernel_order,
+                                     quantize_transposed, false};
 
 }  // namespace fgq

@@ -150,8 +150,7 @@ void fold_scales(KernelWeights* out) {
       const int s = static_cast<int>(w.scale_at(m, g));
       for (int64_t i = 0; i < w.n; ++i) {
         const int v = w.t_at(m, g, i) * s;
-        // kernel order: group 4 * sg + gq, position 4k + e at chunk (sg * steps + k) * 4 + gq, element e
-        const int64_t j = ((g / 4) * w.steps() + i / 4) * 4 + g % 4;
+        const int64_t j = (g * w.np + i) / 4;  // natural order (np is a multiple of 4)
         int8_t* at = panel + j * planes * 64 + i % 4;
         at[0] = static_cast<int8_t>(planes == 1 ? v : v % 128);  // v = 128 * (v / 128) + v % 128
         if (planes == 2) at[64] = static_cast<int8_t>(v / 128);
@@ -183,6 +182,11 @@ void to_kernel_order(const int8_t* natural, int64_t np, int64_t padded_groups, i
 
 void quantize_span(const float* __restrict src, int64_t count, const ActQuant& q, int8_t* __restrict out) {
   quantize_span_impl(src, count, q, out);
+}
+
+void quantize_transposed(const float* src, int64_t channels, int64_t pixels, int64_t channel_stride, const ActQuant& q,
+                         int8_t* out, int64_t pixel_stride) {
+  quantize_transposed_impl(src, channels, pixels, channel_stride, q, out, pixel_stride);
 }
 
 std::string make_act_quant(float scale, int zero_point, int qmin, int qmax, bool is_signed, ActQuant* out) {

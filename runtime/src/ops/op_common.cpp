@@ -146,8 +146,8 @@ std::vector<int64_t> attr_ints(const OrtKernelInfo* info, const char* name, cons
 
 void parallel_for(OrtKernelContext* ctx, size_t total, void (*fn)(void*, size_t), void* data) {
   if (total == 0) return;
-  if (total == 1) {
-    fn(data, 0);
+  if (total == 1 || !ctx) {
+    for (size_t i = 0; i < total; ++i) fn(data, i);
     return;
   }
   check(g_api->KernelContext_ParallelFor(ctx, fn, total, 0, data));
@@ -307,27 +307,38 @@ const float* TernaryKernelBase::bias(OrtKernelContext* ctx, int64_t rows) const 
   return b.as<float>();
 }
 
+bool TernaryKernelBase::folded_rows(const Planes& p, int64_t rows) const {
+  return use_folded(*dispatch_, p.pos, rows) && (!p.asymmetric || use_folded(*dispatch_, p.neg, rows));
+}
+
 void TernaryKernelBase::quantize_rows_and_run(OrtKernelContext* ctx, const Tensor& x, const ActQuant& q, const Planes& p,
                                               int64_t B, int64_t K, int64_t row_step, int64_t elem_step, float alpha,
                                               float* y) const {
   const int64_t M = p.pos.rows, Kp = p.pos.positions(), Gp = p.pos.padded_groups;
   if (B == 0 || M == 0) return;
+  const bool natural = folded_rows(p, B);
   const std::vector<int64_t> map = kernel_position_map(layout_, p.pos.np, p.pos.padded_groups);
   AlignedBuffer<int8_t> xs(checked_mul(B, Kp, "activation buffer"));
-  AlignedBuffer<int32_t> gsum(checked_mul(B, Gp, "activation buffer"));
+  AlignedBuffer<int32_t> gsum(natural ? 0 : checked_mul(B, Gp, "activation buffer"));
   constexpr int64_t kRowsPerTask = 8;
   auto quantize = [&](size_t t) {
     const int64_t r0 = static_cast<int64_t>(t) * kRowsPerTask, r1 = std::min(B, r0 + kRowsPerTask);
-    std::vector<int8_t> natural(static_cast<size_t>(Kp));
-    for (int64_t r = r0; r < r1; ++r)
-      quantize_row(*dispatch_, x, r * row_step, elem_step, K, map, q, p.pos, natural.data(), xs.get() + r * Kp,
-                   gsum.get() + r * Gp);
+    std::vector<int8_t> row(static_cast<size_t>(Kp));
+    for (int64_t r = r0; r < r1; ++r) {
+      if (natural) {
+        quantize_row(*dispatch_, x, r * row_step, elem_step, K, map, unsigned_levels(q), xs.get() + r * Kp);
+      } else {
+        quantize_row(*dispatch_, x, r * row_step, elem_step, K, map, q, row.data());
+        dispatch_->kernel_order(row.data(), p.pos.np, Gp, xs.get() + r * Kp, gsum.get() + r * Gp);
+      }
+    }
   };
   parallel_for(ctx, static_cast<size_t>((B + kRowsPerTask - 1) / kRowsPerTask), quantize);
 
   GemmArgs a;
   a.x = xs.get();
   a.x_stride = Kp;
+  a.natural = natural;
   a.gsum = gsum.get();
   a.s_stride = Gp;
   a.y = y;
@@ -374,36 +385,35 @@ void TernaryKernelBase::run(OrtKernelContext* ctx, const Planes& p, GemmArgs arg
 }
 
 void quantize_row(const KernelDispatch& d, const Tensor& x, int64_t base, int64_t stride, int64_t length,
-                  const std::vector<int64_t>& map, const ActQuant& q, const KernelWeights& w, int8_t* natural,
-                  int8_t* out, int32_t* gsum) {
+                  const std::vector<int64_t>& map, const ActQuant& q, int8_t* natural) {
   const int64_t positions = static_cast<int64_t>(map.size());
+  const int8_t padding = 0;  // meets zero weights only
   if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && stride == 1) {  // quantize contiguously, then gather
     std::vector<int8_t> levels(static_cast<size_t>(length));
     d.quantize(x.as<float>() + base, length, q, levels.data());
     for (int64_t p = 0; p < positions; ++p) {
       const int64_t k = map[static_cast<size_t>(p)];
-      natural[p] = k < 0 ? 0 : levels[static_cast<size_t>(k)];
+      natural[p] = k < 0 ? padding : levels[static_cast<size_t>(k)];
     }
   } else if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
     const float* src = x.as<float>() + base;
     for (int64_t p = 0; p < positions; ++p) {
       const int64_t k = map[static_cast<size_t>(p)];
-      natural[p] = k < 0 ? 0 : quantize_one(src[k * stride], q);
+      natural[p] = k < 0 ? padding : quantize_one(src[k * stride], q);
     }
   } else if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
     const uint8_t* src = x.as<uint8_t>() + base;
     for (int64_t p = 0; p < positions; ++p) {
       const int64_t k = map[static_cast<size_t>(p)];
-      natural[p] = k < 0 ? 0 : requantize_one(src[k * stride], q);
+      natural[p] = k < 0 ? padding : requantize_one(src[k * stride], q);
     }
   } else {
     const int8_t* src = x.as<int8_t>() + base;
     for (int64_t p = 0; p < positions; ++p) {
       const int64_t k = map[static_cast<size_t>(p)];
-      natural[p] = k < 0 ? 0 : requantize_one(src[k * stride], q);
+      natural[p] = k < 0 ? padding : requantize_one(src[k * stride], q);
     }
   }
-  d.kernel_order(natural, w.np, w.padded_groups, out, gsum);
 }
 
 }  // namespace ort

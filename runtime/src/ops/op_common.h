@@ -55,7 +55,7 @@ int64_t attr_int(const OrtKernelInfo* info, const char* name, const int64_t* fal
 float attr_float(const OrtKernelInfo* info, const char* name, const float* fallback);
 std::vector<int64_t> attr_ints(const OrtKernelInfo* info, const char* name, const std::vector<int64_t>* fallback);
 
-// Runs fn(i) for i < total on onnxruntime's intra-op thread pool.
+// Runs fn(i) for i < total on onnxruntime's intra-op thread pool (ctx null: serially, here).
 void parallel_for(OrtKernelContext* ctx, size_t total, void (*fn)(void*, size_t), void* data);
 template <class F>
 void parallel_for(OrtKernelContext* ctx, size_t total, const F& f) {
@@ -101,9 +101,11 @@ class TernaryKernelBase {
   const float* bias(OrtKernelContext* ctx, int64_t rows) const;
   // Runs the fused kernel over rows [m0, m0 + rows) x b < cols in parallel tiles.
   void run(OrtKernelContext* ctx, const Planes& p, GemmArgs args) const;
+  // Whether a call over `rows` activation rows takes natural unsigned rows (use_folded, both planes).
+  bool folded_rows(const Planes& p, int64_t rows) const;
   // MatMul and Gemm: quantizes the B activation rows of length K (row r starts at element
   // r * row_step, its elements elem_step apart: a transposed A has row_step 1 and elem_step B)
-  // into the kernel's position order, then runs the kernel into y [B, M], scaled by alpha.
+  // into the order the kernel takes (folded_rows), then runs the kernel into y [B, M], scaled by alpha.
   void quantize_rows_and_run(OrtKernelContext* ctx, const Tensor& x, const ActQuant& q, const Planes& p, int64_t B,
                              int64_t K, int64_t row_step, int64_t elem_step, float alpha, float* y) const;
 
@@ -119,12 +121,10 @@ class TernaryKernelBase {
               const Tensor& neg_row_scale, Planes* out) const;
 };
 
-// Quantizes activation values gathered through `map` (natural order,
-// map[p] < 0 gives 0) into `natural`, then writes the kernel-order row and
-// its group sums (to_kernel_order).
+// Quantizes activation values gathered through `map` into the natural-order row
+// `natural` (map[p] < 0 is group padding: 0).
 void quantize_row(const KernelDispatch& d, const Tensor& x, int64_t base, int64_t stride, int64_t length,
-                  const std::vector<int64_t>& map, const ActQuant& q, const KernelWeights& w, int8_t* natural,
-                  int8_t* out, int32_t* gsum);
+                  const std::vector<int64_t>& map, const ActQuant& q, int8_t* natural);
 
 // 64-byte aligned scratch buffers.
 template <class T>
@@ -144,6 +144,26 @@ struct AlignedBuffer {
  private:
   T* ptr_ = nullptr;
   size_t bytes_ = 0;
+};
+
+// A buffer that keeps its memory between calls, for per-call scratch: declare it
+// thread_local at the call site (onnxruntime may run Compute concurrently).
+// Zeroed when it grows, so the 64 bytes of slack past `count` are defined.
+template <class T>
+class ScratchBuffer {
+ public:
+  T* get(int64_t count) {
+    if (!buffer_ || count > capacity_) {
+      buffer_.reset();  // free first: only one copy alive
+      buffer_ = std::make_unique<AlignedBuffer<T>>(count);
+      capacity_ = count;
+    }
+    return buffer_->get();
+  }
+
+ private:
+  std::unique_ptr<AlignedBuffer<T>> buffer_;
+  int64_t capacity_ = 0;
 };
 
 // The OrtCustomOp adapter: Op provides kName, kInputTypes[kInputCount] and

@@ -1,9 +1,15 @@
 // TernaryConv: 2-D NCHW convolution with ternary weights (groups, depthwise,
-// strides, pads, dilations, bias, optional fused ReLU). The activation is
-// quantized once per call into an NHWC int8 image, then gathered into
-// kernel rows (im2col) one image at a time.
+// strides, pads, dilations, bias, optional fused ReLU). Per image, the
+// activation is quantized in one pass into a padded NHWC int8 image (the
+// border holds the level of 0.0). The folded form (natural unsigned rows)
+// reads its rows from the image in place, one segment (kernel offset r, s)
+// at a time, with no im2col; otherwise (the code path, fewer channels than N,
+// or N not a multiple of 4) the rows are gathered (im2col) by copying channel
+// runs, in the order the kernel takes (natural, or kernel order with group sums).
 #include <algorithm>
 #include <cstring>
+#include <exception>
+#include <mutex>
 
 #include "ops.h"
 
@@ -12,9 +18,22 @@ namespace ort {
 
 namespace {
 // A run of kernel positions [dst, dst + len) holding channels [c0, c0 + len)
-// of the input pixel at kernel offset (r, s).
+// of the input pixel at kernel offset (r, s), or group padding (r = kPadding).
 struct Run {
   int64_t dst, r, s, c0, len;
+};
+constexpr int64_t kPadding = -1;
+
+bool extends(const Run& last, const Run& next) {
+  return last.r == next.r && last.s == next.s && last.dst + last.len == next.dst &&
+         (next.r == kPadding || last.c0 + last.len == next.c0);
+}
+
+// Where one image lies in the padded NHWC buffer.
+struct Image {
+  int8_t* data;
+  int64_t width, channels;  // padded width, all channels
+  int8_t* pixel(int64_t h, int64_t w) const { return data + (h * width + w) * channels; }
 };
 }  // namespace
 
@@ -71,25 +90,13 @@ class ConvKernel : public TernaryKernelBase {
     const std::vector<int64_t> map = kernel_position_map(layout, np, gp);
     for (int64_t p = 0; p < positions_; ++p) {
       const int64_t idx = map[static_cast<size_t>(p)];
-      if (idx < 0) continue;
-      int64_t r, s, c;
-      if (segmented_) {
-        r = idx / cg_ / s_;
-        s = idx / cg_ % s_;
-        c = idx % cg_;
-      } else {
-        c = idx / rs;
-        r = idx / s_ % r_;
-        s = idx % s_;
-      }
-      if (!runs_.empty()) {
-        Run& last = runs_.back();
-        if (last.r == r && last.s == s && last.dst + last.len == p && last.c0 + last.len == c) {
-          ++last.len;
-          continue;
-        }
-      }
-      runs_.push_back(Run{p, r, s, c, 1});
+      Run next{p, kPadding, 0, 0, 1};
+      if (idx >= 0 && segmented_) next = Run{p, idx / cg_ / s_, idx / cg_ % s_, idx % cg_, 1};
+      if (idx >= 0 && !segmented_) next = Run{p, idx / s_ % r_, idx % s_, idx / rs, 1};
+      if (!runs_.empty() && extends(runs_.back(), next))
+        ++runs_.back().len;
+      else
+        runs_.push_back(next);
     }
   }
 
@@ -114,111 +121,192 @@ class ConvKernel : public TernaryKernelBase {
     float* y = output(ctx, 0, {nb, m_, OH, OW});
     if (nb == 0 || P == 0) return;
 
-    const int64_t Kp = positions_;
-    const int64_t HW = checked_mul(H, W, "input");
-    AlignedBuffer<int8_t> image(checked_mul(HW, C, "input"), false);  // every byte written below
-    AlignedBuffer<int8_t> planes_q(checked_mul(HW, C, "input"), false);
-    AlignedBuffer<int8_t> cols(checked_mul(checked_mul(group_, P, "im2col"), Kp, "im2col"), false);
-    const int64_t Gp = p.pos.padded_groups;
-    AlignedBuffer<int32_t> gsum(checked_mul(checked_mul(group_, P, "im2col"), Gp, "im2col"), false);
-    const int64_t x_image = checked_mul(C, HW, "input");
-    const int8_t zero_level = q.zero_level();
-    const int64_t mg = m_ / group_;
-
-    for (int64_t n = 0; n < nb; ++n) {
-      // 1. quantize the image once: each channel plane contiguously
-      // (vectorizes), then a byte transpose NCHW -> NHWC.
-      constexpr int64_t kChannelsPerTask = 8;
-      auto quantize = [&](size_t t) {
-        const int64_t c0 = static_cast<int64_t>(t) * kChannelsPerTask, c1 = std::min(C, c0 + kChannelsPerTask);
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t src = n * x_image + c * HW;
-          int8_t* out = planes_q.get() + c * HW;
-          if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-            dispatch_->quantize(x.as<float>() + src, HW, q, out);
-          } else if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
-            const uint8_t* s = x.as<uint8_t>() + src;
-            for (int64_t i = 0; i < HW; ++i) out[i] = requantize_one(s[i], q);
-          } else {
-            const int8_t* s = x.as<int8_t>() + src;
-            for (int64_t i = 0; i < HW; ++i) out[i] = requantize_one(s[i], q);
-          }
-        }
-      };
-      parallel_for(ctx, static_cast<size_t>((C + kChannelsPerTask - 1) / kChannelsPerTask), quantize);
-      auto transpose = [&](size_t t) {
-        const int64_t h = static_cast<int64_t>(t);
-        int8_t* dst = image.get() + h * W * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const int8_t* src = planes_q.get() + c * HW + h * W;
-          for (int64_t w = 0; w < W; ++w) dst[w * C + c] = src[w];
-        }
-      };
-      parallel_for(ctx, static_cast<size_t>(H), transpose);
-
-      // 2. im2col, all groups.
-      constexpr int64_t kPixelsPerTask = 64;
-      const int64_t pixel_tasks = (P + kPixelsPerTask - 1) / kPixelsPerTask;
-      auto gather = [&](size_t t) {
-        const int64_t g = static_cast<int64_t>(t) / pixel_tasks;
-        const int64_t p0 = static_cast<int64_t>(t) % pixel_tasks * kPixelsPerTask, p1 = std::min(P, p0 + kPixelsPerTask);
-        std::vector<int8_t> natural(static_cast<size_t>(Kp), 0);  // group padding stays 0
-        for (int64_t pix = p0; pix < p1; ++pix) {
-          const int64_t oh = pix / OW, ow = pix % OW;
-          const int64_t ih0 = oh * strides_[0] - pads_[0], iw0 = ow * strides_[1] - pads_[1];
-          int8_t* dst = natural.data();
-          for (const Run& run : runs_) {
-            const int64_t ih = ih0 + run.r * dilations_[0], iw = iw0 + run.s * dilations_[1];
-            if (ih < 0 || ih >= H || iw < 0 || iw >= W)
-              std::memset(dst + run.dst, zero_level, static_cast<size_t>(run.len));
-            else
-              std::memcpy(dst + run.dst, image.get() + (ih * W + iw) * C + g * cg_ + run.c0, static_cast<size_t>(run.len));
-          }
-          dispatch_->kernel_order(dst, p.pos.np, Gp, cols.get() + (g * P + pix) * Kp, gsum.get() + (g * P + pix) * Gp);
-        }
-      };
-      parallel_for(ctx, static_cast<size_t>(group_ * pixel_tasks), gather);
-
-      // 3. the ternary GEMM per group, bias and ReLU per tile.
-      const int64_t mb = 64, bb = P <= 8 ? P : 64;
-      const int64_t tiles_m = (mg + mb - 1) / mb, tiles_b = (P + bb - 1) / bb;
-      float* y_image = y + n * m_ * P;
-      auto gemm = [&](size_t t) {
-        const int64_t i = static_cast<int64_t>(t);
-        const int64_t g = i / (tiles_m * tiles_b), tm = i % tiles_m, tb = i / tiles_m % tiles_b;
-        GemmArgs a;
-        a.x = cols.get() + g * P * Kp;
-        a.x_stride = Kp;
-        a.gsum = gsum.get() + g * P * Gp;
-        a.s_stride = Gp;
-        a.y = y_image;
-        a.y_stride_b = 1;
-        a.y_stride_m = P;
-        a.m_begin = g * mg + tm * mb;
-        a.m_end = std::min(g * mg + mg, a.m_begin + mb);
-        a.b_begin = tb * bb;
-        a.b_end = std::min(P, a.b_begin + bb);
-        a.scale = q.scale;
-        a.offset = static_cast<float>(q.offset());
-        a.w = &p.pos;
-        dispatch_->gemm(a);
-        if (p.asymmetric) {
-          a.w = &p.neg;
-          a.accumulate = true;
-          dispatch_->gemm(a);
-        }
-        if (b || relu_)
-          for (int64_t m = a.m_begin; m < a.m_end; ++m) {
-            float* row = y_image + m * P;
-            const float bias_m = b ? b[m] : 0.f;
-            for (int64_t pix = a.b_begin; pix < a.b_end; ++pix) {
-              const float v = row[pix] + bias_m;
-              row[pix] = relu_ && v < 0.f ? 0.f : v;
-            }
-          }
-      };
-      parallel_for(ctx, static_cast<size_t>(group_ * tiles_m * tiles_b), gemm);
+    const Geometry geo{C, H, W, OH, OW, H + pads_[0] + pads_[2], W + pads_[1] + pads_[3]};
+    const bool natural = folded_rows(p, P);
+    const ActQuant qi = natural ? unsigned_levels(q) : q;
+    thread_local ScratchBuffer<int64_t> offsets_buffer;
+    GemmArgs a;
+    a.natural = natural;
+    a.s_stride = p.pos.padded_groups;
+    a.y_stride_b = 1;
+    a.y_stride_m = P;
+    a.scale = q.scale;
+    a.offset = static_cast<float>(q.offset());
+    // In place when a segment's positions are its channels: groups without position padding.
+    const bool in_place = natural && segmented_ && n_ % 4 == 0;
+    if (in_place) {
+      int64_t* offsets = offsets_buffer.get(checked_add(P, r_ * s_, "output"));
+      set_offsets(geo, offsets, offsets + P);
+      a.row_offsets = offsets;
+      a.segment_offsets = offsets + P;
+      a.segments = r_ * s_;
+      a.segment_len = kernel_group_positions(n_) * ((cg_ + n_ - 1) / n_);
+      a.segment_read = kernel_group_positions(cg_);  // the channels, rounded up to 4
     }
+    // Several images: one task each, on its own thread's buffers; one image: parallel inside.
+    auto image_task = [&](size_t n, OrtKernelContext* inner) {
+      run_image(inner, x, static_cast<int64_t>(n), qi, geo, p, in_place, a, y + static_cast<int64_t>(n) * m_ * P, b);
+    };
+    if (nb == 1) {
+      image_task(0, ctx);
+      return;
+    }
+    std::mutex mutex;
+    std::exception_ptr error;  // rethrown here: an exception must not cross onnxruntime's thread pool
+    parallel_for(ctx, static_cast<size_t>(nb), [&](size_t n) {
+      try {
+        image_task(n, nullptr);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex);
+        if (!error) error = std::current_exception();
+      }
+    });
+    if (error) std::rethrow_exception(error);
+  }
+
+ private:
+  struct Geometry {
+    int64_t C, H, W, OH, OW, padded_h, padded_w;
+  };
+
+  // Image n: quantize, gather unless in place, GEMM into y_image (ctx null: serially).
+  void run_image(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& qi, const Geometry& geo,
+                 const Planes& p, bool in_place, GemmArgs a, float* y_image, const float* b) const {
+    thread_local ScratchBuffer<int8_t> image_buffer, rows_buffer;
+    thread_local ScratchBuffer<int32_t> gsum_buffer;
+    const int64_t P = geo.OH * geo.OW;
+    // Slack: in-place segments read up to 3 bytes past the last pixel's channels.
+    const int64_t image_bytes = checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), geo.C, "input");
+    const Image image{image_buffer.get(checked_add(image_bytes, positions_, "input")), geo.padded_w, geo.C};
+    fill_border(geo, static_cast<int8_t>(qi.zero_point - qi.shift), image);
+    quantize_image(ctx, x, n, qi, geo, image);
+    int64_t group_step;  // x advance from one group's rows to the next
+    if (in_place) {
+      a.x = image.data;
+      group_step = cg_;
+    } else {
+      const int64_t row_count = checked_mul(group_, P, "im2col");
+      int8_t* rows = rows_buffer.get(checked_mul(row_count, positions_, "im2col"));
+      int32_t* gsum = a.natural ? nullptr : gsum_buffer.get(checked_mul(row_count, p.pos.padded_groups, "im2col"));
+      gather(ctx, geo, image, a.natural, p.pos, rows, gsum);
+      a.x = rows;
+      a.x_stride = positions_;
+      a.gsum = gsum;
+      group_step = P * positions_;
+    }
+    a.y = y_image;
+    gemm(ctx, p, P, group_step, a, b);
+  }
+
+  // In-place rows: pixel (oh, ow) at its top-left input pixel, segment (r, s) at its kernel offset.
+  void set_offsets(const Geometry& geo, int64_t* row_offsets, int64_t* segment_offsets) const {
+    for (int64_t pix = 0; pix < geo.OH * geo.OW; ++pix)
+      row_offsets[pix] = ((pix / geo.OW) * strides_[0] * geo.padded_w + (pix % geo.OW) * strides_[1]) * geo.C;
+    for (int64_t k = 0; k < r_ * s_; ++k)
+      segment_offsets[k] = ((k / s_) * dilations_[0] * geo.padded_w + (k % s_) * dilations_[1]) * geo.C;
+  }
+
+  // The border of the padded image: the level of 0.0 (the interior is rewritten per image).
+  void fill_border(const Geometry& geo, int8_t zero, const Image& image) const {
+    const int64_t C = geo.C, row = geo.padded_w * C;
+    std::memset(image.data, zero, static_cast<size_t>(pads_[0] * row));
+    std::memset(image.data + (pads_[0] + geo.H) * row, zero, static_cast<size_t>(pads_[2] * row));
+    for (int64_t h = pads_[0]; h < pads_[0] + geo.H; ++h) {
+      std::memset(image.data + h * row, zero, static_cast<size_t>(pads_[1] * C));
+      std::memset(image.data + h * row + (pads_[1] + geo.W) * C, zero, static_cast<size_t>(pads_[3] * C));
+    }
+  }
+
+  // Image n of x quantized into the interior of the padded NHWC image, in blocks of rows.
+  void quantize_image(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& q, const Geometry& geo,
+                      const Image& image) const {
+    const int64_t C = geo.C, H = geo.H, W = geo.W, HW = H * W;
+    const bool contiguous = geo.padded_w == W;  // no left/right padding: rows run on
+    constexpr int64_t kPixelsPerTask = 256;
+    const int64_t rows_per_task = std::max<int64_t>(1, kPixelsPerTask / W);
+    auto task = [&](size_t t) {
+      const int64_t h0 = static_cast<int64_t>(t) * rows_per_task, h1 = std::min(H, h0 + rows_per_task);
+      for (int64_t h = h0; h < h1; h += contiguous ? h1 - h0 : 1) {
+        const int64_t pixels = contiguous ? (h1 - h0) * W : W, src = n * C * HW + h * W;
+        int8_t* dst = image.pixel(h + pads_[0], pads_[1]);
+        if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+          dispatch_->quantize_transposed(x.as<float>() + src, C, pixels, HW, q, dst, C);
+          continue;
+        }
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t i = 0; i < pixels; ++i) {
+            const int level = x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? x.as<uint8_t>()[src + c * HW + i]
+                                                                             : x.as<int8_t>()[src + c * HW + i];
+            dst[i * C + c] = requantize_one(level, q);
+          }
+      }
+    };
+    parallel_for(ctx, static_cast<size_t>((H + rows_per_task - 1) / rows_per_task), task);
+  }
+
+  // im2col, all groups: row (g, pixel) of positions_ bytes, natural order, or kernel
+  // order with group sums.
+  void gather(OrtKernelContext* ctx, const Geometry& geo, const Image& image, bool natural, const KernelWeights& w,
+              int8_t* rows, int32_t* gsum) const {
+    const int64_t P = geo.OH * geo.OW, Kp = positions_, Gp = w.padded_groups;
+    constexpr int64_t kPixelsPerTask = 64;
+    const int64_t pixel_tasks = (P + kPixelsPerTask - 1) / kPixelsPerTask;
+    auto task = [&](size_t t) {
+      const int64_t g = static_cast<int64_t>(t) / pixel_tasks;
+      const int64_t p0 = static_cast<int64_t>(t) % pixel_tasks * kPixelsPerTask, p1 = std::min(P, p0 + kPixelsPerTask);
+      std::vector<int8_t> row(natural ? 0 : static_cast<size_t>(Kp));
+      for (int64_t pix = p0; pix < p1; ++pix) {
+        const int64_t oh = pix / geo.OW, ow = pix % geo.OW;
+        int8_t* out = rows + (g * P + pix) * Kp;
+        int8_t* dst = natural ? out : row.data();
+        for (const Run& run : runs_) {
+          if (run.r == kPadding) {
+            std::memset(dst + run.dst, 0, static_cast<size_t>(run.len));  // meets zero weights
+            continue;
+          }
+          const int8_t* src = image.pixel(oh * strides_[0] + run.r * dilations_[0], ow * strides_[1] + run.s * dilations_[1]);
+          std::memcpy(dst + run.dst, src + g * cg_ + run.c0, static_cast<size_t>(run.len));
+        }
+        if (!natural) dispatch_->kernel_order(dst, w.np, Gp, out, gsum + (g * P + pix) * Gp);
+      }
+    };
+    parallel_for(ctx, static_cast<size_t>(group_ * pixel_tasks), task);
+  }
+
+  // The ternary GEMM per group over the P pixels of one image, bias and ReLU per tile.
+  void gemm(OrtKernelContext* ctx, const Planes& p, int64_t P, int64_t group_step, const GemmArgs& args,
+            const float* b) const {
+    const int64_t mg = m_ / group_;
+    const int64_t mb = 64, bb = P <= 8 ? P : 64;
+    const int64_t tiles_m = (mg + mb - 1) / mb, tiles_b = (P + bb - 1) / bb;
+    auto task = [&](size_t t) {
+      const int64_t i = static_cast<int64_t>(t);
+      const int64_t g = i / (tiles_m * tiles_b), tm = i % tiles_m, tb = i / tiles_m % tiles_b;
+      GemmArgs a = args;
+      a.x += g * group_step;
+      if (a.gsum) a.gsum += g * P * a.s_stride;
+      a.m_begin = g * mg + tm * mb;
+      a.m_end = std::min(g * mg + mg, a.m_begin + mb);
+      a.b_begin = tb * bb;
+      a.b_end = std::min(P, a.b_begin + bb);
+      a.w = &p.pos;
+      dispatch_->gemm(a);
+      if (p.asymmetric) {
+        a.w = &p.neg;
+        a.accumulate = true;
+        dispatch_->gemm(a);
+      }
+      if (b || relu_)
+        for (int64_t m = a.m_begin; m < a.m_end; ++m) {
+          float* row = a.y + m * P;
+          const float bias_m = b ? b[m] : 0.f;
+          for (int64_t pix = a.b_begin; pix < a.b_end; ++pix) {
+            const float v = row[pix] + bias_m;
+            row[pix] = relu_ && v < 0.f ? 0.f : v;
+          }
+        }
+    };
+    parallel_for(ctx, static_cast<size_t>(group_ * tiles_m * tiles_b), task);
   }
 
  private:
