@@ -51,7 +51,7 @@ class ConvertConfig:
     op_types: tuple[str, ...] = LINEAR_OPS
     keep_first_last: bool = False
     ternarize_float_layers: bool = False  # in a model with already-ternary weights, its float layers stay float unless set
-    format: OutputFormat = OutputFormat.QDQ
+    format: OutputFormat = OutputFormat.CUSTOM
     weight_storage: str = "int2"
     scale_format: str = "u8"  # group scales: f32, f16, or u8 codes under a float32 row scale (docs/packed-format.md)
     image: ImageOptions = field(default_factory=ImageOptions)

@@ -237,10 +237,10 @@ def mlp_calib_npz(tmp_path, mlp_samples) -> Path:
 
 @pytest.fixture
 def converted(cnn_path, calib_npz, tmp_path) -> Path:
-    """The small CNN converted at N=4 with 8-bit activations."""
+    """The small CNN converted at N=4 with 8-bit activations, in the portable qdq format."""
     import fgq_onnx
 
-    model, _ = fgq_onnx.convert(cnn_path, n=4, calib=calib_npz)
+    model, _ = fgq_onnx.convert(cnn_path, n=4, calib=calib_npz, format="qdq")
     path = tmp_path / "cnn.fgq.onnx"
     fgq_onnx.save(model, path)
     return path

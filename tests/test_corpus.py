@@ -84,6 +84,7 @@ def convert_case(case: corpus.Case, folder: Path, **settings) -> Converted:
     calib = folder / "calib.npz"
     np.savez(calib, **case.calib)
     digest = _digest(source)
+    settings.setdefault("format", "qdq")  # the portable form; test_custom_format checks the custom one
     model, report = fgq_onnx.convert(source, n=4, calib=calib, **settings)
     output = folder / f"model.{settings.get('format', 'qdq')}.onnx"
     fgq_onnx.save(model, output)

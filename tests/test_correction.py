@@ -206,7 +206,7 @@ def test_converted_layers_get_the_fp32_channel_statistics(kit, tmp_path, calib_n
     want = _channel_stats(fp, names, {"x": cnn_samples})
     results = {}
     for correct in (False, True):
-        model, report = pipeline.convert(source, calib=calib_npz, n=16, act_bits=act_bits, bias_correction=correct)
+        model, report = pipeline.convert(source, calib=calib_npz, n=16, act_bits=act_bits, bias_correction=correct, format="qdq")
         results[correct] = _channel_stats(model, names, {"x": cnn_samples})
         assert any("bias correction" in note for note in report.notes) == correct
     for name in names:
@@ -227,7 +227,7 @@ def test_bias_correction_replays_a_one_shot_reader(kit, tmp_path, cnn_samples):
             return self.batches.pop(0) if self.batches else None
 
     source = kit.write_model(kit.build_cnn(), tmp_path / "cnn.onnx")
-    model, report = pipeline.convert(source, calib=Reader(), act_bits=8)
+    model, report = pipeline.convert(source, calib=Reader(), act_bits=8, format="qdq")
     assert report.calibration["samples"] == len(cnn_samples)
     assert any(note.startswith("bias correction: 4 layer(s)") for note in report.notes)
 
@@ -293,5 +293,5 @@ def test_a_model_with_control_flow_converts_without_correction(tmp_path, calib_n
     proto.ir_version = 8
     source = tmp_path / "if.onnx"
     onnx.save(proto, source)
-    _, report = pipeline.convert(source, calib=calib_npz, act_bits=8)
+    _, report = pipeline.convert(source, calib=calib_npz, act_bits=8, format="qdq")
     assert any("bias correction skipped: the main graph has If" in note for note in report.notes)

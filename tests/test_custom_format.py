@@ -56,7 +56,7 @@ def cnn_qdq(tmp_path_factory, kit):
     rng = np.random.default_rng(3)
     calib = folder / "calib.npz"
     np.savez(calib, x=rng.uniform(0, 1, (16, 1, 28, 28)).astype(np.float32))
-    return convert(path, calib=calib, n=4, act_bits=8, bias_correction=False).model
+    return convert(path, calib=calib, n=4, act_bits=8, bias_correction=False, format="qdq").model
 
 
 def test_rewrites_every_layer(cnn_qdq):
@@ -93,7 +93,7 @@ def test_scale_formats(tmp_path, kit, scale_format, dtype):
     path = kit.write_model(kit.build_cnn(), tmp_path / "cnn.onnx")
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(3).uniform(0, 1, (8, 1, 28, 28)).astype(np.float32))
-    qdq = convert(path, calib=calib, n=8, act_bits=4, scale_format=scale_format, bias_correction=False).model
+    qdq = convert(path, calib=calib, n=8, act_bits=4, scale_format=scale_format, bias_correction=False, format="qdq").model
     custom, rewrite, _ = _to_custom(qdq)
     assert all(r.converted for r in rewrite.records), rewrite.records
     scales = [t for t in custom.graph.initializer if t.name.endswith("packed_scales")]
@@ -106,7 +106,7 @@ def test_scale_formats(tmp_path, kit, scale_format, dtype):
 
 def test_leaves_unmatched_nodes(tmp_path, kit):
     path = kit.write_model(kit.build_mlp(), tmp_path / "mlp.onnx")
-    weights_only = convert(path, n=4, act_bits=0, bias_correction=False).model
+    weights_only = convert(path, n=4, act_bits=0, bias_correction=False, format="qdq").model
     _, rewrite, modified = _to_custom(weights_only)
     assert not modified
     assert rewrite.records and not any(r.converted for r in rewrite.records)
@@ -119,7 +119,7 @@ def test_asymmetric_weights_kernel_body_and_qdq_agree(tmp_path, kit, scale_forma
     path = kit.write_model(kit.build_cnn(), tmp_path / "cnn.onnx")
     x = np.random.default_rng(2).uniform(0, 1, (8, 1, 28, 28)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
-    qdq = convert(path, calib=tmp_path / "calib.npz", n=4, act_bits=8, method="asymmetric", scale_format=scale_format, bias_correction=False).model
+    qdq = convert(path, calib=tmp_path / "calib.npz", n=4, act_bits=8, method="asymmetric", scale_format=scale_format, bias_correction=False, format="qdq").model
     custom, rewrite, modified = _to_custom(qdq)
     assert modified and all(r.converted for r in rewrite.records), rewrite.records
     ternary = [n for n in custom.graph.node if n.domain == DOMAIN]
@@ -129,7 +129,7 @@ def test_asymmetric_weights_kernel_body_and_qdq_agree(tmp_path, kit, scale_forma
     onnx.checker.check_model(custom)
     want = _basic_session(ir.serde.serialize_model(qdq)).run(None, {"x": x})[0]
     np.testing.assert_array_equal(_basic_session(custom).run(None, {"x": x})[0], want)
-    symmetric = convert(path, calib=tmp_path / "calib.npz", n=4, act_bits=8, scale_format=scale_format, bias_correction=False).model
+    symmetric = convert(path, calib=tmp_path / "calib.npz", n=4, act_bits=8, scale_format=scale_format, bias_correction=False, format="qdq").model
     assert np.abs(_basic_session(ir.serde.serialize_model(symmetric)).run(None, {"x": x})[0] - want).max() > 1e-3  # the neg scales matter
     kernel = _kernel_session(custom).run(None, {"x": x})[0]
     np.testing.assert_allclose(kernel, want, rtol=1e-3, atol=1e-3)
@@ -147,7 +147,7 @@ def test_rejects_low_opset():
 @pytest.mark.parametrize("n, act_bits", [(16, 8), (4, 4)])
 def test_embedded_model(n, act_bits):
     """Custom format vs qdq on the embedded Fashion-MNIST model (max abs diff on logits is printed)."""
-    qdq_ir = convert(EMBEDDED, calib=EMBEDDED_CALIB, n=n, act_bits=act_bits, bias_correction=False).model
+    qdq_ir = convert(EMBEDDED, calib=EMBEDDED_CALIB, n=n, act_bits=act_bits, bias_correction=False, format="qdq").model
     custom, rewrite, _ = _to_custom(qdq_ir)
     assert all(r.converted for r in rewrite.records), [r for r in rewrite.records if not r.converted]
     x = np.load(EMBEDDED_TEST)["input"][:100]

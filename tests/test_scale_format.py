@@ -231,7 +231,7 @@ def converted_cnn(cli, kit, cnn_path, calib_npz, tmp_path):
     out = {}
     for fmt in FORMATS:
         output, report = tmp_path / f"cnn_{fmt}.onnx", tmp_path / f"cnn_{fmt}.json"
-        result = cli("convert", cnn_path, "--calib", calib_npz, "--scale-format", fmt, "-o", output, "--json", report)
+        result = cli("convert", cnn_path, "--calib", calib_npz, "--scale-format", fmt, "-o", output, "--json", report, "--format", "qdq")
         assert result.exit_code == 0, result.stderr
         assert result.stderr.strip() == ""
         out[fmt] = (output, json.loads(report.read_text()), result.stdout)
@@ -272,7 +272,7 @@ def test_formats_agree_after_bias_correction(kit, converted_cnn, cnn_samples):
 def test_graphsurgeon_round_trip(cli, kit, cnn_path, calib_npz, cnn_samples, tmp_path, scale_format):
     gs = pytest.importorskip("onnx_graphsurgeon", reason="onnx-graphsurgeon is not installed")
     output = tmp_path / "cnn.fgq.onnx"
-    result = cli("convert", cnn_path, "--calib", calib_npz, "--scale-format", scale_format, "--method", "asymmetric", "-q", "-o", output)
+    result = cli("convert", cnn_path, "--calib", calib_npz, "--scale-format", scale_format, "--method", "asymmetric", "-q", "-o", output, "--format", "qdq")
     assert result.exit_code == 0, result.stderr
     graph = gs.import_onnx(onnx.load(str(output)))
     assert {"DequantizeLinear", "QuantizeLinear", "Conv", "Gemm"} <= {node.op for node in graph.nodes}
