@@ -87,6 +87,21 @@ def test_matmul_exact_all_paths(kernels, batch_shape, k, m, n, seed):
         assert np.array_equal(got, want), kernel
 
 
+def output_fits(hw, rs, pads, dilations) -> bool:
+    """Whether the padded image holds at least one dilated kernel window."""
+    (h, w), (r, s) = hw, rs
+    return h + pads[0] + pads[2] >= dilations[0] * (r - 1) + 1 and w + pads[1] + pads[3] >= dilations[1] * (s - 1) + 1
+
+
+def random_conv_weight(rng, mg, cg, group, r, s, n):
+    """A random ternary conv weight [m, cg, r, s] and its packed rows: (m, c, t4, rows, segments, codes, groups)."""
+    m, c = mg * group, cg * group
+    t4 = random_ternary(rng, (m, cg, r, s))
+    rows, segments = conv_rows(t4, n)
+    codes, groups = pack_weight(rows, n, segments)
+    return m, c, t4, rows, segments, codes, groups
+
+
 @SETTINGS
 @given(
     nb=st.sampled_from([1, 2]),
@@ -104,13 +119,10 @@ def test_matmul_exact_all_paths(kernels, batch_shape, k, m, n, seed):
 )
 def test_conv_exact_all_paths(kernels, nb, cg, group, mg, r, s, hw, strides, pads, dilations, n, seed):
     h, w = hw
-    if h + pads[0] + pads[2] < dilations[0] * (r - 1) + 1 or w + pads[1] + pads[3] < dilations[1] * (s - 1) + 1:
+    if not output_fits(hw, (r, s), pads, dilations):
         return
     rng = np.random.default_rng(seed)
-    m, c = mg * group, cg * group
-    t4 = random_ternary(rng, (m, cg, r, s))
-    rows, segments = conv_rows(t4, n)
-    codes, groups = pack_weight(rows, n, segments)
+    m, c, t4, rows, segments, codes, groups = random_conv_weight(rng, mg, cg, group, r, s, n)
     scales = np.ones((m, groups.shape[1]), np.float32)
     bias = rng.integers(-5, 5, size=m).astype(np.float32)
     x = rng.integers(-128, 128, size=(nb, c, h, w)).astype(np.int8)
@@ -149,13 +161,10 @@ def test_conv_exact_uint8_scales(kernels, nb, cg, group, mg, rs, hw, strides, pa
     """uint8 scale codes under a unit row scale, exact: AVX-512 runs the folded form from natural rows
     (1x1 convolutions straight from the quantized NHWC image), the other paths the codes."""
     (r, s), (h, w) = rs, hw
-    if h + pads[0] + pads[2] < dilations[0] * (r - 1) + 1 or w + pads[1] + pads[3] < dilations[1] * (s - 1) + 1:
+    if not output_fits(hw, rs, pads, dilations):
         return
     rng = np.random.default_rng(seed)
-    m, c = mg * group, cg * group
-    t4 = random_ternary(rng, (m, cg, r, s))
-    rows, segments = conv_rows(t4, n)
-    codes, groups = pack_weight(rows, n, segments)
+    m, c, t4, rows, segments, codes, groups = random_conv_weight(rng, mg, cg, group, r, s, n)
     scales = rng.integers(0, max_code + 1, size=(m, groups.shape[1])).astype(np.uint8)
     length = rows.shape[1] // segments
     weight = rows_to_conv(scales_to_weight(groups, scales.astype(np.float64), length, segments), (m, cg, r, s), n)
