@@ -13,9 +13,10 @@ Cases (--cases):
   time per layer and the DRAM roofline of the variant's weight bytes.
 - gemm: batch-64 MatMul 4096x4096 (a chain of 4), GOP/s.
 - conv: ResNet-50 3x3 and 1x1 conv shapes at batch 1 and 8.
-- model: the embedded Fashion-MNIST ResNet converted at N=4 and N=16 (8-bit
-  activations), whole model at batch 64: fp32, qdq (onnxruntime's int8
-  kernels) and custom (com.fgq ops).
+- model: whole models converted at N=4 and N=16 (8-bit activations): the
+  embedded Fashion-MNIST ResNet at batch 64 and a ResNet-50-shaped model
+  (benchmarks/bench_convert.py, random weights) at batch 1, each as fp32, qdq
+  (onnxruntime's int8 kernels) and custom (com.fgq ops).
 Variants: fp32 (MatMul / Conv), int8 (DynamicQuantizeMatMul; Conv: QDQ that
 onnxruntime fuses into QLinearConv), MatMulNBits 2- and 4-bit (block 128,
 accuracy_level 4), ternary (com.fgq) at N=64 and N=4 (uint8 scales with a
@@ -343,30 +344,47 @@ def _converter_u8_levels(levels):
         fgq_onnx.scales.U8_LEVELS = saved
 
 
-def bench_model(threads_list, args, rows, batch=64, ns=(4, 16)):
+def whole_models(folder: pathlib.Path) -> list[tuple[str, pathlib.Path, dict, object, dict]]:
+    """(name, fp32 model, feed, calibration data, converter settings) of the whole-model cases."""
+    from bench_convert import resnet50
+
+    test = np.load(ROOT / "models" / "fashion_mnist_test.npz")["input"]
+    resnet, calib = folder / "resnet50.onnx", folder / "resnet50_calib.npz"
+    resnet50(resnet)
+    rng = np.random.default_rng(1)
+    np.savez(calib, input=rng.uniform(0, 1, (16, 3, 224, 224)).astype(np.float32))
+    return [
+        ("fashion_mnist", ROOT / "models" / "fashion_mnist_resnet.onnx", {"input": test[:64]}, ROOT / "models" / "calib", {}),
+        # Random weights: bias correction would only slow the conversion down, not change the speed.
+        ("resnet50", resnet, {"input": rng.uniform(0, 1, (1, 3, 224, 224)).astype(np.float32)}, calib, {"bias_correction": False}),
+    ]
+
+
+def bench_model(threads_list, args, rows, ns=(4, 16)):
     import tempfile
 
     import fgq_onnx
 
-    source = ROOT / "models" / "fashion_mnist_resnet.onnx"
-    x = np.load(ROOT / "models" / "fashion_mnist_test.npz")["input"][:batch]
+    scale_format = "u8" if args.scale_format in U8_LEVELS else args.scale_format
     with tempfile.TemporaryDirectory() as folder, _converter_u8_levels(U8_LEVELS.get(args.scale_format)):
-        models = {"fp32": source}
-        for n in ns:
-            for fmt in ("qdq", "custom"):
-                path = pathlib.Path(folder) / f"{fmt}{n}.onnx"
-                fgq_onnx.save(fgq_onnx.convert(source, n=n, format=fgq_onnx.OutputFormat(fmt), calib=ROOT / "models" / "calib",
-                                               scale_format="u8" if args.scale_format in U8_LEVELS else args.scale_format).model, path)
-                models[f"{fmt} N={n}"] = path
-        for variant, path in models.items():
-            model = onnx.load(str(path))
-            for threads in threads_list:
-                _, times = timed(session(model, threads), {"input": x}, args.repeat, args.min_seconds)
-                med = float(np.median(times))
-                row = dict(case="model fashion_mnist", variant=variant, threads=threads, batch=batch,
-                           us=med * 1e6, us_min=float(np.min(times)) * 1e6, us_max=float(np.max(times)) * 1e6, gops=0.0)
-                rows.append(row)
-                print_row(row)
+        folder = pathlib.Path(folder)
+        for name, source, feed, calib, settings in whole_models(folder):
+            models = {"fp32": source}
+            for n in ns:
+                for fmt in ("qdq", "custom"):
+                    path = folder / f"{name}_{fmt}{n}.onnx"
+                    conversion = fgq_onnx.convert(source, n=n, format=fgq_onnx.OutputFormat(fmt), calib=calib, scale_format=scale_format, **settings)
+                    fgq_onnx.save(conversion.model, path)
+                    models[f"{fmt} N={n}"] = path
+            batch = len(feed["input"])
+            for variant, path in models.items():
+                model = onnx.load(str(path))
+                for threads in threads_list:
+                    _, times = timed(session(model, threads), feed, args.repeat, args.min_seconds)
+                    row = dict(case=f"model {name}", variant=variant, threads=threads, batch=batch, us=float(np.median(times)) * 1e6,
+                               us_min=float(np.min(times)) * 1e6, us_max=float(np.max(times)) * 1e6, gops=0.0)
+                    rows.append(row)
+                    print_row(row)
 
 
 def print_row(row):
@@ -421,13 +439,14 @@ def summarize(rows) -> list[str]:
                     if tr and c8 and c32:
                         lines.append(f"t={t} {case} b={b} {variant}: vs int8 {ratio(c8, tr, 'us')}, "
                                      f"vs fp32 {ratio(c32, tr, 'us')} (targets >= 1x, >= 3x)")
-        base = next((r for r in rows if r["case"].startswith("model") and r["variant"] == "fp32" and r["threads"] == t), None)
-        model_ns = {int(r["variant"].split("=")[1]) for r in rows if r["case"].startswith("model") and "=" in r["variant"]}
-        for n in sorted(model_ns) if base else ():
-            qdq, custom = find(base["case"], f"qdq N={n}", t), find(base["case"], f"custom N={n}", t)
-            if qdq and custom:
-                lines.append(f"t={t} whole model N={n}: custom vs qdq {ratio(qdq, custom, 'us')}, "
-                             f"vs fp32 {ratio(base, custom, 'us')} (targets > 1x, >= 3x)")
+        for case in sorted({r["case"] for r in rows if r["case"].startswith("model")}):
+            base = find(case, "fp32", t)
+            model_ns = {int(r["variant"].split("=")[1]) for r in rows if r["case"] == case and "=" in r["variant"]}
+            for n in sorted(model_ns) if base else ():
+                qdq, custom = find(case, f"qdq N={n}", t), find(case, f"custom N={n}", t)
+                if qdq and custom:
+                    lines.append(f"t={t} {case} N={n}: custom vs qdq {ratio(qdq, custom, 'us')}, "
+                                 f"vs fp32 {ratio(base, custom, 'us')} (targets > 1x, >= 3x)")
     return lines
 
 
