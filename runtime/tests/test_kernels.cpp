@@ -241,7 +241,7 @@ void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
   for (int64_t n : ns)
     for (int64_t k : ks)
       for (int st = 0; st < 4; ++st) {  // f32, f16, u8, u8 codes <= 127 (one folded plane)
-        const int64_t M = 1 + static_cast<int64_t>(rng() % 11), B = 1 + static_cast<int64_t>(rng() % 9);
+        const int64_t M = 1 + static_cast<int64_t>(rng() % 80), B = 1 + static_cast<int64_t>(rng() % 9);  // M >= 64: four-panel blocks
         const fgq::ReductionLayout layout{1, k, n};
         const int64_t G = layout.groups(), row_bytes = (G * n + 3) / 4;
         std::vector<uint8_t> packed(static_cast<size_t>(M * row_bytes), 0);
@@ -340,6 +340,23 @@ void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
             ia.y = yi.data();
             d->gemm(ia);
             EXPECT(yi == yf, "%s: folded gemm from in-place segments n=%ld k=%ld", d->name, (long)n, (long)k);
+            // ... and written transposed (y_stride_b = 1, as Conv writes), accumulating, rows [1, M - 1)
+            std::vector<float> yt(y_ref.size(), 1.f);
+            fgq::GemmArgs ta = ia;
+            ta.y = yt.data();
+            ta.y_stride_b = 1;
+            ta.y_stride_m = B;
+            ta.accumulate = true;
+            ta.m_begin = M > 2 ? 1 : 0;
+            ta.m_end = M > 2 ? M - 1 : M;
+            d->gemm(ta);
+            for (int64_t b = 0; b < B; ++b)
+              for (int64_t m = 0; m < M; ++m) {
+                const bool in_range = m >= ta.m_begin && m < ta.m_end;
+                const float want = in_range ? yf[static_cast<size_t>(b * M + m)] + 1.f : 1.f;
+                EXPECT(std::fabs(yt[static_cast<size_t>(m * B + b)] - want) <= 1e-5f * (1.f + std::fabs(want)),
+                       "%s: folded transposed accumulate m=%ld b=%ld", d->name, (long)m, (long)b);
+              }
             ++folded_cases;
           }
           {  // transposed output (y_stride_b = 1, as Conv writes) with accumulate

@@ -91,6 +91,50 @@ void block(const KernelWeights& w, int64_t quad0, const GemmArgs& a, int64_t b0,
     for (int c = 0; c < C; ++c) out[q][c] = _mm512_mul_ps(accf[q][c], factors);
 }
 
+// r[i] lane j <-> r[j] lane i (128-bit lanes).
+inline void transpose_lanes(__m512i r[4]) {
+  const __m512i t0 = _mm512_shuffle_i32x4(r[0], r[1], 0x44), t1 = _mm512_shuffle_i32x4(r[0], r[1], 0xEE);
+  const __m512i t2 = _mm512_shuffle_i32x4(r[2], r[3], 0x44), t3 = _mm512_shuffle_i32x4(r[2], r[3], 0xEE);
+  r[0] = _mm512_shuffle_i32x4(t0, t2, 0x88);
+  r[1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
+  r[2] = _mm512_shuffle_i32x4(t1, t3, 0x88);
+  r[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
+}
+
+// block<ST, 4, 1> for the four quads of one code block (quad0 % 4 == 0): a step's 64
+// code bytes are one plain load, masked per row i (lane q: quad q), so no code bytes
+// are broadcast; the sums go back to block's lanes once per super-group.
+template <ScaleType ST>
+void block_line(const KernelWeights& w, int64_t quad0, const GemmArgs& a, int64_t b0, __m512 out[4][1]) {
+  const int64_t steps = w.steps(), supers = w.super_groups(), stride = steps * 16;
+  const size_t sstride = 16 * scale_size(w.scale_type);
+  const uint8_t* codes = w.quad_codes(quad0);
+  const int8_t* x = a.x + b0 * a.x_stride;
+  const int32_t* gs = a.gsum + b0 * a.s_stride;
+  const __m512i shifts = lane_shifts();
+  __m512i row_mask[4];
+  for (int i = 0; i < 4; ++i) row_mask[i] = _mm512_set1_epi8(static_cast<char>(3 << (2 * i)));
+  __m512 accf[4];
+  for (int q = 0; q < 4; ++q) accf[q] = _mm512_setzero_ps();
+  for (int64_t sg = 0; sg < supers; ++sg) {
+    __m512i acc[4];
+    for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < steps; ++k) {
+      const __m512i xb = bcast16(x + sg * stride + 16 * k);
+      const __m512i line = _mm512_loadu_si512(codes + (sg * steps + k) * KernelWeights::kCodeStride);
+      for (int i = 0; i < 4; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_and_si512(line, row_mask[i]), xb);
+    }
+    transpose_lanes(acc);  // acc[q] lane 4i + gq, as in block
+    const __m512i sv = _mm512_sllv_epi32(bcast16(gs + 4 * sg), shifts);
+    for (int q = 0; q < 4; ++q) {
+      const __m512 sc = load16<ST>(w.quad_scales(quad0 + q) + sg * sstride);
+      accf[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[q], sv)), sc, accf[q]);
+    }
+  }
+  const __m512 factors = lane_factors();
+  for (int q = 0; q < 4; ++q) out[q][0] = _mm512_mul_ps(accf[q], factors);
+}
+
 // Per 128-bit lane: [sum(a), sum(b), sum(c), sum(d)] of the lane's four floats.
 inline __m512 lane_sums4(__m512 a, __m512 b, __m512 c, __m512 d) {
   const __m512 ab = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD));
@@ -102,7 +146,12 @@ template <ScaleType ST, int Q, int C>
 inline void block_store(const GemmArgs& a, int64_t quad0, int64_t b0) {
   const KernelWeights& w = *a.w;
   __m512 out[Q][C];
-  block<ST, Q, C>(w, quad0, a, b0, out);
+  if constexpr (Q == 4 && C == 1) {
+    if (quad0 % 4 == 0) block_line<ST>(w, quad0, a, b0, out);
+    else block<ST, Q, C>(w, quad0, a, b0, out);
+  } else {
+    block<ST, Q, C>(w, quad0, a, b0, out);
+  }
   if (C == 4) {  // four activation rows: reduce and finish 4 rows x 4 columns at once
     const __m512i row_of_lane = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     for (int q = 0; q < Q; ++q) {
@@ -142,6 +191,38 @@ inline void block_store(const GemmArgs& a, int64_t quad0, int64_t b0) {
       const float sums[4] = {lanes[0], lanes[4], lanes[8], lanes[12]};
       store_quad_impl(a, quad0 + q, b0 + c, sums);
     }
+}
+
+// v[c] lane i is row i, column c: rows lo..hi-1 go to y + i * stride, 8 columns each.
+// Three shuffle rounds leave t[k] = [row k | row 4 + k] and t[4 + k] = [row 8 + k | row 12 + k].
+inline void store_rows8(const __m512 v[8], float* y, int64_t stride, int64_t lo, int64_t hi, bool accumulate) {
+  __m512 u[8], t[8];
+  for (int p = 0; p < 4; ++p) {
+    u[2 * p] = _mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]);
+    u[2 * p + 1] = _mm512_unpackhi_ps(v[2 * p], v[2 * p + 1]);
+  }
+  // lane L of t[k] (k < 4): row 4L + k, columns 0-3; of t[4 + k]: columns 4-7
+  for (int h = 0; h < 2; ++h) {
+    t[4 * h + 0] = _mm512_shuffle_ps(u[4 * h], u[4 * h + 2], 0x44);
+    t[4 * h + 1] = _mm512_shuffle_ps(u[4 * h], u[4 * h + 2], 0xEE);
+    t[4 * h + 2] = _mm512_shuffle_ps(u[4 * h + 1], u[4 * h + 3], 0x44);
+    t[4 * h + 3] = _mm512_shuffle_ps(u[4 * h + 1], u[4 * h + 3], 0xEE);
+  }
+  const __m512i low = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i high = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  for (int k = 0; k < 4; ++k) {
+    const __m512 pair[2] = {_mm512_permutex2var_ps(t[k], low, t[4 + k]), _mm512_permutex2var_ps(t[k], high, t[4 + k])};
+    for (int j = 0; j < 4; ++j) {  // rows k, 4 + k, 8 + k, 12 + k
+      const int64_t i = 4 * j + k;
+      if (i < lo || i >= hi) continue;
+      // row i is the low or high half of pair[j / 2]: a masked store at y_i - 8 writes the high half to y_i
+      const __mmask16 half = j % 2 ? 0xFF00 : 0x00FF;
+      float* at = y + i * stride - (j % 2 ? 8 : 0);
+      __m512 r = pair[j / 2];
+      if (accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(half, at));
+      _mm512_mask_storeu_ps(at, half, r);
+    }
+  }
 }
 
 // The folded form (KernelWeights::folded): one panel of 16 rows x C natural unsigned
@@ -184,6 +265,7 @@ void folded_block(const GemmArgs& a, int64_t panel, int64_t b0) {
   const __m512 offset_term = _mm512_mul_ps(_mm512_set1_ps(a.offset), ro), scale = _mm512_set1_ps(a.scale);
   const int64_t lo = std::max<int64_t>(a.m_begin - m0, 0), hi = std::min<int64_t>(a.m_end - m0, 16);
   const __mmask16 rows = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+  __m512 vs[8];
   for (int c = 0; c < C; ++c) {
     __m512i total = acc[0][c];
     if (P == 2) total = _mm512_add_epi32(total, _mm512_slli_epi32(acc[1][c], 7));
@@ -193,6 +275,9 @@ void folded_block(const GemmArgs& a, int64_t panel, int64_t b0) {
     if (a.y_stride_m == 1) {
       if (a.accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(rows, y));
       _mm512_mask_storeu_ps(y, rows, v);
+    } else if (C == 8 && a.y_stride_b == 1) {  // rows of 8 contiguous columns (a convolution's NCHW output)
+      vs[c] = v;
+      if (c == C - 1) store_rows8(vs, a.y + b0 + m0 * a.y_stride_m, a.y_stride_m, lo, hi, a.accumulate);
     } else {
       alignas(64) float lanes[16];
       _mm512_store_ps(lanes, v);
