@@ -354,75 +354,71 @@ void group_dots(const KernelWeights& w, int64_t m, const int8_t* x, const int32_
   }
 }
 
-// quantize_one on 16 floats (same clamps and round-half-even), the levels as 16 bytes.
+// quantize_one on 16 floats: the levels' low bytes as int32. The float clamp is to the
+// integer bounds themselves, so the rounded level needs no second clamp.
 struct Quantizer {
   __m512 scale, hi, lo;
-  __m512i zero, qmin, qmax, shift;
+  __m512i offset;
   explicit Quantizer(const ActQuant& q)
       : scale(_mm512_set1_ps(q.scale)),
-        hi(_mm512_set1_ps(static_cast<float>(q.qmax - q.zero_point) + 1.f)),
-        lo(_mm512_set1_ps(static_cast<float>(q.qmin - q.zero_point) - 1.f)),
-        zero(_mm512_set1_epi32(q.zero_point)),
-        qmin(_mm512_set1_epi32(q.qmin)),
-        qmax(_mm512_set1_epi32(q.qmax)),
-        shift(_mm512_set1_epi32(q.shift)) {}
-  __m128i operator()(__m512 x) const {
+        hi(_mm512_set1_ps(static_cast<float>(q.qmax - q.zero_point))),
+        lo(_mm512_set1_ps(static_cast<float>(q.qmin - q.zero_point))),
+        offset(_mm512_set1_epi32(q.zero_point - q.shift)) {}
+  __m512i operator()(__m512 x) const {
     __m512 v = _mm512_div_ps(x, scale);
     v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN -> 0
     v = _mm512_max_ps(_mm512_min_ps(v, hi), lo);
-    __m512i level = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zero);
-    level = _mm512_min_epi32(_mm512_max_epi32(level, qmin), qmax);
-    return _mm512_cvtepi32_epi8(_mm512_sub_epi32(level, shift));  // keeps the low byte
+    const __m512i level = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_and_si512(_mm512_add_epi32(level, offset), _mm512_set1_epi32(0xFF));  // the byte, 0..255
   }
 };
 
-// 16 x 16 bytes: r[i] byte j <- r[j] byte i (four rounds of interleaves).
-inline void transpose16x16(__m128i r[16]) {
-  __m128i t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
-    t[i + 8] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm_unpacklo_epi16(t[2 * i], t[2 * i + 1]);
-    r[i + 8] = _mm_unpackhi_epi16(t[2 * i], t[2 * i + 1]);
-  }
-  for (int i = 0; i < 8; ++i) {
-    t[i] = _mm_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[i + 8] = _mm_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm_unpacklo_epi64(t[2 * i], t[2 * i + 1]);
-    r[i + 8] = _mm_unpackhi_epi64(t[2 * i], t[2 * i + 1]);
-  }
+// Four channels' 16 levels each (int32, 0..255) -> lane L holds pixels 4L..4L+3, each
+// as the four channels' bytes: two unsigned packs, then a 4 x 4 byte transpose per lane.
+inline __m512i pack_pixels4(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i bytes = _mm512_packus_epi16(_mm512_packus_epi32(a, b), _mm512_packus_epi32(c, d));
+  const __m512i by_pixel = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+  return _mm512_shuffle_epi8(bytes, by_pixel);
 }
 
-// Tiles of 16 channels x 16 pixels: quantized per channel, transposed in registers.
+// Tiles of 16 channels x 16 pixels: quantized per channel, turned pixel-major in registers.
 void quantize_transposed_tiles(const float* src, int64_t channels, int64_t pixels, int64_t channel_stride, const ActQuant& q,
                          int8_t* out, int64_t pixel_stride) {
-  // After the four interleave rounds, row i holds pixel kPixelOf[i] (a bit reversal).
-  static constexpr int kPixelOf[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
   constexpr int64_t kAhead = 64;  // floats: one stream per channel is more than the hardware prefetcher follows
   const Quantizer quantize16(q);
-  for (int64_t p0 = 0; p0 < pixels; p0 += 16) {
-    const int64_t np = std::min<int64_t>(16, pixels - p0);
-    const __mmask16 pmask = static_cast<__mmask16>((1u << np) - 1);
-    for (int64_t c0 = 0; c0 < channels; c0 += 16) {
-      const int64_t nc = std::min<int64_t>(16, channels - c0);
-      __m128i r[16];
-      for (int c = 0; c < 16; ++c) {
-        if (c >= nc) {
-          r[c] = _mm_setzero_si128();
-          continue;
+  for (int64_t c0 = 0; c0 < channels; c0 += 16) {
+    const int64_t nc = std::min<int64_t>(16, channels - c0);
+    for (int64_t p0 = 0; p0 < pixels; p0 += 16) {
+      const int64_t np = std::min<int64_t>(16, pixels - p0);
+      const __mmask16 pmask = static_cast<__mmask16>((1u << np) - 1);
+      __m512i z[4];  // z[g] dword (lane L, i): pixel 4L + i, channels 4g..4g+3
+      for (int g = 0; g < 4; ++g) {
+        __m512i lv[4];
+        for (int j = 0; j < 4; ++j) {
+          const int64_t c = 4 * g + j;
+          if (c >= nc) {
+            lv[j] = _mm512_setzero_si512();
+            continue;
+          }
+          const float* at = src + (c0 + c) * channel_stride + p0;
+          if (p0 + kAhead < pixels) _mm_prefetch(reinterpret_cast<const char*>(at + kAhead), _MM_HINT_T0);
+          lv[j] = quantize16(_mm512_maskz_loadu_ps(pmask, at));
         }
-        const float* at = src + (c0 + c) * channel_stride + p0;
-        if (p0 + kAhead < pixels) _mm_prefetch(reinterpret_cast<const char*>(at + kAhead), _MM_HINT_T0);
-        r[c] = quantize16(_mm512_maskz_loadu_ps(pmask, at));
+        z[g] = pack_pixels4(lv[0], lv[1], lv[2], lv[3]);
       }
-      transpose16x16(r);
+      // 4 x 4 dword transpose per lane: w[i] lane L = pixel 4L + i, channels 0..15
+      const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+      const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+      const __m512i w[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                            _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
       const __mmask16 cmask = static_cast<__mmask16>((1u << nc) - 1);
-      for (int i = 0; i < 16; ++i)
-        if (kPixelOf[i] < np) _mm_mask_storeu_epi8(out + (p0 + kPixelOf[i]) * pixel_stride + c0, cmask, r[i]);
+      int8_t* at = out + p0 * pixel_stride + c0;
+      for (int i = 0; i < 4; ++i) {
+        const __m128i lanes[4] = {_mm512_castsi512_si128(w[i]), _mm512_extracti32x4_epi32(w[i], 1),
+                                  _mm512_extracti32x4_epi32(w[i], 2), _mm512_extracti32x4_epi32(w[i], 3)};
+        for (int L = 0; L < 4; ++L)
+          if (4 * L + i < np) _mm_mask_storeu_epi8(at + (4 * L + i) * pixel_stride, cmask, lanes[L]);
+      }
     }
   }
 }
