@@ -17,23 +17,31 @@ namespace fgq {
 namespace ort {
 
 namespace {
-// A run of kernel positions [dst, dst + len) holding channels [c0, c0 + len)
-// of the input pixel at kernel offset (r, s), or group padding (r = kPadding).
+// A run of kernel positions [dst, dst + len) that lie next to each other in the image:
+// channels [c0, c0 + len) at kernel offset (r, s) (NHWC), or kernel columns
+// [s, s + len) of channel c0 at kernel row r (planar); or group padding (r = kPadding).
 struct Run {
   int64_t dst, r, s, c0, len;
 };
 constexpr int64_t kPadding = -1;
 
-bool extends(const Run& last, const Run& next) {
-  return last.r == next.r && last.s == next.s && last.dst + last.len == next.dst &&
-         (next.r == kPadding || last.c0 + last.len == next.c0);
+// Planar runs join kernel columns only without dilation (column_step 1).
+bool extends(const Run& last, const Run& next, bool planar, int64_t column_step) {
+  if (last.r != next.r || last.dst + last.len != next.dst) return false;
+  if (next.r == kPadding) return true;
+  if (planar) return column_step == 1 && last.c0 == next.c0 && last.s + last.len == next.s;
+  return last.s == next.s && last.c0 + last.len == next.c0;
 }
 
-// Where one image lies in the padded NHWC buffer.
+// Where one image lies in the padded buffer: NHWC, or planar (CHW) when few channels
+// make a kernel position's neighbours the next kernel column, not the next channel.
 struct Image {
   int8_t* data;
-  int64_t width, channels;  // padded width, all channels
-  int8_t* pixel(int64_t h, int64_t w) const { return data + (h * width + w) * channels; }
+  int64_t height, width, channels;  // padded height and width, all channels
+  bool planar;
+  int8_t* at(int64_t h, int64_t w, int64_t c) const {
+    return planar ? data + (c * height + h) * width + w : data + (h * width + w) * channels + c;
+  }
 };
 }  // namespace
 
@@ -93,7 +101,7 @@ class ConvKernel : public TernaryKernelBase {
       Run next{p, kPadding, 0, 0, 1};
       if (idx >= 0 && segmented_) next = Run{p, idx / cg_ / s_, idx / cg_ % s_, idx % cg_, 1};
       if (idx >= 0 && !segmented_) next = Run{p, idx / s_ % r_, idx % s_, idx / rs, 1};
-      if (!runs_.empty() && extends(runs_.back(), next))
+      if (!runs_.empty() && extends(runs_.back(), next, planar(), dilations_[1]))
         ++runs_.back().len;
       else
         runs_.push_back(next);
@@ -175,9 +183,11 @@ class ConvKernel : public TernaryKernelBase {
     thread_local ScratchBuffer<int8_t> image_buffer, rows_buffer;
     thread_local ScratchBuffer<int32_t> gsum_buffer;
     const int64_t P = geo.OH * geo.OW;
-    // Slack: in-place segments read up to 3 bytes past the last pixel's channels.
+    // Slack: in-place segments read up to 3 bytes past the last pixel's channels, gather's
+    // short runs up to 15.
     const int64_t image_bytes = checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), geo.C, "input");
-    const Image image{image_buffer.get(checked_add(image_bytes, positions_, "input")), geo.padded_w, geo.C};
+    const Image image{image_buffer.get(checked_add(image_bytes, positions_ + 16, "input")), geo.padded_h, geo.padded_w,
+                      geo.C, planar()};
     fill_border(geo, static_cast<int8_t>(qi.zero_point - qi.shift), image);
     quantize_image(ctx, x, n, qi, geo, image);
     int64_t group_step;  // x advance from one group's rows to the next
@@ -208,16 +218,29 @@ class ConvKernel : public TernaryKernelBase {
 
   // The border of the padded image: the level of 0.0 (the interior is rewritten per image).
   void fill_border(const Geometry& geo, int8_t zero, const Image& image) const {
-    const int64_t C = geo.C, row = geo.padded_w * C;
-    std::memset(image.data, zero, static_cast<size_t>(pads_[0] * row));
-    std::memset(image.data + (pads_[0] + geo.H) * row, zero, static_cast<size_t>(pads_[2] * row));
-    for (int64_t h = pads_[0]; h < pads_[0] + geo.H; ++h) {
-      std::memset(image.data + h * row, zero, static_cast<size_t>(pads_[1] * C));
-      std::memset(image.data + h * row + (pads_[1] + geo.W) * C, zero, static_cast<size_t>(pads_[3] * C));
+    const int64_t planes = image.planar ? geo.C : 1, C = image.planar ? 1 : geo.C, row = geo.padded_w * C;
+    for (int64_t plane = 0; plane < planes; ++plane) {
+      int8_t* data = image.at(0, 0, image.planar ? plane : 0);
+      std::memset(data, zero, static_cast<size_t>(pads_[0] * row));
+      std::memset(data + (pads_[0] + geo.H) * row, zero, static_cast<size_t>(pads_[2] * row));
+      for (int64_t h = pads_[0]; h < pads_[0] + geo.H; ++h) {
+        std::memset(data + h * row, zero, static_cast<size_t>(pads_[1] * C));
+        std::memset(data + h * row + (pads_[1] + geo.W) * C, zero, static_cast<size_t>(pads_[3] * C));
+      }
     }
   }
 
-  // Image n of x quantized into the interior of the padded NHWC image, in blocks of rows.
+  // `count` values of x from element `src` quantized into dst (one planar image row).
+  void quantize_values(const Tensor& x, int64_t src, int64_t count, const ActQuant& q, int8_t* dst) const {
+    if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+      dispatch_->quantize(x.as<float>() + src, count, q, dst);
+      return;
+    }
+    for (int64_t i = 0; i < count; ++i)
+      dst[i] = requantize_one(x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? x.as<uint8_t>()[src + i] : x.as<int8_t>()[src + i], q);
+  }
+
+  // Image n of x quantized into the interior of the padded image, in blocks of rows.
   void quantize_image(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& q, const Geometry& geo,
                       const Image& image) const {
     const int64_t C = geo.C, H = geo.H, W = geo.W, HW = H * W;
@@ -228,7 +251,11 @@ class ConvKernel : public TernaryKernelBase {
       const int64_t h0 = static_cast<int64_t>(t) * rows_per_task, h1 = std::min(H, h0 + rows_per_task);
       for (int64_t h = h0; h < h1; h += contiguous ? h1 - h0 : 1) {
         const int64_t pixels = contiguous ? (h1 - h0) * W : W, src = n * C * HW + h * W;
-        int8_t* dst = image.pixel(h + pads_[0], pads_[1]);
+        if (image.planar) {
+          for (int64_t c = 0; c < C; ++c) quantize_values(x, src + c * HW, pixels, q, image.at(h + pads_[0], pads_[1], c));
+          continue;
+        }
+        int8_t* dst = image.at(h + pads_[0], pads_[1], 0);
         if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
           dispatch_->quantize_transposed(x.as<float>() + src, C, pixels, HW, q, dst, C);
           continue;
@@ -260,12 +287,19 @@ class ConvKernel : public TernaryKernelBase {
         int8_t* out = rows + (g * P + pix) * Kp;
         int8_t* dst = natural ? out : row.data();
         for (const Run& run : runs_) {
-          if (run.r == kPadding) {
-            std::memset(dst + run.dst, 0, static_cast<size_t>(run.len));  // meets zero weights
+          // Short runs (a few channels: the stem) as one 16-byte copy; the runs ascend, so the
+          // next one overwrites the tail. The row's last 16 bytes take exact copies.
+          const bool wide = run.len <= 16 && run.dst + 16 <= Kp;
+          int8_t* to = dst + run.dst;
+          if (run.r == kPadding) {  // meets zero weights
+            if (wide) std::memset(to, 0, 16);
+            else std::memset(to, 0, static_cast<size_t>(run.len));
             continue;
           }
-          const int8_t* src = image.pixel(oh * strides_[0] + run.r * dilations_[0], ow * strides_[1] + run.s * dilations_[1]);
-          std::memcpy(dst + run.dst, src + g * cg_ + run.c0, static_cast<size_t>(run.len));
+          const int8_t* from =
+              image.at(oh * strides_[0] + run.r * dilations_[0], ow * strides_[1] + run.s * dilations_[1], g * cg_ + run.c0);
+          if (wide) std::memcpy(to, from, 16);
+          else std::memcpy(to, from, static_cast<size_t>(run.len));
         }
         if (!natural) dispatch_->kernel_order(dst, w.np, Gp, out, gsum + (g * P + pix) * Gp);
       }
@@ -312,6 +346,8 @@ class ConvKernel : public TernaryKernelBase {
  private:
   int64_t m_ = 0, cg_ = 0, r_ = 0, s_ = 0, group_ = 1, relu_ = 0, positions_ = 0;
   bool segmented_ = true;
+  // Fewer channels a group than N: groups run along kernel rows, so the image is planar.
+  bool planar() const { return !segmented_; }
   std::vector<int64_t> strides_, dilations_, pads_;
   std::vector<Run> runs_;
 };
