@@ -224,17 +224,25 @@ def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def timed(sess: ort.InferenceSession, feed, repeat: int, min_seconds: float) -> tuple[np.ndarray, list[float]]:
-    out = None
-    for _ in range(3):
-        out = sess.run(None, feed)[0]
-    times = []
-    start = time.perf_counter()
-    while len(times) < repeat or (time.perf_counter() - start < min_seconds and len(times) < 200):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return out, times
+def timed(cases, repeat: int, min_seconds: float, rounds: int = 1) -> list[tuple[np.ndarray, list[float]]]:
+    """(output, run times) of each (session, feed) in `cases`. With several rounds the cases
+    take turns, each round a share of the runs, so that a slow spell of a shared machine
+    falls on every variant of a comparison alike."""
+    outs = []
+    for sess, feed in cases:
+        for _ in range(2):
+            sess.run(None, feed)
+        outs.append(sess.run(None, feed)[0])
+    times = [[] for _ in cases]
+    for _ in range(rounds):
+        for (sess, feed), spent in zip(cases, times):
+            start, runs = time.perf_counter(), len(spent)
+            while (len(spent) - runs < -(-repeat // rounds)
+                   or (time.perf_counter() - start < min_seconds / rounds and len(spent) - runs < 200 // rounds)):
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                spent.append(time.perf_counter() - t0)
+    return list(zip(outs, times))
 
 
 def rel_err(y, ref) -> float:
@@ -248,7 +256,7 @@ def dram_bandwidth(threads: int) -> float:
                    [helper.make_tensor_value_info("X", TensorProto.FLOAT, [count])],
                    [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], [])
     x = np.ones(count, np.float32)
-    _, times = timed(session(model, threads), {"X": x}, 5, 0.5)
+    [(_, times)] = timed([(session(model, threads), {"X": x})], 5, 0.5)
     return x.nbytes / float(np.min(times)) / 1e9
 
 
@@ -265,6 +273,7 @@ def bench_matmul(name, batch, layers, variants, threads_list, args, rows):
     weights = [(rng.normal(size=(k, m)) / np.sqrt(k)).astype(np.float32) for _ in range(layers)]
     x = rng.uniform(-1, 1, size=(batch, k)).astype(np.float32)
     ref = x.astype(np.float64) @ weights[0]  # accuracy: first layer only (errors compound along a chain)
+    cases = []  # (variant, threads, session, weight bytes, error, kernel error)
     for variant in variants:
         one_layer, _, one_check = matmul_chain(variant, weights[:1], batch, args.scale_format)
         y1 = session(one_layer, 1).run(None, {"X": x})[0]
@@ -273,21 +282,21 @@ def bench_matmul(name, batch, layers, variants, threads_list, args, rows):
         if one_check is not None:
             kernel_err = rel_err(y1, quantize_input(x, 4.0 / 127) @ one_check[0].T.astype(np.float64))
         model, wbytes, _ = matmul_chain(variant, weights, batch, args.scale_format)
-        for threads in threads_list:
-            sess = session(model, threads)
-            y, times = timed(sess, {"X": x}, args.repeat, args.min_seconds)
-            per_layer = float(np.median(times)) / layers
-            row = dict(case=name, variant=variant, threads=threads, batch=batch, layers=layers,
-                       us_per_layer=per_layer * 1e6, us_min=float(np.min(times)) / layers * 1e6,
-                       us_max=float(np.max(times)) / layers * 1e6, gops=2 * batch * k * m / per_layer / 1e9,
-                       weight_bytes=int(wbytes), bytes_per_weight=wbytes / (k * m), rel_err=error,
-                       kernel_err=kernel_err)
-            if batch == 1 and args.bandwidth.get(threads):
-                row["roofline_us"] = wbytes / (args.bandwidth[threads] * 1e9) * 1e6
-                row["x_roofline"] = row["us_per_layer"] / row["roofline_us"]
-            rows.append(row)
-            print_row(row)
+        cases += [(variant, threads, session(model, threads), wbytes, error, kernel_err) for threads in threads_list]
         del model
+    results = timed([(c[2], {"X": x}) for c in cases], args.repeat, args.min_seconds, args.rounds)
+    for (variant, threads, _, wbytes, error, kernel_err), (_, times) in zip(cases, results):
+        per_layer = float(np.median(times)) / layers
+        row = dict(case=name, variant=variant, threads=threads, batch=batch, layers=layers,
+                   us_per_layer=per_layer * 1e6, us_min=float(np.min(times)) / layers * 1e6,
+                   us_max=float(np.max(times)) / layers * 1e6, gops=2 * batch * k * m / per_layer / 1e9,
+                   weight_bytes=int(wbytes), bytes_per_weight=wbytes / (k * m), rel_err=error,
+                   kernel_err=kernel_err)
+        if batch == 1 and args.bandwidth.get(threads):
+            row["roofline_us"] = wbytes / (args.bandwidth[threads] * 1e9) * 1e6
+            row["x_roofline"] = row["us_per_layer"] / row["roofline_us"]
+        rows.append(row)
+        print_row(row)
 
 
 RESNET50_CONVS = [  # (C_in, C_out, kernel, stride, H=W of the input)
@@ -307,28 +316,26 @@ def bench_conv(variants, threads_list, args, rows, batches=(1, 8)):
         pad = ksz // 2
         for batch in batches:
             x = np.maximum(rng.normal(size=(batch, c, hw, hw)), -1).astype(np.float32)
-            ref = None
-            for variant in variants:
+            cases = []  # (variant, threads, session, dequantized weights)
+            for variant in variants:  # fp32 first: the reference
                 model, check = conv_model(variant, w, x.shape, stride, pad, args.scale_format)
-                for threads in threads_list:
-                    sess = session(model, threads)
-                    y, times = timed(sess, {"X": x}, args.repeat, args.min_seconds)
-                    if variant == "fp32" and ref is None:
-                        ref = y.astype(np.float64)
-                    kernel_err = None
-                    if check is not None:
-                        want = session(conv_model("fp32", check, x.shape, stride, pad, args.scale_format)[0], threads).run(
-                            None, {"X": quantize_input(x, 4.0 / 127).astype(np.float32)})[0]
-                        kernel_err = rel_err(y, want.astype(np.float64))
-                    med = float(np.median(times))
-                    out_hw = (hw + 2 * pad - ksz) // stride + 1
-                    macs = batch * m * c * ksz * ksz * out_hw * out_hw
-                    row = dict(case=f"conv{ksz}x{ksz} {c}->{m} @{hw}", variant=variant, threads=threads, batch=batch,
-                               us=med * 1e6, us_min=float(np.min(times)) * 1e6, us_max=float(np.max(times)) * 1e6,
-                               gops=2 * macs / med / 1e9, rel_err=rel_err(y, ref) if ref is not None else None,
-                               kernel_err=kernel_err)
-                    rows.append(row)
-                    print_row(row)
+                cases += [(variant, threads, session(model, threads), check) for threads in threads_list]
+            results = timed([(c[2], {"X": x}) for c in cases], args.repeat, args.min_seconds, args.rounds)
+            ref = results[0][0].astype(np.float64)
+            for (variant, threads, _, check), (y, times) in zip(cases, results):
+                kernel_err = None
+                if check is not None:
+                    want = session(conv_model("fp32", check, x.shape, stride, pad, args.scale_format)[0], threads).run(
+                        None, {"X": quantize_input(x, 4.0 / 127).astype(np.float32)})[0]
+                    kernel_err = rel_err(y, want.astype(np.float64))
+                med = float(np.median(times))
+                out_hw = (hw + 2 * pad - ksz) // stride + 1
+                macs = batch * m * c * ksz * ksz * out_hw * out_hw
+                row = dict(case=f"conv{ksz}x{ksz} {c}->{m} @{hw}", variant=variant, threads=threads, batch=batch,
+                           us=med * 1e6, us_min=float(np.min(times)) * 1e6, us_max=float(np.max(times)) * 1e6,
+                           gops=2 * macs / med / 1e9, rel_err=rel_err(y, ref), kernel_err=kernel_err)
+                rows.append(row)
+                print_row(row)
 
 
 @contextlib.contextmanager
@@ -377,14 +384,14 @@ def bench_model(threads_list, args, rows, ns=(4, 16)):
                     fgq_onnx.save(conversion.model, path)
                     models[f"{fmt} N={n}"] = path
             batch = len(feed["input"])
-            for variant, path in models.items():
-                model = onnx.load(str(path))
-                for threads in threads_list:
-                    _, times = timed(session(model, threads), feed, args.repeat, args.min_seconds)
-                    row = dict(case=f"model {name}", variant=variant, threads=threads, batch=batch, us=float(np.median(times)) * 1e6,
-                               us_min=float(np.min(times)) * 1e6, us_max=float(np.max(times)) * 1e6, gops=0.0)
-                    rows.append(row)
-                    print_row(row)
+            cases = [(variant, threads, session(onnx.load(str(path)), threads))
+                     for variant, path in models.items() for threads in threads_list]
+            results = timed([(c[2], feed) for c in cases], args.repeat, args.min_seconds, args.rounds)
+            for (variant, threads, _), (_, times) in zip(cases, results):
+                row = dict(case=f"model {name}", variant=variant, threads=threads, batch=batch, us=float(np.median(times)) * 1e6,
+                           us_min=float(np.min(times)) * 1e6, us_max=float(np.max(times)) * 1e6, gops=0.0)
+                rows.append(row)
+                print_row(row)
 
 
 def print_row(row):
@@ -455,6 +462,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--cases", nargs="+", default=["gemv", "gemm", "conv", "model"], choices=["gemv", "gemm", "conv", "model"])
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="the variants of a case take turns this many times")
     parser.add_argument("--min-seconds", type=float, default=1.0)
     parser.add_argument("--layers", type=int, default=12, help="chained layers for the batch-1 case")
     parser.add_argument("--conv-limit", type=int, default=len(RESNET50_CONVS), help="first K ResNet-50 conv shapes")
