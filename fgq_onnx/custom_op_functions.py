@@ -159,6 +159,11 @@ def _attr_passthrough(name: str, kind: int) -> onnx.AttributeProto:
 
 
 ASYMMETRIC = "asymmetric"  # node and function overload of the bodies that read neg_scales
+RESIDUAL = "residual"  # TernaryConv nodes with a residual input (joined as "asymmetric-residual")
+
+
+def overload_name(asymmetric: bool, residual: bool) -> str:
+    return "-".join(name for name, on in ((ASYMMETRIC, asymmetric), (RESIDUAL, residual)) if on)
 
 
 def function_protos(opset: int, overload: str = "") -> list[onnx.FunctionProto]:
@@ -170,10 +175,13 @@ def function_protos(opset: int, overload: str = "") -> list[onnx.FunctionProto]:
     nodes (neg_scales and neg_row_scale given) carry the overload
     ASYMMETRIC and get the bodies of that overload (IR >= 10): onnxruntime
     picks the body by (domain, name, overload) and the kernel by name alone.
+    TernaryConv nodes with a residual input (added before the ReLU) carry
+    RESIDUAL too (overload_name); those overloads have only the conv body.
     """
+    features = set(overload.split("-")) - {""}
     imports = [helper.make_opsetid("", opset)]
     common_attrs = ["N", "act_qmin", "act_qmax"]
-    weights = [*_activation_and_weights(), *_scaled_groups(overload == ASYMMETRIC)]
+    weights = [*_activation_and_weights(), *_scaled_groups(ASYMMETRIC in features)]
 
     matmul = helper.make_function(
         DOMAIN, "TernaryMatMul", INPUTS, ["Y"],
@@ -199,13 +207,15 @@ def function_protos(opset: int, overload: str = "") -> list[onnx.FunctionProto]:
         _const("zero_f", np.array(0.0, np.float32)),
         _const("neg_inf", np.array(-np.inf, np.float32)),
         helper.make_node("Where", ["relu_bool", "zero_f", "neg_inf"], ["floor"]),
-        helper.make_node("Max", ["conv_out", "floor"], ["Y"]),
+        helper.make_node("Max", ["summed" if RESIDUAL in features else "conv_out", "floor"], ["Y"]),
     ]
+    residual = [helper.make_node("Add", ["conv_out", "residual"], ["summed"])] if RESIDUAL in features else []
     conv = helper.make_function(
-        DOMAIN, "TernaryConv", INPUTS, ["Y"], [*weights, *_conv_weight(), conv_node, *relu],
+        DOMAIN, "TernaryConv", INPUTS + ["residual"] * (RESIDUAL in features), ["Y"],
+        [*weights, *_conv_weight(), conv_node, *residual, *relu],
         imports, [*common_attrs, "weight_shape", "group", "strides", "pads", "dilations", "kernel_shape", "relu"],
     )
-    functions = [matmul, gemm, conv]
+    functions = [conv] if RESIDUAL in features else [matmul, gemm, conv]
     for function in functions:
         function.overload = overload
     return functions

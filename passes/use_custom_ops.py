@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from fgq_onnx.custom_op_functions import ASYMMETRIC, DOMAIN, OPS, function_protos
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, int_attr
+from fgq_onnx.passes.fuse_residual_add import FuseResidualAddPass
 from fgq_onnx.packing import pack_rows
 from fgq_onnx.ternary import GroupLayout
 
@@ -332,8 +333,9 @@ def to_custom_ops(model: ir.Model) -> tuple[ir.Model, list[CustomOpRecord]]:
     """Rewrite a qdq model (in place) into the custom-op format; returns it and one record per linear node.
 
     For the converter's `--format custom`: run after the qdq passes and the
-    clean-up (RemoveUnusedNodes/TopologicalSort), then save as usual.
+    clean-up (RemoveUnusedNodes/TopologicalSort), then save as usual. Residual
+    Adds (and their Relu) after a TernaryConv are fused into it.
     """
     rewrite = UseCustomOpsPass()
-    result = rewrite(model)
-    return result.model, rewrite.records
+    model = rewrite(model).model
+    return FuseResidualAddPass()(model).model, rewrite.records

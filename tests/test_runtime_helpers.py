@@ -12,7 +12,8 @@ from onnx import TensorProto, helper
 from fgq_onnx.packing import pack_rows
 
 DOMAIN = "com.fgq"
-INPUT_NAMES = ["X", "x_scale", "x_zero_point", "codes", "scales", "row_scale", "neg_scales", "neg_row_scale", "bias"]
+INPUT_NAMES = ["X", "x_scale", "x_zero_point", "codes", "scales", "row_scale", "neg_scales", "neg_row_scale", "bias",
+               "residual"]  # residual: TernaryConv only
 
 
 def library_or_skip():
@@ -67,8 +68,10 @@ def quantize_act(x, scale, zp, qmin, qmax):
 
 
 def build_model(op: str, inputs: dict, attrs: dict, x_shape, x_type=TensorProto.FLOAT, out_rank=None, constant=True,
-                opset_fgq=1):
-    """One com.fgq node; inputs maps names to arrays (X excluded) or None (omitted)."""
+                opset_fgq=1, fed=()):
+    """One com.fgq node; inputs maps names to arrays (X excluded) or None (omitted).
+
+    Inputs are initializers when `constant`, graph inputs otherwise; names in `fed` are graph inputs either way."""
     node_inputs, inits, graph_inputs = [], [], [helper.make_tensor_value_info("X", x_type, x_shape)]
     node_inputs.append("X")
     for name in INPUT_NAMES[1:]:
@@ -78,7 +81,7 @@ def build_model(op: str, inputs: dict, attrs: dict, x_shape, x_type=TensorProto.
             continue
         node_inputs.append(name)
         tensor = onnx.numpy_helper.from_array(np.asarray(value), name)
-        if constant or name in ("x_scale", "x_zero_point"):
+        if (constant and name not in fed) or name in ("x_scale", "x_zero_point"):
             inits.append(tensor)
         else:
             graph_inputs.append(helper.make_tensor_value_info(name, tensor.data_type, list(np.asarray(value).shape)))

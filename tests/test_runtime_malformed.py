@@ -186,6 +186,20 @@ def test_conv_huge_dilation():
     _expect_error(model, XC, "does not fit")
 
 
+@pytest.mark.parametrize(
+    ("residual", "match"),
+    [
+        (np.ones((1, 4, 4, 5), np.float32), "residual shape"),  # one column short: no broadcasting
+        (np.ones((4, 4, 4), np.float32), "residual shape"),
+        (np.ones((1, 4, 4, 4), np.float64), "residual"),  # refused by onnxruntime's type check
+    ],
+)
+def test_conv_bad_residual(residual, match):
+    model = build_model("TernaryConv", _conv_inputs() | dict(residual=residual), dict(N=4, weight_shape=[4, 4, 3, 3]),
+                        [1, 4, 6, 6], fed=("residual",))
+    _expect_error(model, XC | {"residual": residual}, match)
+
+
 def test_conv_rank():
     model = build_model("TernaryConv", _conv_inputs(), dict(N=4, weight_shape=[4, 4, 3, 3]), [4, 6, 6])
     _expect_error(model, {"X": np.ones((4, 6, 6), np.float32)}, "4-D")

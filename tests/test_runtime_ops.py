@@ -141,6 +141,39 @@ def test_conv_exact_all_paths(kernels, nb, cg, group, mg, r, s, hw, strides, pad
         assert np.array_equal(got, want), kernel
 
 
+@settings(SETTINGS, max_examples=30)
+@given(
+    nb=st.sampled_from([1, 3]),
+    cg=st.sampled_from([3, 8, 16]),
+    mg=st.integers(1, 20),
+    rs=st.sampled_from([(1, 1), (3, 3)]),
+    bias=st.booleans(),
+    relu=st.sampled_from([0, 1]),
+    n=st.sampled_from([4, 16]),
+    seed=st.integers(0, 2**16),
+)
+def test_conv_residual_all_paths(kernels, nb, cg, mg, rs, bias, relu, n, seed):
+    """The residual input (fused ResNet Add) is added after the bias and before the ReLU."""
+    rng = np.random.default_rng(seed)
+    r, s = rs
+    m, c, t4, _, _, codes, groups = random_conv_weight(rng, mg, cg, 1, r, s, n)
+    b = rng.integers(-5, 5, size=m).astype(np.float32) if bias else None
+    x = rng.integers(-128, 128, size=(nb, c, 6, 7)).astype(np.int8)
+    pads = [r // 2] * 4
+    res = rng.integers(-300, 300, size=(nb, m, 6, 7)).astype(np.float32)
+    model = build_model(
+        "TernaryConv",
+        dict(x_scale=np.float32(1), x_zero_point=np.int8(0), codes=codes, scales=np.ones((m, groups.shape[1]), np.float32),
+             bias=b, residual=res),
+        dict(N=n, weight_shape=[m, cg, r, s], pads=pads, relu=relu), list(x.shape), x_type=TensorProto.INT8,
+        fed=("residual",),
+    )
+    want = conv2d_ref(x.astype(np.float64), t4.astype(np.float64), b, (1, 1), pads, (1, 1), 1) + res
+    want = (np.maximum(want, 0) if relu else want).astype(np.float32)
+    for kernel in kernels:
+        assert np.array_equal(run(model, {"X": x, "residual": res}, kernel), want), kernel
+
+
 @settings(SETTINGS, max_examples=60)
 @given(
     nb=st.sampled_from([1, 2]),

@@ -73,7 +73,8 @@ enum InputIndex : size_t {
   kNegScales,
   kNegRowScale,
   kBias,
-  kInputCount
+  kResidual,  // TernaryConv only
+  kMaxInputs
 };
 
 // The repacked weight planes: `pos` holds all codes (or only +1 when
@@ -166,8 +167,8 @@ class ScratchBuffer {
   int64_t capacity_ = 0;
 };
 
-// The OrtCustomOp adapter: Op provides kName, kInputTypes[kInputCount] and
-// kOptional[kInputCount], and a Kernel with Kernel(const OrtKernelInfo*) and
+// The OrtCustomOp adapter: Op provides kName, kInputs, kInputTypes[kMaxInputs] and
+// kOptional[kMaxInputs] (the first kInputs used), and a Kernel with Kernel(const OrtKernelInfo*) and
 // void Compute(OrtKernelContext*). Exceptions become an OrtStatus.
 OrtStatus* status_from_current_exception();
 
@@ -178,7 +179,7 @@ struct CustomOp : OrtCustomOp {
     version = kApiVersion;
     GetName = [](const OrtCustomOp*) { return Op::kName; };
     GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
-    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return kInputCount; };
+    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return Op::kInputs; };
     GetInputType = [](const OrtCustomOp*, size_t i) { return Op::kInputTypes[i]; };
     GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
       return Op::kOptional[i] ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;

@@ -10,9 +10,9 @@ constexpr ONNXTensorElementDataType kAny = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFIN
 constexpr ONNXTensorElementDataType kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr ONNXTensorElementDataType kU8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
 
-// X, x_scale, x_zero_point, codes, scales, row_scale, neg_scales, neg_row_scale, bias
-constexpr ONNXTensorElementDataType kInputTypes[kInputCount] = {kAny, kF32, kAny, kU8, kAny, kF32, kAny, kF32, kF32};
-constexpr bool kOptional[kInputCount] = {false, false, false, false, false, true, true, true, true};
+// X, x_scale, x_zero_point, codes, scales, row_scale, neg_scales, neg_row_scale, bias, residual
+constexpr ONNXTensorElementDataType kInputTypes[kMaxInputs] = {kAny, kF32, kAny, kU8, kAny, kF32, kAny, kF32, kF32, kF32};
+constexpr bool kOptional[kMaxInputs] = {false, false, false, false, false, true, true, true, true, true};
 
 class MatMulKernel;
 class GemmKernel;
@@ -20,18 +20,21 @@ class ConvKernel;
 
 struct TernaryMatMulOp {
   static constexpr const char* kName = "TernaryMatMul";
+  static constexpr size_t kInputs = kBias + 1;
   static constexpr const ONNXTensorElementDataType* kInputTypes = ort::kInputTypes;
   static constexpr const bool* kOptional = ort::kOptional;
   using Kernel = MatMulKernel;
 };
 struct TernaryGemmOp {
   static constexpr const char* kName = "TernaryGemm";
+  static constexpr size_t kInputs = kBias + 1;
   static constexpr const ONNXTensorElementDataType* kInputTypes = ort::kInputTypes;
   static constexpr const bool* kOptional = ort::kOptional;
   using Kernel = GemmKernel;
 };
 struct TernaryConvOp {
   static constexpr const char* kName = "TernaryConv";
+  static constexpr size_t kInputs = kResidual + 1;
   static constexpr const ONNXTensorElementDataType* kInputTypes = ort::kInputTypes;
   static constexpr const bool* kOptional = ort::kOptional;
   using Kernel = ConvKernel;

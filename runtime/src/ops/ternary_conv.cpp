@@ -127,6 +127,7 @@ class ConvKernel : public TernaryKernelBase {
     const int64_t OH = eff_h / strides_[0] + 1, OW = eff_w / strides_[1] + 1;
     const int64_t P = checked_mul(OH, OW, "output");
     float* y = output(ctx, 0, {nb, m_, OH, OW});
+    const float* r = residual(ctx, {nb, m_, OH, OW});
     if (nb == 0 || P == 0) return;
 
     const Geometry geo{C, H, W, OH, OW, H + pads_[0] + pads_[2], W + pads_[1] + pads_[3]};
@@ -153,7 +154,8 @@ class ConvKernel : public TernaryKernelBase {
     }
     // Several images: one task each, on its own thread's buffers; one image: parallel inside.
     auto image_task = [&](size_t n, OrtKernelContext* inner) {
-      run_image(inner, x, static_cast<int64_t>(n), qi, geo, p, in_place, a, y + static_cast<int64_t>(n) * m_ * P, b);
+      const int64_t offset = static_cast<int64_t>(n) * m_ * P;
+      run_image(inner, x, static_cast<int64_t>(n), qi, geo, p, in_place, a, y + offset, Epilogue{b, r ? r + offset : nullptr});
     };
     if (nb == 1) {
       image_task(0, ctx);
@@ -176,10 +178,24 @@ class ConvKernel : public TernaryKernelBase {
   struct Geometry {
     int64_t C, H, W, OH, OW, padded_h, padded_w;
   };
+  // Added to one image's output before the ReLU: bias [M] and residual [M, OH, OW], each optional.
+  struct Epilogue {
+    const float* bias;
+    const float* residual;
+  };
+
+  // The residual input [N, M, OH, OW] (float, exactly the output's shape) or null.
+  static const float* residual(OrtKernelContext* ctx, const std::vector<int64_t>& shape) {
+    const Tensor r = input(ctx, kResidual);
+    if (!r.present) return nullptr;
+    if (r.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) fail("residual must be float");
+    if (r.shape != shape) fail("residual shape " + shape_string(r.shape) + " must be the output's " + shape_string(shape));
+    return r.as<float>();
+  }
 
   // Image n: quantize, gather unless in place, GEMM into y_image (ctx null: serially).
   void run_image(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& qi, const Geometry& geo,
-                 const Planes& p, bool in_place, GemmArgs a, float* y_image, const float* b) const {
+                 const Planes& p, bool in_place, GemmArgs a, float* y_image, const Epilogue& e) const {
     thread_local ScratchBuffer<int8_t> image_buffer, rows_buffer;
     thread_local ScratchBuffer<int32_t> gsum_buffer;
     const int64_t P = geo.OH * geo.OW;
@@ -205,7 +221,7 @@ class ConvKernel : public TernaryKernelBase {
       group_step = P * positions_;
     }
     a.y = y_image;
-    gemm(ctx, p, P, group_step, a, b);
+    gemm(ctx, p, P, group_step, a, e);
   }
 
   // In-place rows: pixel (oh, ow) at its top-left input pixel, segment (r, s) at its kernel offset.
@@ -307,9 +323,9 @@ class ConvKernel : public TernaryKernelBase {
     parallel_for(ctx, static_cast<size_t>(group_ * pixel_tasks), task);
   }
 
-  // The ternary GEMM per group over the P pixels of one image, bias and ReLU per tile.
+  // The ternary GEMM per group over the P pixels of one image, then bias, residual and ReLU per tile.
   void gemm(OrtKernelContext* ctx, const Planes& p, int64_t P, int64_t group_step, const GemmArgs& args,
-            const float* b) const {
+            const Epilogue& e) const {
     const int64_t mg = m_ / group_;
     const int64_t mb = 64, bb = P <= 8 ? P : 64;
     const int64_t tiles_m = (mg + mb - 1) / mb, tiles_b = (P + bb - 1) / bb;
@@ -330,12 +346,14 @@ class ConvKernel : public TernaryKernelBase {
         a.accumulate = true;
         dispatch_->gemm(a);
       }
-      if (b || relu_)
+      if (e.bias || e.residual || relu_)
         for (int64_t m = a.m_begin; m < a.m_end; ++m) {
           float* row = a.y + m * P;
-          const float bias_m = b ? b[m] : 0.f;
+          const float* res = e.residual ? e.residual + m * P : nullptr;
+          const float bias_m = e.bias ? e.bias[m] : 0.f;
           for (int64_t pix = a.b_begin; pix < a.b_end; ++pix) {
-            const float v = row[pix] + bias_m;
+            float v = row[pix] + bias_m;
+            if (res) v += res[pix];  // after the bias, as the function body adds them
             row[pix] = relu_ && v < 0.f ? 0.f : v;
           }
         }
