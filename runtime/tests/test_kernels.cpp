@@ -233,6 +233,27 @@ uint16_t float_to_half_simple(float f) {  // for tests only: normal range, trunc
   return static_cast<uint16_t>(sign | (e << 10) | ((b >> 13) & 0x3ff));
 }
 
+// `a` written transposed (y_stride_b = 1, as Conv writes), accumulating onto ones, rows
+// [1, M - 1): equals `want` (natural layout, y_stride_b = M) there, and rows outside stay 1.
+void check_transposed(const fgq::KernelDispatch& d, fgq::GemmArgs a, const std::vector<float>& want, const char* what) {
+  const int64_t M = a.m_end, B = a.b_end;
+  std::vector<float> yt(want.size(), 1.f);
+  a.y = yt.data();
+  a.y_stride_b = 1;
+  a.y_stride_m = B;
+  a.accumulate = true;
+  a.m_begin = M > 2 ? 1 : 0;
+  a.m_end = M > 2 ? M - 1 : M;
+  d.gemm(a);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t m = 0; m < M; ++m) {
+      const bool in_range = m >= a.m_begin && m < a.m_end;
+      const float v = in_range ? want[static_cast<size_t>(b * M + m)] + 1.f : 1.f;
+      EXPECT(std::fabs(yt[static_cast<size_t>(m * B + b)] - v) <= 1e-5f * (1.f + std::fabs(v)),
+             "%s: transposed accumulate (%s) m=%ld b=%ld", d.name, what, (long)m, (long)b);
+    }
+}
+
 void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::mt19937 rng(1234);
   const int64_t ns[] = {1, 3, 4, 5, 8, 12, 16, 17, 32, 33, 63, 64, 65, 100, 128, 192};
@@ -340,40 +361,10 @@ void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
             ia.y = yi.data();
             d->gemm(ia);
             EXPECT(yi == yf, "%s: folded gemm from in-place segments n=%ld k=%ld", d->name, (long)n, (long)k);
-            // ... and written transposed (y_stride_b = 1, as Conv writes), accumulating, rows [1, M - 1)
-            std::vector<float> yt(y_ref.size(), 1.f);
-            fgq::GemmArgs ta = ia;
-            ta.y = yt.data();
-            ta.y_stride_b = 1;
-            ta.y_stride_m = B;
-            ta.accumulate = true;
-            ta.m_begin = M > 2 ? 1 : 0;
-            ta.m_end = M > 2 ? M - 1 : M;
-            d->gemm(ta);
-            for (int64_t b = 0; b < B; ++b)
-              for (int64_t m = 0; m < M; ++m) {
-                const bool in_range = m >= ta.m_begin && m < ta.m_end;
-                const float want = in_range ? yf[static_cast<size_t>(b * M + m)] + 1.f : 1.f;
-                EXPECT(std::fabs(yt[static_cast<size_t>(m * B + b)] - want) <= 1e-5f * (1.f + std::fabs(want)),
-                       "%s: folded transposed accumulate m=%ld b=%ld", d->name, (long)m, (long)b);
-              }
+            check_transposed(*d, ia, yf, "folded, in place");
             ++folded_cases;
           }
-          {  // transposed output (y_stride_b = 1, as Conv writes) with accumulate
-            std::vector<float> yt(y_ref.size(), 1.f);
-            fgq::GemmArgs ta = a;
-            ta.y = yt.data();
-            ta.y_stride_b = 1;
-            ta.y_stride_m = B;
-            ta.accumulate = true;
-            d->gemm(ta);
-            for (int64_t b = 0; b < B; ++b)
-              for (int64_t m = 0; m < M; ++m) {
-                const float want = y[static_cast<size_t>(b * M + m)] + 1.f;
-                EXPECT(std::fabs(yt[static_cast<size_t>(m * B + b)] - want) <= 1e-5f * (1.f + std::fabs(want)),
-                       "%s: transposed accumulate m=%ld b=%ld", d->name, (long)m, (long)b);
-              }
-          }
+          check_transposed(*d, a, y, "kernel order");
           if (M > 2) {  // a row range that does not start on a quad: rows outside stay untouched
             std::vector<float> part(y_ref.size(), -7.f);
             fgq::GemmArgs pa = a;
