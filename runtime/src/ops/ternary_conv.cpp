@@ -294,15 +294,24 @@ class ConvKernel : public TernaryKernelBase {
     const int64_t P = geo.OH * geo.OW, Kp = positions_, Gp = w.padded_groups;
     constexpr int64_t kPixelsPerTask = 64;
     const int64_t pixel_tasks = (P + kPixelsPerTask - 1) / kPixelsPerTask;
+    // The image address is linear in (h, w, c): each run's source is a fixed offset from
+    // its pixel's window corner.
+    std::vector<int64_t> run_offsets(runs_.size());
+    for (size_t i = 0; i < runs_.size(); ++i) {
+      const Run& run = runs_[i];
+      if (run.r != kPadding) run_offsets[i] = image.at(run.r * dilations_[0], run.s * dilations_[1], run.c0) - image.data;
+    }
     auto task = [&](size_t t) {
       const int64_t g = static_cast<int64_t>(t) / pixel_tasks;
       const int64_t p0 = static_cast<int64_t>(t) % pixel_tasks * kPixelsPerTask, p1 = std::min(P, p0 + kPixelsPerTask);
       std::vector<int8_t> row(natural ? 0 : static_cast<size_t>(Kp));
       for (int64_t pix = p0; pix < p1; ++pix) {
         const int64_t oh = pix / geo.OW, ow = pix % geo.OW;
+        const int8_t* corner = image.at(oh * strides_[0], ow * strides_[1], g * cg_);
         int8_t* out = rows + (g * P + pix) * Kp;
         int8_t* dst = natural ? out : row.data();
-        for (const Run& run : runs_) {
+        for (size_t i = 0; i < runs_.size(); ++i) {
+          const Run& run = runs_[i];
           // Short runs (a few channels: the stem) as one 16-byte copy; the runs ascend, so the
           // next one overwrites the tail. The row's last 16 bytes take exact copies.
           const bool wide = run.len <= 16 && run.dst + 16 <= Kp;
@@ -312,10 +321,8 @@ class ConvKernel : public TernaryKernelBase {
             else std::memset(to, 0, static_cast<size_t>(run.len));
             continue;
           }
-          const int8_t* from =
-              image.at(oh * strides_[0] + run.r * dilations_[0], ow * strides_[1] + run.s * dilations_[1], g * cg_ + run.c0);
-          if (wide) std::memcpy(to, from, 16);
-          else std::memcpy(to, from, static_cast<size_t>(run.len));
+          if (wide) std::memcpy(to, corner + run_offsets[i], 16);
+          else std::memcpy(to, corner + run_offsets[i], static_cast<size_t>(run.len));
         }
         if (!natural) dispatch_->kernel_order(dst, w.np, Gp, out, gsum + (g * P + pix) * Gp);
       }
