@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from fgq_onnx.graph_utils import add_initializer, constant_array, int_attr
+from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, int_attr
 
 
 def weight_channel_axis(node: ir.Node) -> int | None:
@@ -32,6 +32,14 @@ def sole_consumer(producer: ir.Node) -> ir.Node | None:
     if len(uses) != 1 or output.is_graph_output():
         return None
     return uses[0][0] if isinstance(uses[0], tuple) else uses[0].node
+
+
+def sole_consumer_op(producer: ir.Node, op_type: str) -> ir.Node | None:
+    """sole_consumer, when it is a default-domain `op_type` node of the producer's own graph."""
+    consumer = sole_consumer(producer)
+    if consumer is None or consumer.op_type != op_type or consumer.domain not in DEFAULT_DOMAINS:
+        return None
+    return consumer if consumer.graph is producer.graph else None
 
 
 def fold_channel_affine(producer: ir.Node, follower: ir.Node, scale: np.ndarray, shift: np.ndarray | None) -> None:

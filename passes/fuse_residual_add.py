@@ -10,21 +10,13 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from fgq_onnx.channel_fold import sole_consumer
+from fgq_onnx.channel_fold import sole_consumer_op
 from fgq_onnx.custom_op_functions import ASYMMETRIC, DOMAIN, INPUTS, function_protos, overload_name
-from fgq_onnx.graph_utils import DEFAULT_DOMAINS
 
 
 def _known_shape(value: ir.Value) -> bool:
     """Every dim an integer or a named symbol: equal shapes are then equal at run time."""
     return value.shape is not None and all(isinstance(d, int) or d.value is not None for d in value.shape)
-
-
-def _default_consumer(graph: ir.Graph, node: ir.Node, op_type: str) -> ir.Node | None:
-    consumer = sole_consumer(node)
-    if consumer is None or consumer.op_type != op_type or consumer.domain not in DEFAULT_DOMAINS or consumer.graph is not graph:
-        return None
-    return consumer
 
 
 class FuseResidualAddPass(ir.passes.InPlacePass):
@@ -56,7 +48,7 @@ class FuseResidualAddPass(ir.passes.InPlacePass):
         relu_attr = conv.attributes.get("relu")
         if (relu_attr is not None and relu_attr.as_int() != 0) or len(conv.inputs) > len(INPUTS):
             return False
-        add = _default_consumer(graph, conv, "Add")
+        add = sole_consumer_op(conv, "Add")
         if add is None:
             return False
         out = conv.outputs[0]
@@ -65,7 +57,7 @@ class FuseResidualAddPass(ir.passes.InPlacePass):
             return False
         if out.shape != residual.shape or len(out.shape) != 4:
             return False
-        relu = _default_consumer(graph, add, "Relu")
+        relu = sole_consumer_op(add, "Relu")
         last = relu or add
         attrs = {name: attr.value for name, attr in conv.attributes.items()}
         attrs["relu"] = int(relu is not None)

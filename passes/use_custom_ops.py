@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from fgq_onnx.channel_fold import sole_consumer_op
 from fgq_onnx.custom_op_functions import ASYMMETRIC, DOMAIN, OPS, function_protos
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, int_attr
 from fgq_onnx.passes.fuse_residual_add import FuseResidualAddPass
@@ -307,7 +308,7 @@ class UseCustomOpsPass(ir.passes.InPlacePass):
         while inputs[-1] is None:
             inputs.pop()
         old_nodes, old_output = [node], node.outputs[0]
-        relu = _single_relu_consumer(graph, node) if node.op_type == "Conv" else None
+        relu = sole_consumer_op(node, "Relu") if node.op_type == "Conv" else None
         if relu is not None:  # TernaryConv applies the ReLU itself
             attrs["relu"] = 1
             old_nodes, old_output = [node, relu], relu.outputs[0]
@@ -315,18 +316,6 @@ class UseCustomOpsPass(ir.passes.InPlacePass):
         new = ir.node(OPS[node.op_type], inputs, attrs, domain=DOMAIN, overload=overload, name=label)
         ir.convenience.replace_nodes_and_values(graph, node, old_nodes, [new], [old_output], new.outputs)
         return None
-
-
-def _single_relu_consumer(graph: ir.Graph, node: ir.Node) -> ir.Node | None:
-    """The Relu that is the only consumer of `node`'s output (not itself a graph output), if any."""
-    output = node.outputs[0]
-    uses = list(output.uses())
-    if len(uses) != 1 or output in graph.outputs:
-        return None
-    consumer = uses[0][0] if isinstance(uses[0], tuple) else uses[0].node
-    if consumer.op_type != "Relu" or consumer.domain not in DEFAULT_DOMAINS or consumer.graph is not graph:
-        return None
-    return consumer
 
 
 def to_custom_ops(model: ir.Model) -> tuple[ir.Model, list[CustomOpRecord]]:
