@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from fgq_onnx.channel_fold import sole_consumer_op
-from fgq_onnx.custom_op_functions import ASYMMETRIC, DOMAIN, OPS, function_protos
+from fgq_onnx.custom_op_functions import DOMAIN, OPS, function_protos, overload_name
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, int_attr
 from fgq_onnx.passes.fuse_residual_add import FuseResidualAddPass
 from fgq_onnx.packing import pack_rows
@@ -312,7 +312,7 @@ class UseCustomOpsPass(ir.passes.InPlacePass):
         if relu is not None:  # TernaryConv applies the ReLU itself
             attrs["relu"] = 1
             old_nodes, old_output = [node, relu], relu.outputs[0]
-        overload = ASYMMETRIC if len(scales) > 1 else ""
+        overload = overload_name(asymmetric=len(scales) > 1, residual=False)
         new = ir.node(OPS[node.op_type], inputs, attrs, domain=DOMAIN, overload=overload, name=label)
         ir.convenience.replace_nodes_and_values(graph, node, old_nodes, [new], [old_output], new.outputs)
         return None
