@@ -29,11 +29,13 @@ output holds class scores; and the file size (model + external data).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -109,11 +111,12 @@ class Variants:
             notes.append(f"opset {opset} -> 13 (onnx.version_converter)")
         upgraded, pre = out.with_name("opset.onnx"), out.with_name("pre.onnx")
         onnx.save(proto, str(upgraded))
-        try:
-            quant_pre_process(str(upgraded), str(pre))
-        except Exception as error:  # symbolic shape inference gives up on some exports: the rest still helps
-            notes.append(f"quant_pre_process: {one_line(error)}; ran it with skip_symbolic_shape=True")
-            quant_pre_process(str(upgraded), str(pre), skip_symbolic_shape=True)
+        with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):  # it leaves files in the cwd
+            try:
+                quant_pre_process(str(upgraded), str(pre))
+            except Exception as error:  # symbolic shape inference gives up on some exports: the rest still helps
+                notes.append(f"quant_pre_process: {one_line(error)}; ran it with skip_symbolic_shape=True")
+                quant_pre_process(str(upgraded), str(pre), skip_symbolic_shape=True)
         samples = [{k: v[i: i + 1] for k, v in self.calib.items()} for i in range(rm.CALIB)]
 
         class Reader(CalibrationDataReader):
