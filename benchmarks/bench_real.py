@@ -37,7 +37,6 @@ import platform
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +95,6 @@ class Variants:
             meta = {"path": str(out), "seconds": time.perf_counter() - start, "notes": notes}
         except Exception as error:  # recorded as the variant's row, never hidden
             meta = {"error": one_line(error)}
-            traceback.print_exc(limit=3)
         meta_path.write_text(json.dumps(meta, indent=1))
         return meta
 
@@ -350,7 +348,11 @@ def main(argv=None) -> int:
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "calibration_samples": rm.CALIB, "models": [], "speed": [], "fidelity": []}
     for model in rm.select(args.models, args.quick):
-        bench_model(model, args, results)
+        try:
+            bench_model(model, args, results)
+        except Exception as error:  # a model that cannot be fetched or prepared: a row, and on to the next
+            print(f"  failed: {one_line(error)}", flush=True)
+            results["speed"].append({"model": model.name, "variant": "(all)", "error": one_line(error)})
     results["seconds"] = time.perf_counter() - started
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1, default=float))

