@@ -255,7 +255,7 @@ def bench_model(model: rm.RealModel, args, results: dict) -> None:
     built = {}
     for name in variant_names(model):
         built[name] = variants.build(name)
-        state = built[name].get("error") or f"ok ({built[name]['seconds']:.0f} s)"
+        state = built[name].get("error") or f"ok (built in {built[name]['seconds']:.0f} s)"
         print(f"  {name:<8} {state}", flush=True)
     threads_list = sorted(set(args.threads) | ({args.fidelity_threads} if args.mode != "speed" else set()))
     sessions = open_sessions(built, threads_list)

@@ -369,7 +369,7 @@ MODELS = [
               _images(nsfw_tensor, "input:0"), {"input:0": (224, 224, 3)}, "outputs", class_scores=True),
     RealModel("efficientnet-lite0", "EfficientNet-Lite0 ImageNet classifier (PyTorch export, depthwise, ReLU6, Pad)",
               EfficientNetLite0(), _images(efficientnet_tensor, "input"), {"input": (3, 224, 224)}, "logits",
-              class_scores=True),
+              class_scores=True, quick=False),
     RealModel("ppocr-v4-det", f"PP-OCRv4 text detector (Paddle export, MobileNetV3-style depthwise), "
               f"{DET_SIZE[0]}x{DET_SIZE[1]} photos",
               WheelFile("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
