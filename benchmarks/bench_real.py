@@ -326,7 +326,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3, help="rounds in which the variants take turns")
-    parser.add_argument("--repeat", type=int, default=6, help="timed runs per variant at least (over all rounds)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per variant at least (over all rounds)")
     parser.add_argument("--min-seconds", type=float, default=1.5, help="timed seconds per variant at least")
     parser.add_argument("--fidelity-threads", type=int, default=2)
     parser.add_argument("--nbits-block", type=int, default=32, help="MatMulNBits block size")
