@@ -316,6 +316,17 @@ def failures_table(rows: list[dict]) -> str:
     return "\n".join(f"- {model} {variant}: {error}" for (model, variant), error in failed.items())
 
 
+def json_safe(value):
+    """Plain JSON: numpy scalars as numbers, infinite values (the SQNR of fp32 against itself) as null."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value.item() if isinstance(value, np.generic) else value
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -355,7 +366,7 @@ def main(argv=None) -> int:
             results["speed"].append({"model": model.name, "variant": "(all)", "error": one_line(error)})
     results["seconds"] = time.perf_counter() - started
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1, default=float))
+    args.json.write_text(json.dumps(json_safe(results), indent=1))
     if results["speed"]:
         print("\nSpeed: median ms (speed-up over fp32 / over onnxruntime int8)\n")
         print(speed_table(results["speed"]))
