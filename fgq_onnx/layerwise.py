@@ -21,14 +21,13 @@ kept outputs so that the next level sees the corrected layer.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
+from fgq_onnx import model_io
 from fgq_onnx.calibration import AbsHistogram, session_with_outputs
 from fgq_onnx.correction import ChannelMoments, affine_correction
 from fgq_onnx.errors import FgqError
@@ -105,8 +104,8 @@ def stream(model: ir.Model, watched: dict, dataset: Iterable, keep: list | None 
     graph_inputs = {v.name for v in model.graph.inputs}
     fetched = [name for name in watched if name not in graph_inputs]
     samples, kept_bytes = 0, 0
-    with tempfile.TemporaryDirectory(prefix="fgq-layerwise-") as folder:
-        session = session_with_outputs(model, fetched, Path(folder))
+    with model_io.temporary_folder("fgq-layerwise-") as folder:
+        session = session_with_outputs(model, fetched, folder)
         for batch in dataset:
             feed = batch[0]
             if keep is not None and keep[:1] != [None]:

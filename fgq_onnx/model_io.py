@@ -11,7 +11,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,40 @@ MIN_IR_VERSION = 3
 MIN_OPSET = 7
 # Models over protobuf's 2 GB limit must keep their weights in external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block ends, then raise it: files the block writes get closed, folders made whole.
+
+    A KeyboardInterrupt can otherwise land between a library's open() and its `with`, leaving the file to the
+    garbage collector (an "unclosed file" warning). Only the main thread receives signals; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and callable(previous):
+        previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def temporary_folder(prefix: str) -> Iterator[Path]:
+    """A temporary folder that is gone when the block ends, however it ends: a Ctrl-C waits for its creation and removal."""
+    folder = None
+    try:
+        with interrupts_deferred():
+            folder = Path(tempfile.mkdtemp(prefix=prefix))
+        yield folder
+    finally:
+        if folder is not None:
+            with interrupts_deferred():
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def sha256_of(path: Path) -> str:
