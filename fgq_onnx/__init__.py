@@ -34,9 +34,9 @@ def _register_source_passes() -> None:
 _register_source_passes()
 
 from fgq_onnx.calibration import CalibMethod  # noqa: E402
-from fgq_onnx.pipeline import Conversion, ConvertConfig, OutputFormat, convert, save  # noqa: E402
 from fgq_onnx.data import Color, ImageOptions, Layout  # noqa: E402
 from fgq_onnx.errors import FgqError  # noqa: E402
+from fgq_onnx.pipeline import Conversion, ConvertConfig, OutputFormat, convert, save  # noqa: E402
 from fgq_onnx.runtime import library_path  # noqa: E402
 from fgq_onnx.ternary import Method  # noqa: E402
 

@@ -144,7 +144,7 @@ class ActivationObserver:
             for feed, _ in batches:
                 try:
                     outputs = session.run(fetched, feed)
-                except Exception as error:  # onnxruntime raises its own exception types
+                except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
                     raise FgqError(f"the model failed on calibration data: {str(error).splitlines()[0]}") from None
                 for name, value in zip(fetched, outputs):
                     self.histograms[name].update(value)
@@ -180,7 +180,7 @@ def session_with_outputs(model: ir.Model, names: list[str], folder: Path) -> ort
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise FgqError(f"onnxruntime cannot run the model for calibration: {str(error).splitlines()[0]}") from None
 
 

@@ -17,8 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fgq_onnx import console, pipeline
-from fgq_onnx import model_io
+from fgq_onnx import console, model_io, pipeline
 from fgq_onnx.calibration import CalibMethod
 from fgq_onnx.data import Color, ImageOptions, Layout
 from fgq_onnx.errors import FgqError, fgq_error_in

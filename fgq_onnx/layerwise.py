@@ -31,13 +31,13 @@ from fgq_onnx import model_io
 from fgq_onnx.calibration import AbsHistogram, session_with_outputs
 from fgq_onnx.correction import ChannelMoments, affine_correction
 from fgq_onnx.errors import FgqError
+from fgq_onnx.fitting import PatchGram, damp, fit_rows
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, constant_array, int_attr
 from fgq_onnx.passes.correct_bias import CorrectBiasPass, scalable
-from fgq_onnx.fitting import PatchGram, damp, fit_rows
 from fgq_onnx.passes.replace_ternary_weights import ReplaceTernaryWeightsPass
 from fgq_onnx.passes.ternarize_weights import EXACT_MARK, LINEAR_OPS, TERNARY_MARK, weight_layout
-from fgq_onnx.ternary import GroupLayout, TernaryWeight
 from fgq_onnx.segments import SegmentRunner
+from fgq_onnx.ternary import GroupLayout, TernaryWeight
 
 
 def _channel_axis(node: ir.Node) -> int:
@@ -115,7 +115,7 @@ def stream(model: ir.Model, watched: dict, dataset: Iterable, keep: list | None 
                     keep[:] = [None]
             try:
                 outputs = session.run(fetched, feed)
-            except Exception as error:  # onnxruntime raises its own exception types
+            except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
                 raise FgqError(f"the model failed on calibration data: {str(error).splitlines()[0]}") from None
             for name, value in zip(fetched, outputs):
                 watched[name].update(value)

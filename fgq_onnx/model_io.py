@@ -198,7 +198,7 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto, 
         return model, False
     try:
         return onnx.version_converter.convert_version(model, opset), True
-    except Exception as error:  # the converter raises many types
+    except Exception as error:  # noqa: BLE001 - the converter raises many types
         raise FgqError(f"cannot upgrade the model from opset {current} to {opset}: {str(error).splitlines()[0]}") from None
 
 
@@ -206,7 +206,7 @@ def to_ir(model: onnx.ModelProto, base_dir: Path) -> ir.Model:
     """Proto -> onnx-ir model whose external tensors load lazily from base_dir."""
     try:
         ir_model = ir.serde.deserialize_model(model)
-    except Exception as error:  # onnx-ir wraps what it finds (duplicate outputs, bad types, ...) in SerdeError
+    except Exception as error:  # noqa: BLE001 - onnx-ir wraps what it finds (duplicate outputs, bad types, ...) in SerdeError
         raise FgqError(f"the model's graph is malformed: {_innermost(error)}") from None
     try:
         ir_model.graph.sort()  # nodes in dependency order, as the passes expect
@@ -259,7 +259,7 @@ def _model_data_files(path: Path) -> set[Path]:
     """The external data files a model file refers to (none if it does not parse)."""
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not a model: the conversion reports that itself
+    except Exception:  # noqa: BLE001 - not a model: the conversion reports that itself
         return set()
     files = set()
     for tensor in _tensors(model):

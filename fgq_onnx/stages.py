@@ -27,8 +27,8 @@ from fgq_onnx.errors import FgqError, fgq_error_in
 from fgq_onnx.passes.fold_batchnorm import FoldBatchNormPass
 from fgq_onnx.passes.fold_scale_mul import FoldScaleMulPass
 from fgq_onnx.passes.insert_activation_qdq import ActivationQuant, InsertActivationQdqPass
-from fgq_onnx.passes.use_custom_ops import to_custom_ops
 from fgq_onnx.passes.ternarize_weights import LINEAR_OPS, REQUIRED_OPSET, TERNARY_MARK, TernarizeWeightsPass
+from fgq_onnx.passes.use_custom_ops import to_custom_ops
 from fgq_onnx.report import ActivationRecord, Report
 from fgq_onnx.scales import SCALE_FORMATS
 from fgq_onnx.ternary import Method
@@ -197,7 +197,7 @@ def infer_shapes(model: ir.Model, report: Report) -> ir.Model:
     """Shapes let the report count multiplications; failing that, it counts weights."""
     try:
         return common.ShapeInferencePass().call(model).model
-    except Exception as error:  # shape inference is a nicety here, never a blocker
+    except Exception as error:  # noqa: BLE001 - shape inference is a nicety here, never a blocker
         report.notes.append(f"shape inference failed ({str(error).splitlines()[0]}); multiplications are counted per weight")
         return model
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import corpus
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+
+import corpus
 
 
 def _outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -29,7 +29,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent))
 import corpus  # noqa: E402
-
 import fgq_onnx  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FGQ_FUZZ_EXAMPLES", "40"))

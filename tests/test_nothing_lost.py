@@ -58,12 +58,11 @@ def test_ctrl_c_waits_for_the_file_being_written_then_stops(tmp_path):
     from fgq_onnx import model_io
 
     stream = None
-    with pytest.raises(KeyboardInterrupt):
-        with model_io.interrupts_deferred():
-            stream = open(tmp_path / "f.bin", "wb")  # noqa: SIM115 - closed inside the block on purpose
-            os.kill(os.getpid(), signal.SIGINT)
-            stream.write(b"complete")
-            stream.close()
+    with pytest.raises(KeyboardInterrupt), model_io.interrupts_deferred():
+        stream = open(tmp_path / "f.bin", "wb")  # noqa: SIM115 - closed inside the block on purpose
+        os.kill(os.getpid(), signal.SIGINT)
+        stream.write(b"complete")
+        stream.close()
     assert stream is not None and stream.closed and (tmp_path / "f.bin").read_bytes() == b"complete"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is Python's again
 
@@ -73,10 +72,9 @@ def test_temporary_folder_is_removed_when_interrupted(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr("tempfile.tempdir", None)
-    with pytest.raises(KeyboardInterrupt):
-        with model_io.temporary_folder("fgq-test-") as folder:
-            (folder / "calibration.onnx").write_bytes(b"x")
-            os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), model_io.temporary_folder("fgq-test-") as folder:
+        (folder / "calibration.onnx").write_bytes(b"x")
+        os.kill(os.getpid(), signal.SIGINT)
     assert folder.parent == tmp_path and not folder.exists()
 
 

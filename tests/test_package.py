@@ -10,10 +10,10 @@ from pathlib import Path
 
 import onnxruntime as ort
 import pytest
-from test_runtime_helpers import library_or_skip
 
 import fgq_onnx
 from fgq_onnx import runtime
+from test_runtime_helpers import library_or_skip
 
 
 def test_library_path_is_a_str_that_onnxruntime_registers():
