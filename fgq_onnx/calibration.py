@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import math
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from fgq_onnx import model_io
 from fgq_onnx.errors import FgqError
 
 
@@ -139,12 +139,12 @@ class ActivationObserver:
         """Feed every batch through `model`; `on_batch(samples)` reports progress."""
         graph_inputs = {v.name for v in model.graph.inputs}
         fetched = [name for name in self.histograms if name not in graph_inputs]
-        with tempfile.TemporaryDirectory(prefix="fgq-calib-") as folder:
-            session = session_with_outputs(model, fetched, Path(folder))
+        with model_io.temporary_folder("fgq-calib-") as folder:
+            session = session_with_outputs(model, fetched, folder)
             for feed, _ in batches:
                 try:
                     outputs = session.run(fetched, feed)
-                except Exception as error:  # onnxruntime raises its own exception types
+                except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
                     raise FgqError(f"the model failed on calibration data: {str(error).splitlines()[0]}") from None
                 for name, value in zip(fetched, outputs):
                     self.histograms[name].update(value)
@@ -170,7 +170,8 @@ def session_with_outputs(model: ir.Model, names: list[str], folder: Path) -> ort
     model.graph.outputs.extend(exposed)
     try:
         path = folder / "calibration.onnx"
-        ir.save(model, path, external_data="calibration.onnx.data")
+        with model_io.interrupts_deferred():  # a Ctrl-C mid-write would leave the file open
+            ir.save(model, path, external_data="calibration.onnx.data")
     finally:
         for value in exposed:
             model.graph.outputs.remove(value)
@@ -179,7 +180,7 @@ def session_with_outputs(model: ir.Model, names: list[str], folder: Path) -> ort
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise FgqError(f"onnxruntime cannot run the model for calibration: {str(error).splitlines()[0]}") from None
 
 

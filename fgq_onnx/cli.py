@@ -17,8 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fgq_onnx import console, pipeline
-from fgq_onnx import model_io
+from fgq_onnx import console, model_io, pipeline
 from fgq_onnx.calibration import CalibMethod
 from fgq_onnx.data import Color, ImageOptions, Layout
 from fgq_onnx.errors import FgqError, fgq_error_in
@@ -195,18 +194,24 @@ def eval(  # noqa: A001 - the command is called eval
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch (when the batch axis is dynamic).")] = 64,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate at most this many samples.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (top1, top5, n, ...) instead of the table.")] = False,
+    csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV (a header and one row: top1, top5, n, ...) instead of the table.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     image: ImageOptions = ImageOptions(),  # replaced by the shared image options (see `command`)
 ):
     """Top-1 and top-5 accuracy on labelled data."""
     from fgq_onnx.evaluate import evaluate
 
+    if json_out and csv_out:
+        raise FgqError("choose one of --json and --csv")
     if limit is not None and limit < 1:
         raise FgqError(f"--limit must be at least 1, got {limit}")
-    with console.progress_bar("evaluating", quiet or json_out) as advance:
+    with console.progress_bar("evaluating", quiet or json_out or csv_out) as advance:
         result = evaluate(model, data, options=image, batch_size=batch_size, limit=limit, output=output_name, on_progress=advance)
     if json_out:
         console.print_json(result.to_dict())
+        return
+    if csv_out:
+        console.print_csv([result.to_dict()])
         return
     table = Table(title=f"Accuracy of {model.name}", show_header=False)
     table.add_column("what")
@@ -293,19 +298,22 @@ def sweep(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate on at most this many samples.")] = None,
     keep_models: Annotated[bool, typer.Option("--keep-models", help="Keep the converted models in OUTPUT/models.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    csv_out: Annotated[bool, typer.Option("--csv", help="Print OUTPUT/sweep.csv (fp32 first, then one row per setting) instead of the table.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table or progress bar.")] = False,
     image: ImageOptions = ImageOptions(),  # replaced by the shared image options (see `command`)
 ):
     """Top-1, size and multiplications eliminated for every N x activation width x method."""
     from fgq_onnx.sweep import sweep as run_sweep
 
+    if json_out and csv_out:
+        raise FgqError("choose one of --json and --csv")
     if limit is not None and limit < 1:
         raise FgqError(f"--limit must be at least 1, got {limit}")
     config = pipeline.ConvertConfig(
         calib_method=calib_method, percentile=percentile, calib_limit=calib_limit, bias_correction=bias_correction,
         scale_format=scale_format, image=image,
     )
-    with console.progress_bar("sweeping", quiet or json_out) as advance:
+    with console.progress_bar("sweeping", quiet or json_out or csv_out) as advance:
         result = run_sweep(
             model, calib, data, ns=n or (4, 8, 16, 32, 64), act_bits=act_bits or (8, 4), methods=method or (Method.EXACT, Method.TWN),
             config=config, out_dir=output, keep_models=keep_models, eval_batch_size=batch_size, eval_limit=limit,
@@ -313,6 +321,9 @@ def sweep(
         )
     if json_out:
         console.print_json(result.to_dict())
+        return
+    if csv_out:
+        sys.stdout.write(Path(result.csv_path).read_text())
         return
     if quiet:
         return

@@ -1,24 +1,44 @@
 """What the command line prints: progress bars, the conversion report, the search table.
 
 Results go to stdout (`out`), progress and errors to stderr (`err`), so that
-`--json` output stays clean when piped.
+`--json` output stays clean when piped. Into a terminal, tables fit its width;
+into a pipe or a file (logs, `| tee`, `| grep`), nothing is wrapped: every row
+stays one line with full layer names.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import math
+import sys
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fgq_onnx.report import Report
 
-out = Console()
-err = Console(stderr=True)
+UNWRAPPED_WIDTH = 10_000  # the width of a pipe or a file: wider than any row we print
+
+
+class _Console(Console):
+    """rich's Console, sized by the terminal when it writes to one, and never wrapping otherwise (rich assumes 80 columns)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        return size if self.is_terminal else ConsoleDimensions(UNWRAPPED_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+
+out = _Console()
+err = _Console(stderr=True)
 
 
 @contextlib.contextmanager
@@ -112,6 +132,13 @@ def print_report(report: Report) -> None:
 
 def print_json(payload: dict) -> None:
     print(json.dumps(payload, indent=2))
+
+
+def print_csv(rows: list[dict[str, object]]) -> None:
+    """Rows as CSV on stdout, a header of the first row's keys first."""
+    writer = csv.DictWriter(sys.stdout, list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
 
 
 def pct(value: float | None) -> str:

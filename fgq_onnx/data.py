@@ -103,7 +103,7 @@ def _image_format(spec: InputSpec, options: ImageOptions) -> _ImageFormat:
         height, width = options.size
     if height is None or width is None:
         raise FgqError(f"input '{spec.name}' has a dynamic image size; give --size HEIGHT WIDTH")
-    if not (0 < height and 0 < width and height * width <= MAX_IMAGE_PIXELS):  # checked before any image is resized to it
+    if not (height > 0 and width > 0 and height * width <= MAX_IMAGE_PIXELS):  # checked before any image is resized to it
         raise FgqError(f"input '{spec.name}' takes {height} x {width} images; calibration images must have 1 to {MAX_IMAGE_PIXELS:,} pixels (give --size)")
     return _ImageFormat(layout, color, height, width)
 
@@ -114,7 +114,7 @@ def load_image(path: Path, fmt: _ImageFormat, options: ImageOptions) -> np.ndarr
         image = image.convert("L" if fmt.color is Color.GREY else "RGB")
         side = options.resize or max(fmt.height, fmt.width)
         ratio = side / min(image.size)
-        image = image.resize((max(fmt.width, round(image.width * ratio)), max(fmt.height, round(image.height * ratio))), Image.BILINEAR)
+        image = image.resize((max(fmt.width, round(image.width * ratio)), max(fmt.height, round(image.height * ratio))), Image.Resampling.BILINEAR)
         left, top = (image.width - fmt.width) // 2, (image.height - fmt.height) // 2
         image = image.crop((left, top, left + fmt.width, top + fmt.height))
         pixels = np.asarray(image, dtype=np.float32)

@@ -82,7 +82,7 @@ def _custom_op_library(path: Path) -> str:
         library = runtime.library_path()
     except FgqError as error:
         raise FgqError(f"'{path}' uses fgq custom ops (domain {CUSTOM_DOMAIN}) but the custom-op library cannot be loaded: {error}") from None
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - whatever stops the lookup, say so in one line
         raise FgqError(f"'{path}' uses fgq custom ops (domain {CUSTOM_DOMAIN}) but the custom-op library cannot be found: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
     if not Path(library).is_file():
         raise FgqError(f"'{path}' uses fgq custom ops (domain {CUSTOM_DOMAIN}) but the custom-op library '{library}' does not exist; build it (pip install .)")
@@ -104,7 +104,7 @@ class ModelSession:
         names = list(names) if names is not None else self.outputs + self.extra
         try:
             values = self.session.run(names, feed)
-        except Exception as error:  # onnxruntime raises its own exception types
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise FgqError(f"onnxruntime failed running '{self.path}': {str(error).splitlines()[0]}") from None
         return dict(zip(names, values))
 
@@ -133,7 +133,7 @@ def open_session(path: str | Path, extra_outputs: Sequence[str] = (), *, optimiz
         except FgqError as error:
             if needed:  # else onnxruntime runs the ops' function bodies
                 raise FgqError(f"{error} ({', '.join(needed)} have no ONNX function to fall back on)") from None
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
             if needed:
                 raise FgqError(f"'{path}' uses fgq custom ops (domain {CUSTOM_DOMAIN}) but onnxruntime cannot load the custom-op library: {str(error).splitlines()[0]}") from None
     model = model_io.to_ir(proto, path.parent)
@@ -154,7 +154,7 @@ def open_session(path: str | Path, extra_outputs: Sequence[str] = (), *, optimiz
             ir.save(model, source, external_data="debug.onnx.data")
         try:
             session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
             if CUSTOM_DOMAIN in message or "custom" in message.lower():
                 raise FgqError(f"onnxruntime cannot create a session for '{path}' (custom ops of domain {CUSTOM_DOMAIN}): {message}") from None

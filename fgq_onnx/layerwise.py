@@ -21,24 +21,23 @@ kept outputs so that the next level sees the corrected layer.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
+from fgq_onnx import model_io
 from fgq_onnx.calibration import AbsHistogram, session_with_outputs
 from fgq_onnx.correction import ChannelMoments, affine_correction
 from fgq_onnx.errors import FgqError
+from fgq_onnx.fitting import PatchGram, damp, fit_rows
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, constant_array, int_attr
 from fgq_onnx.passes.correct_bias import CorrectBiasPass, scalable
-from fgq_onnx.fitting import PatchGram, damp, fit_rows
 from fgq_onnx.passes.replace_ternary_weights import ReplaceTernaryWeightsPass
 from fgq_onnx.passes.ternarize_weights import EXACT_MARK, LINEAR_OPS, TERNARY_MARK, weight_layout
-from fgq_onnx.ternary import GroupLayout, TernaryWeight
 from fgq_onnx.segments import SegmentRunner
+from fgq_onnx.ternary import GroupLayout, TernaryWeight
 
 
 def _channel_axis(node: ir.Node) -> int:
@@ -105,8 +104,8 @@ def stream(model: ir.Model, watched: dict, dataset: Iterable, keep: list | None 
     graph_inputs = {v.name for v in model.graph.inputs}
     fetched = [name for name in watched if name not in graph_inputs]
     samples, kept_bytes = 0, 0
-    with tempfile.TemporaryDirectory(prefix="fgq-layerwise-") as folder:
-        session = session_with_outputs(model, fetched, Path(folder))
+    with model_io.temporary_folder("fgq-layerwise-") as folder:
+        session = session_with_outputs(model, fetched, folder)
         for batch in dataset:
             feed = batch[0]
             if keep is not None and keep[:1] != [None]:
@@ -116,7 +115,7 @@ def stream(model: ir.Model, watched: dict, dataset: Iterable, keep: list | None 
                     keep[:] = [None]
             try:
                 outputs = session.run(fetched, feed)
-            except Exception as error:  # onnxruntime raises its own exception types
+            except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
                 raise FgqError(f"the model failed on calibration data: {str(error).splitlines()[0]}") from None
             for name, value in zip(fetched, outputs):
                 watched[name].update(value)

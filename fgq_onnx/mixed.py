@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from fgq_onnx import layerwise, pipeline
+from fgq_onnx import layerwise, stages
 from fgq_onnx.calibration import session_with_outputs
 from fgq_onnx.data import Dataset, model_inputs
 from fgq_onnx.errors import FgqError
@@ -72,14 +72,14 @@ def kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.mean(np.sum(np.exp(p) * (p - q), axis=1)))
 
 
-def _switchable(model: ir.Model, n: int, config: pipeline.ConvertConfig) -> tuple[ir.Model, dict[str, str], dict[str, int]]:
+def _switchable(model: ir.Model, n: int, config: stages.ConvertConfig) -> tuple[ir.Model, dict[str, str], dict[str, int]]:
     """A copy of `model` whose convertible layers take Where(select, ternary at N, fp32) as weight.
 
     Returns it, {layer label: its selector input}, {layer label: stored bytes at N}.
     """
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     originals = {id(node): node.inputs[1] for node in copy.graph.all_nodes() if len(node.inputs) > 1}
-    ternarize = TernarizeWeightsPass(n, Method.EXACT, config.weight_storage, skip=pipeline.skip_rule(config, copy), scale_format=config.scale_format,
+    ternarize = TernarizeWeightsPass(n, Method.EXACT, config.weight_storage, skip=stages.skip_rule(config, copy), scale_format=config.scale_format,
                                      trained_float_stays_float=not config.ternarize_float_layers)
     ternarize(copy)
     selectors = {}
@@ -101,7 +101,7 @@ def _switchable(model: ir.Model, n: int, config: pipeline.ConvertConfig) -> tupl
     return copy, selectors, sizes
 
 
-def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: pipeline.ConvertConfig, on_step: Step | None = None) -> list[LayerOptions]:
+def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: stages.ConvertConfig, on_step: Step | None = None) -> list[LayerOptions]:
     """KL added by each convertible layer alone at each N of config.auto_ns, and its bytes (model: prepared fp32)."""
     output = model.graph.outputs[0].name
     with tempfile.TemporaryDirectory(prefix="fgq-mixed-") as folder:
@@ -123,7 +123,7 @@ def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: pip
     for layer in layers.values():
         layer.kl[KEEP], layer.nbytes[KEEP] = 0.0, weights[layer.label].const_value.nbytes
     if not layers:
-        raise FgqError(pipeline.nothing_to_convert(pipeline.Report()))
+        raise FgqError(stages.nothing_to_convert(stages.Report()))
     return list(layers.values())
 
 
@@ -176,7 +176,7 @@ def plan_bytes(plan: dict[str, int], layers: list[LayerOptions]) -> int:
 class _Top1Drop:
     """Points of top-1 lost against the fp32 model on labelled data."""
 
-    def __init__(self, fp32: Path, data, config: pipeline.ConvertConfig):
+    def __init__(self, fp32: Path, data, config: stages.ConvertConfig):
         self.data, self.options = data, config.image
         self.reference = evaluate(fp32, data, options=config.image)
         self.description = f"top-1 drop on '{data}' ({self.reference.n:,} samples; fp32 {100 * self.reference.top1:.2f}%)"
@@ -238,28 +238,28 @@ def search(path: list[dict[str, int]], start: int, measure: Callable[[dict[str, 
     return low, trials
 
 
-def _calibration_feeds(model: ir.Model, calib, config: pipeline.ConvertConfig) -> list[dict[str, np.ndarray]]:
+def _calibration_feeds(model: ir.Model, calib, config: stages.ConvertConfig) -> list[dict[str, np.ndarray]]:
     limit = min(config.refine_samples, config.calib_limit or config.refine_samples)
     dataset = Dataset(calib, model_inputs(model), options=config.image, batch_size=config.calib_batch_size, limit=limit)
     return [feed for feed, _ in dataset]
 
 
-def convert_auto(model, config: pipeline.ConvertConfig, *, calib, data=None, calibration_cache=None, on_step: Step | None = None) -> pipeline.Conversion:
+def convert_auto(model, config: stages.ConvertConfig, *, calib, data=None, calibration_cache=None, on_step: Step | None = None) -> stages.Conversion:
     """The smallest mixed-N conversion measured within config.max_drop (see the module docstring)."""
     if calib is None:
         raise FgqError("--n auto measures each layer's sensitivity on calibration data: give --calib")
     calib = layerwise.replayable(calib)
-    ir_model, _ = pipeline.load_model(model, pipeline.REQUIRED_OPSET[config.weight_storage])
+    ir_model, _ = stages.load_model(model, stages.REQUIRED_OPSET[config.weight_storage])
     if data is not None:
         try:  # labels checked before the slow work
             Dataset(data, model_inputs(ir_model), options=config.image, labelled=True)
         except FgqError as error:
             raise FgqError(f"--n auto measures top-1 on --data, so it needs labels: {error}") from None
     feeds = _calibration_feeds(ir_model, calib, config)
-    prepared = pipeline.infer_shapes(pipeline.prepare(ir_model), pipeline.Report())
+    prepared = stages.infer_shapes(stages.prepare(ir_model), stages.Report())
     layers = sensitivity(prepared, feeds, config, on_step)
     path, start = plan_path(layers)
-    cache = calibration_cache or pipeline.collect_calibration(model, calib, config)
+    cache = calibration_cache or stages.collect_calibration(model, calib, config)
     smallest = config.auto_ns[0]
     best: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="fgq-auto-") as folder:
@@ -268,9 +268,9 @@ def convert_auto(model, config: pipeline.ConvertConfig, *, calib, data=None, cal
         judge = _Top1Drop(fp32, data, config) if data is not None else _Disagreement(fp32, feeds)
 
         def measure(plan: dict[str, int]) -> float:
-            conversion = pipeline.convert(model, replace(config, n=smallest, max_drop=None, layer_n=plan), calib=calib, calibration_cache=cache)
+            conversion = stages.convert_fixed(model, replace(config, n=smallest, max_drop=None, layer_n=plan), calib=calib, calibration_cache=cache)
             candidate = Path(folder) / "candidate.onnx"
-            pipeline.save(conversion.model, candidate)
+            stages.save(conversion.model, candidate)
             drop = judge(candidate)
             if within(drop, config.max_drop) and plan_bytes(plan, layers) < best.get("bytes", float("inf")):
                 best.update(bytes=plan_bytes(plan, layers), conversion=conversion)
@@ -283,7 +283,7 @@ def convert_auto(model, config: pipeline.ConvertConfig, *, calib, data=None, cal
         raise FgqError(f"no plan loses at most {config.max_drop} points ({judge.description}): the best tried, {describe_plan(closest.plan)}, loses {closest.drop:.2f}")
     conversion = best["conversion"]  # the smallest plan within budget: the one at `chosen`
     _record(conversion.report, config, judge.description, layers, path, chosen, drops, trials)
-    pipeline.stamp(conversion.model, conversion.report)  # the model's metadata says n=auto too (each node has its own N)
+    stages.stamp(conversion.model, conversion.report)  # the model's metadata says n=auto too (each node has its own N)
     return conversion
 
 

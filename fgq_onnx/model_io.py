@@ -11,7 +11,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,40 @@ MIN_IR_VERSION = 3
 MIN_OPSET = 7
 # Models over protobuf's 2 GB limit must keep their weights in external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block ends, then raise it: files the block writes get closed, folders made whole.
+
+    A KeyboardInterrupt can otherwise land between a library's open() and its `with`, leaving the file to the
+    garbage collector (an "unclosed file" warning). Only the main thread receives signals; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and callable(previous):
+        previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def temporary_folder(prefix: str) -> Iterator[Path]:
+    """A temporary folder that is gone when the block ends, however it ends: a Ctrl-C waits for its creation and removal."""
+    folder = None
+    try:
+        with interrupts_deferred():
+            folder = Path(tempfile.mkdtemp(prefix=prefix))
+        yield folder
+    finally:
+        if folder is not None:
+            with interrupts_deferred():
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def sha256_of(path: Path) -> str:
@@ -160,7 +198,7 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto, 
         return model, False
     try:
         return onnx.version_converter.convert_version(model, opset), True
-    except Exception as error:  # the converter raises many types
+    except Exception as error:  # noqa: BLE001 - the converter raises many types
         raise FgqError(f"cannot upgrade the model from opset {current} to {opset}: {str(error).splitlines()[0]}") from None
 
 
@@ -168,7 +206,7 @@ def to_ir(model: onnx.ModelProto, base_dir: Path) -> ir.Model:
     """Proto -> onnx-ir model whose external tensors load lazily from base_dir."""
     try:
         ir_model = ir.serde.deserialize_model(model)
-    except Exception as error:  # onnx-ir wraps what it finds (duplicate outputs, bad types, ...) in SerdeError
+    except Exception as error:  # noqa: BLE001 - onnx-ir wraps what it finds (duplicate outputs, bad types, ...) in SerdeError
         raise FgqError(f"the model's graph is malformed: {_innermost(error)}") from None
     try:
         ir_model.graph.sort()  # nodes in dependency order, as the passes expect
@@ -221,7 +259,7 @@ def _model_data_files(path: Path) -> set[Path]:
     """The external data files a model file refers to (none if it does not parse)."""
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not a model: the conversion reports that itself
+    except Exception:  # noqa: BLE001 - not a model: the conversion reports that itself
         return set()
     files = set()
     for tensor in _tensors(model):

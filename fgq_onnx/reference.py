@@ -17,8 +17,8 @@ import onnx_ir as ir
 
 from fgq_onnx.passes.insert_activation_qdq import ActivationQuant, InsertActivationQdqPass
 from fgq_onnx.passes.ternarize_weights import REQUIRED_OPSET, TERNARY_MARK
-from fgq_onnx.pipeline import load_model, prepare
 from fgq_onnx.report import Report
+from fgq_onnx.stages import load_model, prepare
 
 
 def activation_only(model: str | Path | onnx.ModelProto | ir.Model, report: Report) -> ir.Model:

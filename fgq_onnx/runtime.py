@@ -10,6 +10,7 @@ moment only.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import pathlib
 import threading
@@ -31,21 +32,36 @@ class RuntimeLibraryError(FgqError):
     """The custom-op library is missing, cannot be loaded, or rejected an option (an FgqError: the CLI prints it)."""
 
 
-def library_path() -> pathlib.Path:
-    """Path of the custom-op library: $FGQ_OPS_LIBRARY, else the one installed in this package."""
+def library_path() -> str:
+    """Path of the custom-op library, as the str SessionOptions.register_custom_ops_library takes.
+
+    $FGQ_OPS_LIBRARY if set, else the one installed beside this module, else (when this module is
+    imported from a source checkout, which shadows the installed package) the installed distribution's.
+    """
     override = os.environ.get(LIBRARY_ENV)
     if override:
         path = pathlib.Path(override)
         if not path.is_file():
             raise RuntimeLibraryError(f"{LIBRARY_ENV}={override} is not a file")
-        return path.resolve()
-    path = pathlib.Path(__file__).resolve().parent / _LIBRARY_NAME
-    if not path.is_file():
-        raise RuntimeLibraryError(
-            f"the custom-op library {_LIBRARY_NAME} is not built (looked in {path.parent}); "
-            f"install the package with `pip install .` or set {LIBRARY_ENV}"
-        )
-    return path
+        return str(path.resolve())
+    here = pathlib.Path(__file__).resolve().parent
+    for path in (here / _LIBRARY_NAME, _installed_library()):
+        if path is not None and path.is_file():
+            return str(path)
+    raise RuntimeLibraryError(
+        f"the custom-op library {_LIBRARY_NAME} is not built (looked in {here} and in the installed fgq-onnx); "
+        f"install the package with `pip install .` or set {LIBRARY_ENV}"
+    )
+
+
+def _installed_library() -> pathlib.Path | None:
+    """The library in the installed fgq-onnx distribution, if one is installed."""
+    try:
+        distribution = importlib.metadata.distribution("fgq-onnx")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    recorded = [file for file in distribution.files or () if file.name == _LIBRARY_NAME]  # its RECORD: normal or editable
+    return pathlib.Path(str(distribution.locate_file(recorded[0]))).resolve() if recorded else None
 
 
 @contextlib.contextmanager
@@ -82,7 +98,7 @@ def session_options(
         opts.graph_optimization_level = graph_optimization_level
     path = library_path()
     try:
-        opts.register_custom_ops_library(str(path))
+        opts.register_custom_ops_library(path)
     except Exception as error:  # onnxruntime raises its own exception types
         raise RuntimeLibraryError(f"cannot load {path}: {error}") from error
     return opts

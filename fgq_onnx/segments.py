@@ -126,7 +126,7 @@ class SegmentRunner:
         options.log_severity_level = 3
         try:
             session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise FgqError(f"onnxruntime cannot run a piece of the model for calibration: {str(error).splitlines()[0]}") from None
         fetch = [names[id(v)] for v in outputs]
         results = [self._keep(v) for v in outputs]
@@ -134,7 +134,7 @@ class SegmentRunner:
             feed = {names[key]: self._store[key][batch] for key in inputs}
             try:
                 arrays = session.run(fetch, feed)
-            except Exception as error:  # onnxruntime raises its own exception types
+            except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
                 raise FgqError(f"the model failed on calibration data: {str(error).splitlines()[0]}") from None
             for store, array in zip(results, arrays):
                 store.append(array)

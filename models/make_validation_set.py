@@ -16,7 +16,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-
 from train_fashion_mnist import load_split, to_input
 
 HERE = Path(__file__).resolve().parent

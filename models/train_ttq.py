@@ -39,7 +39,6 @@ import onnx
 import torch
 import torch.nn as nn
 from onnx import numpy_helper
-
 from train_fashion_mnist import SmallResNet, export_onnx, load_split, op_counts, ort_top1, to_input, torch_top1, train
 
 THRESHOLD = 0.05  # delta = THRESHOLD * max|w|, the paper's t
@@ -161,7 +160,7 @@ def main() -> None:
         layer.bake()
         values = np.unique(layer.weight.detach().numpy())
         assert len(values) <= 3, f"a baked layer has {len(values)} distinct values"
-    print("scales (W_p, W_n) per layer:", [(round(l.w_p.item(), 4), round(l.w_n.item(), 4)) for l in layers])
+    print("scales (W_p, W_n) per layer:", [(round(layer.w_p.item(), 4), round(layer.w_n.item(), 4)) for layer in layers])
     path = args.out_dir / "fashion_mnist_ttq.onnx"
     export_onnx(model, path, keep_batchnorm=False)
     ops = op_counts(path)

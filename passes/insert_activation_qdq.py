@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from fgq_onnx.graph_utils import add_initializer
+
 from .ternarize_weights import TERNARY_MARK
 
 

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common
 
 from fgq_onnx.channel_fold import sole_consumer_op
 from fgq_onnx.custom_op_functions import DOMAIN, OPS, function_protos, overload_name
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, int_attr
-from fgq_onnx.passes.fuse_residual_add import FuseResidualAddPass
 from fgq_onnx.packing import pack_rows
+from fgq_onnx.passes.fuse_residual_add import FuseResidualAddPass
 from fgq_onnx.ternary import GroupLayout
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 CALIB = 16  # calibration samples per case
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # exporter-made models (make_fixtures.py)
 
 
 @dataclass
@@ -250,13 +252,9 @@ def _torch_attention_class():
     return TorchAttention
 
 
-def torch_module(kind: str, dynamo: bool = False) -> Case:
-    """A torch model exported by torch.onnx.export (TorchScript, or dynamo: it needs onnxscript):
-    "cnn" (Conv+BN, depthwise, Linear) or "attention" (a transformer block)."""
-    if dynamo:
-        import pytest
-
-        pytest.importorskip("onnxscript")
+def export_torch_module(kind: str, dynamo: bool = False) -> onnx.ModelProto:
+    """A torch model exported live by torch.onnx.export (TorchScript, or dynamo: it needs onnxscript):
+    "cnn" (Conv+BN, depthwise, Linear) or "attention" (a transformer block). Needs torch."""
     import torch
     from torch import nn
 
@@ -268,13 +266,9 @@ def torch_module(kind: str, dynamo: bool = False) -> Case:
             nn.Conv2d(16, 32, 1, groups=4), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
         example, axes = torch.rand(2, 3, 16, 16), {"x": {0: "batch", 2: "h", 3: "w"}}
-        calib = {"x": _images(10, CALIB, 3, 16, 16)}
-        extra = [{"x": _images(11, 3, 3, 20, 12)}]
     else:
         net = _torch_attention_class()(32)
         example, axes = torch.randn(2, 6, 32), {"x": {0: "batch", 1: "seq"}}
-        calib = {"x": _rng(12).standard_normal((CALIB, 6, 32)).astype(np.float32)}
-        extra = [{"x": _rng(13).standard_normal((3, 9, 32)).astype(np.float32)}]
     net.eval()
     if kind == "cnn":  # non-trivial BatchNorm statistics, as after training
         for module in net.modules():
@@ -285,12 +279,33 @@ def torch_module(kind: str, dynamo: bool = False) -> Case:
         with torch.no_grad():
             program = torch.onnx.export(net, (example,), input_names=["x"], output_names=["y"], dynamic_axes={**axes, "y": {0: "batch"}},
                                         dynamo=True, external_data=False)
-        return Case(f"torch_dynamo_{kind}", program.model_proto, calib, extra)
+        return program.model_proto
     buffer = io.BytesIO()
     with torch.no_grad():
         torch.onnx.export(net, (example,), buffer, input_names=["x"], output_names=["y"], dynamic_axes={**axes, "y": {0: "batch"}},
                           opset_version=17, dynamo=False)
-    return Case(f"torch_{kind}", onnx.load_from_string(buffer.getvalue()), calib, extra)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def torch_fixture_name(kind: str, dynamo: bool = False) -> str:
+    return f"torch_dynamo_{kind}" if dynamo else f"torch_{kind}"
+
+
+def torch_module(kind: str, dynamo: bool = False) -> Case:
+    """export_torch_module's model as committed in tests/fixtures/ (made by tests/fixtures/make_fixtures.py),
+    so that the corpus runs without torch; tests/test_fixtures.py checks them against a live export."""
+    name = torch_fixture_name(kind, dynamo)
+    model = onnx.load(str(FIXTURES / f"{name}.onnx"))
+    if kind == "cnn":
+        calib = {"x": _images(10, CALIB, 3, 16, 16)}
+        extra = [{"x": _images(11, 3, 3, 20, 12)}]
+    else:
+        calib = {"x": _rng(12).standard_normal((CALIB, 6, 32)).astype(np.float32)}
+        extra = [{"x": _rng(13).standard_normal((3, 9, 32)).astype(np.float32)}]
+    return Case(name, model, calib, extra)
+
+
+TORCH_FIXTURES = {torch_fixture_name(kind, dynamo): (kind, dynamo) for dynamo in (False, True) for kind in ("cnn", "attention")}
 
 
 CASES: dict[str, Callable[[], Case]] = {

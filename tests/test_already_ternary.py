@@ -172,7 +172,7 @@ def test_weights_only_conversion_is_exact(case, scale_format):
     source = build()
     x = np.random.default_rng(3).uniform(-1, 1, shape).astype(np.float32)
     model, report = convert(source, n=4, act_bits=0, scale_format=scale_format)
-    assert report.converted and all(layer.method == "already_ternary" for layer in report.converted), [(l.node, l.reason) for l in report.layers]
+    assert report.converted and all(layer.method == "already_ternary" for layer in report.converted), [(layer.node, layer.reason) for layer in report.layers]
     assert all("already ternary: exact" in layer.reason for layer in report.converted)
     assert all(layer.sqnr_db == float("inf") for layer in report.converted)
     for layer in report.converted:  # scales constant over a row: one group a row, whatever --n says

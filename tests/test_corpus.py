@@ -24,7 +24,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import corpus  # noqa: E402
-
 import fgq_onnx  # noqa: E402
 
 # Least output cosine against fp32 per case (random weights at N=4 lose more than trained ones;

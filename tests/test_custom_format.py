@@ -16,8 +16,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from fgq_onnx.pipeline import convert
 from fgq_onnx.passes.use_custom_ops import DOMAIN, UseCustomOpsPass
+from fgq_onnx.pipeline import convert
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "models" / "fashion_mnist_resnet.onnx"

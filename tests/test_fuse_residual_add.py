@@ -13,12 +13,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from ir_models import make_model
 from test_custom_format import EMBEDDED, EMBEDDED_CALIB, EMBEDDED_TEST, _basic_session, _kernel_session
 
 from fgq_onnx.custom_op_functions import DOMAIN, INPUTS
 from fgq_onnx.passes.use_custom_ops import UseCustomOpsPass, to_custom_ops
 from fgq_onnx.pipeline import convert
+from ir_models import make_model
 
 
 def _custom(qdq: ir.Model, fuse: bool) -> onnx.ModelProto:

@@ -29,7 +29,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent))
 import corpus  # noqa: E402
-
 import fgq_onnx  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FGQ_FUZZ_EXAMPLES", "40"))
@@ -52,6 +51,7 @@ class Worker:
 
     def ask(self, request: dict) -> dict:
         if self.process is None or self.process.poll() is not None:
+            self.close()  # a crashed worker's pipes and log
             self._start()
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
@@ -67,9 +67,16 @@ class Worker:
         return json.loads(line)
 
     def close(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        """Stop the process and close its pipes and log: left to the garbage collector, they would warn
+        ('unclosed file') at some later moment, on the stderr of whatever CLI test runs then."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
             self.process.kill()
-            self.process.wait()
+        self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout, self.stderr):
+            stream.close()
+        self.process = None
 
 
 @pytest.fixture(scope="module")

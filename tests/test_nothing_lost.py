@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 
 import fgq_onnx
 
@@ -50,6 +51,31 @@ def test_ctrl_c_during_calibration(kit, tmp_path):
     assert "Traceback" not in stderr + stdout
     assert kit.listing(work) == before
     assert not list(temp.glob("fgq-*")) and not list(temp.rglob("*.onnx")), "temporary files left behind"  # (onnxruntime leaves a .ses id file)
+
+
+def test_ctrl_c_waits_for_the_file_being_written_then_stops(tmp_path):
+    """A SIGINT while a block writes is held until the block ends (its file closed), then raised as KeyboardInterrupt."""
+    from fgq_onnx import model_io
+
+    stream = None
+    with pytest.raises(KeyboardInterrupt), model_io.interrupts_deferred():
+        stream = open(tmp_path / "f.bin", "wb")  # noqa: SIM115 - closed inside the block on purpose
+        os.kill(os.getpid(), signal.SIGINT)
+        stream.write(b"complete")
+        stream.close()
+    assert stream is not None and stream.closed and (tmp_path / "f.bin").read_bytes() == b"complete"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is Python's again
+
+
+def test_temporary_folder_is_removed_when_interrupted(tmp_path, monkeypatch):
+    from fgq_onnx import model_io
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    with pytest.raises(KeyboardInterrupt), model_io.temporary_folder("fgq-test-") as folder:
+        (folder / "calibration.onnx").write_bytes(b"x")
+        os.kill(os.getpid(), signal.SIGINT)
+    assert folder.parent == tmp_path and not folder.exists()
 
 
 def test_failure_mid_run_says_what_was_done(cli, kit, tmp_path, cnn_path, calib_npz, monkeypatch):

@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from test_runtime_helpers import build_model, library_or_skip  # noqa: E402
-
 from fgq_onnx.packing import pack_rows, unpack_rows  # noqa: E402
+from test_runtime_helpers import build_model, library_or_skip  # noqa: E402
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "packed_cases.json"
 CASES = json.loads(GOLDEN.read_text())["cases"]

@@ -5,7 +5,16 @@ import itertools
 import numpy as np
 import pytest
 
-from fgq_onnx.ternary import GroupLayout, Method, dequantize, solve_asymmetric, solve_exact, solve_twn, sqnr_db, ternarize
+from fgq_onnx.ternary import (
+    GroupLayout,
+    Method,
+    dequantize,
+    solve_asymmetric,
+    solve_exact,
+    solve_twn,
+    sqnr_db,
+    ternarize,
+)
 
 
 def brute_force_error(groups: np.ndarray, asymmetric: bool = False) -> np.ndarray:
