@@ -175,7 +175,18 @@ def to_ir(model: onnx.ModelProto, base_dir: Path) -> ir.Model:
     except ValueError:
         raise FgqError("the model's graph has a cycle: a node depends on its own output") from None
     ir.external_data.set_base_dir(ir_model.graph, str(base_dir))
+    _negative_dims_to_dynamic(ir_model)
     return ir_model
+
+
+def _negative_dims_to_dynamic(model: ir.Model) -> None:
+    """Declared shapes with a dimension of -1 (Paddle's 'any size') get an unnamed dynamic dimension instead."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        values = [*graph.inputs, *graph.outputs, *(v for node in graph for v in node.outputs)]
+        for value in values:
+            shape = value.shape
+            if shape is not None and any(isinstance(d, int) and d < 0 for d in shape):
+                value.shape = ir.Shape([None if isinstance(d, int) and d < 0 else d for d in shape])
 
 
 def _innermost(error: BaseException) -> str:

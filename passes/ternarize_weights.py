@@ -40,6 +40,31 @@ def weight_layout(node: ir.Node, shape: tuple[int, ...], n: int) -> tuple[GroupL
     return GroupLayout(shape, axis=0, n=n), "inputs"
 
 
+def narrow_conv_group_size(node: ir.Node, weight: np.ndarray, n: int, method: Method) -> tuple[int, str]:
+    """The group size for `node`'s weight, with a note when a narrow Conv gets channel groups instead of N.
+
+    A Conv with fewer input channels per group than N (a 1- or 3-channel stem,
+    a depthwise layer) can take groups of N along the whole flattened filter,
+    or groups of its C/group channels at each kernel tap (C/group = 1: one
+    scale per weight, which u8 scales make an 8-bit weight). It gets the one
+    whose ternary weight has the higher SQNR (ties: whole-filter groups, the
+    smaller); on the Fashion-MNIST ResNet's 1-channel stem whole-filter groups
+    of 4 alone cost 14 points of top-1.
+    """
+    channels = weight.shape[1] if node.op_type == "Conv" and weight.ndim >= 3 else n
+    if channels >= n:
+        return n, ""
+    whole = ternarize(weight, weight_layout(node, weight.shape, n)[0], method).sqnr_db(weight)
+    per_tap = ternarize(weight, weight_layout(node, weight.shape, channels)[0], method).sqnr_db(weight)
+    if per_tap <= whole:
+        return n, ""
+    return channels, f"groups of its {channels} input channel(s) per kernel tap, not of N={n} along the filter: weight SQNR {_db(per_tap)} vs {_db(whole)}"
+
+
+def _db(value: float) -> str:
+    return f"{value:.1f} dB" if np.isfinite(value) else "exact"
+
+
 def structural_skip_reason(node: ir.Node) -> str | None:
     """Why a linear node's weight cannot be ternarized, or None if it can."""
     if len(node.inputs) < 2 or node.inputs[1] is None:
@@ -166,11 +191,15 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
     the model was trained ternary and the float layers it has (its first and
     last, as in TTQ) stay float too, unless `trained_float_stays_float` is False.
 
+    A Conv with fewer input channels per group than N gets the grouping of
+    narrow_conv_group_size; with `narrow_conv_groups` False, always groups
+    of N along its whole filter.
+
     Requires: the default-domain opset the storage needs; weights as
     initializers (lift Constant nodes first).
     """
 
-    def __init__(self, n: int | Callable[[ir.Node], int], method: Method = Method.EXACT, storage: str = "int2", skip: Callable[[ir.Node], str | None] | None = None, scale_format: str = "f32", trained_float_stays_float: bool = True):
+    def __init__(self, n: int | Callable[[ir.Node], int], method: Method = Method.EXACT, storage: str = "int2", skip: Callable[[ir.Node], str | None] | None = None, scale_format: str = "f32", trained_float_stays_float: bool = True, narrow_conv_groups: bool = True):
         super().__init__()
         if not callable(n) and n < 2:
             raise ValueError(f"group size N must be at least 2, got {n}")
@@ -182,6 +211,7 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         self.method, self.storage, self.scale_format = Method(method), storage, scale_format
         self.skip = skip or (lambda node: None)
         self.trained_float_stays_float = trained_float_stays_float
+        self.narrow_conv_groups = narrow_conv_groups
         self.exact: dict[tuple[int, int, int], already_ternary.AlreadyTernary] = {}
         self.trained_ternary = False  # most of the weights are already ternary
         self.records: list[LayerRecord] = []
@@ -229,6 +259,9 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         array = np.asarray(weight.const_value.numpy(), dtype=np.float32)  # no copy of a (memory-mapped) float32 weight
         exact = self.exact.get((id(node.graph), id(weight), n))
         n = exact.weight.layout.n if exact is not None else n  # one group a row where the trained scales allow
+        narrow_note = ""
+        if exact is None and self.narrow_conv_groups:
+            n, narrow_note = narrow_conv_group_size(node, array, n, self.method)
         layout, grouping = weight_layout(node, array.shape, n)
         if exact is not None:  # keep the trained codes and scales: fitting again could only lose
             ternary = exact.weight
@@ -246,7 +279,7 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         record.code_bytes = -(-array.size * (2 if self.storage == "int2" else 8) // 8)
         record.scale_bytes = sum(s.values.size * dtype.itemsize if s.format == "f32" else s.nbytes for s in stored)
         record.sqnr_db = TernaryWeight(layout, ternary.codes, *(s.decoded for s in stored)).sqnr_db(array, dtype)  # exactly what the graph computes
-        notes = []
+        notes = [narrow_note]
         if exact is not None:
             record.already_ternary = f"exact ({exact.describe()})"
             notes += [f"already ternary: {record.already_ternary}", storage_note]
