@@ -103,11 +103,24 @@ def print_report(report: Report) -> None:
     ]
     if report.calibration:
         rows.append(("calibration", ", ".join(f"{k}={v}" for k, v in report.calibration.items())))
+    rows += _fidelity_rows(report)
     for row in rows:
         totals.add_row(*row)
     out.print(totals)
     for note in report.notes:
         out.print(f"note: {escape(note)}", highlight=False)
+
+
+def _fidelity_rows(report: Report) -> list[tuple[str, str]]:
+    """One row per output: the converted model against the source on held-out samples."""
+    fidelity = report.fidelity
+    if fidelity.skipped:
+        return [("fidelity", f"not measured: {fidelity.skipped}")]
+    rows = []
+    for result in fidelity.outputs:
+        agreement = f", top-1 agreement {100 * result.top1_agreement:.1f}%" if result.top1_agreement is not None else ""
+        rows.append((f"fidelity of '{result.output}'", f"SQNR {_db(result.sqnr_db)}, cosine {result.cosine:.4f}{agreement} ({fidelity.samples} held-out samples)"))
+    return rows
 
 
 def print_json(payload: dict) -> None:

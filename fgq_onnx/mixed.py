@@ -256,7 +256,7 @@ def convert_auto(model, config: stages.ConvertConfig, *, calib, data=None, calib
         except FgqError as error:
             raise FgqError(f"--n auto measures top-1 on --data, so it needs labels: {error}") from None
     feeds = _calibration_feeds(ir_model, calib, config)
-    prepared = stages.infer_shapes(stages.prepare(ir_model), stages.Report())
+    prepared = stages.infer_shapes(stages.prepare(ir_model, dequantize=not config.keep_quantized_weights), stages.Report())
     layers = sensitivity(prepared, feeds, config, on_step)
     path, start = plan_path(layers)
     cache = calibration_cache or stages.collect_calibration(model, calib, config)

@@ -20,10 +20,11 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from fgq_onnx import __version__, layerwise, model_io
+from fgq_onnx import __version__, fidelity, layerwise, model_io
 from fgq_onnx.calibration import AbsHistogram, ActivationObserver, CalibMethod, non_negative_by_construction, threshold
-from fgq_onnx.data import Dataset, ImageOptions, model_inputs
+from fgq_onnx.data import Dataset, ImageOptions, Split, model_inputs
 from fgq_onnx.errors import FgqError, fgq_error_in
+from fgq_onnx.passes.dequantize_weights import DequantizeWeightsPass
 from fgq_onnx.passes.fold_batchnorm import FoldBatchNormPass
 from fgq_onnx.passes.fold_scale_mul import FoldScaleMulPass
 from fgq_onnx.passes.insert_activation_qdq import ActivationQuant, InsertActivationQdqPass
@@ -57,6 +58,7 @@ class ConvertConfig:
     op_types: tuple[str, ...] = LINEAR_OPS
     keep_first_last: bool = False
     ternarize_float_layers: bool = False  # in a model with already-ternary weights, its float layers stay float unless set
+    keep_quantized_weights: bool = False  # integer-coded weights (DequantizeLinear, Cast*Mul) stay as they are, not ternarized
     format: OutputFormat = OutputFormat.CUSTOM
     weight_storage: str = "int2"
     scale_format: str = "u8"  # group scales: f32, f16, or u8 codes under a float32 row scale (docs/packed-format.md)
@@ -110,6 +112,7 @@ class ConvertConfig:
             "scale_format": self.scale_format,
             "bias_correction": self.bias_correction,
             "ternarize_float_layers": self.ternarize_float_layers,
+            "keep_quantized_weights": self.keep_quantized_weights,
         }
 
 
@@ -202,14 +205,35 @@ def infer_shapes(model: ir.Model, report: Report) -> ir.Model:
         return model
 
 
-def prepare(model: ir.Model) -> ir.Model:
-    """Constants lifted to initializers, initializers out of the inputs, scale Muls and BatchNorm folded."""
+def prepare(model: ir.Model, dequantize: bool = True) -> ir.Model:
+    """Constants lifted to initializers, initializers out of the inputs, integer-coded weights decoded
+    (unless not `dequantize`), scale Muls and BatchNorm folded."""
     return ir.passes.PassManager([
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0),
         common.RemoveInitializersFromInputsPass(),
+        *([DequantizeWeightsPass()] if dequantize else []),
         FoldScaleMulPass(),  # before BatchNorm: Conv -> Mul -> BatchNorm then folds twice
         FoldBatchNormPass(),
     ])(model).model
+
+
+def open_data(calib, model: ir.Model, config: ConvertConfig) -> tuple[Dataset, Dataset | None]:
+    """The calibration data and the samples held out of it to measure fidelity (None when there are none).
+
+    One sample in fidelity.HOLDOUT_EVERY of a folder or .npz is held out
+    (at most fidelity.HOLDOUT_LIMIT of them); ranges, correction and fitting
+    read only the rest. A CalibrationDataReader is read whole: nothing held out.
+    """
+    source, inputs = layerwise.replayable(calib), model_inputs(model)
+    options = {"options": config.image, "batch_size": config.calib_batch_size}
+    if hasattr(source, "get_next"):
+        return Dataset(source, inputs, limit=config.calib_limit, **options), None
+    every = min(fidelity.HOLDOUT_EVERY, Dataset(source, inputs, **options).total)
+    if every < 2:  # one sample: it calibrates
+        return Dataset(source, inputs, limit=config.calib_limit, **options), None
+    held_out = Dataset(source, inputs, limit=fidelity.HOLDOUT_LIMIT, split=Split(every, held_out=True), **options)
+    calibration = Dataset(source, inputs, limit=config.calib_limit, split=Split(every, held_out=False), **options)
+    return calibration, held_out if held_out.size else None
 
 
 def collect_calibration(
@@ -227,8 +251,8 @@ def collect_calibration(
     """
     config = replace(config or ConvertConfig(), **settings) if settings else (config or ConvertConfig())
     ir_model, _ = load_model(model, REQUIRED_OPSET[config.weight_storage])
-    dataset = Dataset(layerwise.replayable(calib), model_inputs(ir_model), options=config.image, batch_size=config.calib_batch_size, limit=config.calib_limit)
-    ir_model = prepare(ir_model)
+    dataset, _ = open_data(calib, ir_model, config)
+    ir_model = prepare(ir_model, dequantize=not config.keep_quantized_weights)
     targets = {
         node.inputs[0].name: node.inputs[0]
         for node in ir_model.graph
@@ -332,15 +356,15 @@ def _convert(
         raise FgqError("activation quantization needs calibration data (--calib), or use --act-bits 0 for weights only")
     ir_model, report = load_model(model, REQUIRED_OPSET[config.weight_storage])
     report.settings.update(config.settings())
-    dataset = None
+    dataset = held_out = None
     if config.method is Method.FIT and calib is None:
         raise FgqError("--method fit fits weights to calibration data: give --calib")
-    if (config.act_bits and calibration_cache is None) or ((config.bias_correction or config.method is Method.FIT) and calib is not None):  # open the data now: a bad path should fail before the slow work
-        dataset = Dataset(layerwise.replayable(calib), model_inputs(ir_model), options=config.image, batch_size=config.calib_batch_size, limit=config.calib_limit)
+    if calib is not None:  # open the data now: a bad path should fail before the slow work
+        dataset, held_out = open_data(calib, ir_model, config)
     report.weight_bytes_before = model_io.weight_bytes(ir_model)
 
     ternarize = TernarizeWeightsPass(config.n_of, config.method, config.weight_storage, skip=skip_rule(config, ir_model), scale_format=config.scale_format, trained_float_stays_float=not config.ternarize_float_layers)
-    ir_model = prepare(ir_model)
+    ir_model = prepare(ir_model, dequantize=not config.keep_quantized_weights)
     ir_model = infer_shapes(ir_model, report)
     reference = None
     if (config.bias_correction or config.method is Method.FIT) and dataset is not None:
@@ -381,7 +405,20 @@ def _convert(
     ir_model.ir_version = max(ir_model.ir_version, _REQUIRED_IR[config.weight_storage])
     stamp(ir_model, report)
     report.weight_bytes_after = model_io.weight_bytes(ir_model)
+    progress.begin("the fidelity check on held-out samples")
+    report.fidelity = _fidelity(model, ir_model, calib, held_out)
     return Conversion(ir_model, report)
+
+
+def _fidelity(source, converted: ir.Model, calib, held_out: Dataset | None) -> fidelity.Fidelity:
+    """The converted model against the source on the held-out samples, or why it was not measured."""
+    if held_out is not None:
+        return fidelity.measure(source, converted, held_out)
+    if calib is None:
+        return fidelity.Fidelity(skipped="no calibration data (--calib) to hold samples out of")
+    if hasattr(calib, "get_next"):
+        return fidelity.Fidelity(skipped="a CalibrationDataReader is used whole for calibration: give a folder or an .npz to hold samples out")
+    return fidelity.Fidelity(skipped="too few calibration samples to hold any out")
 
 
 def _use_custom_ops(model: ir.Model, report: Report) -> ir.Model:

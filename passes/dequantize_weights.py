@@ -70,7 +70,7 @@ def cast_mul(node: ir.Node) -> tuple[np.ndarray, str] | None:
 
 
 def decode(value: ir.Value) -> tuple[np.ndarray, str] | None:
-    """(float weight, description) when `value` is decoded from constant integer codes; else None."""
+    """(float weight, e.g. "int8 weights (DequantizeLinear)") when `value` is decoded from constant integer codes; else None."""
     producer = value.producer()
     if producer is None or producer.domain not in DEFAULT_DOMAINS or len(producer.inputs) < 2:
         return None
@@ -80,7 +80,7 @@ def decode(value: ir.Value) -> tuple[np.ndarray, str] | None:
         found, how = cast_mul(producer), "Cast and Mul"
     else:
         return None
-    return None if found is None else (found[0], f"{found[1]} codes through {how}")
+    return None if found is None else (found[0], f"{found[1].lower()} weights ({how})")
 
 
 class DequantizeWeightsPass(ir.passes.InPlacePass):

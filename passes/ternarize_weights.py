@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from fgq_onnx import already_ternary
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, int_attr, unique_name
+from fgq_onnx.passes.dequantize_weights import DEQUANTIZED_MARK
 from fgq_onnx.report import LayerRecord
 from fgq_onnx.scales import SCALE_FORMATS, StoredScales, row_axis, store_scales
 from fgq_onnx.ternary import GroupLayout, Method, TernaryWeight, ternarize
@@ -279,7 +280,8 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         record.code_bytes = -(-array.size * (2 if self.storage == "int2" else 8) // 8)
         record.scale_bytes = sum(s.values.size * dtype.itemsize if s.format == "f32" else s.nbytes for s in stored)
         record.sqnr_db = TernaryWeight(layout, ternary.codes, *(s.decoded for s in stored)).sqnr_db(array, dtype)  # exactly what the graph computes
-        notes = [narrow_note]
+        record.source = weight.metadata_props.get(DEQUANTIZED_MARK, "")
+        notes = [f"from {record.source}" if record.source else "", narrow_note]
         if exact is not None:
             record.already_ternary = f"exact ({exact.describe()})"
             notes += [f"already ternary: {record.already_ternary}", storage_note]
@@ -339,6 +341,6 @@ def _drop_if_unused(graph: ir.Graph, weight: ir.Value) -> None:
 
 
 def _copy_result(source: LayerRecord, target: LayerRecord, note: str) -> None:
-    for name in ("converted", "n", "method", "grouping", "groups", "short_group", "sqnr_db", "code_bytes", "scale_bytes", "already_ternary"):
+    for name in ("converted", "n", "method", "grouping", "groups", "short_group", "sqnr_db", "code_bytes", "scale_bytes", "already_ternary", "source"):
         setattr(target, name, getattr(source, name))
     target.reason = note

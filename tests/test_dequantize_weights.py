@@ -72,7 +72,7 @@ def test_dequantize_linear_is_exact(codes, scale, zero, attrs):
     assert decoded.dtype == np.float32
     np.testing.assert_array_equal(decoded, expected)
     np.testing.assert_array_equal(decoded, _onnxruntime_weight(model))  # bit for bit what onnxruntime computes
-    assert how == f"{codes.dtype.name.upper()} codes through DequantizeLinear"
+    assert how == f"{codes.dtype.name} weights (DequantizeLinear)"
 
 
 @pytest.mark.parametrize("scale", [np.float32(0.02), RNG.uniform(1e-3, 0.1, 10).astype(np.float32)], ids=["per_tensor", "per_column"])
@@ -81,7 +81,7 @@ def test_cast_mul_is_exact(scale):
     decoded, how = _decoded(model)
     np.testing.assert_array_equal(decoded, CODES8.astype(np.float32) * scale)
     np.testing.assert_array_equal(decoded, _onnxruntime_weight(model))
-    assert how == "INT8 codes through Cast and Mul"
+    assert how == "int8 weights (Cast and Mul)"
 
 
 def test_scale_of_the_wrong_shape_is_left_alone():
