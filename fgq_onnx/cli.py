@@ -173,7 +173,8 @@ def convert(
         if result.report.search:
             console.print_search(result.report.search)
         out.print(f"wrote {output}", highlight=False)
-    warning = result.report.fidelity.warning()
+    worst = result.report.sqnr_worst
+    warning = result.report.fidelity.warning(result.report.settings, worst.node if worst else "")
     if warning:
         err.print(f"[yellow]warning[/yellow]: {escape(warning)}", highlight=False, soft_wrap=True)
 

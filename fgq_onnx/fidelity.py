@@ -51,18 +51,24 @@ class Fidelity:
     def main(self) -> OutputFidelity | None:
         return self.outputs[0] if self.outputs else None
 
-    def warning(self) -> str | None:
-        """One line when the main output is poor, with what to try; None when it is not."""
+    def warning(self, settings: dict[str, object], worst_layer: str = "") -> str | None:
+        """One line when the main output is poor, with what to try given the conversion's `settings`; else None."""
         main = self.main
         if main is None:
             return None
         disagrees = main.top1_agreement is not None and self.samples >= AGREEMENT_SAMPLES and main.top1_agreement < POOR_TOP1_AGREEMENT
-        poor = main.sqnr_db < POOR_SQNR_DB or disagrees
-        if not poor:
+        if main.sqnr_db >= POOR_SQNR_DB and not disagrees:
             return None
         agreement = f", top-1 agreement {100 * main.top1_agreement:.1f}%" if main.top1_agreement is not None else ""
+        tries = [
+            "--method fit" if settings.get("method") != "fit" else "",
+            "--bias-correction" if settings.get("bias_correction") is False else "",
+            "--act-bits 8" if settings.get("act_bits") == 4 else "",
+            "--n 4" if isinstance(settings.get("n"), int) and settings["n"] > 4 else "",
+            f"--exclude '{worst_layer}' (the worst weight SQNR) or the first and last layers (--keep-first-last)" if worst_layer else "",
+        ]
         return (f"poor fidelity on {self.samples} held-out samples: output '{main.output}' SQNR {main.sqnr_db:.1f} dB, cosine {main.cosine:.4f}"
-                f"{agreement}; try --method fit, a smaller --n (4 or 2), --exclude for the layers with the worst weight SQNR, or --act-bits 8")
+                f"{agreement}; try {', '.join(t for t in tries if t)}")
 
     def to_dict(self) -> dict[str, object]:
         if self.skipped:
