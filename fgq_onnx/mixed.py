@@ -240,7 +240,7 @@ def search(path: list[dict[str, int]], start: int, measure: Callable[[dict[str, 
 
 def _calibration_feeds(model: ir.Model, calib, config: stages.ConvertConfig) -> list[dict[str, np.ndarray]]:
     limit = min(config.refine_samples, config.calib_limit or config.refine_samples)
-    dataset = Dataset(calib, model_inputs(model), options=config.image, batch_size=config.calib_batch_size, limit=limit)
+    dataset, _ = stages.open_data(calib, model, replace(config, calib_limit=limit))  # the held-out samples stay unseen
     return [feed for feed, _ in dataset]
 
 
