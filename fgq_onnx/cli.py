@@ -122,6 +122,8 @@ def convert(
     model: Annotated[Path, typer.Argument(help="The fp32 ONNX model.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default: MODEL with .fgq.onnx).")] = None,
     n: Annotated[str, typer.Option("--n", help="Group size: one scale per N weights along the reduction axis; 'auto': one per layer, under --max-drop.")] = "4",
+    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", help="With --n auto, instead of --max-drop: the least SQNR (dB) of the output against the source model on held-out calibration samples.")] = None,
+    sqnr_output: Annotated[Optional[str], typer.Option("--sqnr-output", help="The output that fidelity and --min-sqnr are about (default: the first).")] = None,
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="With --n auto: points of top-1 the model may lose on --data (without --data: % of calibration samples whose top-1 changes).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="With --n auto: labelled data the budget is measured on (keep it apart from the test set).")] = None,
     method: Annotated[Method, typer.Option("--method", help="How codes and scales are chosen.")] = Method.EXACT,
@@ -155,7 +157,7 @@ def convert(
         if json_path.resolve() == output.resolve():
             raise FgqError(f"--json '{json_path}' is also the output model's path; choose another")
     config = pipeline.ConvertConfig(
-        n=_group_size(n), max_drop=max_drop, method=method, act_bits=act_bits, calib_method=calib_method, percentile=percentile,
+        n=_group_size(n), max_drop=max_drop, min_sqnr=min_sqnr, fidelity_output=sqnr_output, method=method, act_bits=act_bits, calib_method=calib_method, percentile=percentile,
         calib_batch_size=calib_batch_size, calib_limit=calib_limit, exclude=tuple(exclude or ()),
         op_types=tuple(t.strip() for t in op_types.split(",") if t.strip()), keep_first_last=keep_first_last,
         ternarize_float_layers=ternarize_float_layers, keep_quantized_weights=keep_quantized_weights,

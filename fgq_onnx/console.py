@@ -55,8 +55,8 @@ def search_progress(quiet: bool):
 
 def print_search(search: dict) -> None:
     """The --n auto search: the plans measured along the path and the one chosen."""
-    table = Table(title=f"Group sizes chosen under --max-drop {search['budget_points']} ({escape(search['measure'])})")
-    for column in ("plan", "weights", "drop (points)", "within budget"):
+    table = Table(title=f"Group sizes chosen under {search['budget']} ({escape(search['measure'])})")
+    for column in ("plan", "weights", "drop (points)" if search["budget"].startswith("--max-drop") else "dB short", "within budget"):
         table.add_column(column, justify="left" if column == "plan" else "right")
     for trial in sorted(search["trials"], key=lambda t: -t["weight_bytes"]):
         table.add_row(trial["summary"], fmt_bytes(trial["weight_bytes"]), f"{trial['drop_points']:.2f}", "yes" if trial["within_budget"] else "no")
@@ -64,9 +64,14 @@ def print_search(search: dict) -> None:
     out.print(
         f"chosen: {search['plan_summary']}, {fmt_bytes(search['weight_bytes'])} of codes and scales "
         f"(N={search['smallest_n']} everywhere: {fmt_bytes(search['uniform_smallest_n_bytes'])}), "
-        f"measured drop {search['drop_points']:.2f} points; the N of each layer is in the table above",
+        f"measured {_measured(search)}; the N of each layer is in the table above",
         highlight=False,
     )
+
+
+def _measured(search: dict) -> str:
+    value = search["drop_points"]
+    return f"drop {value:.2f} points" if search["budget"].startswith("--max-drop") else f"SQNR {value:.2f} dB short of the budget (negative: above it)"
 
 
 def fmt_bytes(count: int) -> str:

@@ -107,8 +107,8 @@ class _Agreement:
         return OutputFidelity(name, sqnr, cosine, top1)
 
 
-def measure(source: str | Path | onnx.ModelProto | ir.Model, converted: ir.Model, held_out) -> Fidelity:
-    """Run the source and the converted model on `held_out` batches and compare their float outputs."""
+def measure(source: str | Path | onnx.ModelProto | ir.Model, converted: ir.Model, held_out, main: str | None = None) -> Fidelity:
+    """Run the source and the converted model on `held_out` batches and compare their float outputs (`main` first)."""
     from fgq_onnx.evaluate import open_session  # evaluate imports the pipeline's modules: import when used
 
     with tempfile.TemporaryDirectory(prefix="fgq-fidelity-") as folder:
@@ -117,6 +117,10 @@ def measure(source: str | Path | onnx.ModelProto | ir.Model, converted: ir.Model
         ir.save(converted, converted_path, external_data="converted.onnx.data")
         reference, model = open_session(source_path), open_session(converted_path)
         names = [name for name in reference.outputs if name in model.outputs]
+        if main is not None:
+            if main not in names:
+                raise FgqError(f"the model has no output {main!r}; its outputs are {names}")
+            names = [main, *(name for name in names if name != main)]
         sums = {name: _Agreement() for name in names}
         samples = 0
         for feed, _ in held_out:

@@ -1,4 +1,8 @@
-"""Mixed group sizes under an accuracy budget: `--n auto --max-drop D`.
+"""Mixed group sizes under an accuracy budget: `--n auto --max-drop D`, or a fidelity one: `--n auto --min-sqnr DB`.
+
+Under --min-sqnr the proxy below is the output noise ratio instead of the KL,
+and a plan is measured by its output's SQNR on the held-out calibration
+samples (fgq_onnx/fidelity.py); "drop" then means dB short of the budget.
 
 Small groups (N=4) keep a layer accurate, large ones (N=64) make it smaller
 (2 bits per weight plus one scale per N weights). Layers differ in how much
@@ -72,6 +76,12 @@ def kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.mean(np.sum(np.exp(p) * (p - q), axis=1)))
 
 
+def noise_ratio(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """sum (reference - candidate)^2 / sum reference^2: the noise that --min-sqnr bounds (independent noises add)."""
+    reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
+    return float(np.sum((reference - candidate) ** 2) / max(float(np.sum(reference**2)), 1e-300))
+
+
 def _switchable(model: ir.Model, n: int, config: stages.ConvertConfig) -> tuple[ir.Model, dict[str, str], dict[str, int]]:
     """A copy of `model` whose convertible layers take Where(select, ternary at N, fp32) as weight.
 
@@ -102,8 +112,13 @@ def _switchable(model: ir.Model, n: int, config: stages.ConvertConfig) -> tuple[
 
 
 def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: stages.ConvertConfig, on_step: Step | None = None) -> list[LayerOptions]:
-    """KL added by each convertible layer alone at each N of config.auto_ns, and its bytes (model: prepared fp32)."""
-    output = model.graph.outputs[0].name
+    """KL (noise ratio under --min-sqnr) added by each convertible layer alone at each N of config.auto_ns,
+    and its bytes (model: prepared fp32)."""
+    output = config.fidelity_output or model.graph.outputs[0].name
+    names = [value.name for value in model.graph.outputs]
+    if output not in names:
+        raise FgqError(f"the model has no output {output!r}; its outputs are {names}")
+    cost = kl_divergence if config.min_sqnr is None else noise_ratio
     with tempfile.TemporaryDirectory(prefix="fgq-mixed-") as folder:
         session = session_with_outputs(model, [], Path(folder))
         reference = [session.run([output], feed)[0] for feed in feeds]
@@ -115,7 +130,7 @@ def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: sta
             for label, name in selectors.items():
                 runs = [session.run([output], {**feed, **off, name: np.array(True)})[0] for feed in feeds]
                 layer = layers.setdefault(label, LayerOptions(label))
-                layer.kl[n] = float(np.mean([kl_divergence(r, c) for r, c in zip(reference, runs)]))
+                layer.kl[n] = float(np.mean([cost(r, c) for r, c in zip(reference, runs)]))
                 layer.nbytes[n] = sizes[label]
                 if on_step:
                     on_step("sensitivity", 1, len(selectors) * len(config.auto_ns))
@@ -238,6 +253,20 @@ def search(path: list[dict[str, int]], start: int, measure: Callable[[dict[str, 
     return low, trials
 
 
+class _SqnrShortfall:
+    """dB by which a conversion's output SQNR on the held-out samples falls short of --min-sqnr (<= 0: within)."""
+
+    def __init__(self, config: stages.ConvertConfig):
+        self.min_sqnr = config.min_sqnr
+        self.description = f"dB short of --min-sqnr {config.min_sqnr} on held-out samples"
+
+    def __call__(self, conversion: stages.Conversion) -> float:
+        fidelity = conversion.report.fidelity
+        if fidelity.main is None:
+            raise FgqError(f"--min-sqnr is measured on held-out calibration samples, but none were: {fidelity.skipped}")
+        return self.min_sqnr - fidelity.main.sqnr_db
+
+
 def _calibration_feeds(model: ir.Model, calib, config: stages.ConvertConfig) -> list[dict[str, np.ndarray]]:
     limit = min(config.refine_samples, config.calib_limit or config.refine_samples)
     dataset, _ = stages.open_data(calib, model, replace(config, calib_limit=limit))  # the held-out samples stay unseen
@@ -265,22 +294,28 @@ def convert_auto(model, config: stages.ConvertConfig, *, calib, data=None, calib
     with tempfile.TemporaryDirectory(prefix="fgq-auto-") as folder:
         fp32 = Path(folder) / "fp32.onnx"
         ir.save(ir_model, fp32)
-        judge = _Top1Drop(fp32, data, config) if data is not None else _Disagreement(fp32, feeds)
+        sqnr = _SqnrShortfall(config) if config.min_sqnr is not None else None
+        judge = sqnr or (_Top1Drop(fp32, data, config) if data is not None else _Disagreement(fp32, feeds))
+        budget = 0.0 if sqnr else config.max_drop
 
         def measure(plan: dict[str, int]) -> float:
-            conversion = stages.convert_fixed(model, replace(config, n=smallest, max_drop=None, layer_n=plan), calib=calib, calibration_cache=cache)
-            candidate = Path(folder) / "candidate.onnx"
-            stages.save(conversion.model, candidate)
-            drop = judge(candidate)
-            if within(drop, config.max_drop) and plan_bytes(plan, layers) < best.get("bytes", float("inf")):
+            conversion = stages.convert_fixed(model, replace(config, n=smallest, max_drop=None, min_sqnr=None, layer_n=plan), calib=calib, calibration_cache=cache)
+            if sqnr:
+                drop = sqnr(conversion)
+            else:
+                candidate = Path(folder) / "candidate.onnx"
+                stages.save(conversion.model, candidate)
+                drop = judge(candidate)
+            if within(drop, budget) and plan_bytes(plan, layers) < best.get("bytes", float("inf")):
                 best.update(bytes=plan_bytes(plan, layers), conversion=conversion)
             return drop
 
-        chosen, drops = search(path, start, measure, config.max_drop, on_step)
-    trials = [Trial(path[i], plan_bytes(path[i], layers), drop, within(drop, config.max_drop)) for i, drop in sorted(drops.items())]
+        chosen, drops = search(path, start, measure, budget, on_step)
+    trials = [Trial(path[i], plan_bytes(path[i], layers), drop, within(drop, budget)) for i, drop in sorted(drops.items())]
     if chosen < 0:
         closest = min(trials, key=lambda t: t.drop)
-        raise FgqError(f"no plan loses at most {config.max_drop} points ({judge.description}): the best tried, {describe_plan(closest.plan)}, loses {closest.drop:.2f}")
+        limit = f"reaches {config.min_sqnr} dB" if sqnr else f"loses at most {config.max_drop} points"
+        raise FgqError(f"no plan {limit} ({judge.description}): the best tried, {describe_plan(closest.plan)}, is {closest.drop:.2f} off")
     conversion = best["conversion"]  # the smallest plan within budget: the one at `chosen`
     _record(conversion.report, config, judge.description, layers, path, chosen, drops, trials)
     stages.stamp(conversion.model, conversion.report)  # the model's metadata says n=auto too (each node has its own N)
@@ -294,8 +329,9 @@ def describe_plan(plan: dict[str, int]) -> str:
 
 
 def _record(report, config, measured, layers, path, chosen, drops, trials) -> None:
-    report.settings.update(n="auto", max_drop=config.max_drop)
+    report.settings.update(n="auto", **({"min_sqnr": config.min_sqnr} if config.min_sqnr is not None else {"max_drop": config.max_drop}))
     report.search = {
+        "budget": f"--min-sqnr {config.min_sqnr}" if config.min_sqnr is not None else f"--max-drop {config.max_drop}",
         "budget_points": config.max_drop,
         "measure": measured,
         "drop_points": drops[chosen],

@@ -66,6 +66,8 @@ class ConvertConfig:
     bias_correction: bool = True  # needs calibration data; skipped (with a note) without it
     refine_samples: int = 256  # calibration samples bias correction and fitting use (their memory grows with it)
     max_drop: float | None = None  # n="auto": points of top-1 the model may lose
+    min_sqnr: float | None = None  # n="auto", instead of max_drop: the least SQNR (dB) of the output on held-out samples
+    fidelity_output: str | None = None  # the output fidelity (and min_sqnr) is about; default: the first
     auto_ns: tuple[int, ...] = (4, 8, 16, 32, 64)  # n="auto": the group sizes a layer may get
     layer_n: tuple[tuple[str, int], ...] = ()  # per-layer N by node name (0: keep fp32), over `n`; what n="auto" chose
 
@@ -118,17 +120,19 @@ class ConvertConfig:
 
 def _check_group_sizes(config: ConvertConfig) -> None:
     if config.n == "auto":
-        if config.max_drop is None:
-            raise FgqError("--n auto needs --max-drop: the points of top-1 the model may lose")
-        if not math.isfinite(config.max_drop) or config.max_drop < 0:
+        if (config.max_drop is None) == (config.min_sqnr is None):
+            raise FgqError("--n auto needs one budget: --max-drop (points of top-1 the model may lose) or --min-sqnr (dB of the output)")
+        if config.min_sqnr is not None and not math.isfinite(config.min_sqnr):
+            raise FgqError(f"--min-sqnr must be a finite number of dB, got {config.min_sqnr}")
+        if config.max_drop is not None and (not math.isfinite(config.max_drop) or config.max_drop < 0):
             raise FgqError(f"--max-drop must be a number of points >= 0, got {config.max_drop}")
         if not config.auto_ns or min(config.auto_ns) < 2:
             raise FgqError(f"the group sizes --n auto chooses from must all be at least 2, got {list(config.auto_ns)}")
         return
     if isinstance(config.n, str) or config.n < 2:
         raise FgqError(f"--n must be 'auto' or at least 2 (one scale per group of N weights), got {config.n}")
-    if config.max_drop is not None:
-        raise FgqError("--max-drop only applies with --n auto")
+    if config.max_drop is not None or config.min_sqnr is not None:
+        raise FgqError(f"{'--max-drop' if config.max_drop is not None else '--min-sqnr'} only applies with --n auto")
     bad = [f"{name}={n}" for name, n in config.layer_n if n != 0 and n < 2]
     if bad:
         raise FgqError(f"per-layer group sizes must be at least 2 (or 0 to keep a layer fp32), got {', '.join(bad)}")
@@ -406,14 +410,14 @@ def _convert(
     stamp(ir_model, report)
     report.weight_bytes_after = model_io.weight_bytes(ir_model)
     progress.begin("the fidelity check on held-out samples")
-    report.fidelity = _fidelity(model, ir_model, calib, held_out)
+    report.fidelity = _fidelity(model, ir_model, calib, held_out, config.fidelity_output)
     return Conversion(ir_model, report)
 
 
-def _fidelity(source, converted: ir.Model, calib, held_out: Dataset | None) -> fidelity.Fidelity:
-    """The converted model against the source on the held-out samples, or why it was not measured."""
+def _fidelity(source, converted: ir.Model, calib, held_out: Dataset | None, main: str | None) -> fidelity.Fidelity:
+    """The converted model against the source on the held-out samples (`main` output first), or why it was not measured."""
     if held_out is not None:
-        return fidelity.measure(source, converted, held_out)
+        return fidelity.measure(source, converted, held_out, main)
     if calib is None:
         return fidelity.Fidelity(skipped="no calibration data (--calib) to hold samples out of")
     if hasattr(calib, "get_next"):

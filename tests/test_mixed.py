@@ -226,3 +226,36 @@ def test_custom_format_runs_a_mixed_plan_like_qdq(tiny):
     assert {n.name: n.attributes["N"].as_int() for n in custom.graph if n.op_type == "TernaryMatMul"} == {"mm0": 16, "mm1": 4, "mm2": 8}
     basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     np.testing.assert_allclose(run(custom, calib, basic), run(qdq, calib, basic), rtol=1e-5, atol=1e-6)
+
+
+def _sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
+    reference, actual = reference.astype(np.float64), actual.astype(np.float64)
+    return float(10 * np.log10(np.sum(reference**2) / np.sum((reference - actual) ** 2)))
+
+
+def test_min_sqnr_budget_holds_on_held_out_samples(tiny):
+    """--min-sqnr: each layer of the MLP is exact at its own N (EXACT_AT) and noisy above it, so a 40 dB budget
+    needs every layer at most at that N; the search returns a plan smaller than N=4 everywhere that holds it,
+    measured on held-out samples."""
+    folder, model, calib, test = tiny
+    budget = 40.0
+    converted, report = fgq_onnx.convert(folder / "mlp.onnx", n="auto", min_sqnr=budget, calib=folder / "calib.npz", **QUICK)
+    plan = report.search["plan"]
+    assert all(0 < plan[layer] <= exact for layer, exact in zip(LAYERS, EXACT_AT)) and plan["mm0"] == 64  # mm0: exact at any N
+    assert report.search["weight_bytes"] < report.search["uniform_smallest_n_bytes"]
+    assert report.fidelity.samples == len(calib) // 5 and report.fidelity.main.sqnr_db >= budget
+    assert report.search["drop_points"] == pytest.approx(budget - report.fidelity.main.sqnr_db)
+    assert _sqnr_db(run(model, test), run(converted, test, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)) >= budget  # on unseen data too
+    uniform, _ = fgq_onnx.convert(folder / "mlp.onnx", n=64, calib=folder / "calib.npz", **{k: v for k, v in QUICK.items() if k != "auto_ns"})
+    assert _sqnr_db(run(model, test), run(uniform, test, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)) < budget  # the budget binds
+    assert report.settings["min_sqnr"] == budget and "--min-sqnr" in report.search["budget"]
+
+
+def test_min_sqnr_needs_held_out_samples_and_one_budget(tiny):
+    folder, *_ = tiny
+    with pytest.raises(fgq_onnx.FgqError, match="one budget"):
+        fgq_onnx.convert(folder / "mlp.onnx", n="auto", min_sqnr=20.0, max_drop=1.0, calib=folder / "calib.npz", **QUICK)
+    with pytest.raises(fgq_onnx.FgqError, match="--min-sqnr only applies with --n auto"):
+        fgq_onnx.convert(folder / "mlp.onnx", n=4, min_sqnr=20.0, calib=folder / "calib.npz")
+    with pytest.raises(fgq_onnx.FgqError, match="no output 'nope'"):
+        fgq_onnx.convert(folder / "mlp.onnx", n="auto", min_sqnr=20.0, fidelity_output="nope", calib=folder / "calib.npz", **QUICK)
