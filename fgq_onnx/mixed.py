@@ -1,6 +1,7 @@
 """Mixed group sizes under an accuracy budget: `--n auto --max-drop D`, or a fidelity one: `--n auto --min-sqnr DB`.
 
-Under --min-sqnr the proxy below is the output noise ratio instead of the KL,
+Under --min-sqnr (with u8 scales) a layer may also get 8-bit weights (N=1: one
+u8 magnitude per weight under the row scale, an int8 row); the proxy below is the output noise ratio instead of the KL,
 and a plan is measured by its output's SQNR on the held-out calibration
 samples (fgq_onnx/fidelity.py); "drop" then means dB short of the budget.
 
@@ -49,6 +50,7 @@ from fgq_onnx.passes.ternarize_weights import TERNARY_MARK, TernarizeWeightsPass
 from fgq_onnx.ternary import Method
 
 KEEP = 0  # a plan's N for a layer kept fp32
+EIGHT_BIT = 1  # a plan's N for 8-bit weights: with u8 scales, groups of one are int8 weights under a row scale
 Step = Callable[[str, int, int | None], None]  # (phase, advance, total)
 
 
@@ -111,7 +113,8 @@ def _switchable(model: ir.Model, n: int, config: stages.ConvertConfig) -> tuple[
     return copy, selectors, sizes
 
 
-def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: stages.ConvertConfig, on_step: Step | None = None) -> list[LayerOptions]:
+def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: stages.ConvertConfig, on_step: Step | None = None,
+                ns: tuple[int, ...] | None = None) -> list[LayerOptions]:
     """KL (noise ratio under --min-sqnr) added by each convertible layer alone at each N of config.auto_ns,
     and its bytes (model: prepared fp32)."""
     output = config.fidelity_output or model.graph.outputs[0].name
@@ -119,11 +122,12 @@ def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: sta
     if output not in names:
         raise FgqError(f"the model has no output {output!r}; its outputs are {names}")
     cost = kl_divergence if config.min_sqnr is None else noise_ratio
+    ns = ns or config.auto_ns
     with tempfile.TemporaryDirectory(prefix="fgq-mixed-") as folder:
         session = session_with_outputs(model, [], Path(folder))
         reference = [session.run([output], feed)[0] for feed in feeds]
         layers: dict[str, LayerOptions] = {}
-        for n in config.auto_ns:
+        for n in ns:
             copy, selectors, sizes = _switchable(model, n, config)
             session = session_with_outputs(copy, [], Path(folder))
             off = {name: np.array(False) for name in selectors.values()}
@@ -133,7 +137,7 @@ def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: sta
                 layer.kl[n] = float(np.mean([cost(r, c) for r, c in zip(reference, runs)]))
                 layer.nbytes[n] = sizes[label]
                 if on_step:
-                    on_step("sensitivity", 1, len(selectors) * len(config.auto_ns))
+                    on_step("sensitivity", 1, len(selectors) * len(ns))
     weights = {node.name or node.outputs[0].name: node.inputs[1] for node in model.graph.all_nodes() if len(node.inputs) > 1}
     for layer in layers.values():
         layer.kl[KEEP], layer.nbytes[KEEP] = 0.0, weights[layer.label].const_value.nbytes
@@ -286,7 +290,8 @@ def convert_auto(model, config: stages.ConvertConfig, *, calib, data=None, calib
             raise FgqError(f"--n auto measures top-1 on --data, so it needs labels: {error}") from None
     feeds = _calibration_feeds(ir_model, calib, config)
     prepared = stages.infer_shapes(stages.prepare(ir_model, dequantize=not config.keep_quantized_weights), stages.Report())
-    layers = sensitivity(prepared, feeds, config, on_step)
+    eight_bit = config.min_sqnr is not None and config.scale_format == "u8"  # --min-sqnr may give a layer 8-bit weights
+    layers = sensitivity(prepared, feeds, config, on_step, (EIGHT_BIT, *config.auto_ns) if eight_bit else config.auto_ns)
     path, start = plan_path(layers)
     cache = calibration_cache or stages.collect_calibration(model, calib, config)
     smallest = config.auto_ns[0]
@@ -323,9 +328,10 @@ def convert_auto(model, config: stages.ConvertConfig, *, calib, data=None, calib
 
 
 def describe_plan(plan: dict[str, int]) -> str:
-    """'N=4 x3, N=16 x5, fp32 x1': how many layers got each N."""
+    """'8-bit x1, N=4 x3, N=16 x5, fp32 x1': how many layers got each N."""
     counts = {n: list(plan.values()).count(n) for n in sorted(set(plan.values()), key=lambda n: (n == KEEP, n))}
-    return ", ".join(f"{'fp32' if n == KEEP else f'N={n}'} x{count}" for n, count in counts.items())
+    names = {KEEP: "fp32", EIGHT_BIT: "8-bit"}
+    return ", ".join(f"{names.get(n, f'N={n}')} x{count}" for n, count in counts.items())
 
 
 def _record(report, config, measured, layers, path, chosen, drops, trials) -> None:

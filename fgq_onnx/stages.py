@@ -133,9 +133,9 @@ def _check_group_sizes(config: ConvertConfig) -> None:
         raise FgqError(f"--n must be 'auto' or at least 2 (one scale per group of N weights), got {config.n}")
     if config.max_drop is not None or config.min_sqnr is not None:
         raise FgqError(f"{'--max-drop' if config.max_drop is not None else '--min-sqnr'} only applies with --n auto")
-    bad = [f"{name}={n}" for name, n in config.layer_n if n != 0 and n < 2]
+    bad = [f"{name}={n}" for name, n in config.layer_n if n < 0]
     if bad:
-        raise FgqError(f"per-layer group sizes must be at least 2 (or 0 to keep a layer fp32), got {', '.join(bad)}")
+        raise FgqError(f"per-layer group sizes must be at least 1 (1: 8-bit weights; 0 keeps a layer fp32), got {', '.join(bad)}")
 
 
 class Conversion(NamedTuple):

@@ -202,8 +202,8 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
 
     def __init__(self, n: int | Callable[[ir.Node], int], method: Method = Method.EXACT, storage: str = "int2", skip: Callable[[ir.Node], str | None] | None = None, scale_format: str = "f32", trained_float_stays_float: bool = True, narrow_conv_groups: bool = True):
         super().__init__()
-        if not callable(n) and n < 2:
-            raise ValueError(f"group size N must be at least 2, got {n}")
+        if not callable(n) and n < 1:
+            raise ValueError(f"group size N must be at least 1, got {n}")
         if storage not in REQUIRED_OPSET:
             raise ValueError(f"weight storage must be one of {sorted(REQUIRED_OPSET)}, got {storage!r}")
         if scale_format not in SCALE_FORMATS:
@@ -241,8 +241,8 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
                 record.reason = reason
                 continue
             n = self.n_of(node)
-            if n < 2:
-                raise ValueError(f"group size N must be at least 2, got {n} for {record.node}")
+            if n < 1:
+                raise ValueError(f"group size N must be at least 1, got {n} for {record.node}")
             key = (id(node.graph), id(weight), n)
             if key not in done:
                 done[key] = self._ternarize(node, weight, record, n)
@@ -298,6 +298,8 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
                 continue
             tensor = node.inputs[1].const_value
             n = self.n_of(node)
+            if n == 1:  # in groups of one every weight is "ternary": nothing to detect
+                continue
             key = (id(node.graph), id(node.inputs[1]), n)
             candidates[key] = tensor.size
             array = np.asarray(tensor.numpy(), dtype=np.float32)

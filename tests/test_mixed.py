@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -183,7 +187,7 @@ def test_search_without_labels_bounds_top1_changes_on_calibration_data(tiny):
     (dict(n=4, max_drop=0.5), "only applies with --n auto"),
     (dict(n="four"), "--n"),
     (dict(n="auto", max_drop=0.5, auto_ns=(1, 4)), "at least 2"),
-    (dict(layer_n={"mm0": 1}), "mm0=1"),
+    (dict(layer_n={"mm0": -1}), "mm0=-1"),  # 1 is 8-bit weights, 0 fp32
 ])
 def test_bad_settings(settings, says):
     with pytest.raises(fgq_onnx.FgqError, match=says):
@@ -259,3 +263,32 @@ def test_min_sqnr_needs_held_out_samples_and_one_budget(tiny):
         fgq_onnx.convert(folder / "mlp.onnx", n=4, min_sqnr=20.0, calib=folder / "calib.npz")
     with pytest.raises(fgq_onnx.FgqError, match="no output 'nope'"):
         fgq_onnx.convert(folder / "mlp.onnx", n="auto", min_sqnr=20.0, fidelity_output="nope", calib=folder / "calib.npz", **QUICK)
+
+
+def test_min_sqnr_gives_an_unternarizable_layer_8_bit_weights(tmp_path, kit):
+    """A layer of Gaussian weights loses ~10 dB ternary at any N, so a 30 dB budget needs it 8-bit or fp32:
+    8-bit (N=1 under u8 scales: an int8 row) is the smaller; the exact-ternary layer stays ternary."""
+    rng = np.random.default_rng(2)
+    ternary = kit.ternary_exact_weight(rng, (32, 48), 0, 4) * np.float32(0.5)
+    weights = {"w0": ternary * (1 + rng.normal(0, 1e-3, ternary.shape)).astype(np.float32),  # noise: not taken as already ternary
+               "w1": rng.normal(0, 0.2, (48, 10)).astype(np.float32)}
+    model = make_model("g (float[N, 32] x) => (float[N, 10] y) { m0 = MatMul(x, w0) h0 = Relu(m0) y = MatMul(h0, w1) }", weights)
+    for node, name in zip(model.graph, ("mm0", "relu0", "mm1")):
+        node.name = name
+    path = tmp_path / "mlp.onnx"
+    onnx.save(ir.serde.serialize_model(model), path)
+    np.savez(tmp_path / "calib.npz", x=rng.normal(0, 1, (40, 32)).astype(np.float32))
+    converted, report = fgq_onnx.convert(path, n="auto", min_sqnr=30.0, calib=tmp_path / "calib.npz", act_bits=0, bias_correction=False, auto_ns=(4, 16))
+    assert report.search["plan"] == {"mm0": 4, "mm1": 1} and "8-bit x1" in report.search["plan_summary"]
+    assert report.fidelity.main.sqnr_db >= 30.0
+    records = {r.node: r for r in report.layers}
+    assert records["mm1"].n == 1 and records["mm1"].scale_bytes == 48 * 10 + 4 * 10  # a u8 code per weight, a row scale per output
+    x = rng.normal(0, 1, (64, 32)).astype(np.float32)
+    from fgq_onnx import runtime
+
+    with tempfile.TemporaryDirectory() as folder:
+        saved = Path(folder) / "auto.onnx"
+        fgq_onnx.save(converted, saved)
+        (actual,) = runtime.inference_session(str(saved)).run(None, {"x": x})  # the custom ops run N=1 rows
+    (expected,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert _sqnr_db(expected, actual) >= 30.0
