@@ -121,6 +121,8 @@ def convert(
     model: Annotated[Path, typer.Argument(help="The fp32 ONNX model.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default: MODEL with .fgq.onnx).")] = None,
     n: Annotated[str, typer.Option("--n", help="Group size: one scale per N weights along the reduction axis; 'auto': one per layer, under --max-drop.")] = "4",
+    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", help="With --n auto, instead of --max-drop: the least SQNR (dB) of the output against the source model on held-out calibration samples.")] = None,
+    sqnr_output: Annotated[Optional[str], typer.Option("--sqnr-output", help="The output that fidelity and --min-sqnr are about (default: the first).")] = None,
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="With --n auto: points of top-1 the model may lose on --data (without --data: % of calibration samples whose top-1 changes).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="With --n auto: labelled data the budget is measured on (keep it apart from the test set).")] = None,
     method: Annotated[Method, typer.Option("--method", help="How codes and scales are chosen.")] = Method.EXACT,
@@ -134,6 +136,7 @@ def convert(
     op_types: Annotated[str, typer.Option("--op-types", help="Comma-separated op types to ternarize.")] = "Conv,Gemm,MatMul",
     keep_first_last: Annotated[bool, typer.Option("--keep-first-last", help="Keep the first and last linear layers fp32.")] = False,
     ternarize_float_layers: Annotated[bool, typer.Option("--ternarize-float-layers", help="In a model trained ternary (some weights already ternary), ternarize its float layers too.")] = False,
+    keep_quantized_weights: Annotated[bool, typer.Option("--keep-quantized-weights", help="Leave integer-coded weights (DequantizeLinear, Cast*Mul) as they are instead of ternarizing their decoded values.")] = False,
     weight_storage: Annotated[str, typer.Option("--weight-storage", help="int2 (opset 25, onnxruntime >= 1.24) or int8 (opset 21).")] = "int2",
     scale_format: Annotated[str, typer.Option("--scale-format", help="Group scales: f32, f16, or u8 (8-bit codes under one float32 scale per output row).")] = pipeline.ConvertConfig.scale_format,
     output_format: Annotated[pipeline.OutputFormat, typer.Option("--format", help="qdq: standard ONNX; custom: com.fgq ops for the fgq custom-op library (runs without it, slower).")] = pipeline.ConvertConfig.format,
@@ -153,10 +156,10 @@ def convert(
         if json_path.resolve() == output.resolve():
             raise FgqError(f"--json '{json_path}' is also the output model's path; choose another")
     config = pipeline.ConvertConfig(
-        n=_group_size(n), max_drop=max_drop, method=method, act_bits=act_bits, calib_method=calib_method, percentile=percentile,
+        n=_group_size(n), max_drop=max_drop, min_sqnr=min_sqnr, fidelity_output=sqnr_output, method=method, act_bits=act_bits, calib_method=calib_method, percentile=percentile,
         calib_batch_size=calib_batch_size, calib_limit=calib_limit, exclude=tuple(exclude or ()),
         op_types=tuple(t.strip() for t in op_types.split(",") if t.strip()), keep_first_last=keep_first_last,
-        ternarize_float_layers=ternarize_float_layers,
+        ternarize_float_layers=ternarize_float_layers, keep_quantized_weights=keep_quantized_weights,
         weight_storage=weight_storage, scale_format=scale_format, format=output_format, image=image,
         bias_correction=bias_correction, refine_samples=refine_samples,
     )
@@ -171,6 +174,10 @@ def convert(
         if result.report.search:
             console.print_search(result.report.search)
         out.print(f"wrote {output}", highlight=False)
+    worst = result.report.sqnr_worst
+    warning = result.report.fidelity.warning(result.report.settings, worst.node if worst else "")
+    if warning:
+        err.print(f"[yellow]warning[/yellow]: {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 @command

@@ -75,8 +75,8 @@ def search_progress(quiet: bool):
 
 def print_search(search: dict) -> None:
     """The --n auto search: the plans measured along the path and the one chosen."""
-    table = Table(title=f"Group sizes chosen under --max-drop {search['budget_points']} ({escape(search['measure'])})")
-    for column in ("plan", "weights", "drop (points)", "within budget"):
+    table = Table(title=f"Group sizes chosen under {search['budget']} ({escape(search['measure'])})")
+    for column in ("plan", "weights", "drop (points)" if search["budget"].startswith("--max-drop") else "dB short", "within budget"):
         table.add_column(column, justify="left" if column == "plan" else "right")
     for trial in sorted(search["trials"], key=lambda t: -t["weight_bytes"]):
         table.add_row(trial["summary"], fmt_bytes(trial["weight_bytes"]), f"{trial['drop_points']:.2f}", "yes" if trial["within_budget"] else "no")
@@ -84,9 +84,14 @@ def print_search(search: dict) -> None:
     out.print(
         f"chosen: {search['plan_summary']}, {fmt_bytes(search['weight_bytes'])} of codes and scales "
         f"(N={search['smallest_n']} everywhere: {fmt_bytes(search['uniform_smallest_n_bytes'])}), "
-        f"measured drop {search['drop_points']:.2f} points; the N of each layer is in the table above",
+        f"measured {_measured(search)}; the N of each layer is in the table above",
         highlight=False,
     )
+
+
+def _measured(search: dict) -> str:
+    value = search["drop_points"]
+    return f"drop {value:.2f} points" if search["budget"].startswith("--max-drop") else f"SQNR {value:.2f} dB short of the budget (negative: above it)"
 
 
 def fmt_bytes(count: int) -> str:
@@ -123,11 +128,24 @@ def print_report(report: Report) -> None:
     ]
     if report.calibration:
         rows.append(("calibration", ", ".join(f"{k}={v}" for k, v in report.calibration.items())))
+    rows += _fidelity_rows(report)
     for row in rows:
         totals.add_row(*row)
     out.print(totals)
     for note in report.notes:
         out.print(f"note: {escape(note)}", highlight=False)
+
+
+def _fidelity_rows(report: Report) -> list[tuple[str, str]]:
+    """One row per output: the converted model against the source on held-out samples."""
+    fidelity = report.fidelity
+    if fidelity.skipped:
+        return [("fidelity", f"not measured: {fidelity.skipped}")]
+    rows = []
+    for result in fidelity.outputs:
+        agreement = f", top-1 agreement {100 * result.top1_agreement:.1f}%" if result.top1_agreement is not None else ""
+        rows.append((f"fidelity of '{result.output}'", f"SQNR {_db(result.sqnr_db)}, cosine {result.cosine:.4f}{agreement} ({fidelity.samples} held-out samples)"))
+    return rows
 
 
 def print_json(payload: dict) -> None:

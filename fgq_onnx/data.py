@@ -62,7 +62,7 @@ class InputSpec:
 
     @classmethod
     def of(cls, value: ir.Value) -> InputSpec:
-        shape = tuple(d if isinstance(d, int) else None for d in (value.shape or ()))
+        shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (value.shape or ()))  # -1: dynamic (Paddle)
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
         return cls(value.name, shape, np.dtype(dtype))
 
@@ -129,10 +129,28 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-class Dataset:
-    """Batches of feeds (and labels, where the source has them) from one source."""
+@dataclass(frozen=True)
+class Split:
+    """Which samples a Dataset reads: the last of every run of `every` samples is held out of calibration."""
 
-    def __init__(self, source, inputs: list[InputSpec], *, options: ImageOptions = ImageOptions(), batch_size: int = 32, limit: int | None = None, labelled: bool = False):
+    every: int
+    held_out: bool  # True: read only the held-out samples; False: only the others
+
+    def keeps(self, index: np.ndarray) -> np.ndarray:
+        return (index % self.every == self.every - 1) == self.held_out
+
+    def count(self, total: int) -> int:
+        return int(self.keeps(np.arange(total)).sum())
+
+
+class Dataset:
+    """Batches of feeds (and labels, where the source has them) from one source.
+
+    `split` (folders and .npz files only) reads one side of a calibration /
+    held-out split; `limit` then caps the samples read, from the start.
+    """
+
+    def __init__(self, source, inputs: list[InputSpec], *, options: ImageOptions = ImageOptions(), batch_size: int = 32, limit: int | None = None, labelled: bool = False, split: Split | None = None):
         if batch_size < 1:
             raise FgqError(f"batch size must be at least 1, got {batch_size}")
         self.inputs, self.options, self.labelled = inputs, options, labelled
@@ -141,7 +159,10 @@ class Dataset:
         self.dropped = 0  # samples left out to fill a fixed batch size
         self.classes: list[str] = []
         self._source = source
+        self.split = split
         if hasattr(source, "get_next"):
+            if split is not None:
+                raise ValueError("a CalibrationDataReader cannot be split")
             self.size = None
             self._batches = self._reader_batches
             return
@@ -154,6 +175,9 @@ class Dataset:
             raise FgqError(f"data '{path}' is neither an image folder nor an .npz file")
         else:
             raise FgqError(f"data path '{path}' does not exist")
+        self.total = self.size  # samples in the source, before the split and the limit
+        if split is not None:
+            self.size = split.count(self.size)
         fixed = inputs[0].batch if self._per_sample else None
         self.batch_size = fixed or batch_size
         if limit is not None:
@@ -179,6 +203,8 @@ class Dataset:
             raise FgqError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in '{folder}'")
         self.size, self._per_sample = len(self._files), True
         self._batches = self._folder_batches
+        if self.split is not None:
+            self._files = [f for f, kept in zip(self._files, self.split.keeps(np.arange(len(self._files)))) if kept]
 
     def _setup_npz(self, path: Path) -> None:
         arrays = _npz_members(path)
@@ -244,21 +270,61 @@ class Dataset:
             yield {name: np.stack(images).astype(dtype)}, np.array(labels)
 
     def _npz_batches(self):
-        step = self.batch_size if self._per_sample else 1
+        """Batches of `batch_size` samples (or single entries of a one-feed-per-entry file) of the split's side."""
         specs = {spec.name: spec for spec in self.inputs}
+        pending: list[tuple[dict[str, np.ndarray], np.ndarray | None]] = []
+        produced = 0
+        for chunk in self._npz_selected(self.batch_size if self._per_sample else 1):
+            if not self._per_sample:  # one feed per entry; a 0-d entry stays an array
+                yield {name: _cast_array(np.asarray(rows[0]), specs[name]) for name, rows in chunk[0].items()}, chunk[1]
+                produced += 1
+                if produced == self.size:
+                    return
+                continue
+            pending.append(chunk)
+            while pending and sum(_rows(block) for block, _ in pending) >= self.batch_size:
+                feed, labels, pending = _take_rows(pending, min(self.batch_size, self.size - produced))
+                yield {name: _cast_array(rows, specs[name]) for name, rows in feed.items()}, labels
+                produced += _rows(feed)
+                if produced == self.size:
+                    return
+        if pending and produced < self.size:
+            feed, labels, _ = _take_rows(pending, self.size - produced)
+            yield {name: _cast_array(rows, specs[name]) for name, rows in feed.items()}, labels
+
+    def _npz_selected(self, step: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        """Blocks of up to `step` leading-axis entries, read in order, with the other side of the split left out."""
         streams = {name: member.chunks(step) for name, member in self._arrays.items()}
         labels = self._labels.chunks(step) if self._labels is not None else None
-        for start in range(0, self.size, step):
-            stop = min(start + step, self.size)
-            feed = {}
-            for name, stream in streams.items():
-                chunk = next(stream)[: stop - start]
-                feed[name] = _cast_array(chunk if self._per_sample else np.asarray(chunk[0]), specs[name])  # a 0-d entry stays an array
-            yield feed, (next(labels)[: stop - start] if labels is not None else None)
+        for start in range(0, self.total, step):
+            count = min(step, self.total - start)
+            chunk = {name: next(stream)[:count] for name, stream in streams.items()}
+            label = next(labels)[:count] if labels is not None else None
+            if self.split is not None:
+                kept = self.split.keeps(np.arange(start, start + count))
+                if not kept.any():
+                    continue
+                chunk = {name: rows[kept] for name, rows in chunk.items()}
+                label = label[kept] if label is not None else None
+            yield chunk, label
 
     def _reader_batches(self):
         while (feed := self._source.get_next()) is not None:
             yield {k: np.asarray(v) for k, v in feed.items()}, None
+
+
+def _rows(feed: dict[str, np.ndarray]) -> int:
+    return len(next(iter(feed.values())))
+
+
+def _take_rows(pending: list, count: int) -> tuple[dict[str, np.ndarray], np.ndarray | None, list]:
+    """The first `count` rows of the pending blocks as one block, and the blocks left."""
+    names = list(pending[0][0])
+    feed = {name: np.concatenate([block[name] for block, _ in pending]) for name in names}
+    labels = np.concatenate([label for _, label in pending]) if pending[0][1] is not None else None
+    rest_feed = {name: rows[count:] for name, rows in feed.items()}
+    rest = [(rest_feed, labels[count:] if labels is not None else None)] if len(next(iter(rest_feed.values()))) else []
+    return {name: rows[:count] for name, rows in feed.items()}, labels[:count] if labels is not None else None, rest
 
 
 class _NpzMember:

@@ -1,4 +1,9 @@
-"""Mixed group sizes under an accuracy budget: `--n auto --max-drop D`.
+"""Mixed group sizes under an accuracy budget: `--n auto --max-drop D`, or a fidelity one: `--n auto --min-sqnr DB`.
+
+Under --min-sqnr (with u8 scales) a layer may also get 8-bit weights (N=1: one
+u8 magnitude per weight under the row scale, an int8 row); the proxy below is the output noise ratio instead of the KL,
+and a plan is measured by its output's SQNR on the held-out calibration
+samples (fgq_onnx/fidelity.py); "drop" then means dB short of the budget.
 
 Small groups (N=4) keep a layer accurate, large ones (N=64) make it smaller
 (2 bits per weight plus one scale per N weights). Layers differ in how much
@@ -45,6 +50,7 @@ from fgq_onnx.passes.ternarize_weights import TERNARY_MARK, TernarizeWeightsPass
 from fgq_onnx.ternary import Method
 
 KEEP = 0  # a plan's N for a layer kept fp32
+EIGHT_BIT = 1  # a plan's N for 8-bit weights: with u8 scales, groups of one are int8 weights under a row scale
 Step = Callable[[str, int, int | None], None]  # (phase, advance, total)
 
 
@@ -70,6 +76,12 @@ def kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
     """Mean over rows of KL(softmax(reference) || softmax(candidate)), softmax over the last axis."""
     p, q = _log_softmax(reference), _log_softmax(candidate)
     return float(np.mean(np.sum(np.exp(p) * (p - q), axis=1)))
+
+
+def noise_ratio(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """sum (reference - candidate)^2 / sum reference^2: the noise that --min-sqnr bounds (independent noises add)."""
+    reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
+    return float(np.sum((reference - candidate) ** 2) / max(float(np.sum(reference**2)), 1e-300))
 
 
 def _switchable(model: ir.Model, n: int, config: stages.ConvertConfig) -> tuple[ir.Model, dict[str, str], dict[str, int]]:
@@ -101,24 +113,31 @@ def _switchable(model: ir.Model, n: int, config: stages.ConvertConfig) -> tuple[
     return copy, selectors, sizes
 
 
-def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: stages.ConvertConfig, on_step: Step | None = None) -> list[LayerOptions]:
-    """KL added by each convertible layer alone at each N of config.auto_ns, and its bytes (model: prepared fp32)."""
-    output = model.graph.outputs[0].name
+def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: stages.ConvertConfig, on_step: Step | None = None,
+                ns: tuple[int, ...] | None = None) -> list[LayerOptions]:
+    """KL (noise ratio under --min-sqnr) added by each convertible layer alone at each N of config.auto_ns,
+    and its bytes (model: prepared fp32)."""
+    output = config.fidelity_output or model.graph.outputs[0].name
+    names = [value.name for value in model.graph.outputs]
+    if output not in names:
+        raise FgqError(f"the model has no output {output!r}; its outputs are {names}")
+    cost = kl_divergence if config.min_sqnr is None else noise_ratio
+    ns = ns or config.auto_ns
     with tempfile.TemporaryDirectory(prefix="fgq-mixed-") as folder:
         session = session_with_outputs(model, [], Path(folder))
         reference = [session.run([output], feed)[0] for feed in feeds]
         layers: dict[str, LayerOptions] = {}
-        for n in config.auto_ns:
+        for n in ns:
             copy, selectors, sizes = _switchable(model, n, config)
             session = session_with_outputs(copy, [], Path(folder))
             off = {name: np.array(False) for name in selectors.values()}
             for label, name in selectors.items():
                 runs = [session.run([output], {**feed, **off, name: np.array(True)})[0] for feed in feeds]
                 layer = layers.setdefault(label, LayerOptions(label))
-                layer.kl[n] = float(np.mean([kl_divergence(r, c) for r, c in zip(reference, runs)]))
+                layer.kl[n] = float(np.mean([cost(r, c) for r, c in zip(reference, runs)]))
                 layer.nbytes[n] = sizes[label]
                 if on_step:
-                    on_step("sensitivity", 1, len(selectors) * len(config.auto_ns))
+                    on_step("sensitivity", 1, len(selectors) * len(ns))
     weights = {node.name or node.outputs[0].name: node.inputs[1] for node in model.graph.all_nodes() if len(node.inputs) > 1}
     for layer in layers.values():
         layer.kl[KEEP], layer.nbytes[KEEP] = 0.0, weights[layer.label].const_value.nbytes
@@ -238,9 +257,23 @@ def search(path: list[dict[str, int]], start: int, measure: Callable[[dict[str, 
     return low, trials
 
 
+class _SqnrShortfall:
+    """dB by which a conversion's output SQNR on the held-out samples falls short of --min-sqnr (<= 0: within)."""
+
+    def __init__(self, config: stages.ConvertConfig):
+        self.min_sqnr = config.min_sqnr
+        self.description = f"dB short of --min-sqnr {config.min_sqnr} on held-out samples"
+
+    def __call__(self, conversion: stages.Conversion) -> float:
+        fidelity = conversion.report.fidelity
+        if fidelity.main is None:
+            raise FgqError(f"--min-sqnr is measured on held-out calibration samples, but none were: {fidelity.skipped}")
+        return self.min_sqnr - fidelity.main.sqnr_db
+
+
 def _calibration_feeds(model: ir.Model, calib, config: stages.ConvertConfig) -> list[dict[str, np.ndarray]]:
     limit = min(config.refine_samples, config.calib_limit or config.refine_samples)
-    dataset = Dataset(calib, model_inputs(model), options=config.image, batch_size=config.calib_batch_size, limit=limit)
+    dataset, _ = stages.open_data(calib, model, replace(config, calib_limit=limit))  # the held-out samples stay unseen
     return [feed for feed, _ in dataset]
 
 
@@ -256,8 +289,9 @@ def convert_auto(model, config: stages.ConvertConfig, *, calib, data=None, calib
         except FgqError as error:
             raise FgqError(f"--n auto measures top-1 on --data, so it needs labels: {error}") from None
     feeds = _calibration_feeds(ir_model, calib, config)
-    prepared = stages.infer_shapes(stages.prepare(ir_model), stages.Report())
-    layers = sensitivity(prepared, feeds, config, on_step)
+    prepared = stages.infer_shapes(stages.prepare(ir_model, dequantize=not config.keep_quantized_weights), stages.Report())
+    eight_bit = config.min_sqnr is not None and config.scale_format == "u8"  # --min-sqnr may give a layer 8-bit weights
+    layers = sensitivity(prepared, feeds, config, on_step, (EIGHT_BIT, *config.auto_ns) if eight_bit else config.auto_ns)
     path, start = plan_path(layers)
     cache = calibration_cache or stages.collect_calibration(model, calib, config)
     smallest = config.auto_ns[0]
@@ -265,22 +299,28 @@ def convert_auto(model, config: stages.ConvertConfig, *, calib, data=None, calib
     with tempfile.TemporaryDirectory(prefix="fgq-auto-") as folder:
         fp32 = Path(folder) / "fp32.onnx"
         ir.save(ir_model, fp32)
-        judge = _Top1Drop(fp32, data, config) if data is not None else _Disagreement(fp32, feeds)
+        sqnr = _SqnrShortfall(config) if config.min_sqnr is not None else None
+        judge = sqnr or (_Top1Drop(fp32, data, config) if data is not None else _Disagreement(fp32, feeds))
+        budget = 0.0 if sqnr else config.max_drop
 
         def measure(plan: dict[str, int]) -> float:
-            conversion = stages.convert_fixed(model, replace(config, n=smallest, max_drop=None, layer_n=plan), calib=calib, calibration_cache=cache)
-            candidate = Path(folder) / "candidate.onnx"
-            stages.save(conversion.model, candidate)
-            drop = judge(candidate)
-            if within(drop, config.max_drop) and plan_bytes(plan, layers) < best.get("bytes", float("inf")):
+            conversion = stages.convert_fixed(model, replace(config, n=smallest, max_drop=None, min_sqnr=None, layer_n=plan), calib=calib, calibration_cache=cache)
+            if sqnr:
+                drop = sqnr(conversion)
+            else:
+                candidate = Path(folder) / "candidate.onnx"
+                stages.save(conversion.model, candidate)
+                drop = judge(candidate)
+            if within(drop, budget) and plan_bytes(plan, layers) < best.get("bytes", float("inf")):
                 best.update(bytes=plan_bytes(plan, layers), conversion=conversion)
             return drop
 
-        chosen, drops = search(path, start, measure, config.max_drop, on_step)
-    trials = [Trial(path[i], plan_bytes(path[i], layers), drop, within(drop, config.max_drop)) for i, drop in sorted(drops.items())]
+        chosen, drops = search(path, start, measure, budget, on_step)
+    trials = [Trial(path[i], plan_bytes(path[i], layers), drop, within(drop, budget)) for i, drop in sorted(drops.items())]
     if chosen < 0:
         closest = min(trials, key=lambda t: t.drop)
-        raise FgqError(f"no plan loses at most {config.max_drop} points ({judge.description}): the best tried, {describe_plan(closest.plan)}, loses {closest.drop:.2f}")
+        limit = f"reaches {config.min_sqnr} dB" if sqnr else f"loses at most {config.max_drop} points"
+        raise FgqError(f"no plan {limit} ({judge.description}): the best tried, {describe_plan(closest.plan)}, is {closest.drop:.2f} off")
     conversion = best["conversion"]  # the smallest plan within budget: the one at `chosen`
     _record(conversion.report, config, judge.description, layers, path, chosen, drops, trials)
     stages.stamp(conversion.model, conversion.report)  # the model's metadata says n=auto too (each node has its own N)
@@ -288,14 +328,16 @@ def convert_auto(model, config: stages.ConvertConfig, *, calib, data=None, calib
 
 
 def describe_plan(plan: dict[str, int]) -> str:
-    """'N=4 x3, N=16 x5, fp32 x1': how many layers got each N."""
+    """'8-bit x1, N=4 x3, N=16 x5, fp32 x1': how many layers got each N."""
     counts = {n: list(plan.values()).count(n) for n in sorted(set(plan.values()), key=lambda n: (n == KEEP, n))}
-    return ", ".join(f"{'fp32' if n == KEEP else f'N={n}'} x{count}" for n, count in counts.items())
+    names = {KEEP: "fp32", EIGHT_BIT: "8-bit"}
+    return ", ".join(f"{names.get(n, f'N={n}')} x{count}" for n, count in counts.items())
 
 
 def _record(report, config, measured, layers, path, chosen, drops, trials) -> None:
-    report.settings.update(n="auto", max_drop=config.max_drop)
+    report.settings.update(n="auto", **({"min_sqnr": config.min_sqnr} if config.min_sqnr is not None else {"max_drop": config.max_drop}))
     report.search = {
+        "budget": f"--min-sqnr {config.min_sqnr}" if config.min_sqnr is not None else f"--max-drop {config.max_drop}",
         "budget_points": config.max_drop,
         "measure": measured,
         "drop_points": drops[chosen],

@@ -193,6 +193,7 @@ def read_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
 
 def upgrade_opset(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto, bool]:
     """Bring the default-domain opset up to `opset` with onnx's version converter."""
+    model = negative_dims_to_dynamic(model)
     current = default_opset(model)
     if current is not None and current >= opset:
         return model, False
@@ -203,9 +204,9 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto, 
 
 
 def to_ir(model: onnx.ModelProto, base_dir: Path) -> ir.Model:
-    """Proto -> onnx-ir model whose external tensors load lazily from base_dir."""
+    """Proto -> onnx-ir model whose external tensors load lazily from base_dir (dims of -1 made dynamic)."""
     try:
-        ir_model = ir.serde.deserialize_model(model)
+        ir_model = ir.serde.deserialize_model(negative_dims_to_dynamic(model))
     except Exception as error:  # noqa: BLE001 - onnx-ir wraps what it finds (duplicate outputs, bad types, ...) in SerdeError
         raise FgqError(f"the model's graph is malformed: {_innermost(error)}") from None
     try:
@@ -214,6 +215,26 @@ def to_ir(model: onnx.ModelProto, base_dir: Path) -> ir.Model:
         raise FgqError("the model's graph has a cycle: a node depends on its own output") from None
     ir.external_data.set_base_dir(ir_model.graph, str(base_dir))
     return ir_model
+
+
+def negative_dims_to_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model`, or a copy whose declared dimensions of -1 (Paddle's 'any size') are unnamed dynamic ones instead.
+
+    Left as -1, shape inference (in onnx's version converter too) computes
+    sizes from it, e.g. a pool's output size 0, and onnxruntime then rejects the graph.
+    """
+    def negative(proto: onnx.ModelProto):
+        for graph in _graphs(proto.graph):
+            for value in (*graph.input, *graph.output, *graph.value_info):
+                yield from (d for d in value.type.tensor_type.shape.dim if d.HasField("dim_value") and d.dim_value < 0)
+
+    if next(negative(model), None) is None:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for dim in list(negative(copy)):
+        dim.Clear()
+    return copy
 
 
 def _innermost(error: BaseException) -> str:

@@ -24,7 +24,7 @@ from fgq_onnx.stages import load_model, prepare
 def activation_only(model: str | Path | onnx.ModelProto | ir.Model, report: Report) -> ir.Model:
     """`model` with the activation Q/DQ that produced `report`, float weights (the input is not modified)."""
     ir_model, _ = load_model(model, REQUIRED_OPSET[str(report.settings.get("weight_storage", "int2"))])
-    ir_model = prepare(ir_model)
+    ir_model = prepare(ir_model, dequantize=not report.settings.get("keep_quantized_weights", False))
     converted = {layer.node for layer in report.converted}
     for node in ir_model.graph.all_nodes():
         if node.outputs and (node.name or node.outputs[0].name) in converted:

@@ -7,6 +7,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from fgq_onnx.fidelity import Fidelity
+
 
 @dataclass
 class LayerRecord:
@@ -25,6 +27,7 @@ class LayerRecord:
     grouping: str = ""  # what the groups run along
     groups: int = 0
     short_group: int = 0  # length of the shorter last group of a segment, 0 if none
+    source: str = ""  # "int8 weights": decoded from integer codes (DequantizeLinear, Cast*Mul) before ternarizing
     sqnr_db: float = math.nan
     code_bytes: int = 0  # stored bytes of the ternary codes (converted layers)
     scale_bytes: int = 0  # stored bytes of the group scales (and u8 row scales)
@@ -60,6 +63,7 @@ class Report:
     settings: dict[str, object] = field(default_factory=dict)
     calibration: dict[str, object] = field(default_factory=dict)
     search: dict[str, object] = field(default_factory=dict)  # --n auto: budget, measured drop, plan per layer, trials
+    fidelity: Fidelity = field(default_factory=lambda: Fidelity(skipped="not measured"))  # the output against the source's
 
     @property
     def converted(self) -> list[LayerRecord]:
@@ -118,6 +122,7 @@ class Report:
             "notes": self.notes,
             "layers": [dataclasses.asdict(layer) for layer in self.layers],
             "activations": [dataclasses.asdict(act) for act in self.activations],
+            "fidelity": self.fidelity.to_dict(),
             **({"search": self.search} if self.search else {}),
         }
 

@@ -20,10 +20,11 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from fgq_onnx import __version__, layerwise, model_io
+from fgq_onnx import __version__, fidelity, layerwise, model_io
 from fgq_onnx.calibration import AbsHistogram, ActivationObserver, CalibMethod, non_negative_by_construction, threshold
-from fgq_onnx.data import Dataset, ImageOptions, model_inputs
+from fgq_onnx.data import Dataset, ImageOptions, Split, model_inputs
 from fgq_onnx.errors import FgqError, fgq_error_in
+from fgq_onnx.passes.dequantize_weights import DequantizeWeightsPass
 from fgq_onnx.passes.fold_batchnorm import FoldBatchNormPass
 from fgq_onnx.passes.fold_scale_mul import FoldScaleMulPass
 from fgq_onnx.passes.insert_activation_qdq import ActivationQuant, InsertActivationQdqPass
@@ -57,6 +58,7 @@ class ConvertConfig:
     op_types: tuple[str, ...] = LINEAR_OPS
     keep_first_last: bool = False
     ternarize_float_layers: bool = False  # in a model with already-ternary weights, its float layers stay float unless set
+    keep_quantized_weights: bool = False  # integer-coded weights (DequantizeLinear, Cast*Mul) stay as they are, not ternarized
     format: OutputFormat = OutputFormat.CUSTOM
     weight_storage: str = "int2"
     scale_format: str = "u8"  # group scales: f32, f16, or u8 codes under a float32 row scale (docs/packed-format.md)
@@ -64,6 +66,8 @@ class ConvertConfig:
     bias_correction: bool = True  # needs calibration data; skipped (with a note) without it
     refine_samples: int = 256  # calibration samples bias correction and fitting use (their memory grows with it)
     max_drop: float | None = None  # n="auto": points of top-1 the model may lose
+    min_sqnr: float | None = None  # n="auto", instead of max_drop: the least SQNR (dB) of the output on held-out samples
+    fidelity_output: str | None = None  # the output fidelity (and min_sqnr) is about; default: the first
     auto_ns: tuple[int, ...] = (4, 8, 16, 32, 64)  # n="auto": the group sizes a layer may get
     layer_n: tuple[tuple[str, int], ...] = ()  # per-layer N by node name (0: keep fp32), over `n`; what n="auto" chose
 
@@ -110,25 +114,28 @@ class ConvertConfig:
             "scale_format": self.scale_format,
             "bias_correction": self.bias_correction,
             "ternarize_float_layers": self.ternarize_float_layers,
+            "keep_quantized_weights": self.keep_quantized_weights,
         }
 
 
 def _check_group_sizes(config: ConvertConfig) -> None:
     if config.n == "auto":
-        if config.max_drop is None:
-            raise FgqError("--n auto needs --max-drop: the points of top-1 the model may lose")
-        if not math.isfinite(config.max_drop) or config.max_drop < 0:
+        if (config.max_drop is None) == (config.min_sqnr is None):
+            raise FgqError("--n auto needs one budget: --max-drop (points of top-1 the model may lose) or --min-sqnr (dB of the output)")
+        if config.min_sqnr is not None and not math.isfinite(config.min_sqnr):
+            raise FgqError(f"--min-sqnr must be a finite number of dB, got {config.min_sqnr}")
+        if config.max_drop is not None and (not math.isfinite(config.max_drop) or config.max_drop < 0):
             raise FgqError(f"--max-drop must be a number of points >= 0, got {config.max_drop}")
         if not config.auto_ns or min(config.auto_ns) < 2:
             raise FgqError(f"the group sizes --n auto chooses from must all be at least 2, got {list(config.auto_ns)}")
         return
     if isinstance(config.n, str) or config.n < 2:
         raise FgqError(f"--n must be 'auto' or at least 2 (one scale per group of N weights), got {config.n}")
-    if config.max_drop is not None:
-        raise FgqError("--max-drop only applies with --n auto")
-    bad = [f"{name}={n}" for name, n in config.layer_n if n != 0 and n < 2]
+    if config.max_drop is not None or config.min_sqnr is not None:
+        raise FgqError(f"{'--max-drop' if config.max_drop is not None else '--min-sqnr'} only applies with --n auto")
+    bad = [f"{name}={n}" for name, n in config.layer_n if n < 0]
     if bad:
-        raise FgqError(f"per-layer group sizes must be at least 2 (or 0 to keep a layer fp32), got {', '.join(bad)}")
+        raise FgqError(f"per-layer group sizes must be at least 1 (1: 8-bit weights; 0 keeps a layer fp32), got {', '.join(bad)}")
 
 
 class Conversion(NamedTuple):
@@ -202,14 +209,35 @@ def infer_shapes(model: ir.Model, report: Report) -> ir.Model:
         return model
 
 
-def prepare(model: ir.Model) -> ir.Model:
-    """Constants lifted to initializers, initializers out of the inputs, scale Muls and BatchNorm folded."""
+def prepare(model: ir.Model, dequantize: bool = True) -> ir.Model:
+    """Constants lifted to initializers, initializers out of the inputs, integer-coded weights decoded
+    (unless not `dequantize`), scale Muls and BatchNorm folded."""
     return ir.passes.PassManager([
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0),
         common.RemoveInitializersFromInputsPass(),
+        *([DequantizeWeightsPass()] if dequantize else []),
         FoldScaleMulPass(),  # before BatchNorm: Conv -> Mul -> BatchNorm then folds twice
         FoldBatchNormPass(),
     ])(model).model
+
+
+def open_data(calib, model: ir.Model, config: ConvertConfig) -> tuple[Dataset, Dataset | None]:
+    """The calibration data and the samples held out of it to measure fidelity (None when there are none).
+
+    One sample in fidelity.HOLDOUT_EVERY of a folder or .npz is held out
+    (at most fidelity.HOLDOUT_LIMIT of them); ranges, correction and fitting
+    read only the rest. A CalibrationDataReader is read whole: nothing held out.
+    """
+    source, inputs = layerwise.replayable(calib), model_inputs(model)
+    options = {"options": config.image, "batch_size": config.calib_batch_size}
+    if hasattr(source, "get_next"):
+        return Dataset(source, inputs, limit=config.calib_limit, **options), None
+    every = min(fidelity.HOLDOUT_EVERY, Dataset(source, inputs, **options).total)
+    if every < 2:  # one sample: it calibrates
+        return Dataset(source, inputs, limit=config.calib_limit, **options), None
+    held_out = Dataset(source, inputs, limit=fidelity.HOLDOUT_LIMIT, split=Split(every, held_out=True), **options)
+    calibration = Dataset(source, inputs, limit=config.calib_limit, split=Split(every, held_out=False), **options)
+    return calibration, held_out if held_out.size else None
 
 
 def collect_calibration(
@@ -227,8 +255,8 @@ def collect_calibration(
     """
     config = replace(config or ConvertConfig(), **settings) if settings else (config or ConvertConfig())
     ir_model, _ = load_model(model, REQUIRED_OPSET[config.weight_storage])
-    dataset = Dataset(layerwise.replayable(calib), model_inputs(ir_model), options=config.image, batch_size=config.calib_batch_size, limit=config.calib_limit)
-    ir_model = prepare(ir_model)
+    dataset, _ = open_data(calib, ir_model, config)
+    ir_model = prepare(ir_model, dequantize=not config.keep_quantized_weights)
     targets = {
         node.inputs[0].name: node.inputs[0]
         for node in ir_model.graph
@@ -332,15 +360,15 @@ def _convert(
         raise FgqError("activation quantization needs calibration data (--calib), or use --act-bits 0 for weights only")
     ir_model, report = load_model(model, REQUIRED_OPSET[config.weight_storage])
     report.settings.update(config.settings())
-    dataset = None
+    dataset = held_out = None
     if config.method is Method.FIT and calib is None:
         raise FgqError("--method fit fits weights to calibration data: give --calib")
-    if (config.act_bits and calibration_cache is None) or ((config.bias_correction or config.method is Method.FIT) and calib is not None):  # open the data now: a bad path should fail before the slow work
-        dataset = Dataset(layerwise.replayable(calib), model_inputs(ir_model), options=config.image, batch_size=config.calib_batch_size, limit=config.calib_limit)
+    if calib is not None:  # open the data now: a bad path should fail before the slow work
+        dataset, held_out = open_data(calib, ir_model, config)
     report.weight_bytes_before = model_io.weight_bytes(ir_model)
 
     ternarize = TernarizeWeightsPass(config.n_of, config.method, config.weight_storage, skip=skip_rule(config, ir_model), scale_format=config.scale_format, trained_float_stays_float=not config.ternarize_float_layers)
-    ir_model = prepare(ir_model)
+    ir_model = prepare(ir_model, dequantize=not config.keep_quantized_weights)
     ir_model = infer_shapes(ir_model, report)
     reference = None
     if (config.bias_correction or config.method is Method.FIT) and dataset is not None:
@@ -381,7 +409,20 @@ def _convert(
     ir_model.ir_version = max(ir_model.ir_version, _REQUIRED_IR[config.weight_storage])
     stamp(ir_model, report)
     report.weight_bytes_after = model_io.weight_bytes(ir_model)
+    progress.begin("the fidelity check on held-out samples")
+    report.fidelity = _fidelity(model, ir_model, calib, held_out, config.fidelity_output)
     return Conversion(ir_model, report)
+
+
+def _fidelity(source, converted: ir.Model, calib, held_out: Dataset | None, main: str | None) -> fidelity.Fidelity:
+    """The converted model against the source on the held-out samples (`main` output first), or why it was not measured."""
+    if held_out is not None:
+        return fidelity.measure(source, converted, held_out, main)
+    if calib is None:
+        return fidelity.Fidelity(skipped="no calibration data (--calib) to hold samples out of")
+    if hasattr(calib, "get_next"):
+        return fidelity.Fidelity(skipped="a CalibrationDataReader is used whole for calibration: give a folder or an .npz to hold samples out")
+    return fidelity.Fidelity(skipped="too few calibration samples to hold any out")
 
 
 def _use_custom_ops(model: ir.Model, report: Report) -> ir.Model:

@@ -220,6 +220,18 @@ def int8_weights(style: str, float_tail: bool = True) -> Case:
     return Case(f"int8_{style}", model, {"x": _rng(9).standard_normal((CALIB, 32)).astype(np.float32)})
 
 
+def negative_dims() -> Case:
+    """Paddle style: the batch and the image size declared as dim_value -1 (any size)."""
+    case = small_cnn()
+    for value in (*case.model.graph.input, *case.model.graph.output):
+        for index, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.dim_param:
+                dim.Clear()
+                dim.dim_value = -1
+    case.name = "negative_dims"
+    return case
+
+
 def ir3_initializers_as_inputs() -> Case:
     """IR 3 / opset 8: every initializer is also listed as a graph input (old exporters did this)."""
     case = small_cnn(opset=8, ir_version=3)
@@ -319,6 +331,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "int8_cast_mul": lambda: int8_weights("cast_mul"),
     "ir3_initializer_inputs": ir3_initializers_as_inputs,
     "dynamic_dims": small_cnn,
+    "negative_dims": negative_dims,
     "torch_cnn": lambda: torch_module("cnn"),
     "torch_attention": lambda: torch_module("attention"),
     "torch_dynamo_cnn": lambda: torch_module("cnn", dynamo=True),

@@ -6,7 +6,7 @@ in onnxruntime on the calibration inputs and on inputs of other sizes (dynamic
 dims), its outputs stay close to the fp32 model's (cosine and max |diff|
 printed, asserted sane), it survives an onnx-graphsurgeon import/export, and
 the input file is byte-for-byte unchanged. Case-specific tests check what
-each shape is about (shared weights decoded once, int8 weights left alone,
+each shape is about (shared weights decoded once, int8 weights ternarized from their decoded values or kept,
 subgraphs ternarized, external data in and out, opsets 11..25 upgraded).
 """
 
@@ -25,10 +25,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import corpus  # noqa: E402
 import fgq_onnx  # noqa: E402
+from fgq_onnx.ternary import GroupLayout, Method, ternarize  # noqa: E402
 
 # Least output cosine against fp32 per case (random weights at N=4 lose more than trained ones;
 # the measured values are printed by test_converts_runs_and_stays_close).
-MIN_COSINE = {"if_loop": 0.8, "attention": 0.75}
+MIN_COSINE = {"if_loop": 0.8, "attention": 0.75, "int8_dq": 0.85, "int8_cast_mul": 0.85}  # int8: both random layers ternary (0.876)
 DEFAULT_MIN_COSINE = 0.9
 
 
@@ -164,10 +165,30 @@ def test_shared_weight_is_ternarized_once(converted):
     assert records["mm_b"].reason == "shares its weight with mm_a" and records["mm_b"].sqnr_db == records["mm_a"].sqnr_db
 
 
+DECODERS = {"dq": "DequantizeLinear", "cast_mul": "Cast and Mul"}
+
+
 @pytest.mark.parametrize("style", ["dq", "cast_mul"])
-def test_int8_weights_are_left_alone(converted, style):
-    """Decision: weights that are already integer codes keep their codes and decoder; the float layers around them convert."""
+def test_int8_weights_are_ternarized_from_their_decoded_values(converted, style):
+    """Weights stored as int8 codes are ternarized from their decoded values, and the report says so; no decoder stays."""
     result = converted(f"int8_{style}")
+    records = {r.node: r for r in result.report.layers}
+    assert records["mm1"].converted and records["mm2"].converted
+    assert records["mm1"].source == f"int8 weights ({DECODERS[style]})" and f"from int8 weights ({DECODERS[style]})" in records["mm1"].reason
+    assert records["mm2"].source == ""
+    original = {t.name: onnx.numpy_helper.to_array(t) for t in result.case.model.graph.initializer}
+    decoded = original["w1.codes"].astype(np.float32) * original["w1.scale"]
+    expected = ternarize(decoded, GroupLayout(decoded.shape, axis=0, n=4), Method.EXACT).sqnr_db(decoded)
+    assert records["mm1"].sqnr_db == pytest.approx(expected, abs=0.5)  # u8 scale codes round the exact scales a little
+    model = onnx.load(str(result.output))
+    assert not {"w1.codes", "w1.scale"} & {t.name for t in model.graph.initializer}
+    assert not {"Cast", "Mul"} & {n.op_type for n in model.graph.node}
+
+
+@pytest.mark.parametrize("style", ["dq", "cast_mul"])
+def test_keep_quantized_weights_leaves_them_alone(tmp_path, style):
+    """--keep-quantized-weights: integer codes keep their codes and decoder; the float layers around them convert."""
+    result = convert_case(corpus.int8_weights(style), tmp_path, keep_quantized_weights=True)
     records = {r.node: r for r in result.report.layers}
     assert not records["mm1"].converted and "already quantized" in records["mm1"].reason
     assert records["mm2"].converted
@@ -177,11 +198,12 @@ def test_int8_weights_are_left_alone(converted, style):
     np.testing.assert_array_equal(output["w1.scale"], original["w1.scale"])
 
 
-def test_fully_int8_model_is_refused(cli, tmp_path):
+def test_fully_int8_model_converts_unless_kept(cli, tmp_path):
     case = corpus.int8_weights("dq", float_tail=False)
     source = tmp_path / "int8.onnx"
     onnx.save(case.model, source)
-    result = cli("convert", source, "--act-bits", "0")
+    assert cli("convert", source, "--act-bits", "0", "-q").exit_code == 0
+    result = cli("convert", source, "--act-bits", "0", "--keep-quantized-weights")
     assert result.exit_code == 1
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "nothing to convert" in result.stderr and "already quantized" in result.stderr

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -183,7 +187,7 @@ def test_search_without_labels_bounds_top1_changes_on_calibration_data(tiny):
     (dict(n=4, max_drop=0.5), "only applies with --n auto"),
     (dict(n="four"), "--n"),
     (dict(n="auto", max_drop=0.5, auto_ns=(1, 4)), "at least 2"),
-    (dict(layer_n={"mm0": 1}), "mm0=1"),
+    (dict(layer_n={"mm0": -1}), "mm0=-1"),  # 1 is 8-bit weights, 0 fp32
 ])
 def test_bad_settings(settings, says):
     with pytest.raises(fgq_onnx.FgqError, match=says):
@@ -226,3 +230,65 @@ def test_custom_format_runs_a_mixed_plan_like_qdq(tiny):
     assert {n.name: n.attributes["N"].as_int() for n in custom.graph if n.op_type == "TernaryMatMul"} == {"mm0": 16, "mm1": 4, "mm2": 8}
     basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     np.testing.assert_allclose(run(custom, calib, basic), run(qdq, calib, basic), rtol=1e-5, atol=1e-6)
+
+
+def _sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
+    reference, actual = reference.astype(np.float64), actual.astype(np.float64)
+    return float(10 * np.log10(np.sum(reference**2) / np.sum((reference - actual) ** 2)))
+
+
+def test_min_sqnr_budget_holds_on_held_out_samples(tiny):
+    """--min-sqnr: each layer of the MLP is exact at its own N (EXACT_AT) and noisy above it, so a 40 dB budget
+    needs every layer at most at that N; the search returns a plan smaller than N=4 everywhere that holds it,
+    measured on held-out samples."""
+    folder, model, calib, test = tiny
+    budget = 40.0
+    converted, report = fgq_onnx.convert(folder / "mlp.onnx", n="auto", min_sqnr=budget, calib=folder / "calib.npz", **QUICK)
+    plan = report.search["plan"]
+    assert all(0 < plan[layer] <= exact for layer, exact in zip(LAYERS, EXACT_AT)) and plan["mm0"] == 64  # mm0: exact at any N
+    assert report.search["weight_bytes"] < report.search["uniform_smallest_n_bytes"]
+    assert report.fidelity.samples == len(calib) // 5 and report.fidelity.main.sqnr_db >= budget
+    assert report.search["drop_points"] == pytest.approx(budget - report.fidelity.main.sqnr_db)
+    assert _sqnr_db(run(model, test), run(converted, test, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)) >= budget  # on unseen data too
+    uniform, _ = fgq_onnx.convert(folder / "mlp.onnx", n=64, calib=folder / "calib.npz", **{k: v for k, v in QUICK.items() if k != "auto_ns"})
+    assert _sqnr_db(run(model, test), run(uniform, test, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)) < budget  # the budget binds
+    assert report.settings["min_sqnr"] == budget and "--min-sqnr" in report.search["budget"]
+
+
+def test_min_sqnr_needs_held_out_samples_and_one_budget(tiny):
+    folder, *_ = tiny
+    with pytest.raises(fgq_onnx.FgqError, match="one budget"):
+        fgq_onnx.convert(folder / "mlp.onnx", n="auto", min_sqnr=20.0, max_drop=1.0, calib=folder / "calib.npz", **QUICK)
+    with pytest.raises(fgq_onnx.FgqError, match="--min-sqnr only applies with --n auto"):
+        fgq_onnx.convert(folder / "mlp.onnx", n=4, min_sqnr=20.0, calib=folder / "calib.npz")
+    with pytest.raises(fgq_onnx.FgqError, match="no output 'nope'"):
+        fgq_onnx.convert(folder / "mlp.onnx", n="auto", min_sqnr=20.0, fidelity_output="nope", calib=folder / "calib.npz", **QUICK)
+
+
+def test_min_sqnr_gives_an_unternarizable_layer_8_bit_weights(tmp_path, kit):
+    """A layer of Gaussian weights loses ~10 dB ternary at any N, so a 30 dB budget needs it 8-bit or fp32:
+    8-bit (N=1 under u8 scales: an int8 row) is the smaller; the exact-ternary layer stays ternary."""
+    rng = np.random.default_rng(2)
+    ternary = kit.ternary_exact_weight(rng, (32, 48), 0, 4) * np.float32(0.5)
+    weights = {"w0": ternary * (1 + rng.normal(0, 1e-3, ternary.shape)).astype(np.float32),  # noise: not taken as already ternary
+               "w1": rng.normal(0, 0.2, (48, 10)).astype(np.float32)}
+    model = make_model("g (float[N, 32] x) => (float[N, 10] y) { m0 = MatMul(x, w0) h0 = Relu(m0) y = MatMul(h0, w1) }", weights)
+    for node, name in zip(model.graph, ("mm0", "relu0", "mm1")):
+        node.name = name
+    path = tmp_path / "mlp.onnx"
+    onnx.save(ir.serde.serialize_model(model), path)
+    np.savez(tmp_path / "calib.npz", x=rng.normal(0, 1, (40, 32)).astype(np.float32))
+    converted, report = fgq_onnx.convert(path, n="auto", min_sqnr=30.0, calib=tmp_path / "calib.npz", act_bits=0, bias_correction=False, auto_ns=(4, 16))
+    assert report.search["plan"] == {"mm0": 4, "mm1": 1} and "8-bit x1" in report.search["plan_summary"]
+    assert report.fidelity.main.sqnr_db >= 30.0
+    records = {r.node: r for r in report.layers}
+    assert records["mm1"].n == 1 and records["mm1"].scale_bytes == 48 * 10 + 4 * 10  # a u8 code per weight, a row scale per output
+    x = rng.normal(0, 1, (64, 32)).astype(np.float32)
+    from fgq_onnx import runtime
+
+    with tempfile.TemporaryDirectory() as folder:
+        saved = Path(folder) / "auto.onnx"
+        fgq_onnx.save(converted, saved)
+        (actual,) = runtime.inference_session(str(saved)).run(None, {"x": x})  # the custom ops run N=1 rows
+    (expected,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert _sqnr_db(expected, actual) >= 30.0

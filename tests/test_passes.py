@@ -98,11 +98,11 @@ def test_shared_weight_is_ternarized_once():
     assert matmuls[0].inputs[1] is matmuls[1].inputs[1]
 
 
-def test_depthwise_conv_groups_along_the_filter():
+def test_depthwise_conv_can_group_along_the_filter():
     text = "g (float[1,4,6,6] x) => (float[1,4,4,4] y) { y = Conv <group = 4> (x, w) }"
     w = RNG.standard_normal((4, 1, 3, 3)).astype(np.float32)
     model = make_model(text, {"w": w})
-    ternary_pass = TernarizeWeightsPass(4)
+    ternary_pass = TernarizeWeightsPass(4, narrow_conv_groups=False)
     ternary_pass(model)
     assert "Reshape" in ops(model) and "whole filter" in ternary_pass.records[0].grouping
     x = RNG.standard_normal((1, 4, 6, 6)).astype(np.float32)
