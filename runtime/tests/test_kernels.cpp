@@ -296,7 +296,10 @@ void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
         std::vector<int8_t> natural(static_cast<size_t>(Kp)), xs(static_cast<size_t>(B * Kp)), xu(xs.size());
         std::vector<int32_t> gsum(static_cast<size_t>(B * Gp));
         for (int64_t b = 0; b < B; ++b) {
-          for (auto& v : natural) v = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
+          // Rows 0 and 1 at the ends of the int8 range (signed levels -128 / 127, or uint8 0 / 255
+          // as xs = q - 128): the largest sums; the other rows random.
+          for (auto& v : natural)
+            v = static_cast<int8_t>(B > 2 && b < 2 ? (b == 0 ? -128 : 127) : static_cast<int>(rng() % 256) - 128);
           fgq::to_kernel_order(natural.data(), w.np, Gp, xs.data() + b * Kp, gsum.data() + b * Gp);
           for (int64_t i = 0; i < Kp; ++i) xu[static_cast<size_t>(b * Kp + i)] = static_cast<int8_t>(natural[i] ^ 0x80);
         }
