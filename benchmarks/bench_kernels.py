@@ -23,6 +23,9 @@ accuracy_level 4), ternary (com.fgq) at N=64 and N=4 (uint8 scales with a
 row scale, the converter's default: codes 0..127, which the kernels fold into
 int8 weights t * s; --scale-format to change; "u8-255" uses codes 0..255 as
 older files may, which needs two int8 planes).
+Activations are int8 (zero point 0, |x| <= 4 over 127 levels; inputs uniform in [-1, 1], conv inputs
+normal clipped at -1); --unsigned makes them uint8 (255 levels, the inputs' absolute values), the
+int8 QDQ conv too.
 "rel_err" is ||y - y_fp32|| / ||y_fp32|| against the fp32 variant with the
 original weights (MatMul: one layer of the chain): it includes each format's
 quantization error (ternary: about 0.3 to 0.5 on random Gaussian weights). "kernel_err"
@@ -74,8 +77,22 @@ def _init(name, array):
     return numpy_helper.from_array(np.ascontiguousarray(array), name)
 
 
-def _act_scale(x_absmax: float, signed: bool) -> float:
-    return x_absmax / (127.0 if signed else 255.0)
+class Activations:
+    """How the benchmark quantizes activations: int8 (zero point 0, levels -128..127) or, with
+    --unsigned, uint8 (levels 0..255, inputs made non-negative), both for |x| <= 4."""
+
+    def __init__(self, signed: bool):
+        self.signed = signed
+        self.scale = 4.0 / (127 if signed else 255)
+        self.qmin, self.qmax = (-128, 127) if signed else (0, 255)
+        self.zero_point = np.int8(0) if signed else np.uint8(0)
+        self.name = "s8" if signed else "u8"
+
+    def inputs(self, x: np.ndarray) -> np.ndarray:
+        return x if self.signed else np.abs(x)
+
+    def quantized(self, x: np.ndarray) -> np.ndarray:
+        return quantize_input(x, self.scale, self.qmin, self.qmax)
 
 
 def ternarize_rows(w_rows: np.ndarray, n: int, scale_format: str):
@@ -90,11 +107,11 @@ def ternarize_rows(w_rows: np.ndarray, n: int, scale_format: str):
     return pack_rows(codes.reshape(m, -1)), stored.values, stored.row_scale, deq.astype(np.float32)
 
 
-def ternary_node(op, x, y, prefix, w_rows, n, scale_format, x_scale, inits, **attrs):
+def ternary_node(op, x, y, prefix, w_rows, n, scale_format, act, inits, **attrs):
     codes, stored, row_scale, deq = ternarize_rows(w_rows, n, scale_format)
     inits += [_init(f"{prefix}.codes", codes), _init(f"{prefix}.scales", stored)]
     inputs = [x, f"{prefix}.xs", f"{prefix}.zp", f"{prefix}.codes", f"{prefix}.scales"]
-    inits += [_init(f"{prefix}.xs", np.float32(x_scale)), _init(f"{prefix}.zp", np.int8(0))]
+    inits += [_init(f"{prefix}.xs", np.float32(act.scale)), _init(f"{prefix}.zp", act.zero_point)]
     if row_scale is not None:
         inits.append(_init(f"{prefix}.rs", row_scale))
         inputs.append(f"{prefix}.rs")
@@ -133,7 +150,7 @@ def int8_matmul_node(x, y, prefix, w_km, inits):
     return node, q.nbytes + scale.nbytes
 
 
-def matmul_chain(variant: str, weights: list[np.ndarray], batch: int, scale_format: str):
+def matmul_chain(variant: str, weights: list[np.ndarray], batch: int, scale_format: str, act: Activations):
     """A chain y_{i+1} = y_i @ W_i. Returns (model, weight bytes per layer, numpy check or None)."""
     k = weights[0].shape[0]
     nodes, inits, wbytes, check = [], [], 0, []
@@ -153,8 +170,8 @@ def matmul_chain(variant: str, weights: list[np.ndarray], batch: int, scale_form
             nodes.append(node)
         else:  # ternary N=<n>
             n = int(variant.split("=")[1])
-            node, deq, wbytes = ternary_node("TernaryMatMul", prev, out, prefix, w.T, n, scale_format, 4.0 / 127,
-                                             inits, K=k)
+            node, deq, wbytes = ternary_node("TernaryMatMul", prev, out, prefix, w.T, n, scale_format, act, inits,
+                                             K=k)
             nodes.append(node)
             check.append(deq)
         prev = out
@@ -164,13 +181,13 @@ def matmul_chain(variant: str, weights: list[np.ndarray], batch: int, scale_form
     return _model(nodes, [x], [y], inits, extra), wbytes, check or None
 
 
-def conv_model(variant: str, w: np.ndarray, x_shape, stride: int, pad: int, scale_format: str):
+def conv_model(variant: str, w: np.ndarray, x_shape, stride: int, pad: int, scale_format: str, act: Activations):
     m, c, r, s = w.shape
     inits, nodes, check = [], [], None
     x = helper.make_tensor_value_info("X", TensorProto.FLOAT, list(x_shape))
     y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
     attrs = dict(strides=[stride, stride], pads=[pad] * 4)
-    x_scale = 4.0 / 127
+    x_scale = act.scale
     if variant == "fp32":
         inits.append(_init("W", w))
         nodes.append(helper.make_node("Conv", ["X", "W"], ["Y"], **attrs))
@@ -178,7 +195,7 @@ def conv_model(variant: str, w: np.ndarray, x_shape, stride: int, pad: int, scal
         ws = (np.abs(w).reshape(m, -1).max(axis=1) / 127).astype(np.float32)
         q = np.clip(np.rint(w / ws[:, None, None, None]), -127, 127).astype(np.int8)
         inits += [_init("W", q), _init("ws", ws), _init("wz", np.zeros(m, np.int8)), _init("xs", np.float32(x_scale)),
-                  _init("xz", np.int8(0)), _init("ys", np.float32(0.05)), _init("yz", np.int8(0))]
+                  _init("xz", act.zero_point), _init("ys", np.float32(0.05)), _init("yz", np.int8(0))]
         nodes += [
             helper.make_node("QuantizeLinear", ["X", "xs", "xz"], ["xq"]),
             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
@@ -199,7 +216,8 @@ def conv_model(variant: str, w: np.ndarray, x_shape, stride: int, pad: int, scal
         codes, stored, row_scale, deq_rows = ternarize_rows(padded.reshape(m, -1), n, scale_format)
         deq = deq_rows.reshape(m, segments, -1)[:, :, :seg_len].reshape(m, -1)
         check = deq.reshape(m, r, s, c).transpose(0, 3, 1, 2) if c >= n else deq.reshape(w.shape)
-        inits += [_init("codes", codes), _init("scales", stored), _init("xs", np.float32(x_scale)), _init("zp", np.int8(0))]
+        inits += [_init("codes", codes), _init("scales", stored), _init("xs", np.float32(x_scale)),
+                  _init("zp", act.zero_point)]
         inputs = ["X", "xs", "zp", "codes", "scales"] + (["rs"] if row_scale is not None else [])
         if row_scale is not None:
             inits.append(_init("rs", row_scale))
@@ -271,17 +289,17 @@ def bench_matmul(name, batch, layers, variants, threads_list, args, rows):
     rng = np.random.default_rng(0)
     k = m = 4096
     weights = [(rng.normal(size=(k, m)) / np.sqrt(k)).astype(np.float32) for _ in range(layers)]
-    x = rng.uniform(-1, 1, size=(batch, k)).astype(np.float32)
+    x = args.act.inputs(rng.uniform(-1, 1, size=(batch, k)).astype(np.float32))
     ref = x.astype(np.float64) @ weights[0]  # accuracy: first layer only (errors compound along a chain)
     cases = []  # (variant, threads, session, weight bytes, error, kernel error)
     for variant in variants:
-        one_layer, _, one_check = matmul_chain(variant, weights[:1], batch, args.scale_format)
+        one_layer, _, one_check = matmul_chain(variant, weights[:1], batch, args.scale_format, args.act)
         y1 = session(one_layer, 1).run(None, {"X": x})[0]
         error = rel_err(y1, ref)
         kernel_err = None  # one layer too: along a chain, rounding flips cascade
         if one_check is not None:
-            kernel_err = rel_err(y1, quantize_input(x, 4.0 / 127) @ one_check[0].T.astype(np.float64))
-        model, wbytes, _ = matmul_chain(variant, weights, batch, args.scale_format)
+            kernel_err = rel_err(y1, args.act.quantized(x) @ one_check[0].T.astype(np.float64))
+        model, wbytes, _ = matmul_chain(variant, weights, batch, args.scale_format, args.act)
         cases += [(variant, threads, session(model, threads), wbytes, error, kernel_err) for threads in threads_list]
         del model
     results = timed([(c[2], {"X": x}) for c in cases], args.repeat, args.min_seconds, args.rounds)
@@ -315,18 +333,18 @@ def bench_conv(variants, threads_list, args, rows, batches=(1, 8)):
         w = (rng.normal(size=(m, c, ksz, ksz)) / np.sqrt(c * ksz * ksz)).astype(np.float32)
         pad = ksz // 2
         for batch in batches:
-            x = np.maximum(rng.normal(size=(batch, c, hw, hw)), -1).astype(np.float32)
+            x = args.act.inputs(np.maximum(rng.normal(size=(batch, c, hw, hw)), -1).astype(np.float32))
             cases = []  # (variant, threads, session, dequantized weights)
             for variant in variants:  # fp32 first: the reference
-                model, check = conv_model(variant, w, x.shape, stride, pad, args.scale_format)
+                model, check = conv_model(variant, w, x.shape, stride, pad, args.scale_format, args.act)
                 cases += [(variant, threads, session(model, threads), check) for threads in threads_list]
             results = timed([(c[2], {"X": x}) for c in cases], args.repeat, args.min_seconds, args.rounds)
             ref = results[0][0].astype(np.float64)
             for (variant, threads, _, check), (y, times) in zip(cases, results):
                 kernel_err = None
                 if check is not None:
-                    want = session(conv_model("fp32", check, x.shape, stride, pad, args.scale_format)[0], threads).run(
-                        None, {"X": quantize_input(x, 4.0 / 127).astype(np.float32)})[0]
+                    want = session(conv_model("fp32", check, x.shape, stride, pad, args.scale_format, args.act)[0],
+                                   threads).run(None, {"X": args.act.quantized(x).astype(np.float32)})[0]
                     kernel_err = rel_err(y, want.astype(np.float64))
                 med = float(np.median(times))
                 out_hw = (hw + 2 * pad - ksz) // stride + 1
@@ -467,6 +485,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=12, help="chained layers for the batch-1 case")
     parser.add_argument("--conv-limit", type=int, default=len(RESNET50_CONVS), help="first K ResNet-50 conv shapes")
     parser.add_argument("--scale-format", default="u8", choices=["f32", "f16", *U8_LEVELS])
+    parser.add_argument("--unsigned", action="store_true",
+                        help="uint8 activations (levels 0..255, non-negative inputs) instead of int8")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, 2 conv shapes (a smoke run)")
     parser.add_argument("--json", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "bench_kernels.json")
     parser.add_argument("--summarize", type=pathlib.Path, help="only print the targets of an earlier JSON result")
@@ -475,6 +495,7 @@ def main(argv=None) -> int:
         for line in summarize(json.loads(args.summarize.read_text())["rows"]):
             print(line)
         return 0
+    args.act = Activations(signed=not args.unsigned)
     if args.quick:
         args.repeat, args.min_seconds, args.conv_limit = 3, 0.2, 2
     try:
@@ -507,6 +528,7 @@ def main(argv=None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(onnxruntime=ort.__version__, kernels=kernels, kernel=os.environ.get("FGQ_KERNEL", kernels[-1]),
                 cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), scale_format=args.scale_format,
+                activations=args.act.name,
                 bandwidth_gbs=args.bandwidth, load_average=os.getloadavg())
     args.json.write_text(json.dumps(dict(meta=meta, rows=rows, summary=summary), indent=1) + "\n")
     print(f"wrote {args.json}")

@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from fgq_onnx import model_io
 from fgq_onnx.errors import FgqError
+from fgq_onnx.graph_utils import DEFAULT_DOMAINS
 
 
 class CalibMethod(str, enum.Enum):
@@ -184,21 +185,139 @@ def session_with_outputs(model: ir.Model, names: list[str], folder: Path) -> ort
         raise FgqError(f"onnxruntime cannot run the model for calibration: {str(error).splitlines()[0]}") from None
 
 
-_NON_NEGATIVE_OPS = {"Relu", "Sigmoid", "Softmax", "Softplus", "Abs", "Exp", "HardSigmoid"}
-_PASS_THROUGH_OPS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Pad", "Resize", "Concat"}
+# -- sign tracing -------------------------------------------------------------------------------
+# An activation feeding a ternary layer is quantized as uint8 (all 256 levels on [0, max]) when it is
+# >= 0 by construction: made by a non-negative op, possibly through ops that keep signs, whatever
+# exporters put in between (Relu -> Cast -> Transpose, Clip(0, 6) -> Pad, Relu -> MaxPool -> Concat).
+# _SIGN_RULES maps an op to whether its output is non-negative, given a test for its inputs; an op not
+# in the table (Sub, LayerNormalization, LeakyRelu, HardSwish, MatMul, ...) counts as signed.
+
+_FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+_MAX_TRACE_DEPTH = 100  # a longer chain of sign-preserving ops counts as signed (keeps the recursion bounded)
+
+NonNegative = Callable[[ir.Value | None], bool]
 
 
-def non_negative_by_construction(value: ir.Value) -> bool:
-    """True when the tensor comes from a ReLU-like op, possibly through pooling or reshaping."""
+def _always(node: ir.Node, non_negative: NonNegative) -> bool:
+    return True
+
+
+def _first_input(node: ir.Node, non_negative: NonNegative) -> bool:
+    return bool(node.inputs) and non_negative(node.inputs[0])
+
+
+def _all_inputs(node: ir.Node, non_negative: NonNegative) -> bool:
+    return bool(node.inputs) and all(non_negative(v) for v in node.inputs)
+
+
+def _any_input(node: ir.Node, non_negative: NonNegative) -> bool:
+    return any(non_negative(v) for v in node.inputs)
+
+
+def _string_attr(node: ir.Node, name: str, default: str) -> str:
+    attr = node.attributes.get(name)
+    return attr.as_string() if attr is not None else default
+
+
+def _optional_input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if len(node.inputs) > index else None
+
+
+def _clip(node: ir.Node, non_negative: NonNegative) -> bool:
+    """min(max(x, low), high): >= 0 when high is absent or >= 0, and low or x is >= 0 (opset < 11: attributes)."""
+    if "min" in node.attributes or "max" in node.attributes:
+        low, high = node.attributes.get("min"), node.attributes.get("max")
+        high_ok = high is None or high.as_float() >= 0.0
+        return high_ok and ((low is not None and low.as_float() >= 0.0) or _first_input(node, non_negative))
+    low, high = _optional_input(node, 1), _optional_input(node, 2)
+    high_ok = high is None or non_negative(high)
+    return high_ok and ((low is not None and non_negative(low)) or _first_input(node, non_negative))
+
+
+def _cast(node: ir.Node, non_negative: NonNegative) -> bool:
+    to = node.attributes.get("to")
+    return to is not None and ir.DataType(to.as_int()) in _FLOAT_TYPES and _first_input(node, non_negative)
+
+
+def _pad(node: ir.Node, non_negative: NonNegative) -> bool:
+    """reflect / edge / wrap copy the input; constant mode adds the constant (default 0; opset < 11: `value`)."""
+    if _string_attr(node, "mode", "constant") == "constant":
+        value = _optional_input(node, 2)
+        if value is not None and not non_negative(value):
+            return False
+        if "value" in node.attributes and node.attributes["value"].as_float() < 0.0:
+            return False
+    return _first_input(node, non_negative)
+
+
+def _resize(node: ir.Node, non_negative: NonNegative) -> bool:
+    """Nearest and linear interpolation stay within the input's range; cubic overshoots below 0."""
+    return _string_attr(node, "mode", "nearest") != "cubic" and _first_input(node, non_negative)
+
+
+def _div(node: ir.Node, non_negative: NonNegative) -> bool:
+    return len(node.inputs) == 2 and non_negative(node.inputs[0]) and non_negative(node.inputs[1])
+
+
+_SIGN_RULES: dict[str, Callable[[ir.Node, NonNegative], bool]] = {
+    # non-negative whatever the input
+    **dict.fromkeys(["Relu", "Sigmoid", "HardSigmoid", "Softmax", "Softplus", "Abs", "Exp", "Sqrt"], _always),
+    # lower-bounded by an operand
+    "Clip": _clip,
+    "Max": _any_input,
+    # move, select, pool or average values of the data input
+    **dict.fromkeys(["Identity", "Dropout", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand",
+                     "Tile", "Slice", "Split", "Gather", "GatherElements", "GatherND", "DepthToSpace",
+                     "SpaceToDepth", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMax",
+                     "ReduceMin", "ReduceMean", "ReduceSum"], _first_input),
+    "Cast": _cast,
+    "Pad": _pad,
+    "Resize": _resize,
+    "Upsample": _resize,
+    # combine operands that must all be non-negative (a constant counts when every element is >= 0)
+    **dict.fromkeys(["Concat", "Add", "Sum", "Mul", "Min"], _all_inputs),
+    "Div": _div,
+}
+
+
+def _constant(value: ir.Value) -> np.ndarray | None:
+    """The value's data when it is an initializer (not also a graph input) or a Constant node's output."""
+    if value.is_graph_input():
+        return None
+    try:
+        tensor = ir.convenience.get_const_tensor(value)
+    except ValueError:  # a malformed Constant node
+        return None
+    return None if tensor is None else tensor.numpy()
+
+
+def non_negative_by_construction(value: ir.Value, *, graph_inputs: bool = False) -> bool:
+    """True when `value` is >= 0 whatever the model's input: see _SIGN_RULES.
+
+    graph_inputs=True counts graph inputs as non-negative (the caller knows they are, e.g. from the
+    calibration data), so that an image input reaching a layer through a Transpose counts too.
+    """
+    known: dict[int, bool] = {}
+
+    def trace(v: ir.Value | None, depth: int) -> bool:
+        if v is None or depth > _MAX_TRACE_DEPTH:
+            return False
+        if id(v) not in known:
+            known[id(v)] = False  # a cycle (invalid graph) counts as signed
+            known[id(v)] = _decide(v, lambda u: trace(u, depth + 1), graph_inputs)
+        return known[id(v)]
+
+    return trace(value, 0)
+
+
+def _decide(value: ir.Value, non_negative: NonNegative, graph_inputs: bool) -> bool:
+    array = _constant(value)
+    if array is not None:
+        return array.size > 0 and np.issubdtype(array.dtype, np.number) and bool(np.all(array >= 0))
+    if value.is_graph_input():
+        return graph_inputs
     producer = value.producer()
-    if producer is None:
+    if producer is None or producer.domain not in DEFAULT_DOMAINS:
         return False
-    if producer.op_type in _NON_NEGATIVE_OPS:
-        return True
-    if producer.op_type == "Clip" and len(producer.inputs) > 1 and producer.inputs[1] is not None:
-        low = producer.inputs[1].const_value
-        return low is not None and float(low.numpy()) >= 0.0
-    if producer.op_type in _PASS_THROUGH_OPS:
-        data_inputs = producer.inputs if producer.op_type == "Concat" else producer.inputs[:1]
-        return all(v is not None and non_negative_by_construction(v) for v in data_inputs)
-    return False
+    rule = _SIGN_RULES.get(producer.op_type)
+    return rule is not None and rule(producer, non_negative)

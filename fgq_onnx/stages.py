@@ -298,7 +298,8 @@ def _calibrate(model: ir.Model, dataset: Dataset | None, config: ConvertConfig, 
     quants = {}
     for name, value in targets.items():
         hist = histograms[name]
-        signed = not (non_negative_by_construction(value) or (value.is_graph_input() and hist.min >= 0.0))
+        # Graph inputs count as non-negative when the calibration data never made this tensor negative.
+        signed = not non_negative_by_construction(value, graph_inputs=hist.min >= 0.0)
         levels = 2 ** (config.act_bits - 1) - 1 if signed else 2**config.act_bits - 1
         high = threshold(hist, config.calib_method, levels, config.percentile)
         scale = high / levels if high > 0 else 1.0

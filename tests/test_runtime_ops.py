@@ -270,6 +270,86 @@ def test_depthwise_exact(kernels):
         assert np.array_equal(run(model, {"X": x}, kernel), want.astype(np.float32)), kernel
 
 
+# -- signed and unsigned activations, exact -----------------------------------------
+# Fused quantization of float inputs at x_scale 0.5 with uint8 scale codes under a unit row scale:
+# the output is 0.5 * sum((q - zp) * t * s), an integer multiple of 0.5 below 2^24, so every path
+# must match numpy exactly. Each row holds inputs far beyond both ends (q saturates at qmin and qmax).
+ACTIVATIONS = {  # zero point dtype, zero point, qmin, qmax
+    "s8": (np.int8, 0, -128, 127),
+    "s8-zp": (np.int8, -5, -128, 127),
+    "u8": (np.uint8, 0, 0, 255),
+    "u8-zp": (np.uint8, 128, 0, 255),
+}
+
+
+def saturating_input(rng, shape, act):
+    """Float inputs whose levels cover [qmin - 3, qmax + 3], each row (last axis) reaching both ends."""
+    _, zp, qmin, qmax = ACTIVATIONS[act]
+    x = ((rng.integers(qmin - 3, qmax + 4, size=shape) - zp) * 0.5).astype(np.float32)
+    x[..., 0], x[..., -1] = 1000.0, -1000.0
+    levels = np.clip(np.round(x / np.float32(0.5)) + zp, qmin, qmax)
+    return x, levels - zp
+
+
+def activation_inputs(act):
+    dtype, zp, _, _ = ACTIVATIONS[act]
+    return dict(x_scale=np.float32(0.5), x_zero_point=np.array(zp, dtype))
+
+
+@SETTINGS
+@given(
+    act=st.sampled_from(sorted(ACTIVATIONS)),
+    rows=st.sampled_from([1, 3, 4, 5, 8, 9, 17]),
+    k=st.sampled_from([2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 129]),
+    m=st.sampled_from([1, 15, 16, 17, 33]),
+    n=st.sampled_from([4, 8, 16, 64]),
+    max_code=st.sampled_from([127, 255]),
+    op=st.sampled_from(["TernaryMatMul", "TernaryGemm"]),
+    seed=st.integers(0, 2**16),
+)
+def test_matmul_gemm_signed_and_unsigned_exact(kernels, act, rows, k, m, n, max_code, op, seed):
+    """Batch 1 (the code path) and batches of >= 4 rows (the folded path where a CPU has it)."""
+    rng = np.random.default_rng(seed)
+    t = random_ternary(rng, (m, k))
+    codes, groups = pack_weight(t, n)
+    scales = rng.integers(0, max_code + 1, size=(m, groups.shape[1])).astype(np.uint8)
+    x, centred = saturating_input(rng, (rows, k), act)
+    inputs = dict(activation_inputs(act), codes=codes, scales=scales, row_scale=np.ones(m, np.float32))
+    model = build_model(op, inputs, dict(N=n, K=k), list(x.shape))
+    weight = scales_to_weight(groups, scales.astype(np.float64), k, 1)
+    want = (0.5 * (centred @ weight.T)).astype(np.float32)
+    for kernel in kernels:
+        assert np.array_equal(run(model, {"X": x}, kernel, threads=2), want), kernel
+
+
+@SETTINGS
+@given(
+    act=st.sampled_from(sorted(ACTIVATIONS)),
+    nb=st.sampled_from([1, 2]),
+    cg=st.sampled_from([3, 8, 15, 16, 17, 32, 33]),
+    mg=st.sampled_from([1, 15, 16, 17, 33]),
+    rs=st.sampled_from([(1, 1), (3, 3)]),
+    pads=st.sampled_from([(0, 0, 0, 0), (1, 1, 1, 1), (0, 2, 1, 0)]),
+    n=st.sampled_from([4, 8, 16]),
+    max_code=st.sampled_from([127, 255]),
+    seed=st.integers(0, 2**16),
+)
+def test_conv_signed_and_unsigned_exact(kernels, act, nb, cg, mg, rs, pads, n, max_code, seed):
+    """1x1 (read in place on the folded path) and 3x3 with pads: the border is the level of 0.0."""
+    rng = np.random.default_rng(seed)
+    (r, s), h, w = rs, 5, 6
+    m, c, t4, rows, segments, codes, groups = random_conv_weight(rng, mg, cg, 1, r, s, n)
+    scales = rng.integers(0, max_code + 1, size=(m, groups.shape[1])).astype(np.uint8)
+    weight = rows_to_conv(scales_to_weight(groups, scales.astype(np.float64), rows.shape[1] // segments, segments),
+                          (m, cg, r, s), n)
+    x, centred = saturating_input(rng, (nb, c, h, w), act)
+    inputs = dict(activation_inputs(act), codes=codes, scales=scales, row_scale=np.ones(m, np.float32))
+    model = build_model("TernaryConv", inputs, dict(N=n, weight_shape=[m, cg, r, s], pads=list(pads)), list(x.shape))
+    want = (0.5 * conv2d_ref(centred, weight, None, (1, 1), pads, (1, 1), 1)).astype(np.float32)
+    for kernel in kernels:
+        assert np.array_equal(run(model, {"X": x}, kernel, threads=2), want), kernel
+
+
 # -- float mode --------------------------------------------------------------------
 
 

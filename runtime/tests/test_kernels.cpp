@@ -296,7 +296,10 @@ void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
         std::vector<int8_t> natural(static_cast<size_t>(Kp)), xs(static_cast<size_t>(B * Kp)), xu(xs.size());
         std::vector<int32_t> gsum(static_cast<size_t>(B * Gp));
         for (int64_t b = 0; b < B; ++b) {
-          for (auto& v : natural) v = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
+          // Rows 0 and 1 at the ends of the int8 range (signed levels -128 / 127, or uint8 0 / 255
+          // as xs = q - 128): the largest sums; the other rows random.
+          for (auto& v : natural)
+            v = static_cast<int8_t>(B > 2 && b < 2 ? (b == 0 ? -128 : 127) : static_cast<int>(rng() % 256) - 128);
           fgq::to_kernel_order(natural.data(), w.np, Gp, xs.data() + b * Kp, gsum.data() + b * Gp);
           for (int64_t i = 0; i < Kp; ++i) xu[static_cast<size_t>(b * Kp + i)] = static_cast<int8_t>(natural[i] ^ 0x80);
         }
@@ -389,6 +392,99 @@ void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::printf("random: %d cases (%d on the folded form), SIMD paths vs reference\n", cases, folded_cases);
 }
 
+// Few activation rows (batch 1 to 3: the paths' matrix-vector kernels) bit for bit against the
+// reference: integer-valued scales (f32, f16, u8) and power-of-two row and output scales keep every
+// float sum exact (|sum| <= 255 * 128 * 513 < 2^24), so any lost or doubled term shows. Codes and
+// levels at their extremes: t = +1 everywhere against levels -128 (the largest int16 pair sums a
+// kernel can meet), t = -1 against 127, and random; K not a multiple of N or of 4; rows straddling
+// quads and code lines; row ranges that start and end inside a quad.
+void test_few_rows(const std::vector<const fgq::KernelDispatch*>& ps) {
+  std::mt19937 rng(99);
+  const int64_t ns[] = {1, 4, 5, 31, 32, 33, 64, 65, 128};
+  const int64_t ks[] = {1, 15, 63, 65, 127, 200, 513};
+  int cases = 0;
+  for (int64_t n : ns)
+    for (int64_t k : ks)
+      for (int st = 0; st < 3; ++st)
+        for (int pattern = 0; pattern < 3; ++pattern) {  // random; t = +1, levels -128; t = -1, levels 127
+          const int64_t M = 1 + static_cast<int64_t>(rng() % 40), B = 1 + static_cast<int64_t>(rng() % 3);
+          const fgq::ReductionLayout layout{1, k, n};
+          const int64_t G = layout.groups(), row_bytes = (G * n + 3) / 4;
+          std::vector<uint8_t> packed(static_cast<size_t>(M * row_bytes), 0);
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t p = 0; p < k; ++p) {
+              const uint8_t random_code = static_cast<uint8_t>(rng() % 3 == 0 ? 0 : (rng() % 2 ? 1 : 3));
+              const uint8_t code = pattern == 0 ? random_code : (pattern == 1 ? 1 : 3);
+              packed[static_cast<size_t>(m * row_bytes + p / 4)] |= static_cast<uint8_t>(code << (2 * (p % 4)));
+            }
+          std::vector<float> f32(static_cast<size_t>(M * G));
+          std::vector<uint16_t> f16(f32.size());
+          std::vector<uint8_t> u8(f32.size());
+          for (size_t i = 0; i < f32.size(); ++i) {
+            u8[i] = static_cast<uint8_t>(pattern == 0 ? rng() % 256 : 255);
+            f32[i] = static_cast<float>(u8[i]);
+            f16[i] = float_to_half_simple(f32[i]);  // integers up to 2048 are exact halves
+          }
+          std::vector<float> row_scale(static_cast<size_t>(M), 0.25f);
+          const fgq::ScaleType type = static_cast<fgq::ScaleType>(st);
+          const void* scales = st == 0 ? static_cast<const void*>(f32.data())
+                                       : (st == 1 ? static_cast<const void*>(f16.data()) : static_cast<const void*>(u8.data()));
+          fgq::KernelWeights w;
+          const std::string err = fgq::repack_weights(packed.data(), M, row_bytes, scales, type, row_scale.data(), layout,
+                                                      fgq::Plane::kAll, &w);
+          EXPECT(err.empty(), "few rows repack: %s", err.c_str());
+          std::vector<int> level(static_cast<size_t>(k));
+          std::vector<int8_t> xs, one_xs;
+          std::vector<int32_t> gsum, one_gsum;
+          for (int64_t b = 0; b < B; ++b) {
+            for (auto& v : level) v = pattern == 0 ? static_cast<int>(rng() % 256) - 128 : (pattern == 1 ? -128 : 127);
+            kernel_x(level, w, layout, &one_xs, &one_gsum);
+            xs.insert(xs.end(), one_xs.begin(), one_xs.end());
+            gsum.insert(gsum.end(), one_gsum.begin(), one_gsum.end());
+          }
+          fgq::GemmArgs a;
+          a.w = &w;
+          a.x = xs.data();
+          a.x_stride = static_cast<int64_t>(one_xs.size());
+          a.gsum = gsum.data();
+          a.s_stride = static_cast<int64_t>(one_gsum.size());
+          a.y_stride_b = M;
+          a.m_end = M;
+          a.b_end = B;
+          a.scale = 0.5f;
+          a.offset = 3.f;
+          std::vector<float> want(static_cast<size_t>(B * M));
+          a.y = want.data();
+          fgq::kRefDispatch.gemm(a);
+          for (const fgq::KernelDispatch* d : ps) {
+            std::vector<float> got(want.size(), -7.f);
+            a.y = got.data();
+            d->gemm(a);
+            EXPECT(got == want, "%s: %ld rows, n=%ld k=%ld M=%ld st=%d pattern %d: not bit-exact", d->name, (long)B,
+                   (long)n, (long)k, (long)M, st, pattern);
+            for (int64_t m_begin : {int64_t{1}, int64_t{5}})  // inside the first quad / the second
+              if (m_begin + 1 < M) {
+                fgq::GemmArgs pa = a;  // rows [m_begin, M - 1), accumulated onto ones; the others untouched
+                std::vector<float> part(want.size(), 1.f);
+                pa.y = part.data();
+                pa.m_begin = m_begin;
+                pa.m_end = M - 1;
+                pa.accumulate = true;
+                d->gemm(pa);
+                for (int64_t b = 0; b < B; ++b)
+                  for (int64_t m = 0; m < M; ++m) {
+                    const size_t i = static_cast<size_t>(b * M + m);
+                    EXPECT(part[i] == (m >= m_begin && m < M - 1 ? want[i] + 1.f : 1.f),
+                           "%s: %ld rows, row range [%ld, M-1) n=%ld k=%ld M=%ld m=%ld", d->name, (long)B,
+                           (long)m_begin, (long)n, (long)k, (long)M, (long)m);
+                  }
+              }
+          }
+          ++cases;
+        }
+  std::printf("few rows: %d cases bit-exact on every path\n", cases);
+}
+
 // The activation slots of every path equal the scalar definitions.
 void test_activation_slots(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::mt19937 rng(7);
@@ -458,6 +554,7 @@ int main() {
   test_rejects();
   test_golden(ps);
   test_random(ps);
+  test_few_rows(ps);
   test_activation_slots(ps);
   if (g_failures) {
     std::printf("%d failures\n", g_failures);

@@ -239,8 +239,15 @@ inline bool use_folded(const KernelDispatch& d, const KernelWeights& w, int64_t 
 
 extern const KernelDispatch kRefDispatch;
 #if defined(FGQ_HAVE_X86_KERNELS)
-extern const KernelDispatch kAvx2Dispatch;
+extern const KernelDispatch kAvx2Dispatch;  // kernels_avx2.cpp; find_dispatch("avx2") adds avx2_gemv
 extern const KernelDispatch kAvx512VnniDispatch;
+// The fused kernel (KernelDispatch::gemm) for kernel-order rows on AVX2, made for few activation
+// rows (kernels_avx2_gemv.cpp): the AVX2 path's calls with fewer than kAvx2GemvRows rows, for
+// groups of at least kAvx2GemvMinSteps steps (np / 4; measured: N = 64 1.2-1.3x the batched
+// kernel from DRAM, N = 4 0.7x, so short groups stay on kernels_avx2.cpp).
+void avx2_gemv(const GemmArgs& args);
+constexpr int64_t kAvx2GemvRows = 4;
+constexpr int64_t kAvx2GemvMinSteps = 8;
 #endif
 
 // CPU support of each path: "ref", "avx2", "avx512vnni".
