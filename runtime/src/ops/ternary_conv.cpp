@@ -11,6 +11,7 @@
 #include <exception>
 #include <mutex>
 
+#include "fgq/depthwise.h"
 #include "ops.h"
 
 namespace fgq {
@@ -91,6 +92,10 @@ class ConvKernel : public TernaryKernelBase {
     const ReductionLayout layout =
         segmented_ ? ReductionLayout{rs, cg_, n_} : ReductionLayout{1, checked_mul(cg_, rs, "filter"), n_};
     init_weights(info, layout, m_);
+    // Few output rows a group (depthwise): the GEMM's quads of rows would be mostly empty.
+    direct_ = group_ > 1 && m_ / group_ < 4 && depthwise_supports(strides_[1], dilations_[1]) &&
+              checked_mul(cg_, rs, "filter") <= kDepthwiseMaxTaps;
+    if (direct_ && constant_planes_) direct_weights_ = std::make_shared<const DepthwiseWeights>(direct_weights(*constant_planes_));
     // The gather plan depends only on the layout.
     const int64_t np = kernel_group_positions(n_);
     const int64_t gp = kernel_padded_groups(layout.groups());
@@ -152,10 +157,15 @@ class ConvKernel : public TernaryKernelBase {
       a.segment_len = kernel_group_positions(n_) * ((cg_ + n_ - 1) / n_);
       a.segment_read = kernel_group_positions(cg_);  // the channels, rounded up to 4
     }
+    DepthwiseWeights direct_scratch;
+    const DepthwiseWeights* direct = direct_weights_.get();
+    if (direct_ && !direct) direct = &(direct_scratch = direct_weights(p));
     // Several images: one task each, on its own thread's buffers; one image: parallel inside.
     auto image_task = [&](size_t n, OrtKernelContext* inner) {
       const int64_t offset = static_cast<int64_t>(n) * m_ * P;
-      run_image(inner, x, static_cast<int64_t>(n), qi, geo, p, in_place, a, y + offset, Epilogue{b, r ? r + offset : nullptr});
+      const Epilogue e{b, r ? r + offset : nullptr};
+      if (direct) run_direct(inner, x, static_cast<int64_t>(n), q, geo, *direct, y + offset, e);
+      else run_image(inner, x, static_cast<int64_t>(n), qi, geo, p, in_place, a, y + offset, e);
     };
     if (nb == 1) {
       image_task(0, ctx);
@@ -222,6 +232,52 @@ class ConvKernel : public TernaryKernelBase {
     }
     a.y = y_image;
     gemm(ctx, p, P, group_step, a, e);
+  }
+
+  DepthwiseWeights direct_weights(const Planes& p) const {
+    DepthwiseWeights w;
+    const std::string error = build_depthwise_weights(p.pos, p.asymmetric ? &p.neg : nullptr, layout_, segmented_,
+                                                      m_ / group_, cg_, r_, s_, &w);
+    if (!error.empty()) fail(error);
+    return w;
+  }
+
+  // Image n by the direct kernel: quantized to unsigned levels in a planar padded image, then
+  // output channels in parallel tasks.
+  void run_direct(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& q, const Geometry& geo,
+                  const DepthwiseWeights& w, float* y_image, const Epilogue& e) const {
+    thread_local ScratchBuffer<int8_t> image_buffer;
+    const ActQuant qu = unsigned_levels(q);
+    const int64_t image_bytes = checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), geo.C, "input");
+    const Image image{image_buffer.get(checked_add(image_bytes, kDepthwiseSlack, "input")), geo.padded_h, geo.padded_w,
+                      geo.C, true};
+    fill_border(geo, qu.zero_level(), image);
+    quantize_image(ctx, x, n, qu, geo, image);
+    DepthwiseArgs a;
+    a.w = &w;
+    a.image = reinterpret_cast<const uint8_t*>(image.data);
+    a.padded_h = geo.padded_h;
+    a.padded_w = geo.padded_w;
+    a.zero_level = static_cast<uint8_t>(qu.zero_level());
+    a.out_h = geo.OH;
+    a.out_w = geo.OW;
+    a.stride_h = strides_[0];
+    a.stride_w = strides_[1];
+    a.dilation_h = dilations_[0];
+    a.dilation_w = dilations_[1];
+    a.x_scale = q.scale;
+    a.bias = e.bias;
+    a.residual = e.residual;
+    a.relu = relu_ != 0;
+    a.y = y_image;
+    constexpr int64_t kChannelsPerTask = 4;
+    auto task = [&](size_t t) {
+      DepthwiseArgs part = a;
+      part.m_begin = static_cast<int64_t>(t) * kChannelsPerTask;
+      part.m_end = std::min(m_, part.m_begin + kChannelsPerTask);
+      dispatch_->depthwise(part);
+    };
+    parallel_for(ctx, static_cast<size_t>((m_ + kChannelsPerTask - 1) / kChannelsPerTask), task);
   }
 
   // In-place rows: pixel (oh, ow) at its top-left input pixel, segment (r, s) at its kernel offset.
@@ -371,6 +427,8 @@ class ConvKernel : public TernaryKernelBase {
  private:
   int64_t m_ = 0, cg_ = 0, r_ = 0, s_ = 0, group_ = 1, relu_ = 0, positions_ = 0;
   bool segmented_ = true;
+  bool direct_ = false;  // the direct kernel (include/fgq/depthwise.h) instead of the GEMM
+  std::shared_ptr<const DepthwiseWeights> direct_weights_;  // from constant weights, built once
   // Fewer channels a group than N: groups run along kernel rows, so the image is planar.
   bool planar() const { return !segmented_; }
   std::vector<int64_t> strides_, dilations_, pads_;

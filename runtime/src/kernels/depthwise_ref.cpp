@@ -1,0 +1,165 @@
+// The direct (depthwise) convolution: weights regrouped from the repacked planes, and the
+// plain C++ reference kernel the SIMD paths are tested against (include/fgq/depthwise.h).
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <map>
+#include <utility>
+
+#include "fgq/depthwise.h"
+
+namespace fgq {
+
+namespace {
+
+// Where tap `idx` of the reduction (layout order) lies in the filter.
+DepthwiseChunk tap_of(int64_t idx, bool segmented, int64_t cg, int64_t kernel_h, int64_t kernel_w) {
+  if (segmented) return {idx % cg, idx / cg / kernel_w, idx / cg % kernel_w};  // [R, S, cg]
+  return {idx / (kernel_h * kernel_w), idx / kernel_w % kernel_h, idx % kernel_w};  // [cg, R, S]
+}
+
+// A plane whose uint8 scale codes all fit int7 folds them into the weights: one accumulator.
+bool folds(const KernelWeights& w) {
+  if (w.scale_type != ScaleType::kU8) return false;
+  for (int64_t m = 0; m < w.rows; ++m)
+    for (int64_t g = 0; g < w.groups; ++g)
+      if (w.scale_at(m, g) > 127) return false;
+  return true;
+}
+
+// One tap's contribution: plane, group, chunk, byte within the chunk.
+struct Tap {
+  int64_t plane, group, chunk;
+  int e;
+  int64_t natural;  // its position in the plane's natural row (group * np + i)
+};
+
+}  // namespace
+
+std::string build_depthwise_weights(const KernelWeights& pos, const KernelWeights* neg, const ReductionLayout& layout,
+                                    bool segmented, int64_t rows_per_group, int64_t cg, int64_t kernel_h,
+                                    int64_t kernel_w, DepthwiseWeights* out) {
+  for (int64_t extent : {cg, kernel_h, kernel_w})
+    if (extent < 1 || extent > kDepthwiseMaxTaps) return "depthwise: filter too large";
+  const int64_t taps = cg * kernel_h * kernel_w;  // no overflow: each factor <= 2^12
+  if (taps > kDepthwiseMaxTaps) return "depthwise: filter too large";
+  if (layout.segments * layout.length != taps || pos.groups != layout.groups() || rows_per_group < 1)
+    return "depthwise: layout does not match the filter";
+  const KernelWeights* planes[2] = {&pos, neg};
+  const int64_t plane_count = neg ? 2 : 1;
+  DepthwiseWeights& w = *out;
+  w = DepthwiseWeights();
+  w.channels = pos.rows;
+  w.rows_per_group = rows_per_group;
+  w.channels_per_group = cg;
+  w.kernel_h = kernel_h;
+  w.kernel_w = kernel_w;
+  const int64_t column_chunks = (kernel_w + 3) / 4;
+  for (int64_t c = 0; c < cg; ++c)
+    for (int64_t r = 0; r < kernel_h; ++r)
+      for (int64_t s0 = 0; s0 < kernel_w; s0 += 4) w.chunks.push_back({c, r, s0});
+
+  // Accumulators: per plane one (folded) or one per group.
+  bool folded[2] = {false, false};
+  int64_t first_accumulator[2] = {0, 0};
+  for (int64_t pl = 0; pl < plane_count; ++pl) {
+    folded[pl] = folds(*planes[pl]);
+    first_accumulator[pl] = w.accumulators;
+    w.accumulators += folded[pl] ? 1 : planes[pl]->groups;
+  }
+  const std::vector<int64_t> map = kernel_position_map(layout, pos.np, pos.padded_groups);
+  std::vector<Tap> tap_list;
+  std::map<std::pair<int64_t, int64_t>, int64_t> piece_index;  // (accumulator, chunk) -> piece
+  for (int64_t pl = 0; pl < plane_count; ++pl)
+    for (int64_t p = 0; p < static_cast<int64_t>(map.size()); ++p) {
+      if (map[static_cast<size_t>(p)] < 0) continue;
+      const DepthwiseChunk t = tap_of(map[static_cast<size_t>(p)], segmented, cg, kernel_h, kernel_w);
+      const int64_t chunk = (t.c * kernel_h + t.r) * column_chunks + t.s0 / 4;
+      const int64_t group = p / pos.np;
+      tap_list.push_back({pl, group, chunk, static_cast<int>(t.s0 % 4), p});
+      piece_index[{first_accumulator[pl] + (folded[pl] ? 0 : group), chunk}] = 0;
+    }
+  for (auto& entry : piece_index) {  // the map's order: by accumulator, then chunk
+    entry.second = static_cast<int64_t>(w.pieces.size());
+    w.pieces.push_back({entry.first.second, entry.first.first});
+  }
+  w.first_piece.assign(static_cast<size_t>(w.accumulators + 1), static_cast<int64_t>(w.pieces.size()));
+  for (int64_t p = static_cast<int64_t>(w.pieces.size()) - 1; p >= 0; --p)
+    w.first_piece[static_cast<size_t>(w.pieces[static_cast<size_t>(p)].accumulator)] = p;
+  for (int64_t a = w.accumulators - 1; a >= 0; --a)  // accumulators without pieces: empty ranges
+    w.first_piece[static_cast<size_t>(a)] = std::min(w.first_piece[static_cast<size_t>(a)], w.first_piece[static_cast<size_t>(a + 1)]);
+
+  // Integer weights, then the planes they need.
+  const int64_t M = w.channels, pieces = static_cast<int64_t>(w.pieces.size());
+  std::vector<int> full(static_cast<size_t>(M * pieces * 4), 0);
+  w.weight_sums.assign(static_cast<size_t>(M * w.accumulators), 0);
+  w.scales.assign(static_cast<size_t>(M * w.accumulators), 0.f);
+  int max_abs = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    for (const Tap& tap : tap_list) {
+      const KernelWeights& plane = *planes[tap.plane];
+      const int64_t group = tap.natural / plane.np, i = tap.natural % plane.np;
+      const int t = plane.t_at(m, group, i);
+      const int64_t accumulator = first_accumulator[tap.plane] + (folded[tap.plane] ? 0 : group);
+      const int value = folded[tap.plane] ? t * static_cast<int>(plane.scale_at(m, group)) : t;
+      const int64_t piece = piece_index[{accumulator, tap.chunk}];
+      full[static_cast<size_t>((m * pieces + piece) * 4 + tap.e)] = value;
+      w.weight_sums[static_cast<size_t>(m * w.accumulators + accumulator)] += value;
+      max_abs = std::max(max_abs, std::abs(value));
+    }
+    for (int64_t pl = 0; pl < plane_count; ++pl) {
+      const KernelWeights& plane = *planes[pl];
+      const float row_scale = plane.row_scale[static_cast<size_t>(m)];
+      const int64_t count = folded[pl] ? 1 : plane.groups;
+      for (int64_t g = 0; g < count; ++g)
+        w.scales[static_cast<size_t>(m * w.accumulators + first_accumulator[pl] + g)] =
+            folded[pl] ? row_scale : row_scale * static_cast<float>(plane.scale_at(m, g));
+    }
+  }
+  w.planes = max_abs > 64 ? 2 : 1;
+  w.weights.assign(static_cast<size_t>(M * pieces * w.planes * 4), 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t p = 0; p < pieces; ++p)
+      for (int e = 0; e < 4; ++e) {
+        const int value = full[static_cast<size_t>((m * pieces + p) * 4 + e)];
+        int8_t* dst = w.weights.data() + (m * pieces + p) * w.planes * 4;
+        if (w.planes == 1) {
+          dst[e] = static_cast<int8_t>(value);
+        } else {
+          const int hi = value >= 0 ? value / 2 : -((-value + 1) / 2);  // floor(value / 2)
+          dst[e] = static_cast<int8_t>(hi);
+          dst[4 + e] = static_cast<int8_t>(value - 2 * hi);
+        }
+      }
+  return "";
+}
+
+void depthwise_ref(const DepthwiseArgs& a) {
+  const DepthwiseWeights& w = *a.w;
+  const int64_t plane = a.padded_h * a.padded_w, P = a.out_h * a.out_w;
+  for (int64_t m = a.m_begin; m < a.m_end; ++m) {
+    const uint8_t* image = a.image + (m / w.rows_per_group) * w.channels_per_group * plane;
+    for (int64_t oh = 0; oh < a.out_h; ++oh)
+      for (int64_t ow = 0; ow < a.out_w; ++ow) {
+        float v = 0.f;
+        for (int64_t acc = 0; acc < w.accumulators; ++acc) {
+          int32_t dot = 0;
+          for (int64_t p = w.first_piece[static_cast<size_t>(acc)]; p < w.first_piece[static_cast<size_t>(acc + 1)]; ++p) {
+            const DepthwiseChunk& chunk = w.chunks[static_cast<size_t>(w.pieces[static_cast<size_t>(p)].chunk)];
+            for (int e = 0; e < 4 && chunk.s0 + e < w.kernel_w; ++e) {
+              const int64_t h = oh * a.stride_h + chunk.r * a.dilation_h, x = ow * a.stride_w + (chunk.s0 + e) * a.dilation_w;
+              dot += w.weight(m, p, e) * image[chunk.c * plane + h * a.padded_w + x];
+            }
+          }
+          dot -= a.zero_level * w.weight_sums[static_cast<size_t>(m * w.accumulators + acc)];
+          v = std::fma(static_cast<float>(dot), a.x_scale * w.scales[static_cast<size_t>(m * w.accumulators + acc)], v);
+        }
+        const int64_t at = m * P + oh * a.out_w + ow;
+        if (a.bias) v = v + a.bias[m];
+        if (a.residual) v = v + a.residual[at];
+        a.y[at] = a.relu && v < 0.f ? 0.f : v;
+      }
+  }
+}
+
+}  // namespace fgq
