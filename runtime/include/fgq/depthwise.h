@@ -1,13 +1,13 @@
 // Direct kernel for convolutions with few channels a group (depthwise: one): no im2col, no
 // GEMM. The activation is a padded planar (CHW) image of unsigned levels; output pixels
-// go across the vector lanes, and four kernel columns of one kernel row meet one lane's
-// four bytes in one u8 x s8 multiply-add ("chunk").
+// go across the vector lanes, and up to four kernel columns of one kernel row (a "chunk")
+// meet each pixel's levels in integer multiply-adds.
 //
 // Weights are regrouped once from the repacked planes into "accumulators": each sums
 // its taps' weight x level exactly in int32, then adds scale * sum to the float output.
-// With uint8 scale codes up to 127 a plane's weights t * code fit int8 and the whole
-// plane is one accumulator (scale row_scale); otherwise each group is one (weights t,
-// scale row_scale * group scale). Any reduction layout of the packed format works:
+// With uint8 scale codes a plane's integer weights t * code make the whole plane one
+// accumulator (scale row_scale); with float scales each group is one (weights t, scale
+// row_scale * group scale). Any reduction layout of the packed format works:
 // the taps of each group come from kernel_position_map.
 #pragma once
 
@@ -39,20 +39,12 @@ struct DepthwiseWeights {
   std::vector<DepthwisePiece> pieces;  // sorted by accumulator
   int64_t accumulators = 0;            // per output channel
   std::vector<int64_t> first_piece;    // accumulator a: pieces [first_piece[a], first_piece[a + 1])
-  // Weights of output channel m, piece p, in `planes` int8 planes of 4 bytes (tap e at byte e):
-  // one plane holds w; two hold w = 2 * hi + lo (|hi| <= 64, lo in {0, 1}) so that a pair of
-  // u8 x s8 products never saturates vpmaddubsw's int16 (2 * 255 * 64 < 2^15).
-  int64_t planes = 1;
-  std::vector<int8_t> weights;       // [M][pieces][planes][4]
+  // Weights of output channel m, piece p: int16 (t * code reaches 255), tap e at element e.
+  std::vector<int16_t> weights;      // [M][pieces][4]
   std::vector<int32_t> weight_sums;  // [M][accumulators]: sum of the accumulator's weights
   std::vector<float> scales;         // [M][accumulators]
-  const int8_t* piece_weights(int64_t m, int64_t p) const {
-    return weights.data() + (m * static_cast<int64_t>(pieces.size()) + p) * planes * 4;
-  }
-  // The integer weight of tap e of piece p for channel m.
-  int weight(int64_t m, int64_t p, int e) const {
-    const int8_t* w = piece_weights(m, p);
-    return planes == 1 ? w[e] : 2 * w[e] + w[4 + e];
+  const int16_t* piece_weights(int64_t m, int64_t p) const {
+    return weights.data() + (m * static_cast<int64_t>(pieces.size()) + p) * 4;
   }
 };
 

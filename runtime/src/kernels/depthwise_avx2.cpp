@@ -2,10 +2,13 @@
 // this file only, reached through the dispatch table). Eight output pixels of one output
 // row a vector, one per 32-bit lane. A chunk's 32 source bytes are loaded once and
 // rearranged (vpermd across the two 128-bit lanes, then vpshufb within each) so that lane j
-// holds pixel j's four taps; vpmaddubsw + vpmaddwd then add weight x level for the four taps
-// to lane j in exact int32. The float work is one convert and one FMA per accumulator.
+// holds two of pixel j's taps as int16; vpmaddwd with the two int16 weights adds them to
+// lane j in exact int32 (no vpmaddubsw: its int16 sums would saturate with weights t * code).
+// The float work is one convert and one FMA per accumulator.
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -18,69 +21,127 @@ constexpr int64_t kLanes = 8;
 
 // Pixel j's tap e lies at byte stride * j + dilation * e of a chunk's source; 128-bit lane L
 // (pixels 4L..4L+3) takes its 16 bytes from dword stride * L (depthwise_supports: they fit).
+// pair[k] zero-extends taps 2k and 2k + 1 of each pixel to the int16 halves of its lane.
 struct ChunkShuffle {
-  __m256i dwords, bytes;
+  __m256i dwords, pair[2];
   ChunkShuffle(int64_t stride, int64_t dilation) {
     const int s = static_cast<int>(stride), d = static_cast<int>(dilation);
     dwords = _mm256_setr_epi32(0, 1, 2, 3, s, s + 1, s + 2, s + 3);
-    alignas(16) int8_t b[16];
-    for (int p = 0; p < 4; ++p)
-      for (int e = 0; e < 4; ++e) b[4 * p + e] = static_cast<int8_t>(s * p + d * e);
-    bytes = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(b)));
+    for (int k = 0; k < 2; ++k) {
+      alignas(16) int8_t b[16];
+      for (int p = 0; p < 4; ++p)
+        for (int half = 0; half < 2; ++half) {
+          b[4 * p + 2 * half] = static_cast<int8_t>(s * p + d * (2 * k + half));
+          b[4 * p + 2 * half + 1] = -128;  // vpshufb writes 0
+        }
+      pair[k] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(b)));
+    }
   }
-  __m256i operator()(const uint8_t* src) const {
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-    return _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(raw, dwords), bytes);
+  __m256i load(const uint8_t* src) const {
+    return _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)), dwords);
   }
 };
 
-inline __m256i broadcast4(const int8_t* p) {
+// Both int16 weights of a tap pair in every lane.
+inline __m256i broadcast_pair(const int16_t* w) {
   int32_t v;
-  std::memcpy(&v, p, 4);
+  std::memcpy(&v, w, 4);
   return _mm256_set1_epi32(v);
 }
 
-// Exact sum over the four taps of each lane: one weight plane, or w = 2 * hi + lo in two
-// (each pair of u8 x s8 products then stays inside vpmaddubsw's int16).
-template <int Planes>
-inline __m256i chunk_dot(__m256i x, const int8_t* w) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  if (Planes == 1) return _mm256_madd_epi16(_mm256_maddubs_epi16(x, broadcast4(w)), ones);
-  const __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(x, broadcast4(w)), _mm256_set1_epi16(2));
-  return _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_maddubs_epi16(x, broadcast4(w + 4)), ones));
+// Exact sum over a chunk's taps of each lane; w[k]: the weights of taps 2k, 2k + 1 (pair 1 is
+// skipped when taps 2 and 3 lie past the kernel).
+inline __m256i chunk_dot(const ChunkShuffle& shuffle, const uint8_t* src, const __m256i w[2], bool two_pairs) {
+  const __m256i x = shuffle.load(src);
+  __m256i sum = _mm256_madd_epi16(_mm256_shuffle_epi8(x, shuffle.pair[0]), w[0]);
+  if (two_pairs) sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_shuffle_epi8(x, shuffle.pair[1]), w[1]));
+  return sum;
 }
 
-// Output channel m, all rows: `offsets[p]`: piece p's source relative to the pixel's window corner.
-template <int Planes>
-void channel(const DepthwiseArgs& a, int64_t m, const ChunkShuffle& shuffle, const std::vector<int64_t>& offsets) {
+// Where each piece reads, relative to a pixel's window corner, and whether its chunk has a second
+// tap pair; and the output's vectors: 8 (or fewer, at a row's end) pixels of one row each,
+// their first pixel's window corner and output offset. Built per call, kept per thread.
+struct Plan {
+  std::vector<int64_t> offset;
+  std::vector<char> two_pairs;
+  std::vector<int64_t> corner, out;
+  std::vector<int> count;
+};
+
+// One channel's exact integer sums of a few pieces for every output vector v, at dot + 8v:
+// dot = (first ? 0 : dot) + sum over pieces [p0, p0 + K).
+template <int K>
+void sweep(const uint8_t* image, const int16_t* weights, const ChunkShuffle& shuffle, const Plan& plan, int64_t p0,
+           bool first, int32_t* dot) {
+  const uint8_t* src[K];
+  __m256i w[K][2];
+  bool two_pairs[K];
+  for (int k = 0; k < K; ++k) {
+    src[k] = image + plan.offset[static_cast<size_t>(p0 + k)];
+    w[k][0] = broadcast_pair(weights + (p0 + k) * 4);
+    w[k][1] = broadcast_pair(weights + (p0 + k) * 4 + 2);
+    two_pairs[k] = plan.two_pairs[static_cast<size_t>(p0 + k)];
+  }
+  const int64_t* corner = plan.corner.data();  // plain locals: the plan may be thread_local (a TLS call an access)
+  const size_t vectors = plan.corner.size();
+  for (size_t v = 0; v < vectors; ++v) {
+    int32_t* d = dot + v * kLanes;
+    __m256i sum = first ? _mm256_setzero_si256() : _mm256_load_si256(reinterpret_cast<const __m256i*>(d));
+    for (int k = 0; k < K; ++k) sum = _mm256_add_epi32(sum, chunk_dot(shuffle, src[k] + corner[v], w[k], two_pairs[k]));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(d), sum);
+  }
+}
+
+// Output channel m: each accumulator's pieces swept three at a time into `dot`, then folded
+// into the float sums `acc` (the last one straight into the output, with bias, residual, ReLU).
+void channel(const DepthwiseArgs& a, int64_t m, const ChunkShuffle& shuffle, const Plan& plan, int32_t* dot,
+             float* acc) {
   const DepthwiseWeights& w = *a.w;
   const int64_t P = a.out_h * a.out_w, A = w.accumulators;
+  const size_t vectors = plan.corner.size();
   const uint8_t* image = a.image + (m / w.rows_per_group) * w.channels_per_group * a.padded_h * a.padded_w;
-  const int8_t* weights = w.piece_weights(m, 0);
-  const int32_t* sums = w.weight_sums.data() + m * A;
-  const float* scales = w.scales.data() + m * A;
-  const __m256i lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const int16_t* weights = w.piece_weights(m, 0);
+  const float* residual = a.residual ? a.residual + m * P : nullptr;
+  float* y = a.y + m * P;
   const __m256 zero = _mm256_setzero_ps();
-  for (int64_t oh = 0; oh < a.out_h; ++oh) {
-    const uint8_t* row = image + oh * a.stride_h * a.padded_w;
-    const int64_t at = m * P + oh * a.out_w;
-    for (int64_t ow = 0; ow < a.out_w; ow += kLanes) {
-      const uint8_t* corner = row + ow * a.stride_w;
-      __m256 v = zero;
-      for (int64_t acc = 0; acc < A; ++acc) {
-        __m256i dot = _mm256_setzero_si256();
-        for (int64_t p = w.first_piece[static_cast<size_t>(acc)]; p < w.first_piece[static_cast<size_t>(acc + 1)]; ++p)
-          dot = _mm256_add_epi32(dot, chunk_dot<Planes>(shuffle(corner + offsets[static_cast<size_t>(p)]),
-                                                        weights + p * Planes * 4));
-        dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(a.zero_level * sums[acc]));
-        v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a.x_scale * scales[acc]), v);
+  const __m256 bias = _mm256_set1_ps(a.bias ? a.bias[m] : 0.f);
+  alignas(32) float buffer[kLanes] = {};
+  for (int64_t k = 0; k < A; ++k) {
+    const int64_t begin = w.first_piece[static_cast<size_t>(k)], end = w.first_piece[static_cast<size_t>(k + 1)];
+    if (begin == end) std::memset(dot, 0, vectors * kLanes * sizeof(int32_t));
+    for (int64_t p = begin; p < end; p += 3) {
+      if (end - p >= 3) sweep<3>(image, weights, shuffle, plan, p, p == begin, dot);
+      else if (end - p == 2) sweep<2>(image, weights, shuffle, plan, p, p == begin, dot);
+      else sweep<1>(image, weights, shuffle, plan, p, p == begin, dot);
+    }
+    const __m256i correction = _mm256_set1_epi32(a.zero_level * w.weight_sums[static_cast<size_t>(m * A + k)]);
+    const __m256 scale = _mm256_set1_ps(a.x_scale * w.scales[static_cast<size_t>(m * A + k)]);
+    const bool last = k == A - 1;
+    for (size_t v = 0; v < vectors; ++v) {
+      const __m256 before = k == 0 ? zero : _mm256_load_ps(acc + v * kLanes);
+      const __m256i d = _mm256_sub_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(dot + v * kLanes)), correction);
+      __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), scale, before);
+      if (!last) {
+        _mm256_store_ps(acc + v * kLanes, sum);
+        continue;
       }
-      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(a.out_w - ow)), lane_index);
-      if (a.bias) v = _mm256_add_ps(v, _mm256_set1_ps(a.bias[m]));
-      if (a.residual) v = _mm256_add_ps(v, _mm256_maskload_ps(a.residual + at + ow, mask));
-      if (a.relu) v = _mm256_blendv_ps(v, zero, _mm256_cmp_ps(v, zero, _CMP_LT_OQ));
-      if (ow + kLanes <= a.out_w) _mm256_storeu_ps(a.y + at + ow, v);
-      else _mm256_maskstore_ps(a.y + at + ow, mask, v);
+      // Bias, residual, ReLU; a partial vector goes through a buffer (no masked moves: microcoded on some CPUs).
+      const int64_t out = plan.out[v];
+      const int count = plan.count[v];
+      const size_t bytes = static_cast<size_t>(count) * sizeof(float);
+      if (a.bias) sum = _mm256_add_ps(sum, bias);
+      if (residual) {
+        const float* r = residual + out;
+        if (count < kLanes) r = static_cast<const float*>(std::memcpy(buffer, r, bytes));
+        sum = _mm256_add_ps(sum, _mm256_loadu_ps(r));
+      }
+      if (a.relu) sum = _mm256_blendv_ps(sum, zero, _mm256_cmp_ps(sum, zero, _CMP_LT_OQ));
+      if (count == kLanes) {
+        _mm256_storeu_ps(y + out, sum);
+      } else {
+        _mm256_store_ps(buffer, sum);
+        std::memcpy(y + out, buffer, bytes);
+      }
     }
   }
 }
@@ -90,15 +151,27 @@ void channel(const DepthwiseArgs& a, int64_t m, const ChunkShuffle& shuffle, con
 void depthwise_avx2(const DepthwiseArgs& a) {
   const DepthwiseWeights& w = *a.w;
   const ChunkShuffle shuffle(a.stride_w, a.dilation_w);
-  std::vector<int64_t> offsets(w.pieces.size());
-  for (size_t p = 0; p < w.pieces.size(); ++p) {
-    const DepthwiseChunk& c = w.chunks[static_cast<size_t>(w.pieces[p].chunk)];
-    offsets[p] = (c.c * a.padded_h + c.r * a.dilation_h) * a.padded_w + c.s0 * a.dilation_w;
+  thread_local Plan kept;
+  Plan& plan = kept;
+  plan = Plan{};
+  for (const DepthwisePiece& piece : w.pieces) {
+    const DepthwiseChunk& c = w.chunks[static_cast<size_t>(piece.chunk)];
+    plan.offset.push_back((c.c * a.padded_h + c.r * a.dilation_h) * a.padded_w + c.s0 * a.dilation_w);
+    plan.two_pairs.push_back(c.s0 + 2 < w.kernel_w);
   }
-  for (int64_t m = a.m_begin; m < a.m_end; ++m) {
-    if (w.planes == 1) channel<1>(a, m, shuffle, offsets);
-    else channel<2>(a, m, shuffle, offsets);
-  }
+  for (int64_t oh = 0; oh < a.out_h; ++oh)
+    for (int64_t ow = 0; ow < a.out_w; ow += kLanes) {
+      plan.corner.push_back(oh * a.stride_h * a.padded_w + ow * a.stride_w);
+      plan.out.push_back(oh * a.out_w + ow);
+      plan.count.push_back(static_cast<int>(std::min(kLanes, a.out_w - ow)));
+    }
+  // Integer and float sums of one channel, 8 lanes a vector, 32-byte aligned (kept per thread).
+  const size_t lanes = plan.corner.size() * kLanes;
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < 2 * lanes + kLanes) buffer.resize(2 * lanes + kLanes);
+  float* aligned = buffer.data() + (kLanes - reinterpret_cast<uintptr_t>(buffer.data()) / sizeof(float) % kLanes) % kLanes;
+  for (int64_t m = a.m_begin; m < a.m_end; ++m)
+    channel(a, m, shuffle, plan, reinterpret_cast<int32_t*>(aligned), aligned + lanes);
 }
 
 }  // namespace fgq

@@ -2,7 +2,6 @@
 // plain C++ reference kernel the SIMD paths are tested against (include/fgq/depthwise.h).
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <map>
 #include <utility>
 
@@ -16,15 +15,6 @@ namespace {
 DepthwiseChunk tap_of(int64_t idx, bool segmented, int64_t cg, int64_t kernel_h, int64_t kernel_w) {
   if (segmented) return {idx % cg, idx / cg / kernel_w, idx / cg % kernel_w};  // [R, S, cg]
   return {idx / (kernel_h * kernel_w), idx / kernel_w % kernel_h, idx % kernel_w};  // [cg, R, S]
-}
-
-// A plane whose uint8 scale codes all fit int7 folds them into the weights: one accumulator.
-bool folds(const KernelWeights& w) {
-  if (w.scale_type != ScaleType::kU8) return false;
-  for (int64_t m = 0; m < w.rows; ++m)
-    for (int64_t g = 0; g < w.groups; ++g)
-      if (w.scale_at(m, g) > 127) return false;
-  return true;
 }
 
 // One tap's contribution: plane, group, chunk, byte within the chunk.
@@ -63,7 +53,7 @@ std::string build_depthwise_weights(const KernelWeights& pos, const KernelWeight
   bool folded[2] = {false, false};
   int64_t first_accumulator[2] = {0, 0};
   for (int64_t pl = 0; pl < plane_count; ++pl) {
-    folded[pl] = folds(*planes[pl]);
+    folded[pl] = planes[pl]->scale_type == ScaleType::kU8;  // weights t * code
     first_accumulator[pl] = w.accumulators;
     w.accumulators += folded[pl] ? 1 : planes[pl]->groups;
   }
@@ -89,12 +79,10 @@ std::string build_depthwise_weights(const KernelWeights& pos, const KernelWeight
   for (int64_t a = w.accumulators - 1; a >= 0; --a)  // accumulators without pieces: empty ranges
     w.first_piece[static_cast<size_t>(a)] = std::min(w.first_piece[static_cast<size_t>(a)], w.first_piece[static_cast<size_t>(a + 1)]);
 
-  // Integer weights, then the planes they need.
   const int64_t M = w.channels, pieces = static_cast<int64_t>(w.pieces.size());
-  std::vector<int> full(static_cast<size_t>(M * pieces * 4), 0);
+  w.weights.assign(static_cast<size_t>(M * pieces * 4), 0);
   w.weight_sums.assign(static_cast<size_t>(M * w.accumulators), 0);
   w.scales.assign(static_cast<size_t>(M * w.accumulators), 0.f);
-  int max_abs = 0;
   for (int64_t m = 0; m < M; ++m) {
     for (const Tap& tap : tap_list) {
       const KernelWeights& plane = *planes[tap.plane];
@@ -103,9 +91,8 @@ std::string build_depthwise_weights(const KernelWeights& pos, const KernelWeight
       const int64_t accumulator = first_accumulator[tap.plane] + (folded[tap.plane] ? 0 : group);
       const int value = folded[tap.plane] ? t * static_cast<int>(plane.scale_at(m, group)) : t;
       const int64_t piece = piece_index[{accumulator, tap.chunk}];
-      full[static_cast<size_t>((m * pieces + piece) * 4 + tap.e)] = value;
+      w.weights[static_cast<size_t>((m * pieces + piece) * 4 + tap.e)] = static_cast<int16_t>(value);
       w.weight_sums[static_cast<size_t>(m * w.accumulators + accumulator)] += value;
-      max_abs = std::max(max_abs, std::abs(value));
     }
     for (int64_t pl = 0; pl < plane_count; ++pl) {
       const KernelWeights& plane = *planes[pl];
@@ -116,21 +103,6 @@ std::string build_depthwise_weights(const KernelWeights& pos, const KernelWeight
             folded[pl] ? row_scale : row_scale * static_cast<float>(plane.scale_at(m, g));
     }
   }
-  w.planes = max_abs > 64 ? 2 : 1;
-  w.weights.assign(static_cast<size_t>(M * pieces * w.planes * 4), 0);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t p = 0; p < pieces; ++p)
-      for (int e = 0; e < 4; ++e) {
-        const int value = full[static_cast<size_t>((m * pieces + p) * 4 + e)];
-        int8_t* dst = w.weights.data() + (m * pieces + p) * w.planes * 4;
-        if (w.planes == 1) {
-          dst[e] = static_cast<int8_t>(value);
-        } else {
-          const int hi = value >= 0 ? value / 2 : -((-value + 1) / 2);  // floor(value / 2)
-          dst[e] = static_cast<int8_t>(hi);
-          dst[4 + e] = static_cast<int8_t>(value - 2 * hi);
-        }
-      }
   return "";
 }
 
@@ -148,7 +120,7 @@ void depthwise_ref(const DepthwiseArgs& a) {
             const DepthwiseChunk& chunk = w.chunks[static_cast<size_t>(w.pieces[static_cast<size_t>(p)].chunk)];
             for (int e = 0; e < 4 && chunk.s0 + e < w.kernel_w; ++e) {
               const int64_t h = oh * a.stride_h + chunk.r * a.dilation_h, x = ow * a.stride_w + (chunk.s0 + e) * a.dilation_w;
-              dot += w.weight(m, p, e) * image[chunk.c * plane + h * a.padded_w + x];
+              dot += w.piece_weights(m, p)[e] * image[chunk.c * plane + h * a.padded_w + x];
             }
           }
           dot -= a.zero_level * w.weight_sums[static_cast<size_t>(m * w.accumulators + acc)];

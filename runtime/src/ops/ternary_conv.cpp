@@ -251,8 +251,7 @@ class ConvKernel : public TernaryKernelBase {
     const int64_t image_bytes = checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), geo.C, "input");
     const Image image{image_buffer.get(checked_add(image_bytes, kDepthwiseSlack, "input")), geo.padded_h, geo.padded_w,
                       geo.C, true};
-    fill_border(geo, qu.zero_level(), image);
-    quantize_image(ctx, x, n, qu, geo, image);
+    quantize_planes(ctx, x, n, qu, geo, image);
     DepthwiseArgs a;
     a.w = &w;
     a.image = reinterpret_cast<const uint8_t*>(image.data);
@@ -278,6 +277,23 @@ class ConvKernel : public TernaryKernelBase {
       dispatch_->depthwise(part);
     };
     parallel_for(ctx, static_cast<size_t>((m_ + kChannelsPerTask - 1) / kChannelsPerTask), task);
+  }
+
+  // Image n of x quantized into the planar padded image: each channel in one contiguous span
+  // (long vectorized runs), then copied row by row into its plane, filled with the level of 0.0.
+  void quantize_planes(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& q, const Geometry& geo,
+                       const Image& image) const {
+    const int64_t HW = geo.H * geo.W, plane = geo.padded_h * geo.padded_w;
+    auto task = [&](size_t c) {
+      thread_local ScratchBuffer<int8_t> levels_buffer;
+      int8_t* levels = levels_buffer.get(HW);
+      int8_t* dst = image.at(0, 0, static_cast<int64_t>(c));
+      quantize_values(x, (n * geo.C + static_cast<int64_t>(c)) * HW, HW, q, levels);
+      std::memset(dst, q.zero_level(), static_cast<size_t>(plane));
+      for (int64_t h = 0; h < geo.H; ++h)
+        std::memcpy(image.at(h + pads_[0], pads_[1], static_cast<int64_t>(c)), levels + h * geo.W, static_cast<size_t>(geo.W));
+    };
+    parallel_for(ctx, static_cast<size_t>(geo.C), task);
   }
 
   // In-place rows: pixel (oh, ow) at its top-left input pixel, segment (r, s) at its kernel offset.
