@@ -19,6 +19,7 @@ from fgq_onnx.calibration import AbsHistogram, ActivationObserver, CalibMethod, 
 from fgq_onnx.data import Dataset, ImageOptions, model_inputs
 from fgq_onnx.errors import FgqError, fgq_error_in
 from fgq_onnx.passes.fold_batchnorm import FoldBatchNormPass
+from fgq_onnx.passes.fold_pad_into_conv import FoldPadIntoConvPass
 from fgq_onnx.passes.fold_scale_mul import FoldScaleMulPass
 from fgq_onnx.passes.insert_activation_qdq import ActivationQuant, InsertActivationQdqPass
 from fgq_onnx.passes.use_custom_ops import to_custom_ops
@@ -201,6 +202,7 @@ def prepare(model: ir.Model) -> ir.Model:
     return ir.passes.PassManager([
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0),
         common.RemoveInitializersFromInputsPass(),
+        FoldPadIntoConvPass(),
         FoldScaleMulPass(),  # before BatchNorm: Conv -> Mul -> BatchNorm then folds twice
         FoldBatchNormPass(),
     ])(model).model

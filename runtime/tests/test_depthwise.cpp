@@ -111,7 +111,7 @@ std::string make_layer(const Case& c, std::mt19937& rng, Layer* out) {
 // Brute force: y[m, oh, ow] in double from the packed values, before bias/residual/relu.
 double brute(const Layer& L, const fgq::DepthwiseArgs& a, int64_t m, int64_t oh, int64_t ow, double* magnitude) {
   const Case& c = L.c;
-  const int64_t plane = a.padded_h * a.padded_w, gps = L.layout.groups_per_segment();
+  const int64_t gps = L.layout.groups_per_segment();
   double sum = 0;
   *magnitude = 0;
   for (int64_t seg = 0; seg < L.layout.segments; ++seg)
@@ -120,14 +120,13 @@ double brute(const Layer& L, const fgq::DepthwiseArgs& a, int64_t m, int64_t oh,
       const int t = L.t[static_cast<size_t>(m * L.G * c.n + g * c.n + i)];
       if (t == 0) continue;
       const int64_t idx = seg * L.layout.length + l;  // filter tap in the layout's order
-      int64_t ch, r, s;
-      if (L.segmented) {
-        ch = idx % c.channels_per_group, r = idx / c.channels_per_group / c.kernel_w, s = idx / c.channels_per_group % c.kernel_w;
-      } else {
-        ch = idx / (c.kernel_h * c.kernel_w), r = idx / c.kernel_w % c.kernel_h, s = idx % c.kernel_w;
-      }
-      const int64_t cin = (m / c.rows_per_group) * c.channels_per_group + ch;
-      const int u = a.image[cin * plane + (oh * c.stride_h + r * c.dilation_h) * a.padded_w + ow * c.stride_w + s * c.dilation_w];
+      const int64_t cg = c.channels_per_group, rs = c.kernel_h * c.kernel_w;
+      const int64_t ch = L.segmented ? idx % cg : idx / rs;
+      const int64_t r = L.segmented ? idx / cg / c.kernel_w : idx / c.kernel_w % c.kernel_h;
+      const int64_t s = L.segmented ? idx / cg % c.kernel_w : idx % c.kernel_w;
+      const int64_t cin = (m / c.rows_per_group) * cg + ch;
+      const int64_t h = oh * c.stride_h + r * c.dilation_h, x = ow * c.stride_w + s * c.dilation_w;
+      const int u = a.image[(cin * a.padded_h + h) * a.padded_w + x];
       const std::vector<double>& scales = (c.asymmetric && t < 0) ? L.neg_scale : L.pos_scale;
       const double term = t * scales[static_cast<size_t>(m * L.G + g)] * (u - a.zero_level) * a.x_scale;
       sum += term;
@@ -142,8 +141,9 @@ void run_case(const Case& c, std::mt19937& rng, const std::vector<const fgq::Ker
   EXPECT(error.empty(), "repack: %s", error.c_str());
   if (!error.empty()) return;
   fgq::DepthwiseWeights w;
-  const std::string built = fgq::build_depthwise_weights(L.pos, c.asymmetric ? &L.neg : nullptr, L.layout, L.segmented,
-                                                         c.rows_per_group, c.channels_per_group, c.kernel_h, c.kernel_w, &w);
+  const std::string built =
+      fgq::build_depthwise_weights(L.pos, c.asymmetric ? &L.neg : nullptr, L.layout, L.segmented, c.rows_per_group,
+                                   c.channels_per_group, c.kernel_h, c.kernel_w, &w);
   EXPECT(built.empty(), "build: %s", built.c_str());
   if (!built.empty()) return;
   const int64_t C = c.channels_per_group * c.groups;
@@ -177,10 +177,10 @@ void run_case(const Case& c, std::mt19937& rng, const std::vector<const fgq::Ker
   a.y = want.data();
   fgq::depthwise_ref(a);
   char what[160];
-  std::snprintf(what, sizeof what, "cg=%lld rows=%lld groups=%lld k=%lldx%lld N=%lld stride=%lld dil=%lld out=%lldx%lld st=%d asym=%d",
-                (long long)c.channels_per_group, (long long)c.rows_per_group, (long long)c.groups, (long long)c.kernel_h,
-                (long long)c.kernel_w, (long long)c.n, (long long)c.stride_w, (long long)c.dilation_w, (long long)c.out_h,
-                (long long)c.out_w, static_cast<int>(c.scale_type), c.asymmetric);
+  std::snprintf(what, sizeof what, "cg=%d rows=%d groups=%d k=%dx%d N=%d stride=%d dil=%d out=%dx%d st=%d asym=%d",
+                int(c.channels_per_group), int(c.rows_per_group), int(c.groups), int(c.kernel_h), int(c.kernel_w),
+                int(c.n), int(c.stride_w), int(c.dilation_w), int(c.out_h), int(c.out_w), int(c.scale_type),
+                int(c.asymmetric));
   int bad = 0;
   for (int64_t m = 0; m < L.M && bad < 3; ++m)
     for (int64_t pix = 0; pix < P && bad < 3; ++pix) {
@@ -192,7 +192,7 @@ void run_case(const Case& c, std::mt19937& rng, const std::vector<const fgq::Ker
       const double got = want[static_cast<size_t>(m * P + pix)];
       if (std::fabs(got - v) > 1e-5 * (magnitude + 2.0)) {
         ++bad;
-        EXPECT(false, "ref vs brute force %s: m=%lld pixel=%lld got %.7g want %.7g", what, (long long)m, (long long)pix, got, v);
+        EXPECT(false, "ref vs brute force %s: m=%d pixel=%d got %.7g want %.7g", what, int(m), int(pix), got, v);
       }
     }
   for (const fgq::KernelDispatch* d : paths) {
@@ -226,8 +226,11 @@ int main() {
         for (int64_t n : {1, 4, 9, 16}) {
           const int64_t out_w = std::vector<int64_t>{7, 8, 9, 16, 17, 31, 33, 63, 65}[rng() % 9];
           const ScaleType st = std::vector<ScaleType>{ScaleType::kU8, ScaleType::kF32, ScaleType::kF16}[rng() % 3];
-          const Case c{1, 1, channels, k, k, n, stride, stride, 1 + static_cast<int64_t>(rng() % 2), 1, 1 + static_cast<int64_t>(rng() % 5),
-                       out_w, st, rng() % 2 ? 127 : 255, rng() % 4 == 0, rng() % 2 == 0, rng() % 2 == 0, rng() % 2 == 0};
+          const int64_t dilation_h = 1 + rng() % 2, out_h = 1 + rng() % 5;  // stride: both axes
+          const int max_code = rng() % 2 ? 127 : 255;
+          const bool asymmetric = rng() % 4 == 0, bias = rng() % 2, residual = rng() % 2, relu = rng() % 2;
+          const Case c{1, 1, channels, k, k, n, stride, stride, dilation_h,
+                       1, out_h, out_w, st, max_code, asymmetric, bias, residual, relu};
           run_case(c, rng, paths);
           ++cases;
         }
@@ -258,7 +261,7 @@ int main() {
   const Case c{1, 1, 2, 3, 3, 4, 1, 1, 1, 1, 2, 2, ScaleType::kU8, 127, false, false, false, false};
   EXPECT(make_layer(c, rng, &L).empty(), "repack");
   fgq::DepthwiseWeights w;
-  EXPECT(!fgq::build_depthwise_weights(L.pos, nullptr, L.layout, false, 1, 1, 3, 4, &w).empty(), "wrong kernel accepted");
+  EXPECT(!fgq::build_depthwise_weights(L.pos, nullptr, L.layout, false, 1, 1, 3, 4, &w).empty(), "wrong kernel");
   EXPECT(!fgq::build_depthwise_weights(L.pos, nullptr, L.layout, false, 1, 1 << 20, 1 << 20, 1 << 20, &w).empty(),
          "huge filter accepted");
   EXPECT(!fgq::depthwise_supports(5, 1) && !fgq::depthwise_supports(3, 3) && fgq::depthwise_supports(2, 3), "supports");

@@ -38,7 +38,7 @@ struct DepthwiseWeights {
   std::vector<DepthwiseChunk> chunks;
   std::vector<DepthwisePiece> pieces;  // sorted by accumulator
   int64_t accumulators = 0;            // per output channel
-  std::vector<int64_t> first_piece;    // accumulator a: pieces [first_piece[a], first_piece[a + 1])
+  std::vector<int64_t> first_piece;    // accumulator a: pieces [first_piece[a], first_piece[a + 1]), never empty
   // Weights of output channel m, piece p: int16 (t * code reaches 255), tap e at element e.
   std::vector<int16_t> weights;      // [M][pieces][4]
   std::vector<int32_t> weight_sums;  // [M][accumulators]: sum of the accumulator's weights

@@ -108,7 +108,6 @@ void channel(const DepthwiseArgs& a, int64_t m, const ChunkShuffle& shuffle, con
   alignas(32) float buffer[kLanes] = {};
   for (int64_t k = 0; k < A; ++k) {
     const int64_t begin = w.first_piece[static_cast<size_t>(k)], end = w.first_piece[static_cast<size_t>(k + 1)];
-    if (begin == end) std::memset(dot, 0, vectors * kLanes * sizeof(int32_t));
     for (int64_t p = begin; p < end; p += 3) {
       if (end - p >= 3) sweep<3>(image, weights, shuffle, plan, p, p == begin, dot);
       else if (end - p == 2) sweep<2>(image, weights, shuffle, plan, p, p == begin, dot);
@@ -119,7 +118,8 @@ void channel(const DepthwiseArgs& a, int64_t m, const ChunkShuffle& shuffle, con
     const bool last = k == A - 1;
     for (size_t v = 0; v < vectors; ++v) {
       const __m256 before = k == 0 ? zero : _mm256_load_ps(acc + v * kLanes);
-      const __m256i d = _mm256_sub_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(dot + v * kLanes)), correction);
+      const __m256i sums = _mm256_load_si256(reinterpret_cast<const __m256i*>(dot + v * kLanes));
+      const __m256i d = _mm256_sub_epi32(sums, correction);
       __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), scale, before);
       if (!last) {
         _mm256_store_ps(acc + v * kLanes, sum);
@@ -169,7 +169,8 @@ void depthwise_avx2(const DepthwiseArgs& a) {
   const size_t lanes = plan.corner.size() * kLanes;
   thread_local std::vector<float> buffer;
   if (buffer.size() < 2 * lanes + kLanes) buffer.resize(2 * lanes + kLanes);
-  float* aligned = buffer.data() + (kLanes - reinterpret_cast<uintptr_t>(buffer.data()) / sizeof(float) % kLanes) % kLanes;
+  const uintptr_t misaligned = reinterpret_cast<uintptr_t>(buffer.data()) / sizeof(float) % kLanes;
+  float* aligned = buffer.data() + (kLanes - misaligned) % kLanes;
   for (int64_t m = a.m_begin; m < a.m_end; ++m)
     channel(a, m, shuffle, plan, reinterpret_cast<int32_t*>(aligned), aligned + lanes);
 }

@@ -73,11 +73,9 @@ std::string build_depthwise_weights(const KernelWeights& pos, const KernelWeight
     entry.second = static_cast<int64_t>(w.pieces.size());
     w.pieces.push_back({entry.first.second, entry.first.first});
   }
-  w.first_piece.assign(static_cast<size_t>(w.accumulators + 1), static_cast<int64_t>(w.pieces.size()));
-  for (int64_t p = static_cast<int64_t>(w.pieces.size()) - 1; p >= 0; --p)
-    w.first_piece[static_cast<size_t>(w.pieces[static_cast<size_t>(p)].accumulator)] = p;
-  for (int64_t a = w.accumulators - 1; a >= 0; --a)  // accumulators without pieces: empty ranges
-    w.first_piece[static_cast<size_t>(a)] = std::min(w.first_piece[static_cast<size_t>(a)], w.first_piece[static_cast<size_t>(a + 1)]);
+  w.first_piece.assign(static_cast<size_t>(w.accumulators + 1), 0);  // counts, then running sums
+  for (const DepthwisePiece& piece : w.pieces) ++w.first_piece[static_cast<size_t>(piece.accumulator + 1)];
+  for (size_t a = 1; a < w.first_piece.size(); ++a) w.first_piece[a] += w.first_piece[a - 1];
 
   const int64_t M = w.channels, pieces = static_cast<int64_t>(w.pieces.size());
   w.weights.assign(static_cast<size_t>(M * pieces * 4), 0);
@@ -116,10 +114,12 @@ void depthwise_ref(const DepthwiseArgs& a) {
         float v = 0.f;
         for (int64_t acc = 0; acc < w.accumulators; ++acc) {
           int32_t dot = 0;
-          for (int64_t p = w.first_piece[static_cast<size_t>(acc)]; p < w.first_piece[static_cast<size_t>(acc + 1)]; ++p) {
+          const int64_t end = w.first_piece[static_cast<size_t>(acc + 1)];
+          for (int64_t p = w.first_piece[static_cast<size_t>(acc)]; p < end; ++p) {
             const DepthwiseChunk& chunk = w.chunks[static_cast<size_t>(w.pieces[static_cast<size_t>(p)].chunk)];
             for (int e = 0; e < 4 && chunk.s0 + e < w.kernel_w; ++e) {
-              const int64_t h = oh * a.stride_h + chunk.r * a.dilation_h, x = ow * a.stride_w + (chunk.s0 + e) * a.dilation_w;
+              const int64_t h = oh * a.stride_h + chunk.r * a.dilation_h;
+              const int64_t x = ow * a.stride_w + (chunk.s0 + e) * a.dilation_w;
               dot += w.piece_weights(m, p)[e] * image[chunk.c * plane + h * a.padded_w + x];
             }
           }

@@ -92,10 +92,11 @@ class ConvKernel : public TernaryKernelBase {
     const ReductionLayout layout =
         segmented_ ? ReductionLayout{rs, cg_, n_} : ReductionLayout{1, checked_mul(cg_, rs, "filter"), n_};
     init_weights(info, layout, m_);
-    // Few output rows a group (depthwise): the GEMM's quads of rows would be mostly empty.
-    direct_ = group_ > 1 && m_ / group_ < 4 && depthwise_supports(strides_[1], dilations_[1]) &&
+    // Grouped or depthwise with few output rows a group: the GEMM's quads of rows would be mostly empty.
+    direct_ = (group_ > 1 || cg_ == 1) && m_ / group_ < 4 && depthwise_supports(strides_[1], dilations_[1]) &&
               checked_mul(cg_, rs, "filter") <= kDepthwiseMaxTaps;
-    if (direct_ && constant_planes_) direct_weights_ = std::make_shared<const DepthwiseWeights>(direct_weights(*constant_planes_));
+    if (direct_ && constant_planes_)
+      direct_weights_ = std::make_shared<const DepthwiseWeights>(direct_weights(*constant_planes_));
     // The gather plan depends only on the layout.
     const int64_t np = kernel_group_positions(n_);
     const int64_t gp = kernel_padded_groups(layout.groups());
@@ -291,7 +292,7 @@ class ConvKernel : public TernaryKernelBase {
       quantize_values(x, (n * geo.C + static_cast<int64_t>(c)) * HW, HW, q, levels);
       std::memset(dst, q.zero_level(), static_cast<size_t>(plane));
       for (int64_t h = 0; h < geo.H; ++h)
-        std::memcpy(image.at(h + pads_[0], pads_[1], static_cast<int64_t>(c)), levels + h * geo.W, static_cast<size_t>(geo.W));
+        std::memcpy(dst + (h + pads_[0]) * geo.padded_w + pads_[1], levels + h * geo.W, static_cast<size_t>(geo.W));
     };
     parallel_for(ctx, static_cast<size_t>(geo.C), task);
   }
