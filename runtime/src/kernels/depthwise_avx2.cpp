@@ -68,11 +68,11 @@ struct Plan {
   std::vector<int> count;
 };
 
-// One channel's exact integer sums of a few pieces for every output vector v, at dot + 8v:
-// dot = (first ? 0 : dot) + sum over pieces [p0, p0 + K).
-template <int K>
+// One channel's exact integer sums of a few pieces for every output vector v: `sink(v, sum)` gets
+// dot[v] (unless `first`: 0) + the sum over pieces [p0, p0 + K) for vector v.
+template <int K, class Sink>
 void sweep(const uint8_t* image, const int16_t* weights, const ChunkShuffle& shuffle, const Plan& plan, int64_t p0,
-           bool first, int32_t* dot) {
+           bool first, const int32_t* dot, const Sink& sink) {
   const uint8_t* src[K];
   __m256i w[K][2];
   bool two_pairs[K];
@@ -85,63 +85,71 @@ void sweep(const uint8_t* image, const int16_t* weights, const ChunkShuffle& shu
   const int64_t* corner = plan.corner.data();  // plain locals: the plan may be thread_local (a TLS call an access)
   const size_t vectors = plan.corner.size();
   for (size_t v = 0; v < vectors; ++v) {
-    int32_t* d = dot + v * kLanes;
-    __m256i sum = first ? _mm256_setzero_si256() : _mm256_load_si256(reinterpret_cast<const __m256i*>(d));
+    __m256i sum = first ? _mm256_setzero_si256() : _mm256_load_si256(reinterpret_cast<const __m256i*>(dot + v * kLanes));
     for (int k = 0; k < K; ++k) sum = _mm256_add_epi32(sum, chunk_dot(shuffle, src[k] + corner[v], w[k], two_pairs[k]));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(d), sum);
+    sink(v, sum);
   }
 }
 
-// Output channel m: each accumulator's pieces swept three at a time into `dot`, then folded
-// into the float sums `acc` (the last one straight into the output, with bias, residual, ReLU).
+// sweep<K> for K = min(3, end - p0).
+template <class Sink>
+void sweep_up_to_3(const uint8_t* image, const int16_t* weights, const ChunkShuffle& shuffle, const Plan& plan,
+                   int64_t p0, int64_t end, bool first, const int32_t* dot, const Sink& sink) {
+  if (end - p0 >= 3) sweep<3>(image, weights, shuffle, plan, p0, first, dot, sink);
+  else if (end - p0 == 2) sweep<2>(image, weights, shuffle, plan, p0, first, dot, sink);
+  else sweep<1>(image, weights, shuffle, plan, p0, first, dot, sink);
+}
+
+// Output channel m: each accumulator's pieces swept three at a time (partial sums in `dot`); the
+// last sweep of accumulator k adds scale * (sum - correction) to the float sums `acc`, or for the
+// last accumulator finishes the output: bias, residual, ReLU, store.
 void channel(const DepthwiseArgs& a, int64_t m, const ChunkShuffle& shuffle, const Plan& plan, int32_t* dot,
              float* acc) {
   const DepthwiseWeights& w = *a.w;
   const int64_t P = a.out_h * a.out_w, A = w.accumulators;
-  const size_t vectors = plan.corner.size();
+  const size_t last_vector = plan.corner.size() - 1;
+  const int64_t* outs = plan.out.data();
+  const int* counts = plan.count.data();
   const uint8_t* image = a.image + (m / w.rows_per_group) * w.channels_per_group * a.padded_h * a.padded_w;
   const int16_t* weights = w.piece_weights(m, 0);
   const float* residual = a.residual ? a.residual + m * P : nullptr;
   float* y = a.y + m * P;
   const __m256 zero = _mm256_setzero_ps();
   const __m256 bias = _mm256_set1_ps(a.bias ? a.bias[m] : 0.f);
-  alignas(32) float buffer[kLanes] = {};
+  const bool relu = a.relu;
   for (int64_t k = 0; k < A; ++k) {
     const int64_t begin = w.first_piece[static_cast<size_t>(k)], end = w.first_piece[static_cast<size_t>(k + 1)];
-    for (int64_t p = begin; p < end; p += 3) {
-      if (end - p >= 3) sweep<3>(image, weights, shuffle, plan, p, p == begin, dot);
-      else if (end - p == 2) sweep<2>(image, weights, shuffle, plan, p, p == begin, dot);
-      else sweep<1>(image, weights, shuffle, plan, p, p == begin, dot);
-    }
     const __m256i correction = _mm256_set1_epi32(a.zero_level * w.weight_sums[static_cast<size_t>(m * A + k)]);
     const __m256 scale = _mm256_set1_ps(a.x_scale * w.scales[static_cast<size_t>(m * A + k)]);
-    const bool last = k == A - 1;
-    for (size_t v = 0; v < vectors; ++v) {
+    auto partial = [&](size_t v, __m256i sum) { _mm256_store_si256(reinterpret_cast<__m256i*>(dot + v * kLanes), sum); };
+    auto finish = [&](size_t v, __m256i sum) {
       const __m256 before = k == 0 ? zero : _mm256_load_ps(acc + v * kLanes);
-      const __m256i sums = _mm256_load_si256(reinterpret_cast<const __m256i*>(dot + v * kLanes));
-      const __m256i d = _mm256_sub_epi32(sums, correction);
-      __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), scale, before);
-      if (!last) {
-        _mm256_store_ps(acc + v * kLanes, sum);
-        continue;
+      __m256 out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sum, correction)), scale, before);
+      if (k < A - 1) {
+        _mm256_store_ps(acc + v * kLanes, out);
+        return;
       }
-      // Bias, residual, ReLU; a partial vector goes through a buffer (no masked moves: microcoded on some CPUs).
-      const int64_t out = plan.out[v];
-      const int count = plan.count[v];
-      const size_t bytes = static_cast<size_t>(count) * sizeof(float);
-      if (a.bias) sum = _mm256_add_ps(sum, bias);
+      // A vector short of 8 pixels (a row's end) spills into the next row, written later; the channel's
+      // last one would leave the plane: it goes through a buffer (no masked moves: microcoded on some CPUs).
+      const bool exact = v == last_vector && counts[v] < kLanes;
+      alignas(32) float buffer[kLanes] = {};
+      const size_t bytes = static_cast<size_t>(counts[v]) * sizeof(float);
+      if (a.bias) out = _mm256_add_ps(out, bias);
       if (residual) {
-        const float* r = residual + out;
-        if (count < kLanes) r = static_cast<const float*>(std::memcpy(buffer, r, bytes));
-        sum = _mm256_add_ps(sum, _mm256_loadu_ps(r));
+        const float* r = exact ? static_cast<const float*>(std::memcpy(buffer, residual + outs[v], bytes)) : residual + outs[v];
+        out = _mm256_add_ps(out, _mm256_loadu_ps(r));
       }
-      if (a.relu) sum = _mm256_blendv_ps(sum, zero, _mm256_cmp_ps(sum, zero, _CMP_LT_OQ));
-      if (count == kLanes) {
-        _mm256_storeu_ps(y + out, sum);
-      } else {
-        _mm256_store_ps(buffer, sum);
-        std::memcpy(y + out, buffer, bytes);
+      if (relu) out = _mm256_blendv_ps(out, zero, _mm256_cmp_ps(out, zero, _CMP_LT_OQ));
+      if (!exact) {
+        _mm256_storeu_ps(y + outs[v], out);
+        return;
       }
+      _mm256_store_ps(buffer, out);
+      std::memcpy(y + outs[v], buffer, bytes);
+    };
+    for (int64_t p = begin; p < end; p += 3) {
+      if (p + 3 < end) sweep_up_to_3(image, weights, shuffle, plan, p, end, p == begin, dot, partial);
+      else sweep_up_to_3(image, weights, shuffle, plan, p, end, p == begin, dot, finish);
     }
   }
 }
@@ -151,9 +159,11 @@ void channel(const DepthwiseArgs& a, int64_t m, const ChunkShuffle& shuffle, con
 void depthwise_avx2(const DepthwiseArgs& a) {
   const DepthwiseWeights& w = *a.w;
   const ChunkShuffle shuffle(a.stride_w, a.dilation_w);
-  thread_local Plan kept;
+  thread_local Plan kept;  // its vectors keep their memory between calls
   Plan& plan = kept;
-  plan = Plan{};
+  for (auto* v : {&plan.offset, &plan.corner, &plan.out}) v->clear();
+  plan.two_pairs.clear();
+  plan.count.clear();
   for (const DepthwisePiece& piece : w.pieces) {
     const DepthwiseChunk& c = w.chunks[static_cast<size_t>(piece.chunk)];
     plan.offset.push_back((c.c * a.padded_h + c.r * a.dilation_h) * a.padded_w + c.s0 * a.dilation_w);

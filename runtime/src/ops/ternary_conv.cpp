@@ -282,17 +282,30 @@ class ConvKernel : public TernaryKernelBase {
 
   // Image n of x quantized into the planar padded image: each channel in one contiguous span
   // (long vectorized runs), then copied row by row into its plane, filled with the level of 0.0.
+  // Rows go as 16-byte copies, each followed by 16 bytes of padding: a row's spill past its end is
+  // padding or the next row's bytes, which its own copy then rewrites (an exact copy where the
+  // spill would leave the plane).
   void quantize_planes(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& q, const Geometry& geo,
                        const Image& image) const {
-    const int64_t HW = geo.H * geo.W, plane = geo.padded_h * geo.padded_w;
+    const int64_t W = geo.W, HW = geo.H * W, row = geo.padded_w, plane = geo.padded_h * row;
+    const int8_t zero = q.zero_level();
+    const bool gaps_fit = row - W <= 16;  // right padding + the next row's left padding
     auto task = [&](size_t c) {
-      thread_local ScratchBuffer<int8_t> levels_buffer;
+      thread_local ScratchBuffer<int8_t> levels_buffer;  // slack past HW: the copies may read 15 bytes more
       int8_t* levels = levels_buffer.get(HW);
       int8_t* dst = image.at(0, 0, static_cast<int64_t>(c));
       quantize_values(x, (n * geo.C + static_cast<int64_t>(c)) * HW, HW, q, levels);
-      std::memset(dst, q.zero_level(), static_cast<size_t>(plane));
-      for (int64_t h = 0; h < geo.H; ++h)
-        std::memcpy(dst + (h + pads_[0]) * geo.padded_w + pads_[1], levels + h * geo.W, static_cast<size_t>(geo.W));
+      std::memset(dst, zero, static_cast<size_t>(plane));
+      for (int64_t h = 0; h < geo.H; ++h) {
+        int8_t* to = dst + (h + pads_[0]) * row + pads_[1];
+        const int8_t* from = levels + h * W;
+        if (!gaps_fit || to - dst + (W + 15) / 16 * 16 + 16 > plane) {
+          std::memcpy(to, from, static_cast<size_t>(W));
+          continue;
+        }
+        for (int64_t i = 0; i < W; i += 16) std::memcpy(to + i, from + i, 16);
+        std::memset(to + W, zero, 16);
+      }
     };
     parallel_for(ctx, static_cast<size_t>(geo.C), task);
   }
