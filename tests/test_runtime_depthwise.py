@@ -66,6 +66,9 @@ CASES = [  # channels, multiplier, channels per group, kernel, stride, pads, dil
     (8, 2, 1, 3, 1, (1, 1, 1, 1), 1, 20, 4),  # channel multiplier 2
     (12, 1, 2, 3, 1, (1, 1, 1, 1), 1, 19, 4),  # grouped, 2 channels a group
     (12, 3, 3, 3, 2, (1, 0, 1, 0), 1, 23, 2),  # grouped, segmented layout (cg >= N)
+    (32, 16, 16, 3, 1, (1, 1, 1, 1), 1, 9, 4),  # 16 rows and channels a group
+    (16, 8, 4, 1, 1, (0, 0, 0, 0), 1, 18, 4),  # 1x1 grouped
+    (4, 1, 1, 3, 1, (1, 9, 2, 9), 1, 12, 4),  # wide side padding: exact row copies
 ]
 
 

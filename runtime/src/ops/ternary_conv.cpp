@@ -92,8 +92,12 @@ class ConvKernel : public TernaryKernelBase {
     const ReductionLayout layout =
         segmented_ ? ReductionLayout{rs, cg_, n_} : ReductionLayout{1, checked_mul(cg_, rs, "filter"), n_};
     init_weights(info, layout, m_);
-    // Grouped or depthwise with few output rows a group: the GEMM's quads of rows would be mostly empty.
-    direct_ = (group_ > 1 || cg_ == 1) && m_ / group_ < 4 && depthwise_supports(strides_[1], dilations_[1]) &&
+    // Depthwise and grouped convolutions with few output rows a group: the GEMM's quads of rows would be
+    // mostly empty, and a group's few channels make short rows. On AVX2 the direct kernel measured 36x
+    // faster than the GEMM at 2 rows (and channels) a group, 8.7x at 16, 3.6x at 32.
+    constexpr int64_t kDirectMaxRowsPerGroup = 16;
+    direct_ = (group_ > 1 || cg_ == 1) && m_ / group_ <= kDirectMaxRowsPerGroup &&
+              depthwise_supports(strides_[1], dilations_[1]) &&
               checked_mul(cg_, rs, "filter") <= kDepthwiseMaxTaps;
     if (direct_ && constant_planes_)
       direct_weights_ = std::make_shared<const DepthwiseWeights>(direct_weights(*constant_planes_));
@@ -283,28 +287,35 @@ class ConvKernel : public TernaryKernelBase {
   // Image n of x quantized into the planar padded image: each channel in one contiguous span
   // (long vectorized runs), then copied row by row into its plane, filled with the level of 0.0.
   // Rows go as 16-byte copies, each followed by 16 bytes of padding: a row's spill past its end is
-  // padding or the next row's bytes, which its own copy then rewrites (an exact copy where the
-  // spill would leave the plane).
+  // padding or the next row's bytes, which that row's copy then rewrites (exact copies for the last
+  // rows, whose spill would leave the plane).
   void quantize_planes(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& q, const Geometry& geo,
                        const Image& image) const {
-    const int64_t W = geo.W, HW = geo.H * W, row = geo.padded_w, plane = geo.padded_h * row;
+    // Locals, not members or captures: the byte stores below may alias anything the loop reads.
+    const int64_t W = geo.W, H = geo.H, HW = H * W, row = geo.padded_w, plane = geo.padded_h * row;
+    const int64_t first = pads_[0] * row + pads_[1];  // the first row's offset in the plane
     const int8_t zero = q.zero_level();
-    const bool gaps_fit = row - W <= 16;  // right padding + the next row's left padding
-    auto task = [&](size_t c) {
+    int8_t zeros[16];
+    std::memset(zeros, zero, sizeof zeros);
+    // Rows that may spill: the gap to the next row (right + left padding) fits the 16 padding bytes,
+    // and the copies stay in the plane.
+    const int64_t room = plane - first - (W + 15) / 16 * 16 - 16;  // the last wide row's offset at most
+    const int64_t wide_rows = row - W > 16 || room < 0 ? 0 : std::min(H, room / row + 1);
+    auto task = [&, W, H, HW, row, plane, first, wide_rows](size_t c) {
       thread_local ScratchBuffer<int8_t> levels_buffer;  // slack past HW: the copies may read 15 bytes more
       int8_t* levels = levels_buffer.get(HW);
       int8_t* dst = image.at(0, 0, static_cast<int64_t>(c));
       quantize_values(x, (n * geo.C + static_cast<int64_t>(c)) * HW, HW, q, levels);
       std::memset(dst, zero, static_cast<size_t>(plane));
-      for (int64_t h = 0; h < geo.H; ++h) {
-        int8_t* to = dst + (h + pads_[0]) * row + pads_[1];
-        const int8_t* from = levels + h * W;
-        if (!gaps_fit || to - dst + (W + 15) / 16 * 16 + 16 > plane) {
+      int8_t* to = dst + first;
+      const int8_t* from = levels;
+      for (int64_t h = 0; h < H; ++h, to += row, from += W) {
+        if (h >= wide_rows) {
           std::memcpy(to, from, static_cast<size_t>(W));
           continue;
         }
         for (int64_t i = 0; i < W; i += 16) std::memcpy(to + i, from + i, 16);
-        std::memset(to + W, zero, 16);
+        std::memcpy(to + W, zeros, 16);
       }
     };
     parallel_for(ctx, static_cast<size_t>(geo.C), task);
