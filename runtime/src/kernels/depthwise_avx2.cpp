@@ -107,7 +107,6 @@ void channel(const DepthwiseArgs& a, int64_t m, const ChunkShuffle& shuffle, con
              float* acc) {
   const DepthwiseWeights& w = *a.w;
   const int64_t P = a.out_h * a.out_w, A = w.accumulators;
-  const size_t last_vector = plan.corner.size() - 1;
   const int64_t* outs = plan.out.data();
   const int* counts = plan.count.data();
   const uint8_t* image = a.image + (m / w.rows_per_group) * w.channels_per_group * a.padded_h * a.padded_w;
@@ -129,9 +128,10 @@ void channel(const DepthwiseArgs& a, int64_t m, const ChunkShuffle& shuffle, con
         _mm256_store_ps(acc + v * kLanes, out);
         return;
       }
-      // A vector short of 8 pixels (a row's end) spills into the next row, written later; the channel's
-      // last one would leave the plane: it goes through a buffer (no masked moves: microcoded on some CPUs).
-      const bool exact = v == last_vector && counts[v] < kLanes;
+      // A vector short of 8 pixels (a row's end) spills into the next rows, written later, unless the
+      // spill would leave the channel's plane: then it goes through a buffer (no masked moves: they are
+      // microcoded on some CPUs).
+      const bool exact = counts[v] < kLanes && outs[v] + kLanes > P;
       alignas(32) float buffer[kLanes] = {};
       const size_t bytes = static_cast<size_t>(counts[v]) * sizeof(float);
       if (a.bias) out = _mm256_add_ps(out, bias);
