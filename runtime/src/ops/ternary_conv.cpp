@@ -274,14 +274,21 @@ class ConvKernel : public TernaryKernelBase {
     a.residual = e.residual;
     a.relu = relu_ != 0;
     a.y = y_image;
-    constexpr int64_t kChannelsPerTask = 4;
+    const int64_t per_task = channels_per_task(geo.OH * geo.OW);
     auto task = [&](size_t t) {
       DepthwiseArgs part = a;
-      part.m_begin = static_cast<int64_t>(t) * kChannelsPerTask;
-      part.m_end = std::min(m_, part.m_begin + kChannelsPerTask);
+      part.m_begin = static_cast<int64_t>(t) * per_task;
+      part.m_end = std::min(m_, part.m_begin + per_task);
       dispatch_->depthwise(part);
     };
-    parallel_for(ctx, static_cast<size_t>((m_ + kChannelsPerTask - 1) / kChannelsPerTask), task);
+    parallel_for(ctx, static_cast<size_t>((m_ + per_task - 1) / per_task), task);
+  }
+
+  // Channels of `pixels` each in one task: enough work to pay for a task's setup (the kernel plans
+  // its output vectors per call), and still many tasks on large images.
+  static int64_t channels_per_task(int64_t pixels) {
+    constexpr int64_t kPixelsPerTask = 8192;
+    return std::max<int64_t>(1, kPixelsPerTask / std::max<int64_t>(1, pixels));
   }
 
   // Image n of x quantized into the planar padded image: each channel in one contiguous span
@@ -301,24 +308,28 @@ class ConvKernel : public TernaryKernelBase {
     // and the copies stay in the plane.
     const int64_t room = plane - first - (W + 15) / 16 * 16 - 16;  // the last wide row's offset at most
     const int64_t wide_rows = row - W > 16 || room < 0 ? 0 : std::min(H, room / row + 1);
-    auto task = [&, W, H, HW, row, plane, first, wide_rows](size_t c) {
+    const int64_t C = geo.C, per_task = channels_per_task(HW);
+    auto task = [&, W, H, HW, row, plane, first, wide_rows](size_t t) {
       thread_local ScratchBuffer<int8_t> levels_buffer;  // slack past HW: the copies may read 15 bytes more
       int8_t* levels = levels_buffer.get(HW);
-      int8_t* dst = image.at(0, 0, static_cast<int64_t>(c));
-      quantize_values(x, (n * geo.C + static_cast<int64_t>(c)) * HW, HW, q, levels);
-      std::memset(dst, zero, static_cast<size_t>(plane));
-      int8_t* to = dst + first;
-      const int8_t* from = levels;
-      for (int64_t h = 0; h < H; ++h, to += row, from += W) {
-        if (h >= wide_rows) {
-          std::memcpy(to, from, static_cast<size_t>(W));
-          continue;
+      const int64_t c0 = static_cast<int64_t>(t) * per_task, c1 = std::min(C, c0 + per_task);
+      for (int64_t c = c0; c < c1; ++c) {
+        int8_t* dst = image.at(0, 0, c);
+        quantize_values(x, (n * C + c) * HW, HW, q, levels);
+        std::memset(dst, zero, static_cast<size_t>(plane));
+        int8_t* to = dst + first;
+        const int8_t* from = levels;
+        for (int64_t h = 0; h < H; ++h, to += row, from += W) {
+          if (h >= wide_rows) {
+            std::memcpy(to, from, static_cast<size_t>(W));
+            continue;
+          }
+          for (int64_t i = 0; i < W; i += 16) std::memcpy(to + i, from + i, 16);
+          std::memcpy(to + W, zeros, 16);
         }
-        for (int64_t i = 0; i < W; i += 16) std::memcpy(to + i, from + i, 16);
-        std::memcpy(to + W, zeros, 16);
       }
     };
-    parallel_for(ctx, static_cast<size_t>(geo.C), task);
+    parallel_for(ctx, static_cast<size_t>((C + per_task - 1) / per_task), task);
   }
 
   // In-place rows: pixel (oh, ow) at its top-left input pixel, segment (r, s) at its kernel offset.
