@@ -262,6 +262,9 @@ int main() {
   EXPECT(make_layer(c, rng, &L).empty(), "repack");
   fgq::DepthwiseWeights w;
   EXPECT(!fgq::build_depthwise_weights(L.pos, nullptr, L.layout, false, 1, 1, 3, 4, &w).empty(), "wrong kernel");
+  fgq::KernelWeights fewer_rows = L.pos;
+  fewer_rows.rows -= 1;
+  EXPECT(!fgq::build_depthwise_weights(L.pos, &fewer_rows, L.layout, false, 1, 1, 3, 3, &w).empty(), "mismatched planes");
   EXPECT(!fgq::build_depthwise_weights(L.pos, nullptr, L.layout, false, 1, 1 << 20, 1 << 20, 1 << 20, &w).empty(),
          "huge filter accepted");
   EXPECT(!fgq::depthwise_supports(5, 1) && !fgq::depthwise_supports(3, 3) && fgq::depthwise_supports(2, 3), "supports");

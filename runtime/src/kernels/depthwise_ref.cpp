@@ -11,8 +11,13 @@ namespace fgq {
 
 namespace {
 
+// Channel (of the group's), kernel row and column of one filter tap.
+struct TapPosition {
+  int64_t c, r, s;
+};
+
 // Where tap `idx` of the reduction (layout order) lies in the filter.
-DepthwiseChunk tap_of(int64_t idx, bool segmented, int64_t cg, int64_t kernel_h, int64_t kernel_w) {
+TapPosition tap_of(int64_t idx, bool segmented, int64_t cg, int64_t kernel_h, int64_t kernel_w) {
   if (segmented) return {idx % cg, idx / cg / kernel_w, idx / cg % kernel_w};  // [R, S, cg]
   return {idx / (kernel_h * kernel_w), idx / kernel_w % kernel_h, idx % kernel_w};  // [cg, R, S]
 }
@@ -35,6 +40,8 @@ std::string build_depthwise_weights(const KernelWeights& pos, const KernelWeight
   if (taps > kDepthwiseMaxTaps) return "depthwise: filter too large";
   if (layout.segments * layout.length != taps || pos.groups != layout.groups() || rows_per_group < 1)
     return "depthwise: layout does not match the filter";
+  if (neg && (neg->rows != pos.rows || neg->groups != pos.groups || neg->np != pos.np))
+    return "depthwise: the negative plane does not match the positive one";
   const KernelWeights* planes[2] = {&pos, neg};
   const int64_t plane_count = neg ? 2 : 1;
   DepthwiseWeights& w = *out;
@@ -63,10 +70,10 @@ std::string build_depthwise_weights(const KernelWeights& pos, const KernelWeight
   for (int64_t pl = 0; pl < plane_count; ++pl)
     for (int64_t p = 0; p < static_cast<int64_t>(map.size()); ++p) {
       if (map[static_cast<size_t>(p)] < 0) continue;
-      const DepthwiseChunk t = tap_of(map[static_cast<size_t>(p)], segmented, cg, kernel_h, kernel_w);
-      const int64_t chunk = (t.c * kernel_h + t.r) * column_chunks + t.s0 / 4;
+      const TapPosition t = tap_of(map[static_cast<size_t>(p)], segmented, cg, kernel_h, kernel_w);
+      const int64_t chunk = (t.c * kernel_h + t.r) * column_chunks + t.s / 4;
       const int64_t group = p / pos.np;
-      tap_list.push_back({pl, group, chunk, static_cast<int>(t.s0 % 4), p});
+      tap_list.push_back({pl, group, chunk, static_cast<int>(t.s % 4), p});
       piece_index[{first_accumulator[pl] + (folded[pl] ? 0 : group), chunk}] = 0;
     }
   for (auto& entry : piece_index) {  // the map's order: by accumulator, then chunk
