@@ -149,7 +149,8 @@ XD = {"X": np.ones((1, 6, 7, 7), np.float32)}
 DEPTHWISE = dict(N=4, weight_shape=[6, 1, 3, 3], group=6)
 
 
-@pytest.mark.parametrize("x_shape, match", [([1, 5, 7, 7], "channels"), ([1, 6, 2, 2], "does not fit"), ([6, 7, 7], "4-D")])
+@pytest.mark.parametrize("x_shape, match",
+                         [([1, 5, 7, 7], "channels"), ([1, 6, 2, 2], "does not fit"), ([6, 7, 7], "4-D")])
 def test_bad_depthwise_inputs(x_shape, match):
     model = build_model("TernaryConv", _depthwise_inputs(), DEPTHWISE, x_shape)
     _expect_error(model, {"X": np.ones(x_shape, np.float32)}, match)
