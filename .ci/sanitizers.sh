@@ -21,6 +21,7 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
 echo "== sanitizers: C++ kernel tests"
 "$build/fgq_kernel_tests"
+"$build/fgq_depthwise_tests"
 
 echo "== sanitizers: op tests in onnxruntime (FGQ_OPS_LIBRARY=$build/libfgq_ops.so)"
 # libstdc++ preloaded too: ASan must see __cxa_throw at start-up (python itself is C).
@@ -28,7 +29,8 @@ echo "== sanitizers: op tests in onnxruntime (FGQ_OPS_LIBRARY=$build/libfgq_ops.
 # sys.path, where fgq_onnx has no passes subpackage and no built library.
 asan_runtime="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)"
 FGQ_OPS_LIBRARY="$PWD/$build/libfgq_ops.so" LD_PRELOAD="$asan_runtime" \
-  pytest -q -p no:cacheprovider tests/test_runtime_ops.py tests/test_runtime_malformed.py tests/test_runtime_golden.py tests/test_custom_format.py
+  pytest -q -p no:cacheprovider tests/test_runtime_ops.py tests/test_runtime_malformed.py tests/test_runtime_golden.py tests/test_custom_format.py \
+  tests/test_runtime_depthwise.py
 
 echo "== sanitizers: fuzzed com.fgq nodes (each case in a worker process under ASan/UBSan: an abort fails the test)"
 FGQ_OPS_LIBRARY="$PWD/$build/libfgq_ops.so" LD_PRELOAD="$asan_runtime" FGQ_FUZZ_EXAMPLES="${FGQ_FUZZ_EXAMPLES:-60}" \

@@ -13,6 +13,8 @@ Cases (--cases):
   time per layer and the DRAM roofline of the variant's weight bytes.
 - gemm: batch-64 MatMul 4096x4096 (a chain of 4), GOP/s.
 - conv: ResNet-50 3x3 and 1x1 conv shapes at batch 1 and 8.
+- dwconv: depthwise 3x3 and 5x5 convs of EfficientNet-Lite0 / MobileNetV3 (C = 32..960,
+  H = W = 112..7, stride 1 and 2) at batch 1 and 8.
 - model: whole models converted at N=4 and N=16 (8-bit activations): the
   embedded Fashion-MNIST ResNet at batch 64 and a ResNet-50-shaped model
   (benchmarks/bench_convert.py, random weights) at batch 1, each as fp32, qdq
@@ -181,12 +183,13 @@ def matmul_chain(variant: str, weights: list[np.ndarray], batch: int, scale_form
     return _model(nodes, [x], [y], inits, extra), wbytes, check or None
 
 
-def conv_model(variant: str, w: np.ndarray, x_shape, stride: int, pad: int, scale_format: str, act: Activations):
-    m, c, r, s = w.shape
+def conv_model(variant: str, w: np.ndarray, x_shape, stride: int, pad: int, scale_format: str, act: Activations,
+               group: int = 1):
+    m, c, r, s = w.shape  # c: channels per group
     inits, nodes, check = [], [], None
     x = helper.make_tensor_value_info("X", TensorProto.FLOAT, list(x_shape))
     y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
-    attrs = dict(strides=[stride, stride], pads=[pad] * 4)
+    attrs = dict(strides=[stride, stride], pads=[pad] * 4, group=group)
     x_scale = act.scale
     if variant == "fp32":
         inits.append(_init("W", w))
@@ -356,6 +359,47 @@ def bench_conv(variants, threads_list, args, rows, batches=(1, 8)):
                 print_row(row)
 
 
+DEPTHWISE_CONVS = [  # (channels, kernel, stride, H=W of the input): EfficientNet-Lite0 / MobileNetV3 layers
+    (32, 3, 1, 112),
+    (96, 3, 2, 112),
+    (144, 5, 2, 56),
+    (240, 5, 1, 28),
+    (480, 3, 1, 14),
+    (672, 5, 2, 14),
+    (960, 5, 1, 7),
+]
+
+
+def bench_dwconv(variants, threads_list, args, rows, batches=(1, 8)):
+    """Depthwise convs (group = channels): every variant of a shape timed in the same rounds."""
+    rng = np.random.default_rng(2)
+    for c, ksz, stride, hw in DEPTHWISE_CONVS[: args.conv_limit]:
+        w = (rng.normal(size=(c, 1, ksz, ksz)) / ksz).astype(np.float32)
+        pad = ksz // 2
+        for batch in batches:
+            x = args.act.inputs(np.maximum(rng.normal(size=(batch, c, hw, hw)), -1).astype(np.float32))
+            cases = []
+            for variant in variants:  # fp32 first: the reference
+                model, check = conv_model(variant, w, x.shape, stride, pad, args.scale_format, args.act, group=c)
+                cases += [(variant, threads, session(model, threads), check) for threads in threads_list]
+            results = timed([(case[2], {"X": x}) for case in cases], args.repeat, args.min_seconds, args.rounds)
+            ref = results[0][0].astype(np.float64)
+            out_hw = (hw + 2 * pad - ksz) // stride + 1
+            for (variant, threads, _, check), (y, times) in zip(cases, results):
+                kernel_err = None
+                if check is not None:
+                    fp32 = conv_model("fp32", check, x.shape, stride, pad, args.scale_format, args.act, group=c)[0]
+                    want = session(fp32, threads).run(None, {"X": args.act.quantized(x).astype(np.float32)})[0]
+                    kernel_err = rel_err(y, want.astype(np.float64))
+                med = float(np.median(times))
+                row = dict(case=f"dwconv{ksz}x{ksz} s{stride} {c} @{hw}", variant=variant, threads=threads, batch=batch,
+                           us=med * 1e6, us_min=float(np.min(times)) * 1e6, us_max=float(np.max(times)) * 1e6,
+                           gops=2 * batch * c * ksz * ksz * out_hw * out_hw / med / 1e9, rel_err=rel_err(y, ref),
+                           kernel_err=kernel_err)
+                rows.append(row)
+                print_row(row)
+
+
 @contextlib.contextmanager
 def _converter_u8_levels(levels):
     """The converter with `levels` as its largest uint8 scale code (u8-255 is not a converter option)."""
@@ -455,6 +499,12 @@ def summarize(rows) -> list[str]:
         g64, g8 = find("gemm b64 4096x4096", "ternary N=64", t), find("gemm b64 4096x4096", "int8", t)
         if g64 and g8:
             lines.append(f"t={t} gemm b64 N=64 vs int8: {ratio(g8, g64)} faster")
+        for case in sorted({r["case"] for r in rows if r["case"].startswith("dwconv")}):
+            for b in sorted({r["batch"] for r in rows if r["case"] == case}):
+                c8, c32, tr = find(case, "int8", t, b), find(case, "fp32", t, b), find(case, "ternary N=4", t, b)
+                if tr and c8 and c32:
+                    lines.append(f"t={t} {case} b={b} ternary N=4: vs int8 {ratio(c8, tr, 'us')}, "
+                                 f"vs fp32 {ratio(c32, tr, 'us')} (targets >= 1x, >= 1x)")
         conv_cases = sorted({r["case"] for r in rows if r["case"].startswith("conv")})
         for case in conv_cases:
             for b in sorted({r["batch"] for r in rows if r["case"] == case}):
@@ -478,12 +528,14 @@ def summarize(rows) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--cases", nargs="+", default=["gemv", "gemm", "conv", "model"], choices=["gemv", "gemm", "conv", "model"])
+    parser.add_argument("--cases", nargs="+", default=["gemv", "gemm", "conv", "dwconv", "model"],
+                        choices=["gemv", "gemm", "conv", "dwconv", "model"])
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="the variants of a case take turns this many times")
     parser.add_argument("--min-seconds", type=float, default=1.0)
     parser.add_argument("--layers", type=int, default=12, help="chained layers for the batch-1 case")
-    parser.add_argument("--conv-limit", type=int, default=len(RESNET50_CONVS), help="first K ResNet-50 conv shapes")
+    parser.add_argument("--conv-limit", type=int, default=None,
+                        help="first K shapes of the conv and dwconv cases (default: all)")
     parser.add_argument("--scale-format", default="u8", choices=["f32", "f16", *U8_LEVELS])
     parser.add_argument("--unsigned", action="store_true",
                         help="uint8 activations (levels 0..255, non-negative inputs) instead of int8")
@@ -519,6 +571,8 @@ def main(argv=None) -> int:
         bench_matmul("gemm b64 4096x4096", 64, 4, mm_variants, args.threads, args, rows)
     if "conv" in args.cases:
         bench_conv(["fp32", "int8", "ternary N=64", "ternary N=4"], args.threads, args, rows)
+    if "dwconv" in args.cases:
+        bench_dwconv(["fp32", "int8", "ternary N=64", "ternary N=4"], args.threads, args, rows)
     if "model" in args.cases:
         bench_model(args.threads, args, rows)
     summary = summarize(rows)

@@ -209,6 +209,8 @@ struct GemmArgs {
   bool accumulate = false;
 };
 
+struct DepthwiseArgs;  // include/fgq/depthwise.h
+
 // The dispatch table. Each instruction-set file fills one; the reference
 // (kernels_ref.cpp) is the truth the others are tested against.
 struct KernelDispatch {
@@ -228,6 +230,8 @@ struct KernelDispatch {
                               const ActQuant& q, int8_t* out, int64_t pixel_stride);
   // The path runs the folded form (KernelWeights::folded) from natural rows.
   bool folded;
+  // The direct convolution kernel for few channels a group (include/fgq/depthwise.h).
+  void (*depthwise)(const DepthwiseArgs& args);
 };
 
 // Whether a call over `rows` activation rows takes natural unsigned rows (GemmArgs::natural):

@@ -10,6 +10,7 @@
 
 #include <cstring>
 
+#include "fgq/depthwise.h"
 #include "fgq/kernels.h"
 
 namespace fgq {
@@ -156,6 +157,6 @@ void group_dots(const KernelWeights& w, int64_t m, const int8_t* x, const int32_
 }  // namespace
 
 const KernelDispatch kAvx2Dispatch = {"avx2",          group_dots, gemm, quantize_span_impl, to_kernel_order_impl,
-                                      quantize_transposed_impl, false};
+                                      quantize_transposed_impl, false, depthwise_avx2};
 
 }  // namespace fgq

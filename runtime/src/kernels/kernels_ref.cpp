@@ -1,6 +1,7 @@
 // The plain C++ reference kernels: the truth every SIMD path is tested against.
 #include <vector>
 
+#include "fgq/depthwise.h"
 #include "fgq/kernels.h"
 
 namespace fgq {
@@ -40,6 +41,6 @@ void ref_gemm(const GemmArgs& a) {
 }  // namespace
 
 const KernelDispatch kRefDispatch = {"ref", ref_group_dots, ref_gemm, quantize_span, to_kernel_order,
-                                     quantize_transposed, false};
+                                     quantize_transposed, false, depthwise_ref};
 
 }  // namespace fgq
