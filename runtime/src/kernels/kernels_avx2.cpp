@@ -290,9 +290,80 @@ void group_dots(const KernelWeights& w, int64_t m, const int8_t* x, const int32_
   }
 }
 
+
+// quantize_one on 8 floats: the levels' low bytes as int32 (0..255). The float clamp is to the
+// integer bounds themselves, so the rounded level needs no second clamp.
+struct Quantizer {
+  __m256 scale, hi, lo;
+  __m256i offset;
+  explicit Quantizer(const ActQuant& q)
+      : scale(_mm256_set1_ps(q.scale)),
+        hi(_mm256_set1_ps(static_cast<float>(q.qmax - q.zero_point))),
+        lo(_mm256_set1_ps(static_cast<float>(q.qmin - q.zero_point))),
+        offset(_mm256_set1_epi32(q.zero_point - q.shift)) {}
+  __m256i operator()(__m256 x) const {
+    __m256 v = _mm256_div_ps(x, scale);
+    v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));  // NaN -> 0
+    v = _mm256_max_ps(_mm256_min_ps(v, hi), lo);
+    const __m256i level = _mm256_cvtps_epi32(v);  // round half to even (the default rounding mode)
+    return _mm256_and_si256(_mm256_add_epi32(level, offset), _mm256_set1_epi32(0xFF));
+  }
+};
+
+// Four channels' 8 levels each (int32, 0..255) -> dword p = pixel p's four channel bytes.
+inline __m256i pack_pixels4(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
+  const __m256i by_pixel = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9,
+                                            13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm256_shuffle_epi8(bytes, by_pixel);
+}
+
+// Tiles of 16 channels x 8 pixels: quantized per channel, turned pixel-major in registers
+// (the generic version scatters single bytes).
+void quantize_transposed_tiles(const float* src, int64_t channels, int64_t pixels, int64_t channel_stride,
+                               const ActQuant& q, int8_t* out, int64_t pixel_stride) {
+  constexpr int64_t kAhead = 64;  // floats: one stream per channel is more than the hardware prefetcher follows
+  const Quantizer quantize8(q);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t c0 = 0; c0 < channels; c0 += 16) {
+    const int64_t nc = std::min<int64_t>(16, channels - c0);
+    for (int64_t p0 = 0; p0 < pixels; p0 += 8) {
+      const int64_t np = std::min<int64_t>(8, pixels - p0);
+      const __m256i pmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(np)), lane);
+      __m256i z[4];  // z[g] dword p: pixel p, channels 4g..4g+3
+      for (int g = 0; g < 4; ++g) {
+        __m256i lv[4];
+        for (int j = 0; j < 4; ++j) {
+          const int64_t c = 4 * g + j;
+          const float* at = src + (c0 + c) * channel_stride + p0;
+          if (p0 + kAhead < pixels) _mm_prefetch(reinterpret_cast<const char*>(at + kAhead), _MM_HINT_T0);
+          lv[j] = c >= nc ? _mm256_setzero_si256() : quantize8(np == 8 ? _mm256_loadu_ps(at) : _mm256_maskload_ps(at, pmask));
+        }
+        z[g] = pack_pixels4(lv[0], lv[1], lv[2], lv[3]);
+      }
+      // 4 x 4 dword transpose per lane: w[i] = pixel i (low lane) and pixel 4 + i (high lane), channels 0..15
+      const __m256i t0 = _mm256_unpacklo_epi32(z[0], z[1]), t1 = _mm256_unpackhi_epi32(z[0], z[1]);
+      const __m256i t2 = _mm256_unpacklo_epi32(z[2], z[3]), t3 = _mm256_unpackhi_epi32(z[2], z[3]);
+      const __m256i w[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2), _mm256_unpacklo_epi64(t1, t3),
+                            _mm256_unpackhi_epi64(t1, t3)};
+      for (int64_t p = 0; p < np; ++p) {
+        const __m128i bytes = p < 4 ? _mm256_castsi256_si128(w[p]) : _mm256_extracti128_si256(w[p - 4], 1);
+        int8_t* at = out + (p0 + p) * pixel_stride + c0;
+        if (nc == 16) {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(at), bytes);
+        } else {
+          alignas(16) int8_t tile[16];
+          _mm_store_si128(reinterpret_cast<__m128i*>(tile), bytes);
+          std::memcpy(at, tile, static_cast<size_t>(nc));
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 const KernelDispatch kAvx2Dispatch = {"avx2",          group_dots, gemm, quantize_span_impl, to_kernel_order_impl,
-                                      quantize_transposed_impl, true};
+                                      quantize_transposed_tiles, true};
 
 }  // namespace fgq
