@@ -150,6 +150,17 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
         if (a.accumulate) r = _mm_add_ps(r, _mm_loadu_ps(yi));
         _mm_storeu_ps(yi, r);
       }
+    } else if (C == 2 && a.y_stride_b == 1) {  // 2 contiguous columns a row
+      // t[0]: rows 0, 1 | 4, 5; t[1]: rows 2, 3 | 6, 7 (two columns each)
+      const __m256 t[2] = {_mm256_unpacklo_ps(v[0], v[C - 1]), _mm256_unpackhi_ps(v[0], v[C - 1])};
+      for (int64_t i = first; i < last; ++i) {
+        const __m256 pair = t[(i % 4) / 2];
+        __m128 r = i < 4 ? _mm256_castps256_ps128(pair) : _mm256_extractf128_ps(pair, 1);
+        if (i % 2) r = _mm_movehl_ps(r, r);
+        __m64* yi = reinterpret_cast<__m64*>(y + i * a.y_stride_m);
+        if (a.accumulate) r = _mm_add_ps(r, _mm_loadl_pi(_mm_setzero_ps(), yi));
+        _mm_storel_pi(yi, r);
+      }
     } else {
       alignas(32) float lanes[8];
       for (int c = 0; c < C; ++c) {
