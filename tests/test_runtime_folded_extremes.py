@@ -48,7 +48,8 @@ def extreme_ternary(shape, pattern: str, rng) -> np.ndarray:
     if pattern == "plus":
         return np.ones(shape, np.int8)
     if pattern == "alternating":
-        return np.where(np.arange(shape[0]) % 2 == 0, 1, -1).astype(np.int8).reshape(-1, *[1] * (len(shape) - 1)) * np.ones(shape, np.int8)
+        signs = np.where(np.arange(shape[0]) % 2 == 0, 1, -1).astype(np.int8)
+        return signs.reshape(-1, *[1] * (len(shape) - 1)) * np.ones(shape, np.int8)
     return rng.choice(np.array([-1, 1], np.int8), size=shape)
 
 
@@ -76,7 +77,8 @@ def test_conv_extremes_exact(kernels, max_code, n, cg, rs, signed):
     zero_point = np.int8(0) if signed else np.uint8(0)
     model = build_model(
         "TernaryConv",
-        dict(x_scale=np.float32(1), x_zero_point=zero_point, codes=codes, scales=scales, row_scale=np.ones(m, np.float32)),
+        dict(x_scale=np.float32(1), x_zero_point=zero_point, codes=codes, scales=scales,
+             row_scale=np.ones(m, np.float32)),
         dict(N=n, weight_shape=[m, cg, r, s], pads=[r // 2, s // 2, r // 2, s // 2]),
         list(x.shape),
         x_type=TensorProto.INT8 if signed else TensorProto.UINT8,
@@ -98,7 +100,8 @@ def test_matmul_extremes_exact(kernels, max_code, n, k, m):
     x = extreme_levels((5, k), False, rng)
     model = build_model(
         "TernaryMatMul",
-        dict(x_scale=np.float32(1), x_zero_point=np.uint8(0), codes=codes, scales=scales, row_scale=np.ones(m, np.float32)),
+        dict(x_scale=np.float32(1), x_zero_point=np.uint8(0), codes=codes, scales=scales,
+             row_scale=np.ones(m, np.float32)),
         dict(N=n, K=k),
         list(x.shape),
         x_type=TensorProto.UINT8,

@@ -410,15 +410,17 @@ void test_folded_extremes(const std::vector<const fgq::KernelDispatch*>& ps) {
               std::vector<uint8_t> scales(static_cast<size_t>(M * G), static_cast<uint8_t>(max_code));
               for (int64_t m = 0; m < M; ++m)
                 for (int64_t p = 0; p < k; ++p) {
-                  const uint8_t code = pattern == 0 ? 1 : (pattern == 1 ? (m % 2 ? 3 : 1) : (rng() % 3 == 0 ? 0 : 1 + 2 * (rng() % 2)));
+                  const uint8_t random_code = rng() % 3 == 0 ? 0 : 1 + 2 * (rng() % 2);
+                  const uint8_t code = pattern == 0 ? 1 : (pattern == 1 ? (m % 2 ? 3 : 1) : random_code);
                   packed[static_cast<size_t>(m * row_bytes + p / 4)] |= static_cast<uint8_t>(code << (2 * (p % 4)));
                 }
               if (pattern == 2)
                 for (auto& v : scales) v = static_cast<uint8_t>(rng() % (max_code + 1));
               std::vector<float> row_scale(static_cast<size_t>(M), 1.f);
               fgq::KernelWeights w;
-              const std::string err = fgq::repack_weights(packed.data(), M, row_bytes, scales.data(), fgq::ScaleType::kU8,
-                                                          row_scale.data(), layout, fgq::Plane::kAll, &w);
+              const std::string err = fgq::repack_weights(packed.data(), M, row_bytes, scales.data(),
+                                                          fgq::ScaleType::kU8, row_scale.data(), layout,
+                                                          fgq::Plane::kAll, &w);
               EXPECT(err.empty(), "extremes repack: %s", err.c_str());
               if (w.fold_planes == 0) continue;  // two planes only for n <= kFoldMaxGroupSize
               const int64_t Kp = w.positions(), B = 4 + static_cast<int64_t>(rng() % 6);

@@ -6,7 +6,8 @@
 // 128-bit lanes and masked with (0x03, 0x0c) or (0x30, 0xc0) give u << 2i;
 // vpmaddubsw (u8 x s8: a pair lies in [-2 * 128 * 128, 2 * 128 * 127], no
 // saturation) and vpmaddwd with ones replace vpdpbusd.
-// The folded form (KernelWeights::folded, natural unsigned rows): see folded_block.
+// The folded form (KernelWeights::folded, natural unsigned rows) has no such bound:
+// see widen_quarter for how it stays exact.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -111,7 +112,6 @@ inline void block_store(const GemmArgs& a, int64_t quad0, int64_t b0) {
     }
 }
 
-
 // The epilogue of folded_block: sums[h][c] lane i is row m0 + 8h + i, column b0 + c; rows
 // outside [m_begin, m_end) are not written.
 template <int C>
@@ -182,13 +182,14 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
 //
 // Quarter q (rows 4q..4q+3) of a panel's chunk as int16 weights: row i's four positions at
 // lanes 4i..4i+3.
+inline __m256i widen16(const int8_t* p) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 template <int P>
 inline __m256i widen_quarter(const int8_t* chunk, int q) {
-  __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk + 16 * q)));
-  if (P == 2)
-    v = _mm256_add_epi16(v, _mm256_slli_epi16(
-                                _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk + 64 + 16 * q))), 7));
-  return v;
+  const __m256i v = widen16(chunk + 16 * q);
+  return P == 2 ? _mm256_add_epi16(v, _mm256_slli_epi16(widen16(chunk + 64 + 16 * q), 7)) : v;
 }
 
 // One panel of 16 rows x C natural unsigned activation rows (contiguous, or in segments:
@@ -301,7 +302,6 @@ void group_dots(const KernelWeights& w, int64_t m, const int8_t* x, const int32_
   }
 }
 
-
 // quantize_one on 8 floats: the levels' low bytes as int32 (0..255). The float clamp is to the
 // integer bounds themselves, so the rounded level needs no second clamp.
 struct Quantizer {
@@ -346,9 +346,13 @@ void quantize_transposed_tiles(const float* src, int64_t channels, int64_t pixel
         __m256i lv[4];
         for (int j = 0; j < 4; ++j) {
           const int64_t c = 4 * g + j;
+          if (c >= nc) {
+            lv[j] = _mm256_setzero_si256();
+            continue;
+          }
           const float* at = src + (c0 + c) * channel_stride + p0;
           if (p0 + kAhead < pixels) _mm_prefetch(reinterpret_cast<const char*>(at + kAhead), _MM_HINT_T0);
-          lv[j] = c >= nc ? _mm256_setzero_si256() : quantize8(np == 8 ? _mm256_loadu_ps(at) : _mm256_maskload_ps(at, pmask));
+          lv[j] = quantize8(np == 8 ? _mm256_loadu_ps(at) : _mm256_maskload_ps(at, pmask));
         }
         z[g] = pack_pixels4(lv[0], lv[1], lv[2], lv[3]);
       }
