@@ -192,10 +192,11 @@ inline __m256i widen_quarter(const int8_t* chunk, int q) {
   return P == 2 ? _mm256_add_epi16(v, _mm256_slli_epi16(widen16(chunk + 64 + 16 * q), 7)) : v;
 }
 
-// One panel of 16 rows x C natural unsigned activation rows (contiguous, or in segments:
-// GemmArgs::row_offsets): per quarter and column, int32 lanes (row, position pair) summed over
-// the chunks; the pairs are added at the end and fold_bias = 128 * sum(w) subtracted.
-template <int P, int C>
+// One panel of 16 rows (Q = 4 quarters; Q = 2: only rows 0-7, when the rest lie past m_end)
+// x C natural unsigned activation rows (contiguous, or in segments: GemmArgs::row_offsets):
+// per quarter and column, int32 lanes (row, position pair) summed over the chunks; the pairs
+// are added at the end and fold_bias = 128 * sum(w) subtracted.
+template <int P, int Q, int C>
 void folded_block(const GemmArgs& a, int64_t panel, int64_t b0) {
   const KernelWeights& w = *a.w;
   const int64_t chunks = w.positions() / 4;
@@ -208,8 +209,8 @@ void folded_block(const GemmArgs& a, int64_t panel, int64_t b0) {
   // four bytes -> four uint16, repeated in each 64-bit quarter
   const __m256i widen_x = _mm256_setr_epi8(0, -1, 1, -1, 2, -1, 3, -1, 0, -1, 1, -1, 2, -1, 3, -1, 0, -1, 1, -1, 2, -1,
                                            3, -1, 0, -1, 1, -1, 2, -1, 3, -1);
-  __m256i acc[4][C];
-  for (int q = 0; q < 4; ++q)
+  __m256i acc[Q][C];
+  for (int q = 0; q < Q; ++q)
     for (int c = 0; c < C; ++c) acc[q][c] = _mm256_setzero_si256();
   for (int64_t k = 0; k < segments; ++k) {
     const int64_t offset = indirect ? a.segment_offsets[k] : 0;
@@ -223,15 +224,15 @@ void folded_block(const GemmArgs& a, int64_t panel, int64_t b0) {
         std::memcpy(&four, x[c] + 4 * j, 4);
         xv[c] = _mm256_shuffle_epi8(_mm256_set1_epi32(four), widen_x);
       }
-      for (int q = 0; q < 4; ++q) {
+      for (int q = 0; q < Q; ++q) {
         const __m256i wq = widen_quarter<P>(wk + j * P * 64, q);
         for (int c = 0; c < C; ++c) acc[q][c] = _mm256_add_epi32(acc[q][c], _mm256_madd_epi16(wq, xv[c]));
       }
     }
   }
   const int64_t m0 = 16 * panel;
-  __m256i sums[2][C];
-  for (int h = 0; h < 2; ++h) {
+  __m256i sums[2][C] = {};  // with Q = 2 the second half is past m_end: not stored
+  for (int h = 0; h < Q / 2; ++h) {
     const __m256i bias = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.fold_bias.data() + m0 + 8 * h));
     for (int c = 0; c < C; ++c) {  // lanes [r0 r1 r4 r5 | r2 r3 r6 r7] -> rows 0..7 of the half
       const __m256i rows = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[2 * h][c], acc[2 * h + 1][c]), 0xD8);
@@ -243,13 +244,19 @@ void folded_block(const GemmArgs& a, int64_t panel, int64_t b0) {
 
 // Columns a block: with two planes the weight widening costs twice, so it is shared by more
 // columns (measured on Zen 3: 2 columns 5-8% faster than 4 with one plane, 4 28% faster with two).
+template <int P, int Q>
+void gemm_panel(const GemmArgs& a, int64_t panel) {
+  constexpr int kColumns = P == 1 ? 2 : 4;
+  int64_t b = a.b_begin;
+  for (; b + kColumns <= a.b_end; b += kColumns) folded_block<P, Q, kColumns>(a, panel, b);
+  for (; b < a.b_end; ++b) folded_block<P, Q, 1>(a, panel, b);
+}
+
 template <int P>
 void gemm_folded(const GemmArgs& a) {
-  constexpr int kColumns = P == 1 ? 2 : 4;
   for (int64_t panel = a.m_begin / 16; panel < (a.m_end + 15) / 16; ++panel) {
-    int64_t b = a.b_begin;
-    for (; b + kColumns <= a.b_end; b += kColumns) folded_block<P, kColumns>(a, panel, b);
-    for (; b < a.b_end; ++b) folded_block<P, 1>(a, panel, b);
+    if (16 * panel + 8 >= a.m_end) gemm_panel<P, 2>(a, panel);  // e.g. M = 24: rows 16-23
+    else gemm_panel<P, 4>(a, panel);
   }
 }
 
