@@ -178,7 +178,7 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
 // is not exact here: 2 * 255 * 127 > 32767. So the weights are widened to int16 (w = plane0 +
 // 128 * plane1, |w| <= 255) and meet the unsigned bytes, zero-extended, in vpmaddwd: products
 // and pair sums fit int32, exact. (The other exact form, vpmaddubsw on |x - 128| and
-// w * sign(x - 128), measured 5-10% slower on Zen 3 with one plane and 30% with two.)
+// w * sign(x - 128), measured 4-7% slower on Zen 3 with one plane and 30% with two.)
 //
 // Quarter q (rows 4q..4q+3) of a panel's chunk as int16 weights: row i's four positions at
 // lanes 4i..4i+3.
@@ -243,7 +243,7 @@ void folded_block(const GemmArgs& a, int64_t panel, int64_t b0) {
 }
 
 // Columns a block: with two planes the weight widening costs twice, so it is shared by more
-// columns (measured on Zen 3: 2 columns 5-8% faster than 4 with one plane, 4 28% faster with two).
+// columns (measured on Zen 3: 2 columns 0-4% faster than 4 with one plane, 4 28% faster with two).
 template <int P, int Q>
 void gemm_panel(const GemmArgs& a, int64_t panel) {
   constexpr int kColumns = P == 1 ? 2 : 4;
