@@ -485,6 +485,77 @@ void test_few_rows(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::printf("few rows: %d cases bit-exact on every path\n", cases);
 }
 
+// The folded form at its extremes, exact: every weight t * s at |s| = 127 (one plane) or 255 (two),
+// all of one sign or alternating by row, against activation bytes 255, 0, or random; sizes straddling
+// the vector widths (panels of 16 rows, 4-position chunks, 2- and 4-column blocks). Row scale 1,
+// scale 1, offset 0: y is the int32 sum itself (|sum| <= 128 * 255 * 250 < 2^24: exact in float),
+// compared with a brute-force sum over (x - 128) * t * s. vpmaddubsw would saturate here.
+void test_folded_extremes(const std::vector<const fgq::KernelDispatch*>& ps) {
+  std::mt19937 rng(99);
+  int cases = 0;
+  for (const fgq::KernelDispatch* d : ps) {
+    if (!d->folded) continue;
+    for (int max_code : {127, 255})
+      for (int64_t n : {1, 2, 4, 8, 16})
+        for (int64_t M : {1, 15, 16, 17, 33})
+          for (int64_t k : {1, 3, 5, 9, 16, 31, 33, 65, 250})
+            for (int pattern = 0; pattern < 3; ++pattern) {  // weights: all +, rows alternating, random
+              const fgq::ReductionLayout layout{1, k, n};
+              const int64_t G = layout.groups(), row_bytes = (G * n + 3) / 4;
+              std::vector<uint8_t> packed(static_cast<size_t>(M * row_bytes), 0);
+              std::vector<uint8_t> scales(static_cast<size_t>(M * G), static_cast<uint8_t>(max_code));
+              for (int64_t m = 0; m < M; ++m)
+                for (int64_t p = 0; p < k; ++p) {
+                  const uint8_t random_code = rng() % 3 == 0 ? 0 : 1 + 2 * (rng() % 2);
+                  const uint8_t code = pattern == 0 ? 1 : (pattern == 1 ? (m % 2 ? 3 : 1) : random_code);
+                  packed[static_cast<size_t>(m * row_bytes + p / 4)] |= static_cast<uint8_t>(code << (2 * (p % 4)));
+                }
+              if (pattern == 2)
+                for (auto& v : scales) v = static_cast<uint8_t>(rng() % (max_code + 1));
+              std::vector<float> row_scale(static_cast<size_t>(M), 1.f);
+              fgq::KernelWeights w;
+              const std::string err = fgq::repack_weights(packed.data(), M, row_bytes, scales.data(),
+                                                          fgq::ScaleType::kU8, row_scale.data(), layout,
+                                                          fgq::Plane::kAll, &w);
+              EXPECT(err.empty(), "extremes repack: %s", err.c_str());
+              if (w.fold_planes == 0) continue;  // two planes only for n <= kFoldMaxGroupSize
+              const int64_t Kp = w.positions(), B = 4 + static_cast<int64_t>(rng() % 6);
+              std::vector<int8_t> xu(static_cast<size_t>(B * Kp));
+              for (int64_t b = 0; b < B; ++b)
+                for (int64_t i = 0; i < Kp; ++i) {  // column b % 3: all 255, all 0, random
+                  const int v = b % 3 == 0 ? 255 : (b % 3 == 1 ? 0 : static_cast<int>(rng() % 256));
+                  xu[static_cast<size_t>(b * Kp + i)] = static_cast<int8_t>(static_cast<uint8_t>(v));
+                }
+              std::vector<float> want(static_cast<size_t>(B * M)), y(want.size(), -1.f);
+              for (int64_t b = 0; b < B; ++b)
+                for (int64_t m = 0; m < M; ++m) {
+                  int64_t sum = 0;
+                  for (int64_t g = 0; g < w.padded_groups; ++g)
+                    for (int64_t i = 0; i < w.np; ++i) {
+                      const int x = static_cast<uint8_t>(xu[static_cast<size_t>(b * Kp + g * w.np + i)]) - 128;
+                      sum += static_cast<int64_t>(w.t_at(m, g, i)) * static_cast<int64_t>(w.scale_at(m, g)) * x;
+                    }
+                  want[static_cast<size_t>(b * M + m)] = static_cast<float>(sum);
+                }
+              fgq::GemmArgs a;
+              a.w = &w;
+              a.x = xu.data();
+              a.x_stride = Kp;
+              a.natural = true;
+              a.y = y.data();
+              a.y_stride_b = M;
+              a.m_end = M;
+              a.b_end = B;
+              d->gemm(a);
+              EXPECT(y == want, "%s: folded extremes n=%ld M=%ld k=%ld codes<=%d pattern %d", d->name, (long)n, (long)M,
+                     (long)k, max_code, pattern);
+              check_transposed(*d, a, want, "folded extremes");
+              ++cases;
+            }
+  }
+  std::printf("folded extremes: %d cases\n", cases);
+}
+
 // The activation slots of every path equal the scalar definitions.
 void test_activation_slots(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::mt19937 rng(7);
@@ -555,6 +626,7 @@ int main() {
   test_golden(ps);
   test_random(ps);
   test_few_rows(ps);
+  test_folded_extremes(ps);
   test_activation_slots(ps);
   if (g_failures) {
     std::printf("%d failures\n", g_failures);
