@@ -27,6 +27,19 @@ def test_in_memory_inputs_are_not_modified(kit, calib_npz):
     assert ir.serde.serialize_model(model).SerializeToString() == model_bytes
 
 
+def _sigint_as_at_a_terminal() -> None:
+    """Ctrl-C's default action in the child: a shell without job control starts background jobs with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test, even when the run started with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_during_calibration(kit, tmp_path):
     """SIGINT while the fp32 calibration pass runs: one line, exit 130, no output, no temporary files, input unchanged."""
     work, temp = tmp_path / "work", tmp_path / "tmp"
@@ -38,7 +51,8 @@ def test_ctrl_c_during_calibration(kit, tmp_path):
     env = dict(os.environ, TMPDIR=str(temp), PYTHONPATH=str(Path(fgq_onnx.__file__).resolve().parent.parent))
     process = subprocess.Popen([sys.executable, "-m", "fgq_onnx.cli", "convert", str(model), "--calib", str(work / "calib.npz"),
                                 "--refine-samples", "20000", "-o", str(work / "out.onnx")],
-                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_sigint_as_at_a_terminal)
     deadline = time.monotonic() + 120
     while not list(temp.glob("fgq-*")):  # calibration works in a temporary folder of its own
         assert process.poll() is None and time.monotonic() < deadline, "calibration never started"
@@ -53,7 +67,7 @@ def test_ctrl_c_during_calibration(kit, tmp_path):
     assert not list(temp.glob("fgq-*")) and not list(temp.rglob("*.onnx")), "temporary files left behind"  # (onnxruntime leaves a .ses id file)
 
 
-def test_ctrl_c_waits_for_the_file_being_written_then_stops(tmp_path):
+def test_ctrl_c_waits_for_the_file_being_written_then_stops(tmp_path, python_sigint_handler):
     """A SIGINT while a block writes is held until the block ends (its file closed), then raised as KeyboardInterrupt."""
     from fgq_onnx import model_io
 
@@ -67,7 +81,7 @@ def test_ctrl_c_waits_for_the_file_being_written_then_stops(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is Python's again
 
 
-def test_temporary_folder_is_removed_when_interrupted(tmp_path, monkeypatch):
+def test_temporary_folder_is_removed_when_interrupted(tmp_path, monkeypatch, python_sigint_handler):
     from fgq_onnx import model_io
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
