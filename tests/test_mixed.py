@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
