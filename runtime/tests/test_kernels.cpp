@@ -618,6 +618,71 @@ void test_activation_slots(const std::vector<const fgq::KernelDispatch*>& ps) {
     }
 }
 
+// The first index where a and b (of a's size) differ, or that size.
+size_t first_difference(const std::vector<int8_t>& a, const std::vector<int8_t>& b) {
+  return static_cast<size_t>(std::mismatch(a.begin(), a.end(), b.begin()).first - a.begin());
+}
+
+// Every path's quantize and quantize_transposed equal quantize_one (x / scale, the definition)
+// bit for bit where a vector version could differ: a band of ulps around each level boundary
+// (scale * (k + 1/2)) and each level and clamp bound, for awkward and extreme scales (denormal ones
+// too); plus random bit patterns, infinities, NaN, zeros and denormals.
+void test_quantize_exact(const std::vector<const fgq::KernelDispatch*>& ps) {
+  const float scales[] = {0.1f, 1.f / 3, 0.0078431f, 3e-5f, 1e4f, 0.25f, 1.f, 0x1p-126f, 0x1.8p-127f, 1e-45f,
+                          0x1p126f, 0x1.4p126f, 3e38f};
+  struct Range { bool is_signed; int zero, qmin, qmax; };
+  const Range ranges[] = {{false, 0, 0, 255}, {false, 131, 0, 255}, {true, 0, -128, 127}, {true, -3, -8, 7}};
+  std::mt19937 rng(11);
+  std::vector<float> randoms;
+  for (int i = 0; i < 20000; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(rng());
+    float f;
+    std::memcpy(&f, &bits, 4);
+    randoms.push_back(f);
+  }
+  for (float f : {0.f, -0.f, INFINITY, -INFINITY, NAN, -NAN, 1e-45f, -1e-45f, 0x1p-126f, 3.4e38f, -3.4e38f})
+    randoms.push_back(f);
+  int64_t checked = 0;
+  for (float scale : scales)
+    for (const Range& r : ranges) {
+      fgq::ActQuant q;
+      const std::string err = fgq::make_act_quant(scale, r.zero, r.qmin, r.qmax, r.is_signed, &q);
+      EXPECT(err.empty(), "make_act_quant: %s", err.c_str());
+      std::vector<float> x = randoms;
+      for (int k = r.qmin - r.zero - 3; k <= r.qmax - r.zero + 2; ++k)
+        for (double edge : {k + 0.5, static_cast<double>(k)}) {
+          const float center = static_cast<float>(edge * scale);
+          if (!std::isfinite(center)) continue;
+          float lo = center, hi = center;
+          for (int u = 0; u < 48; ++u) {
+            lo = std::nextafter(lo, -INFINITY);
+            hi = std::nextafter(hi, INFINITY);
+          }
+          for (float f = lo; f <= hi; f = std::nextafter(f, INFINITY)) x.push_back(f);
+        }
+      std::vector<int8_t> want(x.size());
+      for (size_t i = 0; i < x.size(); ++i) want[i] = fgq::quantize_one(x[i], q);
+      const int64_t pixels = 61, channels = static_cast<int64_t>(x.size()) / pixels;
+      for (const fgq::KernelDispatch* d : ps) {
+        std::vector<int8_t> got(x.size());
+        d->quantize(x.data(), static_cast<int64_t>(x.size()), q, got.data());
+        const size_t i = first_difference(got, want);
+        EXPECT(i == x.size(), "%s: quantize(%a) at scale %a = %d, quantize_one %d", d->name, x[i], scale, got[i],
+               want[i]);
+        std::vector<int8_t> nhwc(static_cast<size_t>(channels * pixels)), natural(nhwc.size());
+        d->quantize_transposed(x.data(), channels, pixels, pixels, q, nhwc.data(), channels);
+        for (int64_t c = 0; c < channels; ++c)
+          for (int64_t p = 0; p < pixels; ++p)
+            natural[static_cast<size_t>(c * pixels + p)] = nhwc[static_cast<size_t>(p * channels + c)];
+        const size_t t = first_difference(natural, want);
+        EXPECT(t == natural.size(), "%s: quantize_transposed(%a) at scale %a = %d, quantize_one %d", d->name,
+               x[t], scale, natural[t], want[t]);
+        checked += static_cast<int64_t>(x.size());
+      }
+    }
+  std::printf("quantize: %ld values checked against quantize_one\n", (long)checked);
+}
+
 }  // namespace
 
 int main() {
@@ -628,6 +693,7 @@ int main() {
   test_few_rows(ps);
   test_folded_extremes(ps);
   test_activation_slots(ps);
+  test_quantize_exact(ps);
   if (g_failures) {
     std::printf("%d failures\n", g_failures);
     return 1;
