@@ -93,7 +93,7 @@ class Variants:
             else:
                 self._fgq(out, FGQ_NS[name], notes)
             meta = {"path": str(out), "seconds": time.perf_counter() - start, "notes": notes}
-        except Exception as error:  # recorded as the variant's row, never hidden
+        except Exception as error:  # noqa: BLE001 - recorded as the variant's row, never hidden
             meta = {"error": one_line(error)}
         meta_path.write_text(json.dumps(meta, indent=1))
         return meta
@@ -112,7 +112,7 @@ class Variants:
         with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):  # it leaves files in the cwd
             try:
                 quant_pre_process(str(upgraded), str(pre))
-            except Exception as error:  # symbolic shape inference gives up on some exports: the rest still helps
+            except Exception as error:  # noqa: BLE001 - symbolic shape inference gives up on some exports: the rest still helps
                 notes.append(f"quant_pre_process: {one_line(error)}; ran it with skip_symbolic_shape=True")
                 quant_pre_process(str(upgraded), str(pre), skip_symbolic_shape=True)
         samples = [{k: v[i: i + 1] for k, v in self.calib.items()} for i in range(rm.CALIB)]
@@ -170,7 +170,7 @@ def open_sessions(built: dict[str, dict], threads_list):
             proto = onnx.load(meta["path"])
             for threads in threads_list:
                 sessions[name, threads] = session(proto, threads)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - any failure becomes the variant's error row
             meta["error"] = f"loading: {one_line(error)}"
     return sessions
 
@@ -191,7 +191,7 @@ def fidelity(model: rm.RealModel, built, sessions, inputs, threads: int) -> list
         try:
             index = [o.name for o in sess.get_outputs()].index(model.output)
             outputs[name] = np.concatenate([sess.run(None, feed_of(held, i, i + 8))[index] for i in range(0, count, 8)])
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - any failure becomes the variant's error row
             built[name]["error"] = f"running: {one_line(error)}"
     rows = []
     ref = outputs.get("fp32")
@@ -226,7 +226,7 @@ def speed(model: rm.RealModel, built, sessions, inputs, args) -> list[dict]:
             try:
                 sess.run(None, feed)
                 cases.append((name, threads, sess))
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - any failure becomes the variant's error row
                 rows.append({"model": model.name, "variant": name, "batch": batch, "threads": threads,
                              "error": f"running: {one_line(error)}"})
         results = timed([(sess, feed) for _, _, sess in cases], args.repeat, args.min_seconds, args.rounds)
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
     for model in rm.select(args.models, args.quick):
         try:
             bench_model(model, args, results)
-        except Exception as error:  # a model that cannot be fetched or prepared: a row, and on to the next
+        except Exception as error:  # noqa: BLE001 - a model that cannot be fetched or prepared: a row, and on to the next
             print(f"  failed: {one_line(error)}", flush=True)
             results["speed"].append({"model": model.name, "variant": "(all)", "error": one_line(error)})
     results["seconds"] = time.perf_counter() - started

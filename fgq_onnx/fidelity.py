@@ -1,24 +1,16 @@
-"""End-to-end fidelity: the converted model against the source model on held-out samples.
+"""End-to-end fidelity: what the converted model's outputs showed against the source model's on held-out samples.
 
 The samples are held out of calibration (fgq_onnx/data.py, Split), so ranges,
 bias correction and fitting never saw them. Per float output: SQNR
 10 log10(sum y^2 / sum (y - y_hat)^2) and cosine over every value of every
 sample, and, for outputs shaped like class scores [batch, classes], the share
-of samples whose top-1 class agrees.
+of samples whose top-1 class agrees. The result types and the warning rule live
+here; evaluate.measure_fidelity runs the two models.
 """
 
 from __future__ import annotations
 
-import math
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import numpy as np
-import onnx
-import onnx_ir as ir
-
-from fgq_onnx.errors import FgqError
 
 HOLDOUT_EVERY = 5  # one calibration sample in five is held out
 HOLDOUT_LIMIT = 256  # held-out samples run through both models, at most
@@ -74,70 +66,3 @@ class Fidelity:
         if self.skipped:
             return {"skipped": self.skipped}
         return {"samples": self.samples, "outputs": {o.output: {k: v for k, v in vars(o).items() if k != "output"} for o in self.outputs}}
-
-
-class _Agreement:
-    """Streaming sums for the SQNR, cosine and top-1 agreement of one output."""
-
-    def __init__(self):
-        self.ref2 = self.out2 = self.cross = self.noise = 0.0
-        self.agree = self.rows = 0
-        self.classes = True
-        self.seen = False
-
-    def update(self, reference: np.ndarray, output: np.ndarray) -> None:
-        if reference.shape != output.shape:
-            raise FgqError(f"the converted model's output has shape {list(output.shape)}, the source's {list(reference.shape)}")
-        self.seen = True
-        ref, out = reference.astype(np.float64).ravel(), output.astype(np.float64).ravel()
-        self.ref2 += float(ref @ ref)
-        self.out2 += float(out @ out)
-        self.cross += float(ref @ out)
-        self.noise += float(np.sum(np.square(ref - out)))
-        self.classes = self.classes and reference.ndim == 2 and reference.shape[1] >= 2
-        if self.classes:
-            self.agree += int(np.sum(reference.argmax(axis=1) == output.argmax(axis=1)))
-            self.rows += reference.shape[0]
-
-    def result(self, name: str) -> OutputFidelity:
-        sqnr = math.inf if self.noise == 0.0 else 10.0 * math.log10(max(self.ref2, 1e-300) / self.noise)
-        norms = math.sqrt(self.ref2 * self.out2)
-        cosine = self.cross / norms if norms > 0 else (1.0 if self.noise == 0.0 else 0.0)
-        top1 = self.agree / self.rows if self.classes and self.rows else None
-        return OutputFidelity(name, sqnr, cosine, top1)
-
-
-def measure(source: str | Path | onnx.ModelProto | ir.Model, converted: ir.Model, held_out, main: str | None = None) -> Fidelity:
-    """Run the source and the converted model on `held_out` batches and compare their float outputs (`main` first)."""
-    from fgq_onnx.evaluate import open_session  # evaluate imports the pipeline's modules: import when used
-
-    with tempfile.TemporaryDirectory(prefix="fgq-fidelity-") as folder:
-        source_path = _model_file(source, Path(folder) / "source.onnx")
-        converted_path = Path(folder) / "converted.onnx"
-        ir.save(converted, converted_path, external_data="converted.onnx.data")
-        reference, model = open_session(source_path), open_session(converted_path)
-        names = [name for name in reference.outputs if name in model.outputs]
-        if main is not None:
-            if main not in names:
-                raise FgqError(f"the model has no output {main!r}; its outputs are {names}")
-            names = [main, *(name for name in names if name != main)]
-        sums = {name: _Agreement() for name in names}
-        samples = 0
-        for feed, _ in held_out:
-            expected, actual = reference.run(feed, names), model.run(feed, names)
-            for name in names:
-                if np.issubdtype(expected[name].dtype, np.floating):
-                    sums[name].update(expected[name], actual[name])
-            samples += held_out.samples_in(feed)
-    return Fidelity(samples, [sums[name].result(name) for name in names if sums[name].seen])
-
-
-def _model_file(source, path: Path) -> Path:
-    """A file onnxruntime can open for the source model: its own path, else a copy saved to `path`."""
-    if isinstance(source, (str, Path)):
-        return Path(source)
-    if isinstance(source, ir.Model):
-        ir.save(source, path, external_data=path.name + ".data")
-    else:
-        onnx.save(source, str(path))
-    return path

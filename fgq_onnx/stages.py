@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from fgq_onnx import __version__, fidelity, layerwise, model_io
+from fgq_onnx import __version__, evaluate, fidelity, layerwise, model_io
 from fgq_onnx.calibration import AbsHistogram, ActivationObserver, CalibMethod, non_negative_by_construction, threshold
 from fgq_onnx.data import Dataset, ImageOptions, Split, model_inputs
 from fgq_onnx.errors import FgqError, fgq_error_in
@@ -420,7 +420,7 @@ def _convert(
 def _fidelity(source, converted: ir.Model, calib, held_out: Dataset | None, main: str | None) -> fidelity.Fidelity:
     """The converted model against the source on the held-out samples (`main` output first), or why it was not measured."""
     if held_out is not None:
-        return fidelity.measure(source, converted, held_out, main)
+        return evaluate.measure_fidelity(source, converted, held_out, main)
     if calib is None:
         return fidelity.Fidelity(skipped="no calibration data (--calib) to hold samples out of")
     if hasattr(calib, "get_next"):

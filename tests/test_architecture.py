@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [  # docs/architecture.md, "Module layers"; one set per layer, lowest first
-    {"errors", "report", "model_io", "data", "graph_utils", "channel_fold", "custom_op_functions", "runtime",
+    {"errors", "report", "fidelity", "model_io", "data", "graph_utils", "channel_fold", "custom_op_functions", "runtime",
      "ternary", "already_ternary", "scales", "packing", "fitting", "correction"},
     {"passes"},
     {"calibration", "segments", "layerwise", "evaluate"},

@@ -14,6 +14,8 @@ import pytest
 from onnx import TensorProto
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from test_runtime_malformed import _expect_error  # noqa: E402
+
 from test_runtime_helpers import (  # noqa: E402
     build_model,
     conv2d_ref,
@@ -25,7 +27,6 @@ from test_runtime_helpers import (  # noqa: E402
     random_ternary,
     rows_to_conv,
 )
-from test_runtime_malformed import _expect_error  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
