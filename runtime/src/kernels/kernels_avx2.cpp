@@ -6,8 +6,8 @@
 // 128-bit lanes and masked with (0x03, 0x0c) or (0x30, 0xc0) give u << 2i;
 // vpmaddubsw (u8 x s8: a pair lies in [-2 * 128 * 128, 2 * 128 * 127], no
 // saturation) and vpmaddwd with ones replace vpdpbusd.
-// The folded form (natural unsigned rows) has no such bound: see folded_block for how it
-// stays exact.
+// The folded form (natural unsigned rows) has no such bound: see widened_block and
+// half_sums for how they stay exact.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -174,12 +174,13 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
   }
 }
 
-// The folded form without vpdpbusd, for groups of one chunk (N <= 4; the ternary form
-// below is not faster there: as many multiplies and twice the weight bytes). vpmaddubsw (u8 x s8, pairs summed into SATURATING int16)
-// is not exact here: 2 * 255 * 127 > 32767. So the weights are widened to int16 (w = plane0 +
-// 128 * plane1, |w| <= 255) and meet the unsigned bytes, zero-extended, in vpmaddwd: products
-// and pair sums fit int32, exact. (The other exact form, vpmaddubsw on |x - 128| and
-// w * sign(x - 128), measured 4-7% slower on Zen 3 with one plane and 30% with two.)
+// The folded form without vpdpbusd, for groups of one chunk (N <= 4; the ternary form below
+// is not faster there: as many multiplies and twice the weight bytes). vpmaddubsw (u8 x s8,
+// pairs summed into SATURATING int16) is not exact here: 2 * 255 * 127 > 32767. So the weights
+// are widened to int16 (w = plane0 + 128 * plane1, |w| <= 255) and meet the unsigned bytes,
+// zero-extended, in vpmaddwd: products and pair sums fit int32, exact. (The other exact form,
+// vpmaddubsw on |x - 128| and w * sign(x - 128), measured 4-7% slower on Zen 3 with one plane
+// and 30% with two.)
 //
 // Quarter q (rows 4q..4q+3) of a panel's chunk as int16 weights: row i's four positions at
 // lanes 4i..4i+3.
@@ -266,7 +267,10 @@ void gemm_widened(const GemmArgs& a) {
 // of at most 2 * 255 = 510. A group's pair sums are added in int16 over up to 64 chunks
 // (64 * 510 < 32768: exact), then one vpmaddwd against the group's scale lanes gives each
 // row's s * (sum over the group) in int32 lanes in row order. Per 4-position chunk and 8 rows:
-// vpmaddubsw + vpaddw, and per group vpmaddwd + vpaddd (at N = 4 int8's three ops, fewer above).
+// vpmaddubsw + vpaddw, and per group vpmaddwd + vpaddd: at N = 16, 9 ops per 128 products
+// where int8 (vpmaddubsw, vpmaddwd with ones, vpaddd) takes 12. Measured (AMD EPYC, 1 thread,
+// 1024 x 1024 x 64): 1.2x the int16 path at N = 16, 1.4x at N = 64, equal at N = 8 (1.35x
+// with codes up to 255, which the int16 path needs two planes for).
 constexpr int64_t kPairSumChunks = 64;
 
 // Half h (rows 8h..8h + 7) of a panel x C natural unsigned activation rows (contiguous, or in
