@@ -487,18 +487,19 @@ void test_few_rows(const std::vector<const fgq::KernelDispatch*>& ps) {
 
 // The folded form at its extremes, exact: every weight t * s at |s| = 127 (one plane) or 255 (two),
 // all of one sign or alternating by row, against activation bytes 255, 0, or random; sizes straddling
-// the vector widths (panels of 16 rows, 4-position chunks, 2- and 4-column blocks). Row scale 1,
-// scale 1, offset 0: y is the int32 sum itself (|sum| <= 128 * 255 * 250 < 2^24: exact in float),
-// compared with a brute-force sum over (x - 128) * t * s. vpmaddubsw would saturate here.
+// the vector widths (panels of 16 rows, 4-position chunks, 2- and 4-column blocks) and groups
+// longer than the AVX2 path's int16 run of 64 chunks (n = 512). Row scale 1, scale 1, offset 0:
+// y is the int32 sum itself (|sum| <= 128 * 255 * 600 < 2^24: exact in float), compared with a
+// brute-force sum over (x - 128) * t * s. vpmaddubsw on t * s would saturate here.
 void test_folded_extremes(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::mt19937 rng(99);
   int cases = 0;
   for (const fgq::KernelDispatch* d : ps) {
     if (!d->folded) continue;
     for (int max_code : {127, 255})
-      for (int64_t n : {1, 2, 4, 8, 16})
-        for (int64_t M : {1, 15, 16, 17, 33})
-          for (int64_t k : {1, 3, 5, 9, 16, 31, 33, 65, 250})
+      for (int64_t n : {1, 2, 3, 4, 8, 16, 64, 512})
+        for (int64_t M : {1, 7, 8, 9, 15, 16, 17, 24, 25, 33})
+          for (int64_t k : {1, 3, 5, 9, 16, 31, 33, 65, 250, 600})
             for (int pattern = 0; pattern < 3; ++pattern) {  // weights: all +, rows alternating, random
               const fgq::ReductionLayout layout{1, k, n};
               const int64_t G = layout.groups(), row_bytes = (G * n + 3) / 4;

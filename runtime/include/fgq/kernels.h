@@ -70,6 +70,14 @@ struct KernelWeights {
   int64_t fold_planes = 0;
   std::vector<int8_t> folded;      // panels() * positions() / 4 * fold_planes * 64
   std::vector<int32_t> fold_bias;  // 16 * panels()
+  // The folded form kept ternary (built with it when groups span more than one 4-position
+  // chunk, np > 4; empty otherwise; the AVX2 path's form there): t in int8 in the same
+  // panel/chunk order as `folded` (one plane), and per panel and group the scale codes as
+  // int16 pair lanes: 32 lanes, row r's s at 2r and 2r + 1. vpmaddubsw meets t with the
+  // unsigned rows, a group's int16 pair sums are added, and vpmaddwd with these lanes gives
+  // each row's s * (group sum) in int32 (exact: see kernels_avx2.cpp).
+  std::vector<int8_t> ternary;         // panels() * positions() / 4 * 64
+  std::vector<int16_t> group_scales;   // panels() * padded_groups * 32
   int64_t panels() const { return (rows + 15) / 16; }
   int64_t steps() const { return np / 4; }
   int64_t super_groups() const { return padded_groups / 4; }

@@ -6,8 +6,8 @@
 // 128-bit lanes and masked with (0x03, 0x0c) or (0x30, 0xc0) give u << 2i;
 // vpmaddubsw (u8 x s8: a pair lies in [-2 * 128 * 128, 2 * 128 * 127], no
 // saturation) and vpmaddwd with ones replace vpdpbusd.
-// The folded form (KernelWeights::folded, natural unsigned rows) has no such bound:
-// see widen_quarter for how it stays exact.
+// The folded form (natural unsigned rows) has no such bound: see widened_block and
+// half_sums for how they stay exact.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -175,11 +175,13 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
   }
 }
 
-// The folded form without vpdpbusd. vpmaddubsw (u8 x s8, pairs summed into SATURATING int16)
-// is not exact here: 2 * 255 * 127 > 32767. So the weights are widened to int16 (w = plane0 +
-// 128 * plane1, |w| <= 255) and meet the unsigned bytes, zero-extended, in vpmaddwd: products
-// and pair sums fit int32, exact. (The other exact form, vpmaddubsw on |x - 128| and
-// w * sign(x - 128), measured 4-7% slower on Zen 3 with one plane and 30% with two.)
+// The folded form without vpdpbusd, for groups of one chunk (N <= 4; the ternary form below
+// is not faster there: as many multiplies and twice the weight bytes). vpmaddubsw (u8 x s8,
+// pairs summed into SATURATING int16) is not exact here: 2 * 255 * 127 > 32767. So the weights
+// are widened to int16 (w = plane0 + 128 * plane1, |w| <= 255) and meet the unsigned bytes,
+// zero-extended, in vpmaddwd: products and pair sums fit int32, exact. (The other exact form,
+// vpmaddubsw on |x - 128| and w * sign(x - 128), measured 4-7% slower on Zen 3 with one plane
+// and 30% with two.)
 //
 // Quarter q (rows 4q..4q+3) of a panel's chunk as int16 weights: row i's four positions at
 // lanes 4i..4i+3.
@@ -198,7 +200,7 @@ inline __m256i widen_quarter(const int8_t* chunk, int q) {
 // per quarter and column, int32 lanes (row, position pair) summed over the chunks; the pairs
 // are added at the end and fold_bias = 128 * sum(w) subtracted.
 template <int P, int Q, int C>
-void folded_block(const GemmArgs& a, int64_t panel, int64_t b0) {
+void widened_block(const GemmArgs& a, int64_t panel, int64_t b0) {
   const KernelWeights& w = *a.w;
   const int64_t chunks = w.positions() / 4;
   const int8_t* wp = w.folded.data() + panel * chunks * P * 64;
@@ -246,18 +248,100 @@ void folded_block(const GemmArgs& a, int64_t panel, int64_t b0) {
 // Columns a block: with two planes the weight widening costs twice, so it is shared by more
 // columns (measured on Zen 3: 2 columns 0-4% faster than 4 with one plane, 4 28% faster with two).
 template <int P, int Q>
-void gemm_panel(const GemmArgs& a, int64_t panel) {
+void widened_panel(const GemmArgs& a, int64_t panel) {
   constexpr int kColumns = P == 1 ? 2 : 4;
   int64_t b = a.b_begin;
-  for (; b + kColumns <= a.b_end; b += kColumns) folded_block<P, Q, kColumns>(a, panel, b);
-  for (; b < a.b_end; ++b) folded_block<P, Q, 1>(a, panel, b);
+  for (; b + kColumns <= a.b_end; b += kColumns) widened_block<P, Q, kColumns>(a, panel, b);
+  for (; b < a.b_end; ++b) widened_block<P, Q, 1>(a, panel, b);
 }
 
 template <int P>
-void gemm_folded(const GemmArgs& a) {
+void gemm_widened(const GemmArgs& a) {
   for (int64_t panel = a.m_begin / 16; panel < (a.m_end + 15) / 16; ++panel) {
-    if (16 * panel + 8 >= a.m_end) gemm_panel<P, 2>(a, panel);  // e.g. M = 24: rows 16-23
-    else gemm_panel<P, 4>(a, panel);
+    if (16 * panel + 8 >= a.m_end) widened_panel<P, 2>(a, panel);  // e.g. M = 24: rows 16-23
+    else widened_panel<P, 4>(a, panel);
+  }
+}
+
+// Longer groups (N > 4) from the folded form's ternary copy (KernelWeights::ternary). vpmaddubsw
+// on the folded weights would saturate (2 * 255 * 127 > 32767); on t it gives int16 pair sums
+// of at most 2 * 255 = 510. A group's pair sums are added in int16 over up to 64 chunks
+// (64 * 510 < 32768: exact), then one vpmaddwd against the group's scale lanes gives each
+// row's s * (sum over the group) in int32 lanes in row order. Per 4-position chunk and 8 rows:
+// vpmaddubsw + vpaddw, and per group vpmaddwd + vpaddd: at N = 16, 9 ops per 128 products
+// where int8 (vpmaddubsw, vpmaddwd with ones, vpaddd) takes 12. Measured (AMD EPYC, 1 thread,
+// 1024 x 1024 x 64): 1.2x the int16 path at N = 16, 1.4x at N = 64, equal at N = 8 (1.35x
+// with codes up to 255, which the int16 path needs two planes for).
+constexpr int64_t kPairSumChunks = 64;
+
+// Half h (rows 8h..8h + 7) of a panel x C natural unsigned activation rows (contiguous, or in
+// segments: GemmArgs::row_offsets): sums[c] lane i = row 8h + i's exact int32 dot product with
+// column b0 + c, fold_bias = 128 * sum(t * s) subtracted. (One half at a time: 4 columns then
+// fit the 16 registers, and each weight byte loaded serves 4 columns.)
+template <int C>
+void half_sums(const GemmArgs& a, int64_t panel, int h, int64_t b0, __m256i sums[C]) {
+  const KernelWeights& w = *a.w;
+  const int64_t chunks = w.positions() / 4, group_chunks = w.np / 4;
+  const int8_t* tp = w.ternary.data() + panel * chunks * 64 + 32 * h;
+  const int16_t* sp = w.group_scales.data() + panel * w.padded_groups * 32 + 16 * h;
+  const bool indirect = a.row_offsets != nullptr;
+  const int64_t segments = indirect ? a.segments : 1, segment_chunks = indirect ? a.segment_len / 4 : chunks;
+  const int64_t read_chunks = indirect ? a.segment_read / 4 : chunks;
+  const int8_t* row[C];
+  for (int c = 0; c < C; ++c) row[c] = a.x + (indirect ? a.row_offsets[b0 + c] : (b0 + c) * a.x_stride);
+  __m256i acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < segments; ++k) {
+    const int64_t first = k * segment_chunks;  // the segment's first chunk in the weights
+    const int8_t* x[C];
+    for (int c = 0; c < C; ++c) x[c] = row[c] + (indirect ? a.segment_offsets[k] : 0);
+    // (x[c] + 4j) broadcast to every row's lanes, times row i's t at chunk first + j
+    const auto pair_sums = [&](int64_t j, int c) {
+      int32_t four;
+      std::memcpy(&four, x[c] + 4 * j, 4);
+      return _mm256_maddubs_epi16(_mm256_set1_epi32(four),
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tp + (first + j) * 64)));
+    };
+    int64_t g = first / group_chunks, group_end = (g + 1) * group_chunks - first;  // chunks, in the segment
+    for (int64_t j = 0; j < read_chunks;) {  // one run: chunks of group g, at most kPairSumChunks
+      const int64_t end = std::min({group_end, read_chunks, j + kPairSumChunks});
+      __m256i pairs[C];
+      for (int c = 0; c < C; ++c) pairs[c] = pair_sums(j, c);
+#pragma GCC unroll 4  // N = 64: 7% faster, N = 16: equal (measured)
+      for (++j; j < end; ++j)
+        for (int c = 0; c < C; ++c) pairs[c] = _mm256_add_epi16(pairs[c], pair_sums(j, c));
+      const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + g * 32));
+      for (int c = 0; c < C; ++c) acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(pairs[c], s));
+      if (j == group_end) {
+        ++g;
+        group_end += group_chunks;
+      }
+    }
+  }
+  const __m256i bias = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.fold_bias.data() + 16 * panel + 8 * h));
+  for (int c = 0; c < C; ++c) sums[c] = _mm256_sub_epi32(acc[c], bias);
+}
+
+// One panel of 16 rows (H = 2 halves; H = 1: only rows 0-7, when the rest lie past m_end).
+template <int H, int C>
+void ternary_block(const GemmArgs& a, int64_t panel, int64_t b0) {
+  __m256i sums[2][C] = {};  // with H = 1 the second half is past m_end: not stored
+  for (int h = 0; h < H; ++h) half_sums<C>(a, panel, h, b0, sums[h]);
+  folded_store<C>(a, 16 * panel, b0, sums);
+}
+
+template <int H>
+void ternary_panel(const GemmArgs& a, int64_t panel) {
+  constexpr int kColumns = 4;
+  int64_t b = a.b_begin;
+  for (; b + kColumns <= a.b_end; b += kColumns) ternary_block<H, kColumns>(a, panel, b);
+  for (; b < a.b_end; ++b) ternary_block<H, 1>(a, panel, b);
+}
+
+void gemm_ternary(const GemmArgs& a) {
+  for (int64_t panel = a.m_begin / 16; panel < (a.m_end + 15) / 16; ++panel) {
+    if (16 * panel + 8 >= a.m_end) ternary_panel<1>(a, panel);  // e.g. M = 24: rows 16-23
+    else ternary_panel<2>(a, panel);
   }
 }
 
@@ -282,8 +366,9 @@ void gemm_t(const GemmArgs& a) {
 void gemm(const GemmArgs& a) {
   if (a.m_end <= a.m_begin || a.b_end <= a.b_begin) return;
   if (a.natural) {  // the caller checked use_folded
-    if (a.w->fold_planes == 1) gemm_folded<1>(a);
-    else gemm_folded<2>(a);
+    if (!a.w->ternary.empty()) gemm_ternary(a);
+    else if (a.w->fold_planes == 1) gemm_widened<1>(a);
+    else gemm_widened<2>(a);
     return;
   }
   switch (a.w->scale_type) {

@@ -143,17 +143,28 @@ void fold_scales(KernelWeights* out) {
   w.fold_planes = planes;
   w.folded.assign(static_cast<size_t>(w.panels() * chunks * planes * 64), 0);
   w.fold_bias.assign(static_cast<size_t>(w.panels() * 16), 0);
+  const bool ternary_form = w.np > 4;  // see KernelWeights::ternary
+  if (ternary_form) {
+    w.ternary.assign(static_cast<size_t>(w.panels() * chunks * 64), 0);
+    w.group_scales.assign(static_cast<size_t>(w.panels() * w.padded_groups * 32), 0);
+  }
   for (int64_t m = 0; m < w.rows; ++m) {
     int8_t* panel = w.folded.data() + (m / 16) * chunks * planes * 64 + (m % 16) * 4;
+    const int64_t ternary = (m / 16) * chunks * 64 + (m % 16) * 4;  // in w.ternary
+    const int64_t group_scales = (m / 16) * w.padded_groups * 32 + (m % 16) * 2;  // in w.group_scales
     int64_t sum = 0;
     for (int64_t g = 0; g < w.groups; ++g) {
       const int s = static_cast<int>(w.scale_at(m, g));
+      if (ternary_form)
+        w.group_scales[static_cast<size_t>(group_scales + g * 32)] =
+            w.group_scales[static_cast<size_t>(group_scales + g * 32 + 1)] = static_cast<int16_t>(s);
       for (int64_t i = 0; i < w.n; ++i) {
-        const int v = w.t_at(m, g, i) * s;
+        const int t = w.t_at(m, g, i), v = t * s;
         const int64_t j = (g * w.np + i) / 4;  // natural order (np is a multiple of 4)
         int8_t* at = panel + j * planes * 64 + i % 4;
         at[0] = static_cast<int8_t>(planes == 1 ? v : v % 128);  // v = 128 * (v / 128) + v % 128
         if (planes == 2) at[64] = static_cast<int8_t>(v / 128);
+        if (ternary_form) w.ternary[static_cast<size_t>(ternary + j * 64 + i % 4)] = static_cast<int8_t>(t);
         sum += v;
       }
     }
