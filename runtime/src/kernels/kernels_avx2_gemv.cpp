@@ -2,17 +2,17 @@
 // compiled with -mavx2 -mfma -mf16c for this file only; find_dispatch("avx2") routes
 // such calls here (dispatch.cpp).
 //
-// With one activation row every weight meets one activation, so the work per weight
-// decides the speed (2-bit weights stream from DRAM faster than the batched kernel
-// multiplies them). Per step (KernelWeights), one 32-byte load takes the codes of two
-// quads (lane h: quad q + h; kCodeStride lays them side by side) against the step's 16
-// activation bytes broadcast to both lanes. Row i's codes are masked in place with
-// 0x03 (rows 0, 2; after a 4-bit shift for rows 2, 3) or 0x0c (rows 1, 3), giving u or
-// 4u (u = t + 1 <= 2); vpmaddubsw sums pairs into int16 of at most 2 * 8 * 128 = 2048,
-// so kInt16Steps steps add up exactly with vpaddw before one vpmaddwd widens them: one
-// multiply per 32 weights (the batched kernel needs two). Each int32 lane (quad, group)
-// then holds 4^(i % 2) * (dot(t, x) + sum(x)); the group sums come off per super-group
-// as in the other kernels, then one convert and one FMA with the scales.
+// With one activation row the 2-bit codes stream from DRAM once, so the kernel must
+// keep that stream going and spend little work per weight. Per step (KernelWeights),
+// two 32-byte loads take the step's whole 64-byte code line (four quads; lane h of line
+// l: quad q + 2l + h), read in order with a software prefetch ahead, against the step's
+// 16 activation bytes broadcast to both lanes. Mask 0x03 gives row 0's u = t + 1, mask
+// 0x0c row 1's 4u, the same after a 4-bit shift rows 2 and 3; vpmaddubsw sums pairs into
+// int16 of at most 2 * 8 * 128 = 2048, so kInt16Steps steps add up exactly with vpaddw
+// before one vpmaddwd widens them: one multiply per 32 weights (the batched kernel,
+// which broadcasts each quad's 16 bytes, needs two). Each int32 lane (quad, group) then
+// holds 4^(i % 2) * (dot(t, x) + sum(x)); the group sums come off per super-group as in
+// the other kernels, then one convert and one FMA with the scales.
 #include <immintrin.h>
 
 #include <algorithm>
