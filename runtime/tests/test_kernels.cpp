@@ -392,6 +392,68 @@ void test_random(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::printf("random: %d cases (%d on the folded form), SIMD paths vs reference\n", cases, folded_cases);
 }
 
+// The activation slots of every path equal the scalar definitions.
+void test_activation_slots(const std::vector<const fgq::KernelDispatch*>& ps) {
+  std::mt19937 rng(7);
+  std::vector<float> x(1000);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = (static_cast<float>(rng() % 2001) - 1000.f) / 8.f;  // many ties at scale 0.25
+  x[3] = NAN;
+  x[4] = INFINITY;
+  x[5] = -INFINITY;
+  x[6] = 1e30f;
+  for (bool is_signed : {false, true})
+    for (int qmax : {15, 255}) {
+      fgq::ActQuant q;
+      const int lo = is_signed ? -8 : 0, hi = is_signed ? (qmax == 15 ? 7 : 127) : qmax;
+      const std::string err = fgq::make_act_quant(0.25f, is_signed ? 0 : 3, lo == 0 && qmax == 255 ? 0 : lo, hi,
+                                                  is_signed, &q);
+      EXPECT(err.empty(), "make_act_quant: %s", err.c_str());
+      std::vector<int8_t> want(x.size());
+      for (size_t i = 0; i < x.size(); ++i) want[i] = fgq::quantize_one(x[i], q);
+      for (const fgq::KernelDispatch* d : ps) {
+        std::vector<int8_t> got(x.size());
+        d->quantize(x.data(), static_cast<int64_t>(x.size()), q, got.data());
+        EXPECT(got == want, "%s: quantize differs from quantize_one", d->name);
+        // x as [channels][pixels] (channel stride 25) -> pixel-major rows of pixel_stride bytes
+        for (int64_t channels : {1, 3, 16, 17, 39})
+          for (int64_t pixels : {1, 7, 16, 25}) {
+            const int64_t pixel_stride = channels + 5;
+            std::vector<int8_t> nhwc(static_cast<size_t>(pixels * pixel_stride), 99);
+            d->quantize_transposed(x.data(), channels, pixels, 25, q, nhwc.data(), pixel_stride);
+            for (int64_t p = 0; p < pixels; ++p)
+              for (int64_t c = 0; c < pixel_stride; ++c) {
+                const int8_t v = nhwc[static_cast<size_t>(p * pixel_stride + c)];
+                EXPECT(v == (c < channels ? want[static_cast<size_t>(c * 25 + p)] : 99),
+                       "%s: quantize_transposed c=%ld p=%ld (%ld channels, %ld pixels)", d->name, (long)c, (long)p,
+                       (long)channels, (long)pixels);
+              }
+          }
+      }
+    }
+  for (int64_t np : {4, 8, 12, 16, 20, 28, 64, 68, 128})
+    for (int64_t gp : {4, 8, 12}) {
+      std::vector<int8_t> natural(static_cast<size_t>(np * gp));
+      for (auto& v : natural) v = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
+      std::vector<int8_t> want(natural.size()), got(natural.size());
+      std::vector<int32_t> want_sum(static_cast<size_t>(gp)), got_sum(static_cast<size_t>(gp));
+      for (int64_t g = 0; g < gp; ++g) {  // the definition, written out
+        int32_t sum = 0;
+        for (int64_t i = 0; i < np; ++i) {
+          const int8_t v = natural[static_cast<size_t>(g * np + i)];
+          sum += v;
+          want[static_cast<size_t>((g / 4) * np * 4 + (i / 4) * 16 + (g % 4) * 4 + i % 4)] = v;
+        }
+        want_sum[static_cast<size_t>(g)] = sum;
+      }
+      fgq::to_kernel_order(natural.data(), np, gp, got.data(), got_sum.data());
+      EXPECT(got == want && got_sum == want_sum, "to_kernel_order np=%ld", (long)np);
+      for (const fgq::KernelDispatch* d : ps) {
+        d->kernel_order(natural.data(), np, gp, got.data(), got_sum.data());
+        EXPECT(got == want && got_sum == want_sum, "%s: kernel order np=%ld", d->name, (long)np);
+      }
+    }
+}
+
 // Few activation rows (batch 1 to 3: the paths' matrix-vector kernels) bit for bit against the
 // reference: integer-valued scales (f32, f16, u8) and power-of-two row and output scales keep every
 // float sum exact (|sum| <= 255 * 128 * 513 < 2^24), so any lost or doubled term shows. Codes and
@@ -485,68 +547,6 @@ void test_few_rows(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::printf("few rows: %d cases bit-exact on every path\n", cases);
 }
 
-// The activation slots of every path equal the scalar definitions.
-void test_activation_slots(const std::vector<const fgq::KernelDispatch*>& ps) {
-  std::mt19937 rng(7);
-  std::vector<float> x(1000);
-  for (size_t i = 0; i < x.size(); ++i) x[i] = (static_cast<float>(rng() % 2001) - 1000.f) / 8.f;  // many ties at scale 0.25
-  x[3] = NAN;
-  x[4] = INFINITY;
-  x[5] = -INFINITY;
-  x[6] = 1e30f;
-  for (bool is_signed : {false, true})
-    for (int qmax : {15, 255}) {
-      fgq::ActQuant q;
-      const int lo = is_signed ? -8 : 0, hi = is_signed ? (qmax == 15 ? 7 : 127) : qmax;
-      const std::string err = fgq::make_act_quant(0.25f, is_signed ? 0 : 3, lo == 0 && qmax == 255 ? 0 : lo, hi,
-                                                  is_signed, &q);
-      EXPECT(err.empty(), "make_act_quant: %s", err.c_str());
-      std::vector<int8_t> want(x.size());
-      for (size_t i = 0; i < x.size(); ++i) want[i] = fgq::quantize_one(x[i], q);
-      for (const fgq::KernelDispatch* d : ps) {
-        std::vector<int8_t> got(x.size());
-        d->quantize(x.data(), static_cast<int64_t>(x.size()), q, got.data());
-        EXPECT(got == want, "%s: quantize differs from quantize_one", d->name);
-        // x as [channels][pixels] (channel stride 25) -> pixel-major rows of pixel_stride bytes
-        for (int64_t channels : {1, 3, 16, 17, 39})
-          for (int64_t pixels : {1, 7, 16, 25}) {
-            const int64_t pixel_stride = channels + 5;
-            std::vector<int8_t> nhwc(static_cast<size_t>(pixels * pixel_stride), 99);
-            d->quantize_transposed(x.data(), channels, pixels, 25, q, nhwc.data(), pixel_stride);
-            for (int64_t p = 0; p < pixels; ++p)
-              for (int64_t c = 0; c < pixel_stride; ++c) {
-                const int8_t v = nhwc[static_cast<size_t>(p * pixel_stride + c)];
-                EXPECT(v == (c < channels ? want[static_cast<size_t>(c * 25 + p)] : 99),
-                       "%s: quantize_transposed c=%ld p=%ld (%ld channels, %ld pixels)", d->name, (long)c, (long)p,
-                       (long)channels, (long)pixels);
-              }
-          }
-      }
-    }
-  for (int64_t np : {4, 8, 12, 16, 20, 28, 64, 68, 128})
-    for (int64_t gp : {4, 8, 12}) {
-      std::vector<int8_t> natural(static_cast<size_t>(np * gp));
-      for (auto& v : natural) v = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
-      std::vector<int8_t> want(natural.size()), got(natural.size());
-      std::vector<int32_t> want_sum(static_cast<size_t>(gp)), got_sum(static_cast<size_t>(gp));
-      for (int64_t g = 0; g < gp; ++g) {  // the definition, written out
-        int32_t sum = 0;
-        for (int64_t i = 0; i < np; ++i) {
-          const int8_t v = natural[static_cast<size_t>(g * np + i)];
-          sum += v;
-          want[static_cast<size_t>((g / 4) * np * 4 + (i / 4) * 16 + (g % 4) * 4 + i % 4)] = v;
-        }
-        want_sum[static_cast<size_t>(g)] = sum;
-      }
-      fgq::to_kernel_order(natural.data(), np, gp, got.data(), got_sum.data());
-      EXPECT(got == want && got_sum == want_sum, "to_kernel_order np=%ld", (long)np);
-      for (const fgq::KernelDispatch* d : ps) {
-        d->kernel_order(natural.data(), np, gp, got.data(), got_sum.data());
-        EXPECT(got == want && got_sum == want_sum, "%s: kernel order np=%ld", d->name, (long)np);
-      }
-    }
-}
-
 }  // namespace
 
 int main() {
@@ -554,8 +554,8 @@ int main() {
   test_rejects();
   test_golden(ps);
   test_random(ps);
-  test_few_rows(ps);
   test_activation_slots(ps);
+  test_few_rows(ps);
   if (g_failures) {
     std::printf("%d failures\n", g_failures);
     return 1;
