@@ -454,7 +454,7 @@ void test_activation_slots(const std::vector<const fgq::KernelDispatch*>& ps) {
     }
 }
 
-// Few activation rows (batch 1 to 3: the paths' matrix-vector kernels) bit for bit against the
+// Few activation rows (batch 1 to 3: AVX2's one-row kernel, the few-row blocks) bit for bit against the
 // reference: integer-valued scales (f32, f16, u8) and power-of-two row and output scales keep every
 // float sum exact (|sum| <= 255 * 128 * 513 < 2^24), so any lost or doubled term shows. Codes and
 // levels at their extremes: t = +1 everywhere against levels -128 (the largest int16 pair sums a
