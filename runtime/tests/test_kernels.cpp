@@ -490,10 +490,11 @@ void test_few_rows(const std::vector<const fgq::KernelDispatch*>& ps) {
           std::vector<float> row_scale(static_cast<size_t>(M), 0.25f);
           const fgq::ScaleType type = static_cast<fgq::ScaleType>(st);
           const void* scales = st == 0 ? static_cast<const void*>(f32.data())
-                                       : (st == 1 ? static_cast<const void*>(f16.data()) : static_cast<const void*>(u8.data()));
+                                       : st == 1 ? static_cast<const void*>(f16.data())
+                                                 : static_cast<const void*>(u8.data());
           fgq::KernelWeights w;
-          const std::string err = fgq::repack_weights(packed.data(), M, row_bytes, scales, type, row_scale.data(), layout,
-                                                      fgq::Plane::kAll, &w);
+          const std::string err = fgq::repack_weights(packed.data(), M, row_bytes, scales, type, row_scale.data(),
+                                                      layout, fgq::Plane::kAll, &w);
           EXPECT(err.empty(), "few rows repack: %s", err.c_str());
           std::vector<int> level(static_cast<size_t>(k));
           std::vector<int8_t> xs, one_xs;

@@ -29,7 +29,9 @@ namespace {
 // -32768 (all activations -128), which int16 holds.
 constexpr int64_t kInt16Steps = 16;
 
-inline __m256i bcast16(const void* p) { return _mm256_broadcastsi128_si256(_mm_loadu_si128(static_cast<const __m128i*>(p))); }
+inline __m256i bcast16(const void* p) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+}
 
 // The scales of two quads for one super-group (16 elements each, index 4 * i + gq),
 // turned per row i into floats, lane 4h + gq from quad h.
