@@ -253,12 +253,12 @@ extern const KernelDispatch kRefDispatch;
 #if defined(FGQ_HAVE_X86_KERNELS)
 extern const KernelDispatch kAvx2Dispatch;  // kernels_avx2.cpp; find_dispatch("avx2") adds avx2_gemv
 extern const KernelDispatch kAvx512VnniDispatch;
-// The fused kernel (KernelDispatch::gemm) for kernel-order rows on AVX2, made for few activation
-// rows (kernels_avx2_gemv.cpp): the AVX2 path's calls with fewer than kAvx2GemvRows rows, for
-// groups of at least kAvx2GemvMinSteps steps (np / 4; measured: N = 64 1.2-1.3x the batched
-// kernel from DRAM, N = 4 0.7x, so short groups stay on kernels_avx2.cpp).
+// The fused kernel (KernelDispatch::gemm) for kernel-order rows on AVX2, made for one
+// activation row (kernels_avx2_gemv.cpp): the AVX2 path's one-row calls with groups of at
+// least kAvx2GemvMinSteps steps (np / 4). Measured on Zen 3 against the batched kernel,
+// 4096 x 4096: N = 32-128 1.1-1.3x from DRAM, 1.0x from L2; N = 4 0.7x and two rows 0.8x
+// from L2, so those stay on kernels_avx2.cpp.
 void avx2_gemv(const GemmArgs& args);
-constexpr int64_t kAvx2GemvRows = 4;
 constexpr int64_t kAvx2GemvMinSteps = 8;
 #endif
 

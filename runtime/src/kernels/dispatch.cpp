@@ -48,11 +48,11 @@ const CpuFeatures& features() {
 
 #if defined(FGQ_HAVE_X86_KERNELS)
 void avx2_gemm(const GemmArgs& a) {
-  if (!a.natural && a.b_end - a.b_begin < kAvx2GemvRows && a.w->steps() >= kAvx2GemvMinSteps) avx2_gemv(a);
+  if (!a.natural && a.b_end - a.b_begin == 1 && a.w->steps() >= kAvx2GemvMinSteps) avx2_gemv(a);
   else kAvx2Dispatch.gemm(a);
 }
 
-// kernels_avx2.cpp's table, its calls with few activation rows through avx2_gemv.
+// kernels_avx2.cpp's table, its one-row calls through avx2_gemv.
 const KernelDispatch* avx2_table() {
   static const KernelDispatch table = [] {
     KernelDispatch t = kAvx2Dispatch;
