@@ -49,12 +49,14 @@ from bench_kernels import session, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 FGQ_NS = {"fgq-n4": 4, "fgq-n64": 64}
+# `--n auto --min-sqnr DB`: the smallest per-layer plan (ternary N, 8-bit or fp32) holding DB on held-out samples
+FGQ_BUDGETS = {"fgq-sqnr20": 20.0, "fgq-sqnr30": 30.0}
 NBITS = {"nbits4": 4, "nbits2": 2}
 
 
-def variant_names(model: rm.RealModel) -> list[str]:
+def variant_names(model: rm.RealModel, budgets: bool) -> list[str]:
     first = ["fp32"] if model.quantized_source else ["fp32", "int8"]
-    return first + (list(NBITS) if model.matmul_model else []) + list(FGQ_NS)
+    return first + (list(NBITS) if model.matmul_model else []) + list(FGQ_NS) + (list(FGQ_BUDGETS) if budgets else [])
 
 
 # -- building variants -----------------------------------------------------------------------
@@ -90,6 +92,8 @@ class Variants:
                 self._int8(out, notes)
             elif name in NBITS:
                 self._nbits(out, NBITS[name])
+            elif name in FGQ_BUDGETS:
+                self._fgq(out, "auto", notes, min_sqnr=FGQ_BUDGETS[name])
             else:
                 self._fgq(out, FGQ_NS[name], notes)
             meta = {"path": str(out), "seconds": time.perf_counter() - start, "notes": notes}
@@ -138,18 +142,28 @@ class Variants:
         quantizer.process()
         quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
 
-    def _fgq(self, out: Path, n: int, notes: list[str]) -> None:
+    def _fgq(self, out: Path, n: int | str, notes: list[str], min_sqnr: float | None = None) -> None:
         import fgq_onnx
 
         calib = out.with_name("calib.npz")
         np.savez(calib, **self.calib)
-        converted, report = fgq_onnx.convert(str(self.source), n=n, calib=str(calib))
+        budget = {} if min_sqnr is None else {"min_sqnr": min_sqnr}
+        converted, report = fgq_onnx.convert(str(self.source), n=n, calib=str(calib), **budget)
         fgq_onnx.save(converted, out)
         calib.unlink()
         summary = report.summary()
         notes.append(f"{summary['layers_converted']} layers ternary, {summary['layers_skipped']} kept; "
-                     f"{summary['bits_per_weight']:.2f} bits/weight")
+                     f"{summary['bits_per_weight']:.2f} bits/weight; mix: {layer_mix(report.layers)}")
         notes += report.notes
+
+
+def layer_mix(layers) -> str:
+    """The per-layer choice, e.g. "N=4 x40, 8-bit x3, fp32 x2" (8-bit: N=1, a u8 code per weight)."""
+    counts: dict[str, int] = {}
+    for layer in layers:
+        kind = "fp32" if not layer.converted else ("8-bit" if layer.n == 1 else f"N={layer.n}")
+        counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{kind} x{count}" for kind, count in sorted(counts.items(), key=lambda item: -item[1]))
 
 
 def one_line(error: BaseException) -> str:
@@ -253,7 +267,7 @@ def bench_model(model: rm.RealModel, args, results: dict) -> None:
         raise SystemExit(f"{model.name}: {'; '.join(problems)}")
     variants = Variants(model, args.cache, inputs, args.nbits_block)
     built = {}
-    for name in variant_names(model):
+    for name in variant_names(model, args.budgets):
         built[name] = variants.build(name)
         state = built[name].get("error") or f"ok (built in {built[name]['seconds']:.0f} s)"
         print(f"  {name:<8} {state}", flush=True)
@@ -277,7 +291,7 @@ def bench_model(model: rm.RealModel, args, results: dict) -> None:
 def speed_table(rows: list[dict]) -> str:
     """One line per model, batch and thread count; each variant's median ms with its speed-up over
     fp32 and over onnxruntime int8 (x > 1: faster)."""
-    names = ["fp32", "int8", *NBITS, *FGQ_NS]
+    names = ["fp32", "int8", *NBITS, *FGQ_NS, *FGQ_BUDGETS]
     keys = sorted({(r["model"], r["batch"], r["threads"]) for r in rows if "ms" in r},
                   key=lambda k: ([m.name for m in rm.MODELS].index(k[0]), k[1], k[2]))
     present = [n for n in names if any(r.get("variant") == n and "ms" in r for r in rows)]
@@ -297,17 +311,18 @@ def speed_table(rows: list[dict]) -> str:
 
 
 def fidelity_table(rows: list[dict]) -> str:
-    lines = ["| model | variant | cosine mean (min) | SQNR dB | top-1 agreement / mask IoU | size MB |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | variant | cosine mean (min) | SQNR dB | top-1 agreement / mask IoU | size MB | layers |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['variant']} | failed: {row['error']} | | | |")
+            lines.append(f"| {row['model']} | {row['variant']} | failed: {row['error']} | | | | |")
             continue
         cos = f"{row['cosine_mean']:.4f} ({row['cosine_min']:.4f})" if "cosine_mean" in row else ""
         sqnr = f"{row['sqnr_db']:.1f}" if "sqnr_db" in row else ""
         top1 = f"{100 * row['top1_agreement']:.1f}%" if "top1_agreement" in row else ""
         top1 += f"IoU {row['mask_iou']:.3f}" if "mask_iou" in row else ""
-        lines.append(f"| {row['model']} | {row['variant']} | {cos} | {sqnr} | {top1} | {row['file_bytes'] / 1e6:.2f} |")
+        mix = next((note.split("mix: ", 1)[1] for note in row.get("notes", []) if "mix: " in note), "")
+        lines.append(f"| {row['model']} | {row['variant']} | {cos} | {sqnr} | {top1} | {row['file_bytes'] / 1e6:.2f} | {mix} |")
     return "\n".join(lines)
 
 
@@ -336,6 +351,8 @@ def parse_args(argv=None):
     parser.add_argument("--mode", choices=("both", "speed", "fidelity"), default="both")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--budgets", action="store_true",
+                        help="also `--n auto --min-sqnr` 20 and 30 dB (a search per model: minutes each)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds in which the variants take turns")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per variant at least (over all rounds)")
     parser.add_argument("--min-seconds", type=float, default=1.5, help="timed seconds per variant at least")
