@@ -193,6 +193,18 @@ class Cli:
 # -- fixtures --------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def kernels() -> list[str]:
+    """The kernel paths this CPU runs (ref, avx2, avx512vnni); skips when the custom-op library is not built."""
+    from fgq_onnx import runtime
+
+    try:
+        runtime.library_path()
+    except runtime.RuntimeLibraryError as error:
+        pytest.skip(f"custom-op library not built: {error}")
+    return runtime.supported_kernels()
+
+
 @pytest.fixture(scope="session")
 def cli() -> Cli:
     return Cli()

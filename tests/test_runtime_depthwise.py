@@ -20,29 +20,15 @@ from test_runtime_helpers import (  # noqa: E402
     build_model,
     conv2d_ref,
     conv_rows,
-    library_or_skip,
     make_scales,
     pack_weight,
     quantize_act,
     random_ternary,
     rows_to_conv,
+    run_op,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    library_or_skip()
-    from fgq_onnx import runtime
-
-    return runtime.supported_kernels()
-
-
-def run(model, feeds, kernel, threads=2):
-    from fgq_onnx import runtime
-
-    return runtime.inference_session(model.SerializeToString(), kernel=kernel, threads=threads).run(None, feeds)[0]
 
 
 def dequantized_weight(groups, values, shape, n):
@@ -115,7 +101,7 @@ def test_direct_conv_matches_numpy_and_paths_agree(kernels, case, scale_kind, x_
         x_type={"float": TensorProto.FLOAT, "uint8": TensorProto.UINT8, "int8": TensorProto.INT8}[x_kind],
         fed=("residual",),
     )
-    outputs = {kernel: run(model, {"X": x, "residual": residual}, kernel) for kernel in kernels}
+    outputs = {kernel: run_op(model, {"X": x, "residual": residual}, kernel, threads=2) for kernel in kernels}
     reference = outputs["ref"]
     np.testing.assert_allclose(reference, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
     for kernel, got in outputs.items():
@@ -133,9 +119,9 @@ def test_non_constant_weights_take_the_same_path(kernels):
     inputs = dict(x_scale=np.float32(0.02), x_zero_point=np.int8(0), codes=codes, scales=sc, row_scale=rs)
     attrs = dict(N=n, weight_shape=[c, 1, 3, 3], group=c, pads=[1, 1, 1, 1])
     for kernel in kernels:
-        constant = run(build_model("TernaryConv", inputs, attrs, list(x.shape)), {"X": x}, kernel)
-        fed = run(build_model("TernaryConv", inputs, attrs, list(x.shape), constant=False),
-                  {"X": x, "codes": codes, "scales": sc, "row_scale": rs}, kernel)
+        constant = run_op(build_model("TernaryConv", inputs, attrs, list(x.shape)), {"X": x}, kernel, threads=2)
+        fed = run_op(build_model("TernaryConv", inputs, attrs, list(x.shape), constant=False),
+                     {"X": x, "codes": codes, "scales": sc, "row_scale": rs}, kernel, threads=2)
         assert np.array_equal(constant, fed), kernel
 
 

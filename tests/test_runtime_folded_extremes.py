@@ -20,27 +20,13 @@ from test_runtime_helpers import (  # noqa: E402
     build_model,
     conv2d_ref,
     conv_rows,
-    library_or_skip,
     pack_weight,
     rows_to_conv,
+    run_op,
     scales_to_weight,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    library_or_skip()
-    from fgq_onnx import runtime
-
-    return runtime.supported_kernels()
-
-
-def run(model, feeds, kernel):
-    from fgq_onnx import runtime
-
-    return runtime.inference_session(model.SerializeToString(), kernel=kernel, threads=1).run(None, feeds)[0]
 
 
 def extreme_ternary(shape, pattern: str, rng) -> np.ndarray:
@@ -86,7 +72,7 @@ def test_conv_extremes_exact(kernels, max_code, n, cg, rs, signed):
     want = conv2d_ref(x.astype(np.float64), weight, None, (1, 1), (r // 2, s // 2, r // 2, s // 2), (1, 1), 1)
     assert np.abs(want).max() < 2**24
     for kernel in kernels:
-        assert np.array_equal(run(model, {"X": x}, kernel), want.astype(np.float32)), kernel
+        assert np.array_equal(run_op(model, {"X": x}, kernel), want.astype(np.float32)), kernel
 
 
 @pytest.mark.parametrize("max_code, n", [(127, 4), (127, 32), (255, 2), (255, 8)])
@@ -109,4 +95,4 @@ def test_matmul_extremes_exact(kernels, max_code, n, k, m):
     weight = scales_to_weight(groups, scales.astype(np.float64), k, 1).astype(np.int64)
     want = (x.astype(np.int64) @ weight.T).astype(np.float32)
     for kernel in kernels:
-        assert np.array_equal(run(model, {"X": x}, kernel), want), kernel
+        assert np.array_equal(run_op(model, {"X": x}, kernel), want), kernel

@@ -27,6 +27,13 @@ def library_or_skip():
         pytest.skip(f"custom-op library not built: {error}")
 
 
+def run_op(model, feeds, kernel: str, threads: int = 1) -> np.ndarray:
+    """The first output of `model` in an onnxruntime session on kernel path `kernel`."""
+    from fgq_onnx import runtime
+
+    return runtime.inference_session(model.SerializeToString(), kernel=kernel, threads=threads).run(None, feeds)[0]
+
+
 def available_kernels() -> list[str]:
     from fgq_onnx import runtime
 

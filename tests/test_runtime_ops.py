@@ -26,31 +26,16 @@ from test_runtime_helpers import (  # noqa: E402
     build_model,
     conv2d_ref,
     conv_rows,
-    library_or_skip,
     make_scales,
     pack_weight,
     quantize_act,
     random_ternary,
     rows_to_conv,
+    run_op,
     scales_to_weight,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    library_or_skip()
-    from fgq_onnx import runtime
-
-    return runtime.supported_kernels()
-
-
-def run(model, feeds, kernel, threads=1):
-    from fgq_onnx import runtime
-
-    session = runtime.inference_session(model.SerializeToString(), kernel=kernel, threads=threads)
-    return session.run(None, feeds)[0]
 
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -82,7 +67,7 @@ def test_matmul_exact_all_paths(kernels, batch_shape, k, m, n, seed):
     )
     want = (x.astype(np.int64) @ t.T.astype(np.int64)).astype(np.float32)
     for kernel in kernels:
-        got = run(model, {"X": x}, kernel, threads=2)
+        got = run_op(model, {"X": x}, kernel, threads=2)
         assert got.shape == want.shape
         assert np.array_equal(got, want), kernel
 
@@ -136,7 +121,7 @@ def test_conv_exact_all_paths(kernels, nb, cg, group, mg, r, s, hw, strides, pad
     )
     want = conv2d_ref(x.astype(np.float64), t4.astype(np.float64), bias, strides, pads, dilations, group).astype(np.float32)
     for kernel in kernels:
-        got = run(model, {"X": x}, kernel, threads=2)
+        got = run_op(model, {"X": x}, kernel, threads=2)
         assert got.shape == want.shape
         assert np.array_equal(got, want), kernel
 
@@ -171,7 +156,7 @@ def test_conv_residual_all_paths(kernels, nb, cg, mg, rs, bias, relu, n, seed):
     want = conv2d_ref(x.astype(np.float64), t4.astype(np.float64), b, (1, 1), pads, (1, 1), 1) + res
     want = (np.maximum(want, 0) if relu else want).astype(np.float32)
     for kernel in kernels:
-        assert np.array_equal(run(model, {"X": x, "residual": res}, kernel), want), kernel
+        assert np.array_equal(run_op(model, {"X": x, "residual": res}, kernel), want), kernel
 
 
 @settings(SETTINGS, max_examples=60)
@@ -216,7 +201,7 @@ def test_conv_exact_uint8_scales(kernels, nb, cg, group, mg, rs, hw, strides, pa
     if x_type == "float":
         want = want * 0.5
     for kernel in kernels:
-        got = run(model, {"X": x}, kernel, threads=2)
+        got = run_op(model, {"X": x}, kernel, threads=2)
         assert np.array_equal(got, want.astype(np.float32)), kernel
 
 
@@ -247,7 +232,7 @@ def test_matmul_exact_uint8_scales(kernels, rows, k, m, n, max_code, seed):
     weight = scales_to_weight(groups, scales.astype(np.float64), k, 1).astype(np.int64)
     want = (x.astype(np.int64) @ weight.T).astype(np.float32)
     for kernel in kernels:
-        assert np.array_equal(run(model, {"X": x}, kernel, threads=2), want), kernel
+        assert np.array_equal(run_op(model, {"X": x}, kernel, threads=2), want), kernel
 
 
 def test_depthwise_exact(kernels):
@@ -267,7 +252,7 @@ def test_depthwise_exact(kernels):
     )
     want = conv2d_ref(x.astype(np.float64), t4.astype(np.float64), None, (2, 2), (1, 1, 1, 1), (1, 1), c)
     for kernel in kernels:
-        assert np.array_equal(run(model, {"X": x}, kernel), want.astype(np.float32)), kernel
+        assert np.array_equal(run_op(model, {"X": x}, kernel), want.astype(np.float32)), kernel
 
 
 # -- signed and unsigned activations, exact -----------------------------------------
@@ -319,7 +304,7 @@ def test_matmul_gemm_signed_and_unsigned_exact(kernels, act, rows, k, m, n, max_
     weight = scales_to_weight(groups, scales.astype(np.float64), k, 1)
     want = (0.5 * (centred @ weight.T)).astype(np.float32)
     for kernel in kernels:
-        assert np.array_equal(run(model, {"X": x}, kernel, threads=2), want), kernel
+        assert np.array_equal(run_op(model, {"X": x}, kernel, threads=2), want), kernel
 
 
 @SETTINGS
@@ -347,7 +332,7 @@ def test_conv_signed_and_unsigned_exact(kernels, act, nb, cg, mg, rs, pads, n, m
     model = build_model("TernaryConv", inputs, dict(N=n, weight_shape=[m, cg, r, s], pads=list(pads)), list(x.shape))
     want = (0.5 * conv2d_ref(centred, weight, None, (1, 1), pads, (1, 1), 1)).astype(np.float32)
     for kernel in kernels:
-        assert np.array_equal(run(model, {"X": x}, kernel, threads=2), want), kernel
+        assert np.array_equal(run_op(model, {"X": x}, kernel, threads=2), want), kernel
 
 
 # -- float mode --------------------------------------------------------------------
@@ -385,9 +370,9 @@ def test_matmul_float(kernels, scale_kind, act, asymmetric):
     model = build_model("TernaryMatMul", inputs, attrs, [b, k])
     model_q = build_model("TernaryMatMul", inputs, attrs, [b, k], x_type=TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8)
     for kernel in kernels:
-        got = run(model, {"X": x}, kernel)
+        got = run_op(model, {"X": x}, kernel)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=kernel)
-        got_q = run(model_q, {"X": q.astype(dtype)}, kernel)
+        got_q = run_op(model_q, {"X": q.astype(dtype)}, kernel)
         np.testing.assert_allclose(got_q, want, rtol=1e-4, atol=1e-4, err_msg=kernel)
 
 
@@ -410,7 +395,7 @@ def test_gemm_float(kernels, trans_a, c_shape):
     feed = a.T.copy() if trans_a else a
     model = build_model("TernaryGemm", inputs, dict(N=n, K=k, transA=trans_a, transB=1, alpha=alpha, beta=beta), list(feed.shape))
     for kernel in kernels:
-        np.testing.assert_allclose(run(model, {"X": feed}, kernel), want, rtol=1e-4, atol=1e-4, err_msg=kernel)
+        np.testing.assert_allclose(run_op(model, {"X": feed}, kernel), want, rtol=1e-4, atol=1e-4, err_msg=kernel)
 
 
 @pytest.mark.parametrize("relu", [0, 1])
@@ -436,7 +421,7 @@ def test_conv_float(kernels, relu, scale_kind):
         list(x.shape),
     )
     for kernel in kernels:
-        np.testing.assert_allclose(run(model, {"X": x}, kernel, threads=2), want, rtol=1e-4, atol=1e-4, err_msg=kernel)
+        np.testing.assert_allclose(run_op(model, {"X": x}, kernel, threads=2), want, rtol=1e-4, atol=1e-4, err_msg=kernel)
 
 
 def test_non_constant_weights(kernels):
@@ -451,8 +436,8 @@ def test_non_constant_weights(kernels):
     const = build_model("TernaryMatMul", inputs, dict(N=n, K=k), [4, k])
     fed = build_model("TernaryMatMul", inputs, dict(N=n, K=k), [4, k], constant=False)
     for kernel in kernels:
-        want = run(const, {"X": x}, kernel)
-        got = run(fed, {"X": x, "codes": codes, "scales": sc}, kernel)
+        want = run_op(const, {"X": x}, kernel)
+        got = run_op(fed, {"X": x, "codes": codes, "scales": sc}, kernel)
         np.testing.assert_array_equal(got, want)
 
 
@@ -464,7 +449,7 @@ def test_threads_agree(kernels):
     model = build_model("TernaryMatMul", dict(x_scale=np.float32(0.1), x_zero_point=np.int8(0), codes=codes, scales=sc),
                         dict(N=n, K=k), [40, k])
     x = rng.normal(size=(40, k)).astype(np.float32)
-    np.testing.assert_array_equal(run(model, {"X": x}, kernels[-1], threads=1), run(model, {"X": x}, kernels[-1], threads=2))
+    np.testing.assert_array_equal(run_op(model, {"X": x}, kernels[-1], threads=1), run_op(model, {"X": x}, kernels[-1], threads=2))
 
 
 def test_rounding_half_even_like_quantizelinear(kernels):
@@ -484,4 +469,4 @@ def test_rounding_half_even_like_quantizelinear(kernels):
         levels = np.clip(np.round(np.nan_to_num(x / scale, nan=0.0, posinf=1e9, neginf=-1e9)), -128, 127)
     want = (levels * scale).astype(np.float32)
     for kernel in kernels:
-        np.testing.assert_array_equal(run(model, {"X": x}, kernel), want, err_msg=kernel)
+        np.testing.assert_array_equal(run_op(model, {"X": x}, kernel), want, err_msg=kernel)

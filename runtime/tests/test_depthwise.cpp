@@ -13,19 +13,9 @@
 
 #include "fgq/depthwise.h"
 #include "fgq/kernels.h"
+#include "expect.h"
 
 namespace {
-
-int g_failures = 0;
-#define EXPECT(cond, ...)                                       \
-  do {                                                          \
-    if (!(cond)) {                                              \
-      ++g_failures;                                             \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                        \
-      std::fprintf(stderr, "\n");                               \
-    }                                                           \
-  } while (0)
 
 struct Case {
   int64_t channels_per_group, rows_per_group, groups, kernel_h, kernel_w, n;

@@ -19,20 +19,10 @@
 #include <vector>
 
 #include "fgq/kernels.h"
+#include "expect.h"
 #include "fgq/packed_format.h"
 
 namespace {
-
-int g_failures = 0;
-#define EXPECT(cond, ...)                                  \
-  do {                                                     \
-    if (!(cond)) {                                         \
-      ++g_failures;                                        \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                   \
-      std::fprintf(stderr, "\n");                          \
-    }                                                      \
-  } while (0)
 
 // --- a minimal JSON reader (numbers, strings, arrays, objects) -------------
 struct Json {
