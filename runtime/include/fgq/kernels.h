@@ -251,7 +251,7 @@ inline bool use_folded(const KernelDispatch& d, const KernelWeights& w, int64_t 
 
 extern const KernelDispatch kRefDispatch;
 #if defined(FGQ_HAVE_X86_KERNELS)
-extern const KernelDispatch kAvx2Dispatch;  // kernels_avx2.cpp; find_dispatch("avx2") adds avx2_gemv
+extern const KernelDispatch kAvx2Dispatch;  // kernels_avx2.cpp; its gemm sends one-row calls to avx2_gemv
 extern const KernelDispatch kAvx512VnniDispatch;
 // The fused kernel (KernelDispatch::gemm) for kernel-order rows on AVX2, made for one
 // activation row (kernels_avx2_gemv.cpp): the AVX2 path's one-row calls with groups of at

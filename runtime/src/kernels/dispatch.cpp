@@ -46,23 +46,6 @@ const CpuFeatures& features() {
 }
 #endif
 
-#if defined(FGQ_HAVE_X86_KERNELS)
-void avx2_gemm(const GemmArgs& a) {
-  if (!a.natural && a.b_end - a.b_begin == 1 && a.w->steps() >= kAvx2GemvMinSteps) avx2_gemv(a);
-  else kAvx2Dispatch.gemm(a);
-}
-
-// kernels_avx2.cpp's table, its one-row calls through avx2_gemv.
-const KernelDispatch* avx2_table() {
-  static const KernelDispatch table = [] {
-    KernelDispatch t = kAvx2Dispatch;
-    t.gemm = avx2_gemm;
-    return t;
-  }();
-  return &table;
-}
-#endif
-
 struct Choice {
   const KernelDispatch* table = nullptr;
   std::string error;
@@ -104,7 +87,7 @@ const KernelDispatch* find_dispatch(const std::string& name) {
   if (!cpu_supports(name)) return nullptr;
   if (name == "ref") return &kRefDispatch;
 #if defined(FGQ_HAVE_X86_KERNELS)
-  if (name == "avx2") return avx2_table();
+  if (name == "avx2") return &kAvx2Dispatch;
   if (name == "avx512vnni") return &kAvx512VnniDispatch;
 #endif
   return nullptr;

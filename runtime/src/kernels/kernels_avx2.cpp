@@ -371,6 +371,10 @@ void gemm(const GemmArgs& a) {
     else gemm_widened<2>(a);
     return;
   }
+  if (a.b_end - a.b_begin == 1 && a.w->steps() >= kAvx2GemvMinSteps) {  // one row, long groups
+    avx2_gemv(a);
+    return;
+  }
   switch (a.w->scale_type) {
     case ScaleType::kF32: gemm_t<ScaleType::kF32>(a); break;
     case ScaleType::kF16: gemm_t<ScaleType::kF16>(a); break;
