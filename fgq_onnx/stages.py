@@ -26,6 +26,7 @@ from fgq_onnx.data import Dataset, ImageOptions, Split, model_inputs
 from fgq_onnx.errors import FgqError, fgq_error_in
 from fgq_onnx.passes.dequantize_weights import DequantizeWeightsPass
 from fgq_onnx.passes.fold_batchnorm import FoldBatchNormPass
+from fgq_onnx.passes.fold_constants import FoldConstantsPass
 from fgq_onnx.passes.fold_pad_into_conv import FoldPadIntoConvPass
 from fgq_onnx.passes.fold_scale_mul import FoldScaleMulPass
 from fgq_onnx.passes.insert_activation_qdq import ActivationQuant, InsertActivationQdqPass
@@ -212,11 +213,13 @@ def infer_shapes(model: ir.Model, report: Report) -> ir.Model:
 
 def prepare(model: ir.Model, dequantize: bool = True) -> ir.Model:
     """Constants lifted to initializers, initializers out of the inputs, integer-coded weights decoded
-    (unless not `dequantize`), zero Pads, scale Muls and BatchNorm folded into the Convs."""
+    (unless not `dequantize`), small constant computations folded, zero Pads, scale Muls and BatchNorm
+    folded into the Convs."""
     return ir.passes.PassManager([
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0),
         common.RemoveInitializersFromInputsPass(),
         *([DequantizeWeightsPass()] if dequantize else []),
+        FoldConstantsPass(),  # exporters' pad arithmetic: FoldPadIntoConvPass needs constant pads
         FoldPadIntoConvPass(),
         FoldScaleMulPass(),  # before BatchNorm: Conv -> Mul -> BatchNorm then folds twice
         FoldBatchNormPass(),
