@@ -89,6 +89,10 @@ class ConvKernel : public TernaryKernelBase {
     }
     const int64_t rs = checked_mul(r_, s_, "kernel");
     segmented_ = cg_ >= n_;
+    // A segment's positions are its channels, read in place from the NHWC image: groups without
+    // position padding, or one group a segment (a narrow conv's per-tap group: the padding
+    // positions read the next channels, which meet zero weights).
+    channel_rows_ = segmented_ && (n_ % 4 == 0 || cg_ == n_);
     const ReductionLayout layout =
         segmented_ ? ReductionLayout{rs, cg_, n_} : ReductionLayout{1, checked_mul(cg_, rs, "filter"), n_};
     init_weights(info, layout, m_);
@@ -152,8 +156,7 @@ class ConvKernel : public TernaryKernelBase {
     a.y_stride_m = P;
     a.scale = q.scale;
     a.offset = static_cast<float>(q.offset());
-    // In place when a segment's positions are its channels: groups without position padding.
-    const bool in_place = natural && segmented_ && n_ % 4 == 0;
+    const bool in_place = natural && channel_rows_;
     if (in_place) {
       int64_t* offsets = offsets_buffer.get(checked_add(P, r_ * s_, "output"));
       set_offsets(geo, offsets, offsets + P);
@@ -480,6 +483,7 @@ class ConvKernel : public TernaryKernelBase {
  private:
   int64_t m_ = 0, cg_ = 0, r_ = 0, s_ = 0, group_ = 1, relu_ = 0, positions_ = 0;
   bool segmented_ = true;
+  bool channel_rows_ = true;  // folded rows may be read in place from the NHWC image
   bool direct_ = false;  // the direct kernel (include/fgq/depthwise.h) instead of the GEMM
   std::shared_ptr<const DepthwiseWeights> direct_weights_;  // from constant weights, built once
   // Fewer channels a group than N: groups run along kernel rows, so the image is planar.
