@@ -400,46 +400,81 @@ class ConvKernel : public TernaryKernelBase {
   }
 
   // im2col, all groups: row (g, pixel) of positions_ bytes, natural order, or kernel
-  // order with group sums.
+  // order with group sums. A task takes a block of pixels, one run at a time over them.
   void gather(OrtKernelContext* ctx, const Geometry& geo, const Image& image, bool natural, const KernelWeights& w,
               int8_t* rows, int32_t* gsum) const {
     const int64_t P = geo.OH * geo.OW, Kp = positions_, Gp = w.padded_groups;
     constexpr int64_t kPixelsPerTask = 64;
     const int64_t pixel_tasks = (P + kPixelsPerTask - 1) / kPixelsPerTask;
-    // The image address is linear in (h, w, c): each run's source is a fixed offset from
-    // its pixel's window corner.
-    std::vector<int64_t> run_offsets(runs_.size());
-    for (size_t i = 0; i < runs_.size(); ++i) {
-      const Run& run = runs_[i];
-      if (run.r != kPadding) run_offsets[i] = image.at(run.r * dilations_[0], run.s * dilations_[1], run.c0) - image.data;
+    // The image address is linear in (h, w, c): each run's source is a fixed offset from its
+    // pixel's window corner. Group padding is not written: it meets zero weights (on the code
+    // path the group sums cancel it too).
+    // A short run is copied as 4, 8 or 16 bytes where that stays in the row: the runs ascend,
+    // so the next one rewrites the excess (the image has slack for the excess read).
+    struct Copy {
+      int64_t to, from, len, width;
+    };
+    std::vector<Copy> copies;
+    for (const Run& run : runs_) {
+      if (run.r == kPadding) continue;
+      const int64_t width = run.len <= 4 ? 4 : run.len <= 8 ? 8 : 16;
+      copies.push_back({run.dst, image.at(run.r * dilations_[0], run.s * dilations_[1], run.c0) - image.data, run.len,
+                        run.len <= 16 && run.dst + width <= Kp ? width : 0});
     }
-    auto task = [&](size_t t) {
+    const int64_t step_h = image.at(strides_[0], 0, 0) - image.data, step_w = image.at(0, strides_[1], 0) - image.data;
+    // Sizes by value: the byte stores below may alias anything read through a reference.
+    auto task = [&, P, Kp, step_h, step_w, OW = geo.OW](size_t t) {
       const int64_t g = static_cast<int64_t>(t) / pixel_tasks;
       const int64_t p0 = static_cast<int64_t>(t) % pixel_tasks * kPixelsPerTask, p1 = std::min(P, p0 + kPixelsPerTask);
-      std::vector<int8_t> row(natural ? 0 : static_cast<size_t>(Kp));
-      for (int64_t pix = p0; pix < p1; ++pix) {
-        const int64_t oh = pix / geo.OW, ow = pix % geo.OW;
-        const int8_t* corner = image.at(oh * strides_[0], ow * strides_[1], g * cg_);
-        int8_t* out = rows + (g * P + pix) * Kp;
-        int8_t* dst = natural ? out : row.data();
-        for (size_t i = 0; i < runs_.size(); ++i) {
-          const Run& run = runs_[i];
-          // Short runs (a few channels: the stem) as one 16-byte copy; the runs ascend, so the
-          // next one overwrites the tail. The row's last 16 bytes take exact copies.
-          const bool wide = run.len <= 16 && run.dst + 16 <= Kp;
-          int8_t* to = dst + run.dst;
-          if (run.r == kPadding) {  // meets zero weights
-            if (wide) std::memset(to, 0, 16);
-            else std::memset(to, 0, static_cast<size_t>(run.len));
-            continue;
-          }
-          if (wide) std::memcpy(to, corner + run_offsets[i], 16);
-          else std::memcpy(to, corner + run_offsets[i], static_cast<size_t>(run.len));
-        }
-        if (!natural) dispatch_->kernel_order(dst, w.np, Gp, out, gsum + (g * P + pix) * Gp);
+      std::vector<int8_t> block(natural ? 0 : static_cast<size_t>((p1 - p0) * Kp));
+      int8_t* const first = natural ? rows + (g * P + p0) * Kp : block.data();
+      const int8_t* const origin = image.at(0, 0, g * cg_);
+      int64_t corners[kPixelsPerTask];  // each pixel's window corner from `origin`
+      const int64_t count = p1 - p0;
+      for (int64_t i = 0, oh = p0 / OW, ow = p0 % OW; i < count; ++i) {
+        corners[i] = oh * step_h + ow * step_w;
+        if (++ow == OW) ow = 0, ++oh;
       }
+      for (const Copy& c : copies) {
+        const int8_t* const from = origin + c.from;
+        int8_t* const to = first + c.to;
+        switch (c.width) {
+          case 4: copy_each<4>(to, Kp, from, corners, count); break;
+          case 8: copy_each<8>(to, Kp, from, corners, count); break;
+          case 16: copy_each<16>(to, Kp, from, corners, count); break;
+          default:
+            for (int64_t i = 0; i < count; ++i) copy_bytes(to + i * Kp, from + corners[i], c.len);
+        }
+      }
+      for (int64_t pix = p0; !natural && pix < p1; ++pix)
+        dispatch_->kernel_order(first + (pix - p0) * Kp, w.np, Gp, rows + (g * P + pix) * Kp, gsum + (g * P + pix) * Gp);
     };
     parallel_for(ctx, static_cast<size_t>(group_ * pixel_tasks), task);
+  }
+
+  // kWidth bytes from from + corners[i] to to + i * row, for i < count.
+  template <int kWidth>
+  static void copy_each(int8_t* to, int64_t row, const int8_t* from, const int64_t* corners, int64_t count) {
+    for (int64_t i = 0; i < count; ++i, to += row) std::memcpy(to, from + corners[i], kWidth);
+  }
+
+  // memcpy of a short run (the stem's few channels or kernel columns) as two fixed-size copies
+  // that may overlap, without a call.
+  static void copy_bytes(int8_t* to, const int8_t* from, int64_t len) {
+    if (len > 16) {
+      std::memcpy(to, from, static_cast<size_t>(len));
+    } else if (len >= 8) {
+      std::memcpy(to, from, 8);
+      std::memcpy(to + len - 8, from + len - 8, 8);
+    } else if (len >= 4) {
+      std::memcpy(to, from, 4);
+      std::memcpy(to + len - 4, from + len - 4, 4);
+    } else if (len >= 2) {
+      std::memcpy(to, from, 2);
+      std::memcpy(to + len - 2, from + len - 2, 2);
+    } else {
+      *to = *from;
+    }
   }
 
   // The ternary GEMM per group over the P pixels of one image, then bias, residual and ReLU per tile.
