@@ -104,23 +104,12 @@ class ConvKernel : public TernaryKernelBase {
     direct_ = (group_ > 1 || cg_ == 1) && m_ / group_ <= kDirectMaxRowsPerGroup &&
               depthwise_supports(strides_[1], dilations_[1]) &&
               checked_mul(cg_, rs, "filter") <= kDepthwiseMaxTaps;
-    if (direct_ && constant_planes_)
+    if (direct_ && constant_planes_) {  // the direct route keeps only its regrouped weights
       direct_weights_ = std::make_shared<const DepthwiseWeights>(direct_weights(*constant_planes_));
-    // The gather plan depends only on the layout.
-    const int64_t np = kernel_group_positions(n_);
-    const int64_t gp = kernel_padded_groups(layout.groups());
-    positions_ = gp * np;
-    const std::vector<int64_t> map = kernel_position_map(layout, np, gp);
-    for (int64_t p = 0; p < positions_; ++p) {
-      const int64_t idx = map[static_cast<size_t>(p)];
-      Run next{p, kPadding, 0, 0, 1};
-      if (idx >= 0 && segmented_) next = Run{p, idx / cg_ / s_, idx / cg_ % s_, idx % cg_, 1};
-      if (idx >= 0 && !segmented_) next = Run{p, idx / s_ % r_, idx % s_, idx / rs, 1};
-      if (!runs_.empty() && extends(runs_.back(), next, planar(), dilations_[1]))
-        ++runs_.back().len;
-      else
-        runs_.push_back(next);
+      constant_planes_.reset();
     }
+    positions_ = kernel_padded_groups(layout.groups()) * kernel_group_positions(n_);
+    if (!direct_) plan_gather(layout);
   }
 
   void Compute(OrtKernelContext* ctx) const {
@@ -130,9 +119,9 @@ class ConvKernel : public TernaryKernelBase {
     if (C != checked_mul(cg_, group_, "channels"))
       fail("X has " + std::to_string(C) + " channels, weight_shape and group need " + std::to_string(cg_ * group_));
     const ActQuant q = act_quant(ctx, x);
-    Planes scratch;
-    const Planes& p = planes(ctx, scratch);
-    if (p.pos.positions() != positions_) fail("internal: layout mismatch");
+    Planes scratch;  // stays empty on the direct route with constant weights (already regrouped)
+    const Planes& p = direct_weights_ ? scratch : planes(ctx, scratch);
+    if (!direct_weights_ && p.pos.positions() != positions_) fail("internal: layout mismatch");
     const float* b = bias(ctx, m_);
     const int64_t span_h = checked_add(checked_mul(dilations_[0], r_ - 1, "kernel"), 1, "kernel");
     const int64_t span_w = checked_add(checked_mul(dilations_[1], s_ - 1, "kernel"), 1, "kernel");
@@ -342,6 +331,22 @@ class ConvKernel : public TernaryKernelBase {
       row_offsets[pix] = ((pix / geo.OW) * strides_[0] * geo.padded_w + (pix % geo.OW) * strides_[1]) * geo.C;
     for (int64_t k = 0; k < r_ * s_; ++k)
       segment_offsets[k] = ((k / s_) * dilations_[0] * geo.padded_w + (k % s_) * dilations_[1]) * geo.C;
+  }
+
+  // The runs of the gather: natural row positions that lie next to each other in the image.
+  void plan_gather(const ReductionLayout& layout) {
+    const std::vector<int64_t> map =
+        kernel_position_map(layout, kernel_group_positions(n_), kernel_padded_groups(layout.groups()));
+    for (int64_t p = 0; p < positions_; ++p) {
+      const int64_t idx = map[static_cast<size_t>(p)];
+      Run next{p, kPadding, 0, 0, 1};
+      if (idx >= 0 && segmented_) next = Run{p, idx / cg_ / s_, idx / cg_ % s_, idx % cg_, 1};
+      if (idx >= 0 && !segmented_) next = Run{p, idx / s_ % r_, idx % s_, idx / (r_ * s_), 1};
+      if (!runs_.empty() && extends(runs_.back(), next, planar(), dilations_[1]))
+        ++runs_.back().len;
+      else
+        runs_.push_back(next);
+    }
   }
 
   // The border of the padded image: the level of 0.0 (the interior is rewritten per image).
