@@ -3,8 +3,9 @@
 // activation is quantized in one pass into a padded NHWC int8 image (the
 // border holds the level of 0.0). The folded form (natural unsigned rows)
 // reads its rows from the image in place, one segment (kernel offset r, s)
-// at a time, with no im2col; otherwise (the code path, fewer channels than N,
-// or N not a multiple of 4) the rows are gathered (im2col) by copying channel
+// at a time, with no im2col, when a segment's groups lie on consecutive
+// channels; otherwise (the code path, whole-filter groups, or several groups
+// of N not a multiple of 4 a segment) the rows are gathered (im2col) by copying
 // runs, in the order the kernel takes (natural, or kernel order with group sums).
 #include <algorithm>
 #include <cstring>
@@ -93,6 +94,13 @@ class ConvKernel : public TernaryKernelBase {
     // position padding, or one group a segment (a narrow conv's per-tap group: the padding
     // positions read the next channels, which meet zero weights).
     channel_rows_ = segmented_ && (n_ % 4 == 0 || cg_ == n_);
+    // Without groups or dilated columns a kernel row's offsets can be one segment: its pixels lie
+    // next to each other, each a kernel offset's positions wide when the channels fill whole groups,
+    // or when the image pads each pixel's channels to the positions of its one group (a 3-channel
+    // stem's per-tap groups: 4 bytes a pixel, the fourth meeting zero weights).
+    const bool row_pixels = channel_rows_ && group_ == 1 && dilations_[1] == 1;
+    pad_channels_ = row_pixels && n_ % 4 != 0;
+    row_segments_ = row_pixels && (pad_channels_ || cg_ % n_ == 0);
     const ReductionLayout layout =
         segmented_ ? ReductionLayout{rs, cg_, n_} : ReductionLayout{1, checked_mul(cg_, rs, "filter"), n_};
     init_weights(info, layout, m_);
@@ -134,8 +142,10 @@ class ConvKernel : public TernaryKernelBase {
     const float* r = residual(ctx, {nb, m_, OH, OW});
     if (nb == 0 || P == 0) return;
 
-    const Geometry geo{C, H, W, OH, OW, H + pads_[0] + pads_[2], W + pads_[1] + pads_[3]};
     const bool natural = folded_rows(p, P);
+    const bool in_place = natural && channel_rows_;
+    const int64_t slots = in_place && pad_channels_ ? kernel_group_positions(n_) : C;
+    const Geometry geo{C, H, W, OH, OW, H + pads_[0] + pads_[2], W + pads_[1] + pads_[3], slots};
     const ActQuant qi = natural ? unsigned_levels(q) : q;
     thread_local ScratchBuffer<int64_t> offsets_buffer;
     GemmArgs a;
@@ -145,15 +155,16 @@ class ConvKernel : public TernaryKernelBase {
     a.y_stride_m = P;
     a.scale = q.scale;
     a.offset = static_cast<float>(q.offset());
-    const bool in_place = natural && channel_rows_;
     if (in_place) {
       int64_t* offsets = offsets_buffer.get(checked_add(P, r_ * s_, "output"));
       set_offsets(geo, offsets, offsets + P);
+      const int64_t offset_positions = kernel_group_positions(n_) * ((cg_ + n_ - 1) / n_);
       a.row_offsets = offsets;
       a.segment_offsets = offsets + P;
-      a.segments = r_ * s_;
-      a.segment_len = kernel_group_positions(n_) * ((cg_ + n_ - 1) / n_);
-      a.segment_read = kernel_group_positions(cg_);  // the channels, rounded up to 4
+      a.segments = row_segments_ ? r_ : r_ * s_;
+      a.segment_len = row_segments_ ? s_ * offset_positions : offset_positions;
+      // A kernel offset's channels, rounded up to 4 (the rest meets zero weights), or a whole kernel row.
+      a.segment_read = row_segments_ ? s_ * offset_positions : kernel_group_positions(cg_);
     }
     DepthwiseWeights direct_scratch;
     const DepthwiseWeights* direct = direct_weights_.get();
@@ -185,6 +196,7 @@ class ConvKernel : public TernaryKernelBase {
  private:
   struct Geometry {
     int64_t C, H, W, OH, OW, padded_h, padded_w;
+    int64_t slots;  // bytes a pixel of the NHWC image: C, or the channels padded (pad_channels_)
   };
   // Added to one image's output before the ReLU: bias [M] and residual [M, OH, OW], each optional.
   struct Epilogue {
@@ -209,9 +221,9 @@ class ConvKernel : public TernaryKernelBase {
     const int64_t P = geo.OH * geo.OW;
     // Slack: in-place segments read up to 3 bytes past the last pixel's channels, gather's
     // short runs up to 15.
-    const int64_t image_bytes = checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), geo.C, "input");
+    const int64_t image_bytes = checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), geo.slots, "input");
     const Image image{image_buffer.get(checked_add(image_bytes, positions_ + 16, "input")), geo.padded_h, geo.padded_w,
-                      geo.C, planar()};
+                      geo.slots, planar()};
     fill_border(geo, static_cast<int8_t>(qi.zero_point - qi.shift), image);
     quantize_image(ctx, x, n, qi, geo, image);
     int64_t group_step;  // x advance from one group's rows to the next
@@ -325,12 +337,15 @@ class ConvKernel : public TernaryKernelBase {
     parallel_for(ctx, static_cast<size_t>((C + per_task - 1) / per_task), task);
   }
 
-  // In-place rows: pixel (oh, ow) at its top-left input pixel, segment (r, s) at its kernel offset.
+  // In-place rows: pixel (oh, ow) at its top-left input pixel, segment (r, s) at its kernel offset
+  // (row segments: segment r at kernel offset (r, 0)).
   void set_offsets(const Geometry& geo, int64_t* row_offsets, int64_t* segment_offsets) const {
     for (int64_t pix = 0; pix < geo.OH * geo.OW; ++pix)
-      row_offsets[pix] = ((pix / geo.OW) * strides_[0] * geo.padded_w + (pix % geo.OW) * strides_[1]) * geo.C;
-    for (int64_t k = 0; k < r_ * s_; ++k)
-      segment_offsets[k] = ((k / s_) * dilations_[0] * geo.padded_w + (k % s_) * dilations_[1]) * geo.C;
+      row_offsets[pix] = ((pix / geo.OW) * strides_[0] * geo.padded_w + (pix % geo.OW) * strides_[1]) * geo.slots;
+    const int64_t offsets_a_segment = row_segments_ ? s_ : 1;
+    for (int64_t k = 0; k < r_ * s_; k += offsets_a_segment)
+      segment_offsets[k / offsets_a_segment] =
+          ((k / s_) * dilations_[0] * geo.padded_w + (k % s_) * dilations_[1]) * geo.slots;
   }
 
   // The runs of the gather: natural row positions that lie next to each other in the image.
@@ -351,7 +366,7 @@ class ConvKernel : public TernaryKernelBase {
 
   // The border of the padded image: the level of 0.0 (the interior is rewritten per image).
   void fill_border(const Geometry& geo, int8_t zero, const Image& image) const {
-    const int64_t planes = image.planar ? geo.C : 1, C = image.planar ? 1 : geo.C, row = geo.padded_w * C;
+    const int64_t planes = image.planar ? geo.C : 1, C = image.planar ? 1 : geo.slots, row = geo.padded_w * C;
     for (int64_t plane = 0; plane < planes; ++plane) {
       int8_t* data = image.at(0, 0, image.planar ? plane : 0);
       std::memset(data, zero, static_cast<size_t>(pads_[0] * row));
@@ -390,14 +405,14 @@ class ConvKernel : public TernaryKernelBase {
         }
         int8_t* dst = image.at(h + pads_[0], pads_[1], 0);
         if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-          dispatch_->quantize_transposed(x.as<float>() + src, C, pixels, HW, q, dst, C);
+          dispatch_->quantize_transposed(x.as<float>() + src, C, pixels, HW, q, dst, geo.slots);
           continue;
         }
         for (int64_t c = 0; c < C; ++c)
           for (int64_t i = 0; i < pixels; ++i) {
             const int level = x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? x.as<uint8_t>()[src + c * HW + i]
                                                                              : x.as<int8_t>()[src + c * HW + i];
-            dst[i * C + c] = requantize_one(level, q);
+            dst[i * geo.slots + c] = requantize_one(level, q);
           }
       }
     };
@@ -524,6 +539,8 @@ class ConvKernel : public TernaryKernelBase {
   int64_t m_ = 0, cg_ = 0, r_ = 0, s_ = 0, group_ = 1, relu_ = 0, positions_ = 0;
   bool segmented_ = true;
   bool channel_rows_ = true;  // folded rows may be read in place from the NHWC image
+  bool pad_channels_ = false;  // in place, the image pads each pixel's channels to N rounded up to 4
+  bool row_segments_ = false;  // in place, a kernel row's offsets are one segment
   bool direct_ = false;  // the direct kernel (include/fgq/depthwise.h) instead of the GEMM
   std::shared_ptr<const DepthwiseWeights> direct_weights_;  // from constant weights, built once
   // Fewer channels a group than N: groups run along kernel rows, so the image is planar.
