@@ -428,9 +428,9 @@ class ConvKernel : public TernaryKernelBase {
     const int64_t pixel_tasks = (P + kPixelsPerTask - 1) / kPixelsPerTask;
     // The image address is linear in (h, w, c): each run's source is a fixed offset from its
     // pixel's window corner. Group padding is not written: it meets zero weights (on the code
-    // path the group sums cancel it too).
-    // A short run is copied as 4, 8 or 16 bytes where that stays in the row: the runs ascend,
-    // so the next one rewrites the excess (the image has slack for the excess read).
+    // path the group sums cancel it too). A short run is copied as 4, 8 or 16 bytes where that
+    // stays in the row: the runs ascend, so the next one rewrites the excess (the image has
+    // slack for the excess read).
     struct Copy {
       int64_t to, from, len, width;
     };
