@@ -13,6 +13,10 @@ Cases (--cases):
   time per layer and the DRAM roofline of the variant's weight bytes.
 - gemm: batch-64 MatMul 4096x4096 (a chain of 4), GOP/s.
 - conv: ResNet-50 3x3 and 1x1 conv shapes at batch 1 and 8.
+- stem: the 3-channel stems of ResNet-50 (7x7, stride 2, 224), PP-OCRv4 det (3x3, stride 2, 320)
+  and EfficientNet-Lite0 (3x3, stride 2, 224) at batch 1; "ternary N=3" is the layout the
+  converter gives them when it has the higher SQNR (groups of the 3 channels per kernel tap),
+  "ternary N=4" the other one (groups of 4 along the whole filter).
 - dwconv: depthwise 3x3 and 5x5 convs of EfficientNet-Lite0 / MobileNetV3 (C = 32..960,
   H = W = 112..7, stride 1 and 2) at batch 1 and 8.
 - model: whole models converted at N=4 and N=16 (8-bit activations): the
@@ -330,9 +334,16 @@ RESNET50_CONVS = [  # (C_in, C_out, kernel, stride, H=W of the input)
 ]
 
 
-def bench_conv(variants, threads_list, args, rows, batches=(1, 8)):
+STEM_CONVS = [  # (C_in, C_out, kernel, stride, H=W of the input)
+    (3, 64, 7, 2, 224),
+    (3, 16, 3, 2, 320),
+    (3, 32, 3, 2, 224),
+]
+
+
+def bench_conv(variants, threads_list, args, rows, batches=(1, 8), shapes=RESNET50_CONVS, name="conv"):
     rng = np.random.default_rng(1)
-    for c, m, ksz, stride, hw in RESNET50_CONVS[: args.conv_limit]:
+    for c, m, ksz, stride, hw in shapes[: args.conv_limit]:
         w = (rng.normal(size=(m, c, ksz, ksz)) / np.sqrt(c * ksz * ksz)).astype(np.float32)
         pad = ksz // 2
         for batch in batches:
@@ -352,7 +363,7 @@ def bench_conv(variants, threads_list, args, rows, batches=(1, 8)):
                 med = float(np.median(times))
                 out_hw = (hw + 2 * pad - ksz) // stride + 1
                 macs = batch * m * c * ksz * ksz * out_hw * out_hw
-                row = dict(case=f"conv{ksz}x{ksz} {c}->{m} @{hw}", variant=variant, threads=threads, batch=batch,
+                row = dict(case=f"{name}{ksz}x{ksz}{f' s{stride}' if stride > 1 else ''} {c}->{m} @{hw}", variant=variant, threads=threads, batch=batch,
                            us=med * 1e6, us_min=float(np.min(times)) * 1e6, us_max=float(np.max(times)) * 1e6,
                            gops=2 * macs / med / 1e9, rel_err=rel_err(y, ref), kernel_err=kernel_err)
                 rows.append(row)
@@ -505,11 +516,11 @@ def summarize(rows) -> list[str]:
                 if tr and c8 and c32:
                     lines.append(f"t={t} {case} b={b} ternary N=4: vs int8 {ratio(c8, tr, 'us')}, "
                                  f"vs fp32 {ratio(c32, tr, 'us')} (targets >= 1x, >= 1x)")
-        conv_cases = sorted({r["case"] for r in rows if r["case"].startswith("conv")})
+        conv_cases = sorted({r["case"] for r in rows if r["case"].startswith(("conv", "stem"))})
         for case in conv_cases:
             for b in sorted({r["batch"] for r in rows if r["case"] == case}):
                 c8, c32 = find(case, "int8", t, b), find(case, "fp32", t, b)
-                for variant in ("ternary N=64", "ternary N=4"):
+                for variant in ("ternary N=64", "ternary N=4", "ternary N=3"):
                     tr = find(case, variant, t, b)
                     if tr and c8 and c32:
                         lines.append(f"t={t} {case} b={b} {variant}: vs int8 {ratio(c8, tr, 'us')}, "
@@ -528,14 +539,14 @@ def summarize(rows) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--cases", nargs="+", default=["gemv", "gemm", "conv", "dwconv", "model"],
-                        choices=["gemv", "gemm", "conv", "dwconv", "model"])
+    parser.add_argument("--cases", nargs="+", default=["gemv", "gemm", "conv", "stem", "dwconv", "model"],
+                        choices=["gemv", "gemm", "conv", "stem", "dwconv", "model"])
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="the variants of a case take turns this many times")
     parser.add_argument("--min-seconds", type=float, default=1.0)
     parser.add_argument("--layers", type=int, default=12, help="chained layers for the batch-1 case")
     parser.add_argument("--conv-limit", type=int, default=None,
-                        help="first K shapes of the conv and dwconv cases (default: all)")
+                        help="first K shapes of the conv, stem and dwconv cases (default: all)")
     parser.add_argument("--scale-format", default="u8", choices=["f32", "f16", *U8_LEVELS])
     parser.add_argument("--unsigned", action="store_true",
                         help="uint8 activations (levels 0..255, non-negative inputs) instead of int8")
@@ -571,6 +582,8 @@ def main(argv=None) -> int:
         bench_matmul("gemm b64 4096x4096", 64, 4, mm_variants, args.threads, args, rows)
     if "conv" in args.cases:
         bench_conv(["fp32", "int8", "ternary N=64", "ternary N=4"], args.threads, args, rows)
+    if "stem" in args.cases:
+        bench_conv(["fp32", "int8", "ternary N=3", "ternary N=4"], args.threads, args, rows, (1,), STEM_CONVS, "stem")
     if "dwconv" in args.cases:
         bench_dwconv(["fp32", "int8", "ternary N=64", "ternary N=4"], args.threads, args, rows)
     if "model" in args.cases:

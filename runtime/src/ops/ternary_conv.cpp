@@ -3,8 +3,9 @@
 // activation is quantized in one pass into a padded NHWC int8 image (the
 // border holds the level of 0.0). The folded form (natural unsigned rows)
 // reads its rows from the image in place, one segment (kernel offset r, s)
-// at a time, with no im2col; otherwise (the code path, fewer channels than N,
-// or N not a multiple of 4) the rows are gathered (im2col) by copying channel
+// at a time, with no im2col, when a segment's groups lie on consecutive
+// channels; otherwise (the code path, whole-filter groups, or several groups
+// of N not a multiple of 4 a segment) the rows are gathered (im2col) by copying
 // runs, in the order the kernel takes (natural, or kernel order with group sums).
 #include <algorithm>
 #include <cstring>
@@ -89,6 +90,17 @@ class ConvKernel : public TernaryKernelBase {
     }
     const int64_t rs = checked_mul(r_, s_, "kernel");
     segmented_ = cg_ >= n_;
+    // A segment's positions are its channels, read in place from the NHWC image: groups without
+    // position padding, or one group a segment (a narrow conv's per-tap group: the padding
+    // positions read the next channels, which meet zero weights).
+    channel_rows_ = segmented_ && (n_ % 4 == 0 || cg_ == n_);
+    // Without groups or dilated columns a kernel row's offsets can be one segment: its pixels lie
+    // next to each other, each a kernel offset's positions wide when the channels fill whole groups,
+    // or when the image pads each pixel's channels to the positions of its one group (a 3-channel
+    // stem's per-tap groups: 4 bytes a pixel, the fourth meeting zero weights).
+    const bool row_pixels = channel_rows_ && group_ == 1 && dilations_[1] == 1;
+    pad_channels_ = row_pixels && n_ % 4 != 0;
+    row_segments_ = row_pixels && (pad_channels_ || cg_ % n_ == 0);
     const ReductionLayout layout =
         segmented_ ? ReductionLayout{rs, cg_, n_} : ReductionLayout{1, checked_mul(cg_, rs, "filter"), n_};
     init_weights(info, layout, m_);
@@ -100,23 +112,12 @@ class ConvKernel : public TernaryKernelBase {
     direct_ = (group_ > 1 || cg_ == 1) && m_ / group_ <= kDirectMaxRowsPerGroup &&
               depthwise_supports(strides_[1], dilations_[1]) &&
               checked_mul(cg_, rs, "filter") <= kDepthwiseMaxTaps;
-    if (direct_ && constant_planes_)
+    if (direct_ && constant_planes_) {  // the direct route keeps only its regrouped weights
       direct_weights_ = std::make_shared<const DepthwiseWeights>(direct_weights(*constant_planes_));
-    // The gather plan depends only on the layout.
-    const int64_t np = kernel_group_positions(n_);
-    const int64_t gp = kernel_padded_groups(layout.groups());
-    positions_ = gp * np;
-    const std::vector<int64_t> map = kernel_position_map(layout, np, gp);
-    for (int64_t p = 0; p < positions_; ++p) {
-      const int64_t idx = map[static_cast<size_t>(p)];
-      Run next{p, kPadding, 0, 0, 1};
-      if (idx >= 0 && segmented_) next = Run{p, idx / cg_ / s_, idx / cg_ % s_, idx % cg_, 1};
-      if (idx >= 0 && !segmented_) next = Run{p, idx / s_ % r_, idx % s_, idx / rs, 1};
-      if (!runs_.empty() && extends(runs_.back(), next, planar(), dilations_[1]))
-        ++runs_.back().len;
-      else
-        runs_.push_back(next);
+      constant_planes_.reset();
     }
+    positions_ = kernel_padded_groups(layout.groups()) * kernel_group_positions(n_);
+    if (!direct_) plan_gather(layout);
   }
 
   void Compute(OrtKernelContext* ctx) const {
@@ -126,9 +127,9 @@ class ConvKernel : public TernaryKernelBase {
     if (C != checked_mul(cg_, group_, "channels"))
       fail("X has " + std::to_string(C) + " channels, weight_shape and group need " + std::to_string(cg_ * group_));
     const ActQuant q = act_quant(ctx, x);
-    Planes scratch;
-    const Planes& p = planes(ctx, scratch);
-    if (p.pos.positions() != positions_) fail("internal: layout mismatch");
+    Planes scratch;  // stays empty on the direct route with constant weights (already regrouped)
+    const Planes& p = direct_weights_ ? scratch : planes(ctx, scratch);
+    if (!direct_weights_ && p.pos.positions() != positions_) fail("internal: layout mismatch");
     const float* b = bias(ctx, m_);
     const int64_t span_h = checked_add(checked_mul(dilations_[0], r_ - 1, "kernel"), 1, "kernel");
     const int64_t span_w = checked_add(checked_mul(dilations_[1], s_ - 1, "kernel"), 1, "kernel");
@@ -141,8 +142,10 @@ class ConvKernel : public TernaryKernelBase {
     const float* r = residual(ctx, {nb, m_, OH, OW});
     if (nb == 0 || P == 0) return;
 
-    const Geometry geo{C, H, W, OH, OW, H + pads_[0] + pads_[2], W + pads_[1] + pads_[3]};
     const bool natural = folded_rows(p, P);
+    const bool in_place = natural && channel_rows_;
+    const int64_t slots = in_place && pad_channels_ ? kernel_group_positions(n_) : C;
+    const Geometry geo{C, H, W, OH, OW, H + pads_[0] + pads_[2], W + pads_[1] + pads_[3], slots};
     const ActQuant qi = natural ? unsigned_levels(q) : q;
     thread_local ScratchBuffer<int64_t> offsets_buffer;
     GemmArgs a;
@@ -152,16 +155,16 @@ class ConvKernel : public TernaryKernelBase {
     a.y_stride_m = P;
     a.scale = q.scale;
     a.offset = static_cast<float>(q.offset());
-    // In place when a segment's positions are its channels: groups without position padding.
-    const bool in_place = natural && segmented_ && n_ % 4 == 0;
     if (in_place) {
       int64_t* offsets = offsets_buffer.get(checked_add(P, r_ * s_, "output"));
       set_offsets(geo, offsets, offsets + P);
+      const int64_t offset_positions = kernel_group_positions(n_) * ((cg_ + n_ - 1) / n_);
       a.row_offsets = offsets;
       a.segment_offsets = offsets + P;
-      a.segments = r_ * s_;
-      a.segment_len = kernel_group_positions(n_) * ((cg_ + n_ - 1) / n_);
-      a.segment_read = kernel_group_positions(cg_);  // the channels, rounded up to 4
+      a.segments = row_segments_ ? r_ : r_ * s_;
+      a.segment_len = row_segments_ ? s_ * offset_positions : offset_positions;
+      // A kernel offset's channels, rounded up to 4 (the rest meets zero weights), or a whole kernel row.
+      a.segment_read = row_segments_ ? s_ * offset_positions : kernel_group_positions(cg_);
     }
     DepthwiseWeights direct_scratch;
     const DepthwiseWeights* direct = direct_weights_.get();
@@ -193,6 +196,7 @@ class ConvKernel : public TernaryKernelBase {
  private:
   struct Geometry {
     int64_t C, H, W, OH, OW, padded_h, padded_w;
+    int64_t slots;  // bytes a pixel of the NHWC image: C, or the channels padded (pad_channels_)
   };
   // Added to one image's output before the ReLU: bias [M] and residual [M, OH, OW], each optional.
   struct Epilogue {
@@ -217,9 +221,9 @@ class ConvKernel : public TernaryKernelBase {
     const int64_t P = geo.OH * geo.OW;
     // Slack: in-place segments read up to 3 bytes past the last pixel's channels, gather's
     // short runs up to 15.
-    const int64_t image_bytes = checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), geo.C, "input");
+    const int64_t image_bytes = checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), geo.slots, "input");
     const Image image{image_buffer.get(checked_add(image_bytes, positions_ + 16, "input")), geo.padded_h, geo.padded_w,
-                      geo.C, planar()};
+                      geo.slots, planar()};
     fill_border(geo, static_cast<int8_t>(qi.zero_point - qi.shift), image);
     quantize_image(ctx, x, n, qi, geo, image);
     int64_t group_step;  // x advance from one group's rows to the next
@@ -333,17 +337,36 @@ class ConvKernel : public TernaryKernelBase {
     parallel_for(ctx, static_cast<size_t>((C + per_task - 1) / per_task), task);
   }
 
-  // In-place rows: pixel (oh, ow) at its top-left input pixel, segment (r, s) at its kernel offset.
+  // In-place rows: pixel (oh, ow) at its top-left input pixel, segment (r, s) at its kernel offset
+  // (row segments: segment r at kernel offset (r, 0)).
   void set_offsets(const Geometry& geo, int64_t* row_offsets, int64_t* segment_offsets) const {
     for (int64_t pix = 0; pix < geo.OH * geo.OW; ++pix)
-      row_offsets[pix] = ((pix / geo.OW) * strides_[0] * geo.padded_w + (pix % geo.OW) * strides_[1]) * geo.C;
-    for (int64_t k = 0; k < r_ * s_; ++k)
-      segment_offsets[k] = ((k / s_) * dilations_[0] * geo.padded_w + (k % s_) * dilations_[1]) * geo.C;
+      row_offsets[pix] = ((pix / geo.OW) * strides_[0] * geo.padded_w + (pix % geo.OW) * strides_[1]) * geo.slots;
+    const int64_t offsets_a_segment = row_segments_ ? s_ : 1;
+    for (int64_t k = 0; k < r_ * s_; k += offsets_a_segment)
+      segment_offsets[k / offsets_a_segment] =
+          ((k / s_) * dilations_[0] * geo.padded_w + (k % s_) * dilations_[1]) * geo.slots;
+  }
+
+  // The runs of the gather: natural row positions that lie next to each other in the image.
+  void plan_gather(const ReductionLayout& layout) {
+    const std::vector<int64_t> map =
+        kernel_position_map(layout, kernel_group_positions(n_), kernel_padded_groups(layout.groups()));
+    for (int64_t p = 0; p < positions_; ++p) {
+      const int64_t idx = map[static_cast<size_t>(p)];
+      Run next{p, kPadding, 0, 0, 1};
+      if (idx >= 0 && segmented_) next = Run{p, idx / cg_ / s_, idx / cg_ % s_, idx % cg_, 1};
+      if (idx >= 0 && !segmented_) next = Run{p, idx / s_ % r_, idx % s_, idx / (r_ * s_), 1};
+      if (!runs_.empty() && extends(runs_.back(), next, planar(), dilations_[1]))
+        ++runs_.back().len;
+      else
+        runs_.push_back(next);
+    }
   }
 
   // The border of the padded image: the level of 0.0 (the interior is rewritten per image).
   void fill_border(const Geometry& geo, int8_t zero, const Image& image) const {
-    const int64_t planes = image.planar ? geo.C : 1, C = image.planar ? 1 : geo.C, row = geo.padded_w * C;
+    const int64_t planes = image.planar ? geo.C : 1, C = image.planar ? 1 : geo.slots, row = geo.padded_w * C;
     for (int64_t plane = 0; plane < planes; ++plane) {
       int8_t* data = image.at(0, 0, image.planar ? plane : 0);
       std::memset(data, zero, static_cast<size_t>(pads_[0] * row));
@@ -382,14 +405,14 @@ class ConvKernel : public TernaryKernelBase {
         }
         int8_t* dst = image.at(h + pads_[0], pads_[1], 0);
         if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-          dispatch_->quantize_transposed(x.as<float>() + src, C, pixels, HW, q, dst, C);
+          dispatch_->quantize_transposed(x.as<float>() + src, C, pixels, HW, q, dst, geo.slots);
           continue;
         }
         for (int64_t c = 0; c < C; ++c)
           for (int64_t i = 0; i < pixels; ++i) {
             const int level = x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? x.as<uint8_t>()[src + c * HW + i]
                                                                              : x.as<int8_t>()[src + c * HW + i];
-            dst[i * C + c] = requantize_one(level, q);
+            dst[i * geo.slots + c] = requantize_one(level, q);
           }
       }
     };
@@ -397,46 +420,81 @@ class ConvKernel : public TernaryKernelBase {
   }
 
   // im2col, all groups: row (g, pixel) of positions_ bytes, natural order, or kernel
-  // order with group sums.
+  // order with group sums. A task takes a block of pixels, one run at a time over them.
   void gather(OrtKernelContext* ctx, const Geometry& geo, const Image& image, bool natural, const KernelWeights& w,
               int8_t* rows, int32_t* gsum) const {
     const int64_t P = geo.OH * geo.OW, Kp = positions_, Gp = w.padded_groups;
     constexpr int64_t kPixelsPerTask = 64;
     const int64_t pixel_tasks = (P + kPixelsPerTask - 1) / kPixelsPerTask;
-    // The image address is linear in (h, w, c): each run's source is a fixed offset from
-    // its pixel's window corner.
-    std::vector<int64_t> run_offsets(runs_.size());
-    for (size_t i = 0; i < runs_.size(); ++i) {
-      const Run& run = runs_[i];
-      if (run.r != kPadding) run_offsets[i] = image.at(run.r * dilations_[0], run.s * dilations_[1], run.c0) - image.data;
+    // The image address is linear in (h, w, c): each run's source is a fixed offset from its
+    // pixel's window corner. Group padding is not written: it meets zero weights (on the code
+    // path the group sums cancel it too). A short run is copied as 4, 8 or 16 bytes where that
+    // stays in the row: the runs ascend, so the next one rewrites the excess (the image has
+    // slack for the excess read).
+    struct Copy {
+      int64_t to, from, len, width;
+    };
+    std::vector<Copy> copies;
+    for (const Run& run : runs_) {
+      if (run.r == kPadding) continue;
+      const int64_t width = run.len <= 4 ? 4 : run.len <= 8 ? 8 : 16;
+      copies.push_back({run.dst, image.at(run.r * dilations_[0], run.s * dilations_[1], run.c0) - image.data, run.len,
+                        run.len <= 16 && run.dst + width <= Kp ? width : 0});
     }
-    auto task = [&](size_t t) {
+    const int64_t step_h = image.at(strides_[0], 0, 0) - image.data, step_w = image.at(0, strides_[1], 0) - image.data;
+    // Sizes by value: the byte stores below may alias anything read through a reference.
+    auto task = [&, P, Kp, step_h, step_w, OW = geo.OW](size_t t) {
       const int64_t g = static_cast<int64_t>(t) / pixel_tasks;
       const int64_t p0 = static_cast<int64_t>(t) % pixel_tasks * kPixelsPerTask, p1 = std::min(P, p0 + kPixelsPerTask);
-      std::vector<int8_t> row(natural ? 0 : static_cast<size_t>(Kp));
-      for (int64_t pix = p0; pix < p1; ++pix) {
-        const int64_t oh = pix / geo.OW, ow = pix % geo.OW;
-        const int8_t* corner = image.at(oh * strides_[0], ow * strides_[1], g * cg_);
-        int8_t* out = rows + (g * P + pix) * Kp;
-        int8_t* dst = natural ? out : row.data();
-        for (size_t i = 0; i < runs_.size(); ++i) {
-          const Run& run = runs_[i];
-          // Short runs (a few channels: the stem) as one 16-byte copy; the runs ascend, so the
-          // next one overwrites the tail. The row's last 16 bytes take exact copies.
-          const bool wide = run.len <= 16 && run.dst + 16 <= Kp;
-          int8_t* to = dst + run.dst;
-          if (run.r == kPadding) {  // meets zero weights
-            if (wide) std::memset(to, 0, 16);
-            else std::memset(to, 0, static_cast<size_t>(run.len));
-            continue;
-          }
-          if (wide) std::memcpy(to, corner + run_offsets[i], 16);
-          else std::memcpy(to, corner + run_offsets[i], static_cast<size_t>(run.len));
-        }
-        if (!natural) dispatch_->kernel_order(dst, w.np, Gp, out, gsum + (g * P + pix) * Gp);
+      std::vector<int8_t> block(natural ? 0 : static_cast<size_t>((p1 - p0) * Kp));
+      int8_t* const first = natural ? rows + (g * P + p0) * Kp : block.data();
+      const int8_t* const origin = image.at(0, 0, g * cg_);
+      int64_t corners[kPixelsPerTask];  // each pixel's window corner from `origin`
+      const int64_t count = p1 - p0;
+      for (int64_t i = 0, oh = p0 / OW, ow = p0 % OW; i < count; ++i) {
+        corners[i] = oh * step_h + ow * step_w;
+        if (++ow == OW) ow = 0, ++oh;
       }
+      for (const Copy& c : copies) {
+        const int8_t* const from = origin + c.from;
+        int8_t* const to = first + c.to;
+        switch (c.width) {
+          case 4: copy_each<4>(to, Kp, from, corners, count); break;
+          case 8: copy_each<8>(to, Kp, from, corners, count); break;
+          case 16: copy_each<16>(to, Kp, from, corners, count); break;
+          default:
+            for (int64_t i = 0; i < count; ++i) copy_bytes(to + i * Kp, from + corners[i], c.len);
+        }
+      }
+      for (int64_t pix = p0; !natural && pix < p1; ++pix)
+        dispatch_->kernel_order(first + (pix - p0) * Kp, w.np, Gp, rows + (g * P + pix) * Kp, gsum + (g * P + pix) * Gp);
     };
     parallel_for(ctx, static_cast<size_t>(group_ * pixel_tasks), task);
+  }
+
+  // kWidth bytes from from + corners[i] to to + i * row, for i < count.
+  template <int kWidth>
+  static void copy_each(int8_t* to, int64_t row, const int8_t* from, const int64_t* corners, int64_t count) {
+    for (int64_t i = 0; i < count; ++i, to += row) std::memcpy(to, from + corners[i], kWidth);
+  }
+
+  // memcpy of a short run (the stem's few channels or kernel columns) as two fixed-size copies
+  // that may overlap, without a call.
+  static void copy_bytes(int8_t* to, const int8_t* from, int64_t len) {
+    if (len > 16) {
+      std::memcpy(to, from, static_cast<size_t>(len));
+    } else if (len >= 8) {
+      std::memcpy(to, from, 8);
+      std::memcpy(to + len - 8, from + len - 8, 8);
+    } else if (len >= 4) {
+      std::memcpy(to, from, 4);
+      std::memcpy(to + len - 4, from + len - 4, 4);
+    } else if (len >= 2) {
+      std::memcpy(to, from, 2);
+      std::memcpy(to + len - 2, from + len - 2, 2);
+    } else {
+      *to = *from;
+    }
   }
 
   // The ternary GEMM per group over the P pixels of one image, then bias, residual and ReLU per tile.
@@ -480,6 +538,9 @@ class ConvKernel : public TernaryKernelBase {
  private:
   int64_t m_ = 0, cg_ = 0, r_ = 0, s_ = 0, group_ = 1, relu_ = 0, positions_ = 0;
   bool segmented_ = true;
+  bool channel_rows_ = true;  // folded rows may be read in place from the NHWC image
+  bool pad_channels_ = false;  // in place, the image pads each pixel's channels to N rounded up to 4
+  bool row_segments_ = false;  // in place, a kernel row's offsets are one segment
   bool direct_ = false;  // the direct kernel (include/fgq/depthwise.h) instead of the GEMM
   std::shared_ptr<const DepthwiseWeights> direct_weights_;  // from constant weights, built once
   // Fewer channels a group than N: groups run along kernel rows, so the image is planar.
