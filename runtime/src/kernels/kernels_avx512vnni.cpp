@@ -213,18 +213,16 @@ inline void store_rows(const __m512 v[8], int columns, float* y, int64_t stride,
   }
   const __m512i low = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
   const __m512i high = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
-  const unsigned row_columns = (1u << columns) - 1;
+  const __mmask8 row_columns = static_cast<__mmask8>((1u << columns) - 1);
   for (int k = 0; k < 4; ++k) {
     const __m512 pair[2] = {_mm512_permutex2var_ps(t[k], low, t[4 + k]), _mm512_permutex2var_ps(t[k], high, t[4 + k])};
-    for (int j = 0; j < 4; ++j) {  // rows k, 4 + k, 8 + k, 12 + k
+    for (int j = 0; j < 4; ++j) {  // rows k, 4 + k, 8 + k, 12 + k: the low or high half of pair[j / 2]
       const int64_t i = 4 * j + k;
       if (i < lo || i >= hi) continue;
-      // row i is the low or high half of pair[j / 2]: a masked store at y_i - 8 writes the high half to y_i
-      const __mmask16 half = static_cast<__mmask16>(j % 2 ? row_columns << 8 : row_columns);
-      float* at = y + i * stride - (j % 2 ? 8 : 0);
-      __m512 r = pair[j / 2];
-      if (accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(half, at));
-      _mm512_mask_storeu_ps(at, half, r);
+      float* at = y + i * stride;
+      __m256 r = j % 2 ? _mm512_extractf32x8_ps(pair[j / 2], 1) : _mm512_castps512_ps256(pair[j / 2]);
+      if (accumulate) r = _mm256_add_ps(r, _mm256_maskz_loadu_ps(row_columns, at));
+      _mm256_mask_storeu_ps(at, row_columns, r);
     }
   }
 }
