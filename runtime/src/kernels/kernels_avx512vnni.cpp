@@ -308,9 +308,9 @@ void folded_block(const GemmArgs& a, int64_t panel0, int64_t b0) {
 
 // `rows` (1..C) activation rows from b0, one block of NP panels.
 template <int PL, int NP, int C>
-void folded_rows(const GemmArgs& a, int64_t panel0, int64_t b0, int64_t rows) {
+void folded_block_sized(const GemmArgs& a, int64_t panel0, int64_t b0, int64_t rows) {
   if constexpr (C > 1)
-    if (rows < C) return folded_rows<PL, NP, C - 1>(a, panel0, b0, rows);
+    if (rows < C) return folded_block_sized<PL, NP, C - 1>(a, panel0, b0, rows);
   folded_block<PL, NP, C>(a, panel0, b0);
 }
 
@@ -325,7 +325,7 @@ void folded_panels(const GemmArgs& a, int64_t panel0, int64_t count) {
   const int64_t rows = a.b_end - a.b_begin, blocks = (rows + kMaxRows - 1) / kMaxRows;
   for (int64_t i = 0, b = a.b_begin; i < blocks; ++i) {
     const int64_t n = (rows + i) / blocks;
-    folded_rows<PL, NP, kMaxRows>(a, panel0, b, n);
+    folded_block_sized<PL, NP, kMaxRows>(a, panel0, b, n);
     b += n;
   }
 }
