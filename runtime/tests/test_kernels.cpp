@@ -547,6 +547,114 @@ void test_folded_extremes(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::printf("folded extremes: %d cases\n", cases);
 }
 
+// The folded form's register tiles and their edges, bit for bit against the reference: every M
+// in 1..70 (blocks of 1-4 panels, the last panel part empty), every B in 1..20 (blocks of 1-8
+// activation rows), K straddling 4-position chunks and 16-chunk panels, one and two planes.
+// Integer scale codes and power-of-two row and output scales keep every float sum exact
+// (|sum| <= 255 * 128 * 264 < 2^24). Each case runs twice: rows contiguous into y [B, M]; and
+// rows read in place (segments of one group, stored in reverse order) into y [M, B] (a
+// convolution's layout), a row range and a column range inside the panels and blocks, stored
+// or accumulated onto ones, the rest untouched.
+void test_folded_tiles(const std::vector<const fgq::KernelDispatch*>& ps) {
+  std::mt19937 rng(2024);
+  const int64_t ks[] = {5, 64, 130, 264};
+  int cases = 0;
+  for (int64_t M = 1; M <= 70; ++M)
+    for (int64_t B = 1; B <= 20; ++B) {
+      const int64_t k = ks[(M + B) % 4], n = (M * B) % 3 == 0 ? 8 : 4;
+      const int max_code = (M + 2 * B) % 2 ? 255 : 127;  // two planes, one
+      const fgq::ReductionLayout layout{1, k, n};
+      const int64_t G = layout.groups(), row_bytes = (G * n + 3) / 4;
+      std::vector<uint8_t> packed(static_cast<size_t>(M * row_bytes), 0);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t p = 0; p < k; ++p) {
+          const uint8_t code = static_cast<uint8_t>(rng() % 3 == 0 ? 0 : (rng() % 2 ? 1 : 3));
+          packed[static_cast<size_t>(m * row_bytes + p / 4)] |= static_cast<uint8_t>(code << (2 * (p % 4)));
+        }
+      std::vector<uint8_t> scales(static_cast<size_t>(M * G));
+      for (auto& v : scales) v = static_cast<uint8_t>(rng() % (max_code + 1));
+      scales[0] = static_cast<uint8_t>(max_code);
+      const std::vector<float> row_scale(static_cast<size_t>(M), 0.25f);
+      fgq::KernelWeights w;
+      const std::string err = fgq::repack_weights(packed.data(), M, row_bytes, scales.data(), fgq::ScaleType::kU8,
+                                                  row_scale.data(), layout, fgq::Plane::kAll, &w);
+      EXPECT(err.empty() && w.fold_planes == (max_code == 255 ? 2 : 1), "tiles repack: %s, %ld planes", err.c_str(),
+             (long)w.fold_planes);
+      const int64_t Kp = w.positions(), Gp = w.padded_groups, np = w.np;
+      std::vector<int8_t> natural(static_cast<size_t>(Kp)), xs(static_cast<size_t>(B * Kp)), xu(xs.size());
+      std::vector<int32_t> gsum(static_cast<size_t>(B * Gp));
+      for (int64_t b = 0; b < B; ++b) {
+        for (auto& v : natural) v = static_cast<int8_t>(b == 0 ? -128 : static_cast<int>(rng() % 256) - 128);
+        for (int64_t g = G; g < Gp; ++g)  // padding groups meet zero weights: any level
+          for (int64_t i = 0; i < np; ++i) natural[static_cast<size_t>(g * np + i)] = 0;
+        fgq::to_kernel_order(natural.data(), np, Gp, xs.data() + b * Kp, gsum.data() + b * Gp);
+        for (int64_t i = 0; i < Kp; ++i) xu[static_cast<size_t>(b * Kp + i)] = static_cast<int8_t>(natural[i] ^ 0x80);
+      }
+      fgq::GemmArgs ref;
+      ref.w = &w;
+      ref.x = xs.data();
+      ref.x_stride = Kp;
+      ref.gsum = gsum.data();
+      ref.s_stride = Gp;
+      ref.y_stride_b = M;
+      ref.m_end = M;
+      ref.b_end = B;
+      ref.scale = 0.5f;
+      ref.offset = 3.f;
+      std::vector<float> want(static_cast<size_t>(B * M));
+      ref.y = want.data();
+      fgq::kRefDispatch.gemm(ref);
+      // In place: row b's group g at ((G - 1 - g) * B + b) * np.
+      std::vector<int8_t> scattered(static_cast<size_t>(G * B * np + 64));
+      std::vector<int64_t> row_offsets(static_cast<size_t>(B)), segment_offsets(static_cast<size_t>(G));
+      for (int64_t b = 0; b < B; ++b) row_offsets[static_cast<size_t>(b)] = b * np;
+      for (int64_t g = 0; g < G; ++g) {
+        segment_offsets[static_cast<size_t>(g)] = (G - 1 - g) * B * np;
+        for (int64_t b = 0; b < B; ++b)
+          std::memcpy(scattered.data() + ((G - 1 - g) * B + b) * np, xu.data() + b * Kp + g * np, static_cast<size_t>(np));
+      }
+      for (const fgq::KernelDispatch* d : ps) {
+        if (!d->folded) continue;  // B < 4 too: the ops take the codes there, the kernel takes any B
+        fgq::GemmArgs a = ref;
+        a.x = xu.data();
+        a.natural = true;
+        a.gsum = nullptr;
+        std::vector<float> y(want.size(), -7.f);
+        a.y = y.data();
+        d->gemm(a);
+        EXPECT(y == want, "%s: folded tiles M=%ld B=%ld k=%ld n=%ld planes=%ld: not bit-exact", d->name, (long)M,
+               (long)B, (long)k, (long)n, (long)w.fold_planes);
+        fgq::GemmArgs t = a;
+        t.x = scattered.data();
+        t.row_offsets = row_offsets.data();
+        t.segment_offsets = segment_offsets.data();
+        t.segments = G;
+        t.segment_len = t.segment_read = np;
+        t.accumulate = (M + B) % 3 != 0;
+        const float before = t.accumulate ? 1.f : -7.f;
+        std::vector<float> yt(want.size(), before);
+        t.y = yt.data();
+        t.y_stride_b = 1;
+        t.y_stride_m = B;
+        t.m_begin = M > 20 ? 3 : 0;
+        t.m_end = M > 40 ? M - 18 : M;
+        t.b_begin = B > 3 ? 1 : 0;
+        t.b_end = B > 9 ? B - 2 : B;
+        d->gemm(t);
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t m = 0; m < M; ++m) {
+            const bool inside = m >= t.m_begin && m < t.m_end && b >= t.b_begin && b < t.b_end;
+            const float stored = want[static_cast<size_t>(b * M + m)] + (t.accumulate ? 1.f : 0.f);
+            const float v = yt[static_cast<size_t>(m * B + b)], expected = inside ? stored : before;
+            EXPECT(v == expected, "%s: folded tiles in place, [M, B] M=%ld B=%ld k=%ld m=%ld b=%ld: %g, want %g", d->name,
+                   (long)M, (long)B, (long)k, (long)m, (long)b, v, expected);
+          }
+        ++cases;
+      }
+    }
+  std::printf("folded tiles: %d cases bit-exact\n", cases);
+}
+
 // The activation slots of every path equal the scalar definitions.
 void test_activation_slots(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::mt19937 rng(7);
@@ -683,6 +791,7 @@ int main() {
   test_random(ps);
   test_few_rows(ps);
   test_folded_extremes(ps);
+  test_folded_tiles(ps);
   test_activation_slots(ps);
   test_quantize_exact(ps);
   if (g_failures) {

@@ -194,9 +194,11 @@ inline void block_store(const GemmArgs& a, int64_t quad0, int64_t b0) {
     }
 }
 
-// v[c] lane i is row i, column c: rows lo..hi-1 go to y + i * stride, 8 columns each.
-// Three shuffle rounds leave t[k] = [row k | row 4 + k] and t[4 + k] = [row 8 + k | row 12 + k].
-inline void store_rows8(const __m512 v[8], float* y, int64_t stride, int64_t lo, int64_t hi, bool accumulate) {
+// v[c] lane i is row i, column c (c < 8; v[columns..7] are zero): rows lo..hi-1 go to
+// y + i * stride, `columns` columns each. Three shuffle rounds leave t[k] = [row k | row 4 + k]
+// and t[4 + k] = [row 8 + k | row 12 + k].
+inline void store_rows(const __m512 v[8], int columns, float* y, int64_t stride, int64_t lo, int64_t hi,
+                       bool accumulate) {
   __m512 u[8], t[8];
   for (int p = 0; p < 4; ++p) {
     u[2 * p] = _mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]);
@@ -211,93 +213,130 @@ inline void store_rows8(const __m512 v[8], float* y, int64_t stride, int64_t lo,
   }
   const __m512i low = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
   const __m512i high = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  const __mmask8 row_columns = static_cast<__mmask8>((1u << columns) - 1);
   for (int k = 0; k < 4; ++k) {
     const __m512 pair[2] = {_mm512_permutex2var_ps(t[k], low, t[4 + k]), _mm512_permutex2var_ps(t[k], high, t[4 + k])};
-    for (int j = 0; j < 4; ++j) {  // rows k, 4 + k, 8 + k, 12 + k
+    for (int j = 0; j < 4; ++j) {  // rows k, 4 + k, 8 + k, 12 + k: the low or high half of pair[j / 2]
       const int64_t i = 4 * j + k;
       if (i < lo || i >= hi) continue;
-      // row i is the low or high half of pair[j / 2]: a masked store at y_i - 8 writes the high half to y_i
-      const __mmask16 half = j % 2 ? 0xFF00 : 0x00FF;
-      float* at = y + i * stride - (j % 2 ? 8 : 0);
-      __m512 r = pair[j / 2];
-      if (accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(half, at));
-      _mm512_mask_storeu_ps(at, half, r);
+      float* at = y + i * stride;
+      __m256 r = j % 2 ? _mm512_extractf32x8_ps(pair[j / 2], 1) : _mm512_castps512_ps256(pair[j / 2]);
+      if (accumulate) r = _mm256_add_ps(r, _mm256_maskz_loadu_ps(row_columns, at));
+      _mm256_mask_storeu_ps(at, row_columns, r);
     }
   }
 }
 
-// The folded form (KernelWeights::folded): one panel of 16 rows x C natural unsigned
-// activation rows (contiguous, or in segments: GemmArgs::row_offsets), exact int32 sums
-// per row, then the epilogue.
-template <int P, int C>
-void folded_block(const GemmArgs& a, int64_t panel, int64_t b0) {
+// The folded form's epilogue for one panel: sums[c] lane i is row m0 + i, column b0 + c
+// (c < columns <= 8), the exact sum over w * (x + 128); fold_bias removes the 128.
+void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m512i sums[8], int columns) {
   const KernelWeights& w = *a.w;
-  const int64_t chunks = w.positions() / 4;
-  const int8_t* wp = w.folded.data() + panel * chunks * P * 64;
-  const bool indirect = a.row_offsets != nullptr;
-  const int64_t segments = indirect ? a.segments : 1, segment_chunks = indirect ? a.segment_len / 4 : chunks;
-  const int64_t read_chunks = indirect ? a.segment_read / 4 : chunks;
-  const int8_t* row[C];
-  for (int c = 0; c < C; ++c) row[c] = a.x + (indirect ? a.row_offsets[b0 + c] : (b0 + c) * a.x_stride);
-  __m512i acc[P][C];
-  for (int p = 0; p < P; ++p)
-    for (int c = 0; c < C; ++c) acc[p][c] = _mm512_setzero_si512();
-  for (int64_t k = 0; k < segments; ++k) {
-    const int64_t offset = indirect ? a.segment_offsets[k] : 0;
-    const int8_t* x[C];
-    for (int c = 0; c < C; ++c) x[c] = row[c] + offset;
-    const int8_t* wk = wp + k * segment_chunks * P * 64;
-    for (int64_t j = 0; j < read_chunks; ++j) {
-      __m512i xv[C];
-      for (int c = 0; c < C; ++c) {
-        int32_t four;
-        std::memcpy(&four, x[c] + 4 * j, 4);
-        xv[c] = _mm512_set1_epi32(four);
-      }
-      for (int p = 0; p < P; ++p) {
-        const __m512i wv = _mm512_loadu_si512(wk + (j * P + p) * 64);
-        for (int c = 0; c < C; ++c) acc[p][c] = _mm512_dpbusd_epi32(acc[p][c], xv[c], wv);
-      }
-    }
-  }
-  const int64_t m0 = 16 * panel;
   const __m512i bias = _mm512_loadu_si512(w.fold_bias.data() + m0);
   const __m512 rs = _mm512_loadu_ps(w.row_scale.data() + m0), ro = _mm512_loadu_ps(w.row_offset.data() + m0);
   const __m512 offset_term = _mm512_mul_ps(_mm512_set1_ps(a.offset), ro), scale = _mm512_set1_ps(a.scale);
   const int64_t lo = std::max<int64_t>(a.m_begin - m0, 0), hi = std::min<int64_t>(a.m_end - m0, 16);
-  const __mmask16 rows = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
-  __m512 vs[8];
-  for (int c = 0; c < C; ++c) {
-    __m512i total = acc[0][c];
-    if (P == 2) total = _mm512_add_epi32(total, _mm512_slli_epi32(acc[1][c], 7));
-    total = _mm512_sub_epi32(total, bias);
-    __m512 v = _mm512_mul_ps(scale, _mm512_fmadd_ps(rs, _mm512_cvtepi32_ps(total), offset_term));
-    float* y = a.y + (b0 + c) * a.y_stride_b + m0 * a.y_stride_m;
-    if (a.y_stride_m == 1) {
-      if (a.accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(rows, y));
-      _mm512_mask_storeu_ps(y, rows, v);
-    } else if (C == 8 && a.y_stride_b == 1) {  // rows of 8 contiguous columns (a convolution's NCHW output)
-      vs[c] = v;
-      if (c == C - 1) store_rows8(vs, a.y + b0 + m0 * a.y_stride_m, a.y_stride_m, lo, hi, a.accumulate);
-    } else {
-      alignas(64) float lanes[16];
-      _mm512_store_ps(lanes, v);
+  __m512 v[8];
+  for (int c = 0; c < 8; ++c)
+    v[c] = c < columns ? _mm512_mul_ps(scale, _mm512_fmadd_ps(rs, _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[c], bias)),
+                                                              offset_term))
+                       : _mm512_setzero_ps();
+  float* y = a.y + b0 * a.y_stride_b + m0 * a.y_stride_m;
+  if (a.y_stride_m == 1) {  // [B, M]: each column's 16 rows contiguous
+    const __mmask16 rows = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+    for (int c = 0; c < columns; ++c) {
+      float* yc = y + c * a.y_stride_b;
+      _mm512_mask_storeu_ps(yc, rows, a.accumulate ? _mm512_add_ps(v[c], _mm512_maskz_loadu_ps(rows, yc)) : v[c]);
+    }
+  } else if (a.y_stride_b == 1) {  // [M, pixels] (a convolution's NCHW output): each row's columns contiguous
+    store_rows(v, columns, y, a.y_stride_m, lo, hi, a.accumulate);
+  } else {
+    alignas(64) float lanes[16];
+    for (int c = 0; c < columns; ++c) {
+      _mm512_store_ps(lanes, v[c]);
       for (int64_t i = lo; i < hi; ++i) {
-        float& yi = y[i * a.y_stride_m];
+        float& yi = y[c * a.y_stride_b + i * a.y_stride_m];
         yi = a.accumulate ? yi + lanes[i] : lanes[i];
       }
     }
   }
 }
 
-template <int P>
-void gemm_folded(const GemmArgs& a) {
-  for (int64_t panel = a.m_begin / 16; panel < (a.m_end + 15) / 16; ++panel) {
-    int64_t b = a.b_begin;
-    for (; b + 8 <= a.b_end; b += 8) folded_block<P, 8>(a, panel, b);
-    for (; b + 4 <= a.b_end; b += 4) folded_block<P, 4>(a, panel, b);
-    for (; b < a.b_end; ++b) folded_block<P, 1>(a, panel, b);
+// The folded form (KernelWeights::folded), one register tile: NP panels of 16 rows (PL planes
+// each) x C natural unsigned activation rows (contiguous, or in segments: GemmArgs::row_offsets).
+// Per 4-position chunk, NP * PL weight vectors are loaded once and met by each row's 4 bytes,
+// broadcast once: NP * PL * C vpdpbusd for NP * PL + C loads. Exact int32 sums per row, then
+// the epilogue.
+template <int PL, int NP, int C>
+void folded_block(const GemmArgs& a, int64_t panel0, int64_t b0) {
+  const KernelWeights& w = *a.w;
+  const int64_t chunks = w.positions() / 4, panel_bytes = chunks * PL * 64;
+  const int8_t* wp = w.folded.data() + panel0 * panel_bytes;
+  const bool indirect = a.row_offsets != nullptr;
+  const int64_t segments = indirect ? a.segments : 1, segment_chunks = indirect ? a.segment_len / 4 : chunks;
+  const int64_t read_chunks = indirect ? a.segment_read / 4 : chunks;
+  const int8_t* row[C];
+  for (int c = 0; c < C; ++c) row[c] = a.x + (indirect ? a.row_offsets[b0 + c] : (b0 + c) * a.x_stride);
+  __m512i acc[NP][PL][C];
+  for (int p = 0; p < NP; ++p)
+    for (int l = 0; l < PL; ++l)
+      for (int c = 0; c < C; ++c) acc[p][l][c] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < segments; ++k) {
+    const int64_t offset = indirect ? a.segment_offsets[k] : 0;
+    const int8_t* x[C];
+    for (int c = 0; c < C; ++c) x[c] = row[c] + offset;
+    const int8_t* wk = wp + k * segment_chunks * PL * 64;
+    for (int64_t j = 0; j < read_chunks; ++j) {
+      __m512i wv[NP][PL];
+      for (int p = 0; p < NP; ++p)
+        for (int l = 0; l < PL; ++l) wv[p][l] = _mm512_loadu_si512(wk + p * panel_bytes + (j * PL + l) * 64);
+      for (int c = 0; c < C; ++c) {
+        int32_t four;
+        std::memcpy(&four, x[c] + 4 * j, 4);
+        const __m512i xv = _mm512_set1_epi32(four);
+        for (int p = 0; p < NP; ++p)
+          for (int l = 0; l < PL; ++l) acc[p][l][c] = _mm512_dpbusd_epi32(acc[p][l][c], xv, wv[p][l]);
+      }
+    }
   }
+  for (int p = 0; p < NP; ++p) {
+    __m512i sums[8];
+    for (int c = 0; c < C; ++c)
+      sums[c] = PL == 1 ? acc[p][0][c] : _mm512_add_epi32(acc[p][0][c], _mm512_slli_epi32(acc[p][PL - 1][c], 7));
+    folded_store(a, 16 * (panel0 + p), b0, sums, C);
+  }
+}
+
+// `rows` (1..C) activation rows from b0, one block of NP panels.
+template <int PL, int NP, int C>
+void folded_block_sized(const GemmArgs& a, int64_t panel0, int64_t b0, int64_t rows) {
+  if constexpr (C > 1)
+    if (rows < C) return folded_block_sized<PL, NP, C - 1>(a, panel0, b0, rows);
+  folded_block<PL, NP, C>(a, panel0, b0);
+}
+
+// Panels [panel0, panel0 + count) (count <= NP) x all activation rows, in as few blocks as the
+// registers allow (24 accumulators at most: 4 weight vectors x 6 rows, else 8 rows), of sizes
+// that differ by at most one (no short last block).
+template <int PL, int NP>
+void folded_panels(const GemmArgs& a, int64_t panel0, int64_t count) {
+  if constexpr (NP > 1)
+    if (count < NP) return folded_panels<PL, NP - 1>(a, panel0, count);
+  constexpr int kMaxRows = NP * PL == 4 ? 6 : 8;
+  const int64_t rows = a.b_end - a.b_begin, blocks = (rows + kMaxRows - 1) / kMaxRows;
+  for (int64_t i = 0, b = a.b_begin; i < blocks; ++i) {
+    const int64_t n = (rows + i) / blocks;
+    folded_block_sized<PL, NP, kMaxRows>(a, panel0, b, n);
+    b += n;
+  }
+}
+
+// Panels in groups of 4 / PL: 4 weight vectors a chunk.
+template <int PL>
+void gemm_folded(const GemmArgs& a) {
+  constexpr int kPanels = 4 / PL;
+  const int64_t end = (a.m_end + 15) / 16;
+  for (int64_t panel = a.m_begin / 16; panel < end; panel += kPanels)
+    folded_panels<PL, kPanels>(a, panel, std::min<int64_t>(kPanels, end - panel));
 }
 
 template <ScaleType ST>
