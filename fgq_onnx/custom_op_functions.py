@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common
 from onnx import TensorProto, helper
 
 DOMAIN = "com.fgq"
@@ -23,8 +25,9 @@ def _const(name: str, array) -> onnx.NodeProto:
 
 
 def _attr_const(name: str, attr: str, kind: int) -> onnx.NodeProto:
-    """Constant whose value is the calling node's attribute (value_int / value_ints / value_float)."""
-    field = {onnx.AttributeProto.INT: "value_int", onnx.AttributeProto.INTS: "value_ints"}[kind]
+    """Constant whose value is the calling node's attribute (value_int / value_ints / value_floats)."""
+    field = {onnx.AttributeProto.INT: "value_int", onnx.AttributeProto.INTS: "value_ints",
+             onnx.AttributeProto.FLOATS: "value_floats"}[kind]
     node = helper.make_node("Constant", [], [name])
     node.attribute.append(helper.make_attribute_ref(field, kind, attr))
     node.attribute[-1].ref_attr_name = attr
@@ -98,6 +101,53 @@ def _scaled_groups(asymmetric: bool) -> list[onnx.NodeProto]:
     ]
 
 
+def _matmul(out: str) -> list[onnx.NodeProto]:
+    """out [..., M] = xa [..., K] @ w.T + bias, as a Gemm on [-1, K] rows (Gemm takes the optional bias)."""
+    return [
+        helper.make_node("Concat", ["minus_one", "k"], ["rows_2d"], axis=0),
+        helper.make_node("Reshape", ["xa", "rows_2d"], ["xa_2d"]),
+        helper.make_node("Gemm", ["xa_2d", "w", "bias"], ["y_2d"], transB=1),
+        helper.make_node("Shape", ["X"], ["x_lead"], end=-1),
+        helper.make_node("Shape", ["w"], ["w_rows"], end=1),
+        helper.make_node("Concat", ["x_lead", "w_rows"], ["y_shape"], axis=0),
+        helper.make_node("Reshape", ["y_2d", "y_shape"], [out], allowzero=1),
+    ]
+
+
+def _activation(kind: str, out: str) -> list[onnx.NodeProto]:
+    """out = the `activation` of "pre" (docs/custom-ops.md); its parameters from `activation_params`."""
+    if kind == "relu":
+        return [helper.make_node("Relu", ["pre"], [out])]
+    if kind == "hardswish":  # the kernel's order of operations: x * clip(x + 3, 0, 6) * (1/6)
+        return [
+            _const("act_three", np.array(3.0, np.float32)),
+            _const("act_zero", np.array(0.0, np.float32)),
+            _const("act_six", np.array(6.0, np.float32)),
+            _const("act_sixth", np.array(1 / 6, np.float32)),
+            helper.make_node("Add", ["pre", "act_three"], ["act_shifted"]),
+            helper.make_node("Clip", ["act_shifted", "act_zero", "act_six"], ["act_gate"]),
+            helper.make_node("Mul", ["pre", "act_gate"], ["act_gated"]),
+            helper.make_node("Mul", ["act_gated", "act_sixth"], [out]),
+        ]
+    params = [
+        _attr_const("act_params", "activation_params", onnx.AttributeProto.FLOATS),
+        _const("act_first", np.array(0, np.int64)),
+        _const("act_second", np.array(1, np.int64)),
+        helper.make_node("Gather", ["act_params", "act_first"], ["act_p0"]),
+        helper.make_node("Gather", ["act_params", "act_second"], ["act_p1"]),
+    ]
+    if kind == "clip":
+        return [*params, helper.make_node("Clip", ["pre", "act_p0", "act_p1"], [out])]
+    return [  # hardsigmoid: clip(alpha * x + beta, 0, 1)
+        *params,
+        _const("act_zero", np.array(0.0, np.float32)),
+        _const("act_one", np.array(1.0, np.float32)),
+        helper.make_node("Mul", ["pre", "act_p0"], ["act_scaled"]),
+        helper.make_node("Add", ["act_scaled", "act_p1"], ["act_shifted"]),
+        helper.make_node("Clip", ["act_shifted", "act_zero", "act_one"], [out]),
+    ]
+
+
 def _rows_k() -> list[onnx.NodeProto]:
     """wg -> w [M, K] (MatMul and Gemm: one segment a row)."""
     return [
@@ -160,42 +210,52 @@ def _attr_passthrough(name: str, kind: int) -> onnx.AttributeProto:
 
 ASYMMETRIC = "asymmetric"  # node and function overload of the bodies that read neg_scales
 RESIDUAL = "residual"  # TernaryConv nodes with a residual input (joined as "asymmetric-residual")
+ACTIVATIONS = ("relu", "clip", "hardsigmoid", "hardswish")  # values of the `activation` attribute, and overloads
 
 
-def overload_name(asymmetric: bool, residual: bool) -> str:
-    return "-".join(name for name, on in ((ASYMMETRIC, asymmetric), (RESIDUAL, residual)) if on)
+def overload_name(asymmetric: bool, residual: bool, activation: str = "") -> str:
+    """The overload of a node: its features joined by "-", e.g. "asymmetric-residual-hardswish"."""
+    return "-".join(name for name, on in ((ASYMMETRIC, asymmetric), (RESIDUAL, residual), (activation, True)) if on and name)
+
+
+def overload_activation(overload: str) -> str:
+    """The activation an overload names, or ""."""
+    return next((part for part in overload.split("-") if part in ACTIVATIONS), "")
 
 
 def function_protos(opset: int, overload: str = "") -> list[onnx.FunctionProto]:
     """The FunctionProtos of the three ops, for the nodes this pass writes.
 
     Covers float activations, scales of any type with a row_scale input
-    (always written by the pass); TernaryMatMul's body has no bias. A body
-    cannot test whether an optional input was given, so the asymmetric
-    nodes (neg_scales and neg_row_scale given) carry the overload
-    ASYMMETRIC and get the bodies of that overload (IR >= 10): onnxruntime
-    picks the body by (domain, name, overload) and the kernel by name alone.
-    TernaryConv nodes with a residual input (added before the ReLU) carry
-    RESIDUAL too (overload_name); those overloads have only the conv body.
+    (always written by the pass). A body cannot test whether an optional
+    input was given, nor compare a string attribute, so the asymmetric nodes
+    (neg_scales and neg_row_scale given) carry the overload ASYMMETRIC and
+    get the bodies of that overload (IR >= 10): onnxruntime picks the body by
+    (domain, name, overload) and the kernel by name alone. TernaryConv nodes
+    with a residual input (added before the ReLU) carry RESIDUAL too
+    (overload_name); those overloads have only the conv body. Nodes with an
+    `activation` carry its name (ACTIVATIONS), whose bodies apply it last.
     """
     features = set(overload.split("-")) - {""}
+    activation = overload_activation(overload)
+    out = "pre" if activation else "Y"
     imports = [helper.make_opsetid("", opset)]
     common_attrs = ["N", "act_qmin", "act_qmax"]
+    activation_attrs = ["activation", "activation_params"]
     weights = [*_activation_and_weights(), *_scaled_groups(ASYMMETRIC in features)]
+    finish = _activation(activation, "Y") if activation else []
 
     matmul = helper.make_function(
-        DOMAIN, "TernaryMatMul", INPUTS, ["Y"],
-        [*weights, *_rows_k(), helper.make_node("Transpose", ["w"], ["wt"]),
-         helper.make_node("MatMul", ["xa", "wt"], ["Y"])],
-        imports, [*common_attrs, "K"],
+        DOMAIN, "TernaryMatMul", INPUTS, ["Y"], [*weights, *_rows_k(), *_matmul(out), *finish],
+        imports, [*common_attrs, "K", *activation_attrs],
     )
-    gemm_node = helper.make_node("Gemm", ["xa", "w", "bias"], ["Y"], transB=1)
+    gemm_node = helper.make_node("Gemm", ["xa", "w", "bias"], [out], transB=1)
     for name, kind in (("transA", onnx.AttributeProto.INT), ("alpha", onnx.AttributeProto.FLOAT),
                        ("beta", onnx.AttributeProto.FLOAT)):
         gemm_node.attribute.append(_attr_passthrough(name, kind))
     gemm = helper.make_function(
-        DOMAIN, "TernaryGemm", INPUTS, ["Y"], [*weights, *_rows_k(), gemm_node],
-        imports, [*common_attrs, "K", "transA", "transB", "alpha", "beta"],
+        DOMAIN, "TernaryGemm", INPUTS, ["Y"], [*weights, *_rows_k(), gemm_node, *finish],
+        imports, [*common_attrs, "K", "transA", "transB", "alpha", "beta", *activation_attrs],
     )
     conv_node = helper.make_node("Conv", ["xa", "w", "bias"], ["conv_out"])
     for name in ("group", "strides", "pads", "dilations"):
@@ -207,15 +267,26 @@ def function_protos(opset: int, overload: str = "") -> list[onnx.FunctionProto]:
         _const("zero_f", np.array(0.0, np.float32)),
         _const("neg_inf", np.array(-np.inf, np.float32)),
         helper.make_node("Where", ["relu_bool", "zero_f", "neg_inf"], ["floor"]),
-        helper.make_node("Max", ["summed" if RESIDUAL in features else "conv_out", "floor"], ["Y"]),
+        helper.make_node("Max", ["summed" if RESIDUAL in features else "conv_out", "floor"], [out]),
     ]
     residual = [helper.make_node("Add", ["conv_out", "residual"], ["summed"])] if RESIDUAL in features else []
     conv = helper.make_function(
         DOMAIN, "TernaryConv", INPUTS + ["residual"] * (RESIDUAL in features), ["Y"],
-        [*weights, *_conv_weight(), conv_node, *residual, *relu],
-        imports, [*common_attrs, "weight_shape", "group", "strides", "pads", "dilations", "kernel_shape", "relu"],
+        [*weights, *_conv_weight(), conv_node, *residual, *relu, *finish],
+        imports, [*common_attrs, "weight_shape", "group", "strides", "pads", "dilations", "kernel_shape", "relu",
+                  *activation_attrs],
     )
     functions = [conv] if RESIDUAL in features else [matmul, gemm, conv]
     for function in functions:
         function.overload = overload
     return functions
+
+
+def attach_function_bodies(model: ir.Model) -> None:
+    """Give `model` this version's FunctionProtos of every com.fgq overload its main graph uses; drop unused functions."""
+    opset = model.opset_imports[""]
+    for overload in sorted({node.overload for node in model.graph if node.domain == DOMAIN}):
+        for proto in function_protos(opset, overload):
+            function = ir.serde.deserialize_function(proto)
+            model.functions[function.identifier()] = function
+    ir.passes.common.RemoveUnusedFunctionsPass()(model)
