@@ -114,38 +114,64 @@ def _matmul(out: str) -> list[onnx.NodeProto]:
     ]
 
 
-def _activation(kind: str, out: str) -> list[onnx.NodeProto]:
-    """out = the `activation` of "pre" (docs/custom-ops.md); its parameters from `activation_params`."""
+def _activation(kind: str, src: str, out: str) -> list[onnx.NodeProto]:
+    """out = the `activation` of src (docs/custom-ops.md); its parameters from `activation_params`."""
     if kind == "relu":
-        return [helper.make_node("Relu", ["pre"], [out])]
+        return [helper.make_node("Relu", [src], [out])]
     if kind == "hardswish":  # the kernel's order of operations: x * clip(x + 3, 0, 6) * (1/6)
         return [
             _const("act_three", np.array(3.0, np.float32)),
             _const("act_zero", np.array(0.0, np.float32)),
             _const("act_six", np.array(6.0, np.float32)),
             _const("act_sixth", np.array(1 / 6, np.float32)),
-            helper.make_node("Add", ["pre", "act_three"], ["act_shifted"]),
+            helper.make_node("Add", [src, "act_three"], ["act_shifted"]),
             helper.make_node("Clip", ["act_shifted", "act_zero", "act_six"], ["act_gate"]),
-            helper.make_node("Mul", ["pre", "act_gate"], ["act_gated"]),
+            helper.make_node("Mul", [src, "act_gate"], ["act_gated"]),
             helper.make_node("Mul", ["act_gated", "act_sixth"], [out]),
         ]
-    params = [
-        _attr_const("act_params", "activation_params", onnx.AttributeProto.FLOATS),
-        _const("act_first", np.array(0, np.int64)),
-        _const("act_second", np.array(1, np.int64)),
-        helper.make_node("Gather", ["act_params", "act_first"], ["act_p0"]),
-        helper.make_node("Gather", ["act_params", "act_second"], ["act_p1"]),
-    ]
+    params = _two_floats("activation_params", "act")
     if kind == "clip":
-        return [*params, helper.make_node("Clip", ["pre", "act_p0", "act_p1"], [out])]
+        return [*params, helper.make_node("Clip", [src, "act_p0", "act_p1"], [out])]
     return [  # hardsigmoid: clip(alpha * x + beta, 0, 1)
         *params,
         _const("act_zero", np.array(0.0, np.float32)),
         _const("act_one", np.array(1.0, np.float32)),
-        helper.make_node("Mul", ["pre", "act_p0"], ["act_scaled"]),
+        helper.make_node("Mul", [src, "act_p0"], ["act_scaled"]),
         helper.make_node("Add", ["act_scaled", "act_p1"], ["act_shifted"]),
         helper.make_node("Clip", ["act_shifted", "act_zero", "act_one"], [out]),
     ]
+
+
+def _two_floats(attr: str, prefix: str) -> list[onnx.NodeProto]:
+    """{prefix}_p0, {prefix}_p1: the two values of the calling node's floats attribute `attr`, as scalars."""
+    return [
+        _attr_const(f"{prefix}_params", attr, onnx.AttributeProto.FLOATS),
+        _const(f"{prefix}_first", np.array(0, np.int64)),
+        _const(f"{prefix}_second", np.array(1, np.int64)),
+        helper.make_node("Gather", [f"{prefix}_params", f"{prefix}_first"], [f"{prefix}_p0"]),
+        helper.make_node("Gather", [f"{prefix}_params", f"{prefix}_second"], [f"{prefix}_p1"]),
+    ]
+
+
+def _affine(src: str, out: str) -> list[onnx.NodeProto]:
+    """out = src * scale + shift, [scale, shift] = `activation_affine`."""
+    return [
+        *_two_floats("activation_affine", "affine"),
+        helper.make_node("Mul", [src, "affine_p0"], ["affine_scaled"]),
+        helper.make_node("Add", ["affine_scaled", "affine_p1"], [out]),
+    ]
+
+
+def _finish(features: set[str]) -> tuple[str, list[onnx.NodeProto]]:
+    """(the name the op's body writes, the nodes from it to Y): the activation, then the affine map."""
+    stages = [lambda src, out, kind=kind: _activation(kind, src, out) for kind in ACTIVATIONS if kind in features]
+    stages += [_affine] if AFFINE in features else []
+    nodes, src = [], "pre" if stages else "Y"
+    for index, stage in enumerate(stages):
+        out = "Y" if index == len(stages) - 1 else f"stage{index}"
+        nodes += stage(src, out)
+        src = out
+    return ("pre" if stages else "Y"), nodes
 
 
 def _rows_k() -> list[onnx.NodeProto]:
@@ -211,16 +237,13 @@ def _attr_passthrough(name: str, kind: int) -> onnx.AttributeProto:
 ASYMMETRIC = "asymmetric"  # node and function overload of the bodies that read neg_scales
 RESIDUAL = "residual"  # TernaryConv nodes with a residual input (joined as "asymmetric-residual")
 ACTIVATIONS = ("relu", "clip", "hardsigmoid", "hardswish")  # values of the `activation` attribute, and overloads
+AFFINE = "affine"  # nodes with `activation_affine`
 
 
-def overload_name(asymmetric: bool, residual: bool, activation: str = "") -> str:
-    """The overload of a node: its features joined by "-", e.g. "asymmetric-residual-hardswish"."""
-    return "-".join(name for name, on in ((ASYMMETRIC, asymmetric), (RESIDUAL, residual), (activation, True)) if on and name)
-
-
-def overload_activation(overload: str) -> str:
-    """The activation an overload names, or ""."""
-    return next((part for part in overload.split("-") if part in ACTIVATIONS), "")
+def overload_name(asymmetric: bool, residual: bool, activation: str = "", affine: bool = False) -> str:
+    """The overload of a node: its features joined by "-", e.g. "asymmetric-residual-hardswish-affine"."""
+    features = ((ASYMMETRIC, asymmetric), (RESIDUAL, residual), (activation, True), (AFFINE, affine))
+    return "-".join(name for name, on in features if on and name)
 
 
 def function_protos(opset: int, overload: str = "") -> list[onnx.FunctionProto]:
@@ -234,16 +257,15 @@ def function_protos(opset: int, overload: str = "") -> list[onnx.FunctionProto]:
     (domain, name, overload) and the kernel by name alone. TernaryConv nodes
     with a residual input (added before the ReLU) carry RESIDUAL too
     (overload_name); those overloads have only the conv body. Nodes with an
-    `activation` carry its name (ACTIVATIONS), whose bodies apply it last.
+    `activation` carry its name (ACTIVATIONS), nodes with `activation_affine`
+    AFFINE; their bodies apply them last, in that order.
     """
     features = set(overload.split("-")) - {""}
-    activation = overload_activation(overload)
-    out = "pre" if activation else "Y"
     imports = [helper.make_opsetid("", opset)]
     common_attrs = ["N", "act_qmin", "act_qmax"]
-    activation_attrs = ["activation", "activation_params"]
+    activation_attrs = ["activation", "activation_params", "activation_affine"]
     weights = [*_activation_and_weights(), *_scaled_groups(ASYMMETRIC in features)]
-    finish = _activation(activation, "Y") if activation else []
+    out, finish = _finish(features)
 
     matmul = helper.make_function(
         DOMAIN, "TernaryMatMul", INPUTS, ["Y"], [*weights, *_rows_k(), *_matmul(out), *finish],

@@ -130,6 +130,30 @@ def _single(y: ir.Value) -> tuple[str, list[float], ir.Node] | None:
     return "clip", list(bounds), node
 
 
+def _scalar_operand(node: ir.Node | None, op_type: str, value: ir.Value) -> float | None:
+    """c when node is op_type(value, c) (either order) with c a finite float32 scalar constant."""
+    if node is None or not _is(node, op_type) or len(node.inputs) != 2:
+        return None
+    other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
+    c = _scalar(other) if other is not value else None
+    return c if c is not None and np.isfinite(c) else None
+
+
+def _affine(value: ir.Value) -> tuple[list[float], list[ir.Node]] | None:
+    """([scale, shift], nodes) when value is read only by Mul(scalar) [-> Add(scalar)] or Add(scalar)
+    (PP-LCNetV3's learnable affine block after each activation)."""
+    params, nodes = [1.0, 0.0], []
+    for index, op_type in enumerate(("Mul", "Add")):
+        node = _consumers(value)[0] if _private(value) else None
+        c = _scalar_operand(node, op_type, value)
+        if node is None or c is None:
+            continue
+        params[index] = c
+        nodes.append(node)
+        value = node.outputs[0]
+    return (params, nodes) if nodes else None
+
+
 def _match(y: ir.Value) -> tuple[str, list[float], list[ir.Node]] | None:
     """(activation, activation_params, the nodes computing it from y, last one last)."""
     nodes = _decomposed_hard_swish(y)
@@ -149,11 +173,13 @@ class FuseActivationPass(ir.passes.InPlacePass):
     either order) or y * HardSigmoid(y) with alpha 1/6, beta 0.5. y and every
     intermediate must be read only inside the pattern and not be graph
     outputs; a HardSigmoid whose output gates another tensor (Mul(other), SE
-    blocks) is fused alone. The op must have no activation yet (relu 0).
-    A ReLU on TernaryConv sets its `relu` attribute; everything else sets
-    `activation` (and `activation_params` for clip [min, max] and
-    hardsigmoid [alpha, beta]) and adds the activation to the node's
-    overload, whose FunctionProto applies it. The last node's output name is kept.
+    blocks) is fused alone. A ReLU on TernaryConv sets its `relu` attribute;
+    everything else sets `activation` (and `activation_params` for clip
+    [min, max] and hardsigmoid [alpha, beta]). After an activation (fused
+    now, or relu=1 already), Mul(scalar) [-> Add(scalar)] or Add(scalar) of
+    float32 constants becomes `activation_affine` [scale, shift]. Both go
+    into the node's overload, whose FunctionProto applies them. The last
+    node's output name is kept.
 
     Requires: com.fgq nodes (UseCustomOpsPass); run after the bias and
     residual fusions, which apply before the activation.
@@ -167,22 +193,31 @@ class FuseActivationPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=count > 0)
 
     def _fuse(self, graph: ir.Graph, node: ir.Node) -> bool:
-        if "activation" in node.attributes or int_attr(node, "relu", 0) != 0:
+        if "activation_affine" in node.attributes:
             return False
-        match = _match(node.outputs[0])
-        if match is None:
-            return False
-        kind, params, nodes = match
         attrs = {name: attr.value for name, attr in node.attributes.items()}
-        overload = node.overload
-        if kind == "relu" and node.op_type == "TernaryConv":
-            attrs["relu"] = 1
-        else:
-            attrs["activation"] = kind
-            if params:
-                attrs["activation_params"] = params
-            features = node.overload.split("-")
-            overload = overload_name(ASYMMETRIC in features, RESIDUAL in features, kind)
+        activated = "activation" in attrs or int_attr(node, "relu", 0) != 0
+        match = None if activated else _match(node.outputs[0])
+        if not activated and match is None:
+            return False
+        nodes = []
+        if match is not None:
+            kind, params, nodes = match
+            if kind == "relu" and node.op_type == "TernaryConv":
+                attrs["relu"] = 1
+            else:
+                attrs["activation"] = kind
+                if params:
+                    attrs["activation_params"] = params
+        affine = _affine(nodes[-1].outputs[0] if nodes else node.outputs[0])
+        if affine is not None:
+            attrs["activation_affine"] = affine[0]
+            nodes = [*nodes, *affine[1]]
+        if not nodes:
+            return False
+        features = node.overload.split("-")
+        overload = overload_name(ASYMMETRIC in features, RESIDUAL in features, str(attrs.get("activation", "")),
+                                 affine is not None)
         fused = ir.node(node.op_type, node.inputs, attrs, domain=DOMAIN, overload=overload, name=node.name)
         last = nodes[-1]
         ir.convenience.replace_nodes_and_values(graph, last, [node, *nodes], [fused], [last.outputs[0]], fused.outputs)

@@ -197,3 +197,29 @@ def test_gemm_bias_and_activation(tmp_path):
     fused, _ = _fuse(tmp_path, text, MATMUL_WEIGHTS, _x((4, 16)))
     gemm = _op(fused, "TernaryGemm")
     assert _float_ops(fused) == [] and _attr(gemm, "activation") == b"relu" and gemm.overload == "relu"
+
+
+AFFINE_WEIGHTS = {**CONV_WEIGHTS, "scale": np.float32(1.7), "shift": np.float32(-0.3)}
+
+
+@pytest.mark.parametrize("body,overload,params", [
+    (HARD_SWISH_FORMS["paddle"].replace("y = Div", "h = Div") + "\n s = Mul (scale, h)\n y = Add (s, shift)",
+     "hardswish-affine", [1.7, -0.3]),
+    ("r = Relu (b)\n s = Mul (r, scale)\n y = Add (shift, s)", "affine", [1.7, -0.3]),
+    ("r = Clip (b, zero, six)\n y = Add (r, shift)", "clip-affine", [1.0, -0.3]),
+])
+def test_scalar_affine_after_an_activation_fuses(tmp_path, body, overload, params):
+    fused, _ = _fuse(tmp_path, _conv_graph(body), AFFINE_WEIGHTS, _x())
+    conv = _op(fused, "TernaryConv")
+    assert _float_ops(fused) == [] and conv.overload == overload
+    np.testing.assert_allclose(_attr(conv, "activation_affine"), params, rtol=1e-7)
+
+
+@pytest.mark.parametrize("body,left", [
+    ("y = Mul (b, scale)", ["Mul"]),  # no activation before it: not an activation's affine
+    ("r = Relu (b)\n y = Mul (r, bias)", ["Mul"]),  # per channel, not one value
+])
+def test_affine_that_must_not_fuse(tmp_path, body, left):
+    fused, _ = _fuse(tmp_path, _conv_graph(body), AFFINE_WEIGHTS, _x())
+    conv = _op(fused, "TernaryConv")
+    assert _float_ops(fused) == left and _attr(conv, "activation_affine") is None

@@ -1,4 +1,4 @@
-"""The com.fgq ops' fused activation (`activation`, `activation_params`) on every kernel path.
+"""The com.fgq ops' fused activation (`activation`, `activation_params`, `activation_affine`) on every kernel path.
 
 Exact mode (integer activations and weights, unit scales, biases and
 residuals in quarters): the pre-activation output is exact, so each path's
@@ -32,8 +32,10 @@ from test_runtime_helpers import (  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-ACTIVATIONS = [("relu", []), ("clip", [-2.5, 6.0]), ("clip", [0.0, 6.0]), ("hardsigmoid", [0.2, 0.5]),
-               ("hardsigmoid", [1 / 6, 0.5]), ("hardswish", [])]
+# (activation, activation_params, activation_affine); "relu=1": TernaryConv's relu attribute instead
+ACTIVATIONS = [("relu", [], None), ("clip", [-2.5, 6.0], None), ("clip", [0.0, 6.0], None), ("hardsigmoid", [0.2, 0.5], None),
+               ("hardsigmoid", [1 / 6, 0.5], None), ("hardswish", [], None), ("hardswish", [], [1.25, -0.375]),
+               ("relu", [], [0.5, 0.25]), ("", [], [-2.0, 1.5])]
 F32 = np.float32
 
 
@@ -42,26 +44,34 @@ def _clamp(v, lo, hi):
     return np.where(v > hi, F32(hi), v)
 
 
-def activation_ref(y: np.ndarray, kind: str, params: list[float]) -> np.ndarray:
-    """docs/custom-ops.md's definitions, in float32 in the kernel's order of operations."""
-    y = y.astype(np.float32)
-    if kind == "relu":
+def _activation_ref(y: np.ndarray, kind: str, params: list[float]) -> np.ndarray:
+    if kind in ("relu", "relu=1"):
         return np.where(y < 0, F32(0), y)
     if kind == "clip":
         return _clamp(y, F32(params[0]), F32(params[1]))
     if kind == "hardsigmoid":
         return _clamp(F32(params[0]) * y + F32(params[1]), 0, 1)
-    return y * _clamp(y + F32(3), 0, 6) * F32(1 / 6)
+    if kind == "hardswish":
+        return y * _clamp(y + F32(3), 0, 6) * F32(1 / 6)
+    return y
 
 
-def _attrs(kind: str, params: list[float]) -> dict:
-    return dict(activation=kind, **({"activation_params": params} if params else {}))
+def activation_ref(y: np.ndarray, kind: str, params: list[float], affine: list[float] | None) -> np.ndarray:
+    """docs/custom-ops.md's definitions, in float32 in the kernel's order of operations."""
+    y = _activation_ref(y.astype(np.float32), kind, params)
+    return y if affine is None else y * F32(affine[0]) + F32(affine[1])
+
+
+def _attrs(kind: str, params: list[float], affine: list[float] | None) -> dict:
+    attrs = {"relu": 1} if kind == "relu=1" else {"activation": kind} if kind else {}
+    return {**attrs, **({"activation_params": params} if params else {}), **({"activation_affine": affine} if affine else {})}
 
 
 def _with_body(model, residual: bool = False):
     """The model with its node's overload and the FunctionProtos it needs (run without the library)."""
-    kind = next(a.s.decode() for a in model.graph.node[0].attribute if a.name == "activation")
-    overload = overload_name(False, residual, kind)
+    attrs = {a.name for a in model.graph.node[0].attribute}
+    kind = next((a.s.decode() for a in model.graph.node[0].attribute if a.name == "activation"), "")
+    overload = overload_name(False, residual, kind, "activation_affine" in attrs)
     model.graph.node[0].overload = overload
     model.functions.extend(function_protos(21, overload))
     return model
@@ -88,10 +98,10 @@ CONV_CASES = [("in-place", 16, 1, 20, 1, 4), ("gathered", 9, 1, 7, 3, 3), ("stem
               ("depthwise", 1, 12, 1, 3, 4), ("grouped", 2, 3, 4, 3, 4)]
 
 
-@pytest.mark.parametrize("kind,params", ACTIVATIONS)
+@pytest.mark.parametrize("kind,params,affine", [*ACTIVATIONS, ("relu=1", [], [0.5, 0.25])])
 @pytest.mark.parametrize("case", CONV_CASES, ids=[c[0] for c in CONV_CASES])
 @pytest.mark.parametrize("residual", [False, True])
-def test_conv_activation_all_paths(kernels, kind, params, case, residual):
+def test_conv_activation_all_paths(kernels, kind, params, affine, case, residual):
     _, cg, group, mg, k, n = case
     rng = np.random.default_rng(len(kind) + 10 * cg + residual)
     m, c = mg * group, cg * group
@@ -106,22 +116,22 @@ def test_conv_activation_all_paths(kernels, kind, params, case, residual):
         "TernaryConv",
         dict(**EXACT_ACT, codes=codes, scales=np.ones((m, groups.shape[1]), np.float32), row_scale=np.ones(m, np.float32),
              bias=bias, residual=res),
-        dict(N=n, weight_shape=[m, cg, k, k], group=group, pads=pads, relu=0, act_qmin=-128, act_qmax=127,
-             **_attrs(kind, params)),
+        dict(N=n, weight_shape=[m, cg, k, k], group=group, pads=pads, act_qmin=-128, act_qmax=127,
+             **{"relu": 0, **_attrs(kind, params, affine)}),
         list(x.shape), fed=("residual",),
     )
     pre = conv2d_ref(x.astype(np.float64), t4.astype(np.float64), bias, (1, 1), pads, (1, 1), group)
-    want = activation_ref(pre + (res if residual else 0), kind, params)
+    want = activation_ref(pre + (res if residual else 0), kind, params, affine)
     feeds = {"X": x, **({"residual": res} if residual else {})}
     for kernel in kernels:
         np.testing.assert_array_equal(run_op(model, feeds, kernel), want, err_msg=kernel)
     np.testing.assert_array_equal(_body_output(_with_body(model, residual), feeds), want)
 
 
-@pytest.mark.parametrize("kind,params", ACTIVATIONS)
+@pytest.mark.parametrize("kind,params,affine", ACTIVATIONS)
 @pytest.mark.parametrize("op", ["TernaryMatMul", "TernaryGemm"])
 @pytest.mark.parametrize("rows", [1, 5, 33])
-def test_matmul_gemm_activation_all_paths(kernels, kind, params, op, rows):
+def test_matmul_gemm_activation_all_paths(kernels, kind, params, affine, op, rows):
     rng = np.random.default_rng(rows + len(kind))
     k, m, n = 37, 19, 4
     t = random_ternary(rng, (m, k))
@@ -134,11 +144,11 @@ def test_matmul_gemm_activation_all_paths(kernels, kind, params, op, rows):
         op,
         dict(**EXACT_ACT, codes=codes, scales=np.ones((m, groups.shape[1]), np.float32), row_scale=np.ones(m, np.float32),
              bias=bias),
-        dict(N=n, K=k, act_qmin=-128, act_qmax=127, **extra, **_attrs(kind, params)),
+        dict(N=n, K=k, act_qmin=-128, act_qmax=127, **extra, **_attrs(kind, params, affine)),
         shape,
     )
     pre = x.astype(np.float64) @ t.T.astype(np.float64) + bias * extra.get("beta", 1.0)
-    want = activation_ref(pre, kind, params)
+    want = activation_ref(pre, kind, params, affine)
     for kernel in kernels:
         np.testing.assert_array_equal(run_op(model, {"X": x}, kernel, threads=2), want, err_msg=kernel)
     np.testing.assert_array_equal(_body_output(_with_body(model), {"X": x}), want)
@@ -178,6 +188,8 @@ def _conv_model(**attrs):
     (dict(activation="hardswish", activation_params=[1.0, 2.0]), "activation 'hardswish' takes 0 activation_params"),
     (dict(activation_params=[0.0, 6.0]), "activation_params given without an activation"),
     (dict(activation="clip", activation_params=[0.0, 6.0], relu=1), "relu=1 and an activation attribute exclude each other"),
+    (dict(activation="relu", activation_affine=[1.0]), "activation_affine must be two finite values"),
+    (dict(activation="relu", activation_affine=[1.0, float("inf")]), "activation_affine must be two finite values"),
 ])
 def test_bad_activation_attributes_fail_at_session_creation(attrs, match):
     library_or_skip()

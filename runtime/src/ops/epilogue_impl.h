@@ -27,20 +27,28 @@ void finish_with(float* __restrict y, int64_t count, const RowAddends& r, Act ac
   }
 }
 
+// f, then the affine map scale * f + shift when there is one.
+template <class F>
+void finish_affine(float* y, int64_t count, const RowAddends& r, const Activation& act, F f) {
+  if (!act.affine) return finish_with(y, count, r, f);
+  const float scale = act.scale, shift = act.shift;
+  finish_with(y, count, r, [f, scale, shift](float v) { return f(v) * scale + shift; });
+}
+
 inline void finish_row_impl(float* y, int64_t count, const RowAddends& r, const Activation& act) {
   const float a = act.p0, b = act.p1;
   switch (act.kind) {
     case Activation::kNone:
-      return finish_with(y, count, r, [](float v) { return v; });
+      return finish_affine(y, count, r, act, [](float v) { return v; });
     case Activation::kRelu:
-      return finish_with(y, count, r, [](float v) { return v < 0.f ? 0.f : v; });
+      return finish_affine(y, count, r, act, [](float v) { return v < 0.f ? 0.f : v; });
     case Activation::kClip:
-      return finish_with(y, count, r, [a, b](float v) { return clamp(v, a, b); });
+      return finish_affine(y, count, r, act, [a, b](float v) { return clamp(v, a, b); });
     case Activation::kHardSigmoid:
-      return finish_with(y, count, r, [a, b](float v) { return clamp(a * v + b, 0.f, 1.f); });
+      return finish_affine(y, count, r, act, [a, b](float v) { return clamp(a * v + b, 0.f, 1.f); });
     case Activation::kHardSwish:
       // ONNX HardSwish up to rounding, in the form exporters decompose it into. x * clamp(x / 6 + 0.5, 0, 1)
       // left a branch in the loop (the product distributed over the clamp's constant ends): 2-3x slower.
-      return finish_with(y, count, r, [](float v) { return v * clamp(v + 3.f, 0.f, 6.f) * (1.f / 6.f); });
+      return finish_affine(y, count, r, act, [](float v) { return v * clamp(v + 3.f, 0.f, 6.f) * (1.f / 6.f); });
   }
 }

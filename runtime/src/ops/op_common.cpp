@@ -186,16 +186,24 @@ Activation attr_activation(const OrtKernelInfo* info) {
                                 {"clip", Activation::kClip, 2},
                                 {"hardsigmoid", Activation::kHardSigmoid, 2},
                                 {"hardswish", Activation::kHardSwish, 0}};
+  Activation a;
+  const std::vector<float> affine = attr_floats(info, "activation_affine", &no_params);
+  if (!affine.empty()) {
+    if (affine.size() != 2 || !std::isfinite(affine[0]) || !std::isfinite(affine[1]))
+      fail("activation_affine must be two finite values [scale, shift]");
+    a.affine = true;
+    a.scale = affine[0];
+    a.shift = affine[1];
+  }
   if (name.empty()) {
     if (!params.empty()) fail("activation_params given without an activation");
-    return Activation();
+    return a;
   }
   for (const Known& k : known) {
     if (name != k.name) continue;
     if (params.size() != k.params)
       fail("activation '" + name + "' takes " + std::to_string(k.params) + " activation_params, got " +
            std::to_string(params.size()));
-    Activation a;
     a.kind = k.kind;
     if (k.params) {
       a.p0 = params[0];
@@ -449,7 +457,7 @@ void TernaryKernelBase::run(OrtKernelContext* ctx, const Planes& p, GemmArgs arg
       a.accumulate = true;
       d->gemm(a);
     }
-    if (!e.c && e.act.kind == Activation::kNone) return;
+    if (!e.c && !e.act.active()) return;
     for (int64_t b = a.b_begin; b < a.b_end; ++b) {
       RowAddends r;
       float c_scalar = 0.f;

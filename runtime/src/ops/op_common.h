@@ -63,6 +63,9 @@ struct Activation {
   enum Kind { kNone, kRelu, kClip, kHardSigmoid, kHardSwish };
   Kind kind = kNone;
   float p0 = 0.f, p1 = 0.f;  // clip: min, max; hardsigmoid: alpha, beta
+  bool affine = false;       // then f(v) * scale + shift (`activation_affine`)
+  float scale = 1.f, shift = 0.f;
+  bool active() const { return kind != kNone || affine; }
 };
 // The node's activation; a bad name or parameter list fails (at session creation).
 Activation attr_activation(const OrtKernelInfo* info);

@@ -269,14 +269,15 @@ class ConvKernel : public TernaryKernelBase {
     a.residual = e.residual;
     a.relu = activation_.kind == Activation::kRelu;  // the kernel's own
     a.y = y_image;
+    Activation rest = activation_;  // what the kernel leaves to the epilogue
+    if (a.relu) rest.kind = Activation::kNone;
     const int64_t P = geo.OH * geo.OW, per_task = channels_per_task(P);
     auto task = [&](size_t t) {
       DepthwiseArgs part = a;
       part.m_begin = static_cast<int64_t>(t) * per_task;
       part.m_end = std::min(m_, part.m_begin + per_task);
       dispatch_->depthwise(part);
-      if (!a.relu && activation_.kind != Activation::kNone)
-        finish_row_(y_image + part.m_begin * P, (part.m_end - part.m_begin) * P, RowAddends(), activation_);
+      if (rest.active()) finish_row_(y_image + part.m_begin * P, (part.m_end - part.m_begin) * P, RowAddends(), rest);
     };
     parallel_for(ctx, static_cast<size_t>((m_ + per_task - 1) / per_task), task);
   }
@@ -458,7 +459,7 @@ class ConvKernel : public TernaryKernelBase {
         a.accumulate = true;
         dispatch_->gemm(a);
       }
-      if (e.bias || e.residual || activation_.kind != Activation::kNone)
+      if (e.bias || e.residual || activation_.active())
         for (int64_t m = a.m_begin; m < a.m_end; ++m)
           finish_row_(a.y + m * P + a.b_begin, a.b_end - a.b_begin,
                       RowAddends{e.bias ? e.bias + m : nullptr, e.residual ? e.residual + m * P + a.b_begin : nullptr},
