@@ -72,15 +72,16 @@ class FoldBiasAddPass(ir.passes.InPlacePass):
     Matches TernaryConv, TernaryGemm and TernaryMatMul nodes (main graph)
     whose output feeds only an Add and is not a graph output, when the Add's
     other operand is a float32 constant initializer (or a Reshape of one to a
-    constant shape without 0s) with one value or one per
-    output channel (Conv: axis 1; Gemm/MatMul: the last axis; every other axis
-    1, and no more axes than the output, so the Add keeps the output's shape;
-    MatMul needs its input's rank for a shaped constant), and the op applies
-    nothing after its bias but a residual (relu 0, no `activation`; Gemm:
-    beta 1). The bias (input 8) becomes a new initializer, bias + constant
-    (the constant alone when there was none; Gemm's C keeps its broadcast
-    shape); a shared bias is never changed. The Add's output name is kept; replaced biases no node uses are removed.
-    Only float rounding changes (one addition is folded into constants).
+    constant shape without 0s) with one value or one per output channel
+    (Conv: axis 1; Gemm/MatMul: the last axis; every other axis 1, and no more
+    axes than the output, so the Add keeps the output's shape; MatMul needs
+    its input's rank for a shaped constant), and the op applies nothing after
+    its bias but a residual (relu 0, no `activation`; Gemm: beta 1). The bias
+    (input 8) becomes a new initializer, bias + constant (the constant alone
+    when there was none; Gemm's C keeps its broadcast shape); a shared bias is
+    never changed. The Add's output name is kept; replaced biases no node
+    uses are removed. Only float rounding changes (one addition is folded
+    into constants).
 
     Requires: com.fgq nodes with constant codes (UseCustomOpsPass).
     """

@@ -196,19 +196,9 @@ class FuseActivationPass(ir.passes.InPlacePass):
         if "activation_affine" in node.attributes:
             return False
         attrs = {name: attr.value for name, attr in node.attributes.items()}
-        activated = "activation" in attrs or int_attr(node, "relu", 0) != 0
-        match = None if activated else _match(node.outputs[0])
-        if not activated and match is None:
+        nodes = self._activation(node, attrs)
+        if nodes is None:
             return False
-        nodes = []
-        if match is not None:
-            kind, params, nodes = match
-            if kind == "relu" and node.op_type == "TernaryConv":
-                attrs["relu"] = 1
-            else:
-                attrs["activation"] = kind
-                if params:
-                    attrs["activation_params"] = params
         affine = _affine(nodes[-1].outputs[0] if nodes else node.outputs[0])
         if affine is not None:
             attrs["activation_affine"] = affine[0]
@@ -222,3 +212,21 @@ class FuseActivationPass(ir.passes.InPlacePass):
         last = nodes[-1]
         ir.convenience.replace_nodes_and_values(graph, last, [node, *nodes], [fused], [last.outputs[0]], fused.outputs)
         return True
+
+    @staticmethod
+    def _activation(node: ir.Node, attrs: dict) -> list[ir.Node] | None:
+        """The activation nodes after `node` (their attributes set in `attrs`); [] when it has one
+        already (an affine map may still follow), None when there is none to fuse."""
+        if "activation" in attrs or int_attr(node, "relu", 0) != 0:
+            return []
+        match = _match(node.outputs[0])
+        if match is None:
+            return None
+        kind, params, nodes = match
+        if kind == "relu" and node.op_type == "TernaryConv":
+            attrs["relu"] = 1
+        else:
+            attrs["activation"] = kind
+            if params:
+                attrs["activation_params"] = params
+        return nodes
