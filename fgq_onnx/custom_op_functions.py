@@ -142,6 +142,18 @@ def _activation(kind: str, src: str, out: str) -> list[onnx.NodeProto]:
     ]
 
 
+def _relu(src: str, out: str) -> list[onnx.NodeProto]:
+    """out = max(src, 0) when the calling node's `relu` attribute is 1, else src (the pass writes `relu` on every node)."""
+    return [
+        _attr_const("relu_flag", "relu", onnx.AttributeProto.INT),
+        helper.make_node("Cast", ["relu_flag"], ["relu_bool"], to=TensorProto.BOOL),
+        _const("zero_f", np.array(0.0, np.float32)),
+        _const("neg_inf", np.array(-np.inf, np.float32)),
+        helper.make_node("Where", ["relu_bool", "zero_f", "neg_inf"], ["floor"]),
+        helper.make_node("Max", [src, "floor"], [out]),
+    ]
+
+
 def _two_floats(attr: str, prefix: str) -> list[onnx.NodeProto]:
     """{prefix}_p0, {prefix}_p1: the two values of the calling node's floats attribute `attr`, as scalars."""
     return [
@@ -268,29 +280,22 @@ def function_protos(opset: int, overload: str = "") -> list[onnx.FunctionProto]:
     out, finish = _finish(features)
 
     matmul = helper.make_function(
-        DOMAIN, "TernaryMatMul", INPUTS, ["Y"], [*weights, *_rows_k(), *_matmul(out), *finish],
-        imports, [*common_attrs, "K", *activation_attrs],
+        DOMAIN, "TernaryMatMul", INPUTS, ["Y"], [*weights, *_rows_k(), *_matmul("linear_out"), *_relu("linear_out", out), *finish],
+        imports, [*common_attrs, "K", "relu", *activation_attrs],
     )
-    gemm_node = helper.make_node("Gemm", ["xa", "w", "bias"], [out], transB=1)
+    gemm_node = helper.make_node("Gemm", ["xa", "w", "bias"], ["linear_out"], transB=1)
     for name, kind in (("transA", onnx.AttributeProto.INT), ("alpha", onnx.AttributeProto.FLOAT),
                        ("beta", onnx.AttributeProto.FLOAT)):
         gemm_node.attribute.append(_attr_passthrough(name, kind))
     gemm = helper.make_function(
-        DOMAIN, "TernaryGemm", INPUTS, ["Y"], [*weights, *_rows_k(), gemm_node, *finish],
-        imports, [*common_attrs, "K", "transA", "transB", "alpha", "beta", *activation_attrs],
+        DOMAIN, "TernaryGemm", INPUTS, ["Y"], [*weights, *_rows_k(), gemm_node, *_relu("linear_out", out), *finish],
+        imports, [*common_attrs, "K", "transA", "transB", "alpha", "beta", "relu", *activation_attrs],
     )
     conv_node = helper.make_node("Conv", ["xa", "w", "bias"], ["conv_out"])
     for name in ("group", "strides", "pads", "dilations"):
         kind = onnx.AttributeProto.INT if name == "group" else onnx.AttributeProto.INTS
         conv_node.attribute.append(_attr_passthrough(name, kind))
-    relu = [
-        _attr_const("relu_flag", "relu", onnx.AttributeProto.INT),
-        helper.make_node("Cast", ["relu_flag"], ["relu_bool"], to=TensorProto.BOOL),
-        _const("zero_f", np.array(0.0, np.float32)),
-        _const("neg_inf", np.array(-np.inf, np.float32)),
-        helper.make_node("Where", ["relu_bool", "zero_f", "neg_inf"], ["floor"]),
-        helper.make_node("Max", ["summed" if RESIDUAL in features else "conv_out", "floor"], [out]),
-    ]
+    relu = _relu("summed" if RESIDUAL in features else "conv_out", out)
     residual = [helper.make_node("Add", ["conv_out", "residual"], ["summed"])] if RESIDUAL in features else []
     conv = helper.make_function(
         DOMAIN, "TernaryConv", INPUTS + ["residual"] * (RESIDUAL in features), ["Y"],

@@ -173,13 +173,13 @@ class FuseActivationPass(ir.passes.InPlacePass):
     either order) or y * HardSigmoid(y) with alpha 1/6, beta 0.5. y and every
     intermediate must be read only inside the pattern and not be graph
     outputs; a HardSigmoid whose output gates another tensor (Mul(other), SE
-    blocks) is fused alone. A ReLU on TernaryConv sets its `relu` attribute;
-    everything else sets `activation` (and `activation_params` for clip
-    [min, max] and hardsigmoid [alpha, beta]). After an activation (fused
-    now, or relu=1 already), Mul(scalar) [-> Add(scalar)] or Add(scalar) of
-    float32 constants becomes `activation_affine` [scale, shift]. Both go
-    into the node's overload, whose FunctionProto applies them. The last
-    node's output name is kept.
+    blocks) is fused alone. A ReLU sets the op's `relu` attribute (no
+    overload); everything else sets `activation` (and `activation_params`
+    for clip [min, max] and hardsigmoid [alpha, beta]). After an activation
+    (fused now, or relu=1 already), Mul(scalar) [-> Add(scalar)] or
+    Add(scalar) of float32 constants becomes `activation_affine` [scale,
+    shift]. Both go into the node's overload, whose FunctionProto applies
+    them. The last node's output name is kept.
 
     Requires: com.fgq nodes (UseCustomOpsPass); run after the bias and
     residual fusions, which apply before the activation.
@@ -223,7 +223,7 @@ class FuseActivationPass(ir.passes.InPlacePass):
         if match is None:
             return None
         kind, params, nodes = match
-        if kind == "relu" and node.op_type == "TernaryConv":
+        if kind == "relu":  # no overload: the bodies of every op read `relu`
             attrs["relu"] = 1
         else:
             attrs["activation"] = kind

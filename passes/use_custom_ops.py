@@ -290,6 +290,7 @@ class UseCustomOpsPass(ir.passes.InPlacePass):
                 return "weight groups do not run along the reduction"
             groups, scales = _rows(weight, to_rows=not trans_b)
             attrs["K"] = int(weight.codes.shape[1] if trans_b else weight.codes.shape[0])
+            attrs["relu"] = 0  # every node has it: the function bodies read it
             if node.op_type == "Gemm":
                 attrs["transB"] = 1
                 for key in ("transA", "alpha", "beta"):

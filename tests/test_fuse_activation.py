@@ -196,7 +196,7 @@ def test_gemm_bias_and_activation(tmp_path):
     }"""
     fused, _ = _fuse(tmp_path, text, MATMUL_WEIGHTS, _x((4, 16)))
     gemm = _op(fused, "TernaryGemm")
-    assert _float_ops(fused) == [] and _attr(gemm, "activation") == b"relu" and gemm.overload == "relu"
+    assert _float_ops(fused) == [] and _attr(gemm, "relu") == 1 and gemm.overload == ""
 
 
 AFFINE_WEIGHTS = {**CONV_WEIGHTS, "scale": np.float32(1.7), "shift": np.float32(-0.3)}

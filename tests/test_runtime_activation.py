@@ -35,7 +35,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 # (activation, activation_params, activation_affine); "relu=1": TernaryConv's relu attribute instead
 ACTIVATIONS = [("relu", [], None), ("clip", [-2.5, 6.0], None), ("clip", [0.0, 6.0], None), ("hardsigmoid", [0.2, 0.5], None),
                ("hardsigmoid", [1 / 6, 0.5], None), ("hardswish", [], None), ("hardswish", [], [1.25, -0.375]),
-               ("relu", [], [0.5, 0.25]), ("", [], [-2.0, 1.5])]
+               ("relu", [], [0.5, 0.25]), ("", [], [-2.0, 1.5]), ("relu=1", [], None), ("relu=1", [], [0.5, 0.25])]
 F32 = np.float32
 
 
@@ -63,7 +63,7 @@ def activation_ref(y: np.ndarray, kind: str, params: list[float], affine: list[f
 
 
 def _attrs(kind: str, params: list[float], affine: list[float] | None) -> dict:
-    attrs = {"relu": 1} if kind == "relu=1" else {"activation": kind} if kind else {}
+    attrs = {"relu": int(kind == "relu=1"), **({"activation": kind} if kind and kind != "relu=1" else {})}
     return {**attrs, **({"activation_params": params} if params else {}), **({"activation_affine": affine} if affine else {})}
 
 
@@ -98,7 +98,7 @@ CONV_CASES = [("in-place", 16, 1, 20, 1, 4), ("gathered", 9, 1, 7, 3, 3), ("stem
               ("depthwise", 1, 12, 1, 3, 4), ("grouped", 2, 3, 4, 3, 4)]
 
 
-@pytest.mark.parametrize("kind,params,affine", [*ACTIVATIONS, ("relu=1", [], [0.5, 0.25])])
+@pytest.mark.parametrize("kind,params,affine", ACTIVATIONS)
 @pytest.mark.parametrize("case", CONV_CASES, ids=[c[0] for c in CONV_CASES])
 @pytest.mark.parametrize("residual", [False, True])
 def test_conv_activation_all_paths(kernels, kind, params, affine, case, residual):
@@ -117,7 +117,7 @@ def test_conv_activation_all_paths(kernels, kind, params, affine, case, residual
         dict(**EXACT_ACT, codes=codes, scales=np.ones((m, groups.shape[1]), np.float32), row_scale=np.ones(m, np.float32),
              bias=bias, residual=res),
         dict(N=n, weight_shape=[m, cg, k, k], group=group, pads=pads, act_qmin=-128, act_qmax=127,
-             **{"relu": 0, **_attrs(kind, params, affine)}),
+             **_attrs(kind, params, affine)),
         list(x.shape), fed=("residual",),
     )
     pre = conv2d_ref(x.astype(np.float64), t4.astype(np.float64), bias, (1, 1), pads, (1, 1), group)
@@ -163,7 +163,7 @@ def test_matmul_body_without_bias_and_1d_input():
     codes, groups = pack_weight(t, n)
     model = build_model("TernaryMatMul", dict(**EXACT_ACT, codes=codes, scales=np.ones((m, groups.shape[1]), np.float32),
                                               row_scale=np.ones(m, np.float32)),
-                        dict(N=n, K=k, act_qmin=-128, act_qmax=127, activation="relu"), [k])
+                        dict(N=n, K=k, act_qmin=-128, act_qmax=127, relu=0, activation="relu"), [k])
     x = _levels(rng, (k,))
     want = np.maximum(x @ t.T.astype(np.float32), 0)
     np.testing.assert_array_equal(run_op(model, {"X": x}, "ref"), want)
@@ -207,4 +207,8 @@ def test_bad_activation_on_matmul():
     model = build_model("TernaryMatMul", dict(**EXACT_ACT, codes=codes, scales=np.ones((3, groups.shape[1]), np.float32)),
                         dict(N=4, K=8, activation="swish"), [2, 8])
     with pytest.raises(Exception, match="got 'swish'"):
+        runtime.inference_session(model.SerializeToString())
+    model = build_model("TernaryMatMul", dict(**EXACT_ACT, codes=codes, scales=np.ones((3, groups.shape[1]), np.float32)),
+                        dict(N=4, K=8, relu=2), [2, 8])
+    with pytest.raises(Exception, match="relu must be 0 or 1"):
         runtime.inference_session(model.SerializeToString())

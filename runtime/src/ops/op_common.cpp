@@ -195,6 +195,10 @@ Activation attr_activation(const OrtKernelInfo* info) {
     a.scale = affine[0];
     a.shift = affine[1];
   }
+  const int64_t zero = 0, relu = attr_int(info, "relu", &zero);
+  if (relu != 0 && relu != 1) fail("relu must be 0 or 1");
+  if (relu && !name.empty()) fail("relu=1 and an activation attribute exclude each other");
+  if (relu) a.kind = Activation::kRelu;
   if (name.empty()) {
     if (!params.empty()) fail("activation_params given without an activation");
     return a;

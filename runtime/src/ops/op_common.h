@@ -67,7 +67,7 @@ struct Activation {
   float scale = 1.f, shift = 0.f;
   bool active() const { return kind != kNone || affine; }
 };
-// The node's activation; a bad name or parameter list fails (at session creation).
+// The node's activation (`relu`=1 is relu); a bad name or parameter list fails (at session creation).
 Activation attr_activation(const OrtKernelInfo* info);
 
 // What one output row gets before its activation: y[i] + *bias + add_scale * add[i] (bias, add optional;

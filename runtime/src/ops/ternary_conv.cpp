@@ -57,7 +57,7 @@ class ConvKernel : public TernaryKernelBase {
     cg_ = ws[1];
     r_ = ws[2];
     s_ = ws[3];
-    const int64_t one = 1, zero = 0;
+    const int64_t one = 1;
     group_ = attr_int(info, "group", &one);
     if (group_ < 1 || m_ % group_ != 0) fail("group must be >= 1 and divide M = " + std::to_string(m_));
     const std::vector<int64_t> ones2 = {1, 1}, zeros4 = {0, 0, 0, 0};
@@ -75,10 +75,6 @@ class ConvKernel : public TernaryKernelBase {
     const std::vector<int64_t> none;
     const std::vector<int64_t> ks = attr_ints(info, "kernel_shape", &none);
     if (!ks.empty() && (ks.size() != 2 || ks[0] != r_ || ks[1] != s_)) fail("kernel_shape disagrees with weight_shape");
-    const int64_t relu = attr_int(info, "relu", &zero);
-    if (relu != 0 && relu != 1) fail("relu must be 0 or 1");
-    if (relu && activation_.kind != Activation::kNone) fail("relu=1 and an activation attribute exclude each other");
-    if (relu) activation_.kind = Activation::kRelu;
     const std::string notset = "NOTSET";
     if (attr_string(info, "auto_pad", &notset) != "NOTSET") fail("auto_pad is not supported: give explicit pads");
     const int64_t rs = checked_mul(r_, s_, "kernel");
