@@ -34,6 +34,22 @@ def sole_consumer(producer: ir.Node) -> ir.Node | None:
     return uses[0][0] if isinstance(uses[0], tuple) else uses[0].node
 
 
+def channel_vector(values: np.ndarray, channels: int, rank: int, channel_axis: int) -> np.ndarray | None:
+    """`values` as one value per output channel [channels], if it broadcasts only along the channel axis.
+
+    `values` must have one value, or `channels` along `channel_axis` of an
+    output of `rank` axes and 1 on every other axis, and no more axes than
+    the output (more would broadcast the output to a new shape).
+    """
+    if values.ndim > rank:
+        return None
+    if values.size == 1:
+        return np.full(channels, values.reshape(()))
+    padded = (1,) * (rank - values.ndim) + values.shape
+    expected = tuple(channels if i == channel_axis else 1 for i in range(rank))
+    return values.reshape(-1) if padded == expected else None
+
+
 def sole_consumer_op(producer: ir.Node, op_type: str) -> ir.Node | None:
     """sole_consumer, when it is a default-domain `op_type` node of the producer's own graph."""
     consumer = sole_consumer(producer)

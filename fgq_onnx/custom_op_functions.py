@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common
 from onnx import TensorProto, helper
 
 DOMAIN = "com.fgq"
@@ -23,8 +25,9 @@ def _const(name: str, array) -> onnx.NodeProto:
 
 
 def _attr_const(name: str, attr: str, kind: int) -> onnx.NodeProto:
-    """Constant whose value is the calling node's attribute (value_int / value_ints / value_float)."""
-    field = {onnx.AttributeProto.INT: "value_int", onnx.AttributeProto.INTS: "value_ints"}[kind]
+    """Constant whose value is the calling node's attribute (value_int / value_ints / value_floats)."""
+    field = {onnx.AttributeProto.INT: "value_int", onnx.AttributeProto.INTS: "value_ints",
+             onnx.AttributeProto.FLOATS: "value_floats"}[kind]
     node = helper.make_node("Constant", [], [name])
     node.attribute.append(helper.make_attribute_ref(field, kind, attr))
     node.attribute[-1].ref_attr_name = attr
@@ -98,6 +101,91 @@ def _scaled_groups(asymmetric: bool) -> list[onnx.NodeProto]:
     ]
 
 
+def _matmul(out: str) -> list[onnx.NodeProto]:
+    """out [..., M] = xa [..., K] @ w.T + bias, as a Gemm on [-1, K] rows (Gemm takes the optional bias)."""
+    return [
+        helper.make_node("Concat", ["minus_one", "k"], ["rows_2d"], axis=0),
+        helper.make_node("Reshape", ["xa", "rows_2d"], ["xa_2d"]),
+        helper.make_node("Gemm", ["xa_2d", "w", "bias"], ["y_2d"], transB=1),
+        helper.make_node("Shape", ["X"], ["x_lead"], end=-1),
+        helper.make_node("Shape", ["w"], ["w_rows"], end=1),
+        helper.make_node("Concat", ["x_lead", "w_rows"], ["y_shape"], axis=0),
+        helper.make_node("Reshape", ["y_2d", "y_shape"], [out], allowzero=1),
+    ]
+
+
+def _activation(kind: str, src: str, out: str) -> list[onnx.NodeProto]:
+    """out = the `activation` of src (docs/custom-ops.md); its parameters from `activation_params`."""
+    if kind == "relu":
+        return [helper.make_node("Relu", [src], [out])]
+    if kind == "hardswish":  # the kernel's order of operations: x * clip(x + 3, 0, 6) * (1/6)
+        return [
+            _const("act_three", np.array(3.0, np.float32)),
+            _const("act_zero", np.array(0.0, np.float32)),
+            _const("act_six", np.array(6.0, np.float32)),
+            _const("act_sixth", np.array(1 / 6, np.float32)),
+            helper.make_node("Add", [src, "act_three"], ["act_shifted"]),
+            helper.make_node("Clip", ["act_shifted", "act_zero", "act_six"], ["act_gate"]),
+            helper.make_node("Mul", [src, "act_gate"], ["act_gated"]),
+            helper.make_node("Mul", ["act_gated", "act_sixth"], [out]),
+        ]
+    params = _two_floats("activation_params", "act")
+    if kind == "clip":
+        return [*params, helper.make_node("Clip", [src, "act_p0", "act_p1"], [out])]
+    return [  # hardsigmoid: clip(alpha * x + beta, 0, 1)
+        *params,
+        _const("act_zero", np.array(0.0, np.float32)),
+        _const("act_one", np.array(1.0, np.float32)),
+        helper.make_node("Mul", [src, "act_p0"], ["act_scaled"]),
+        helper.make_node("Add", ["act_scaled", "act_p1"], ["act_shifted"]),
+        helper.make_node("Clip", ["act_shifted", "act_zero", "act_one"], [out]),
+    ]
+
+
+def _relu(src: str, out: str) -> list[onnx.NodeProto]:
+    """out = max(src, 0) when the calling node's `relu` attribute is 1, else src (the pass writes `relu` on every node)."""
+    return [
+        _attr_const("relu_flag", "relu", onnx.AttributeProto.INT),
+        helper.make_node("Cast", ["relu_flag"], ["relu_bool"], to=TensorProto.BOOL),
+        _const("zero_f", np.array(0.0, np.float32)),
+        _const("neg_inf", np.array(-np.inf, np.float32)),
+        helper.make_node("Where", ["relu_bool", "zero_f", "neg_inf"], ["floor"]),
+        helper.make_node("Max", [src, "floor"], [out]),
+    ]
+
+
+def _two_floats(attr: str, prefix: str) -> list[onnx.NodeProto]:
+    """{prefix}_p0, {prefix}_p1: the two values of the calling node's floats attribute `attr`, as scalars."""
+    return [
+        _attr_const(f"{prefix}_params", attr, onnx.AttributeProto.FLOATS),
+        _const(f"{prefix}_first", np.array(0, np.int64)),
+        _const(f"{prefix}_second", np.array(1, np.int64)),
+        helper.make_node("Gather", [f"{prefix}_params", f"{prefix}_first"], [f"{prefix}_p0"]),
+        helper.make_node("Gather", [f"{prefix}_params", f"{prefix}_second"], [f"{prefix}_p1"]),
+    ]
+
+
+def _affine(src: str, out: str) -> list[onnx.NodeProto]:
+    """out = src * scale + shift, [scale, shift] = `activation_affine`."""
+    return [
+        *_two_floats("activation_affine", "affine"),
+        helper.make_node("Mul", [src, "affine_p0"], ["affine_scaled"]),
+        helper.make_node("Add", ["affine_scaled", "affine_p1"], [out]),
+    ]
+
+
+def _finish(features: set[str]) -> tuple[str, list[onnx.NodeProto]]:
+    """(the name the op's body writes, the nodes from it to Y): the activation, then the affine map."""
+    stages = [lambda src, out, kind=kind: _activation(kind, src, out) for kind in ACTIVATIONS if kind in features]
+    stages += [_affine] if AFFINE in features else []
+    nodes, src = [], "pre" if stages else "Y"
+    for index, stage in enumerate(stages):
+        out = "Y" if index == len(stages) - 1 else f"stage{index}"
+        nodes += stage(src, out)
+        src = out
+    return ("pre" if stages else "Y"), nodes
+
+
 def _rows_k() -> list[onnx.NodeProto]:
     """wg -> w [M, K] (MatMul and Gemm: one segment a row)."""
     return [
@@ -160,62 +248,72 @@ def _attr_passthrough(name: str, kind: int) -> onnx.AttributeProto:
 
 ASYMMETRIC = "asymmetric"  # node and function overload of the bodies that read neg_scales
 RESIDUAL = "residual"  # TernaryConv nodes with a residual input (joined as "asymmetric-residual")
+ACTIVATIONS = ("relu", "clip", "hardsigmoid", "hardswish")  # values of the `activation` attribute, and overloads
+AFFINE = "affine"  # nodes with `activation_affine`
 
 
-def overload_name(asymmetric: bool, residual: bool) -> str:
-    return "-".join(name for name, on in ((ASYMMETRIC, asymmetric), (RESIDUAL, residual)) if on)
+def overload_name(asymmetric: bool, residual: bool, activation: str = "", affine: bool = False) -> str:
+    """The overload of a node: its features joined by "-", e.g. "asymmetric-residual-hardswish-affine"."""
+    features = ((ASYMMETRIC, asymmetric), (RESIDUAL, residual), (activation, True), (AFFINE, affine))
+    return "-".join(name for name, on in features if on and name)
 
 
 def function_protos(opset: int, overload: str = "") -> list[onnx.FunctionProto]:
     """The FunctionProtos of the three ops, for the nodes this pass writes.
 
     Covers float activations, scales of any type with a row_scale input
-    (always written by the pass); TernaryMatMul's body has no bias. A body
-    cannot test whether an optional input was given, so the asymmetric
-    nodes (neg_scales and neg_row_scale given) carry the overload
-    ASYMMETRIC and get the bodies of that overload (IR >= 10): onnxruntime
-    picks the body by (domain, name, overload) and the kernel by name alone.
-    TernaryConv nodes with a residual input (added before the ReLU) carry
-    RESIDUAL too (overload_name); those overloads have only the conv body.
+    (always written by the pass). A body cannot test whether an optional
+    input was given, nor compare a string attribute, so the asymmetric nodes
+    (neg_scales and neg_row_scale given) carry the overload ASYMMETRIC and
+    get the bodies of that overload (IR >= 10): onnxruntime picks the body by
+    (domain, name, overload) and the kernel by name alone. TernaryConv nodes
+    with a residual input (added before the ReLU) carry RESIDUAL too
+    (overload_name); those overloads have only the conv body. Nodes with an
+    `activation` carry its name (ACTIVATIONS), nodes with `activation_affine`
+    AFFINE; their bodies apply them last, in that order.
     """
     features = set(overload.split("-")) - {""}
     imports = [helper.make_opsetid("", opset)]
     common_attrs = ["N", "act_qmin", "act_qmax"]
+    activation_attrs = ["activation", "activation_params", "activation_affine"]
     weights = [*_activation_and_weights(), *_scaled_groups(ASYMMETRIC in features)]
+    out, finish = _finish(features)
 
     matmul = helper.make_function(
-        DOMAIN, "TernaryMatMul", INPUTS, ["Y"],
-        [*weights, *_rows_k(), helper.make_node("Transpose", ["w"], ["wt"]),
-         helper.make_node("MatMul", ["xa", "wt"], ["Y"])],
-        imports, [*common_attrs, "K"],
+        DOMAIN, "TernaryMatMul", INPUTS, ["Y"], [*weights, *_rows_k(), *_matmul("linear_out"), *_relu("linear_out", out), *finish],
+        imports, [*common_attrs, "K", "relu", *activation_attrs],
     )
-    gemm_node = helper.make_node("Gemm", ["xa", "w", "bias"], ["Y"], transB=1)
+    gemm_node = helper.make_node("Gemm", ["xa", "w", "bias"], ["linear_out"], transB=1)
     for name, kind in (("transA", onnx.AttributeProto.INT), ("alpha", onnx.AttributeProto.FLOAT),
                        ("beta", onnx.AttributeProto.FLOAT)):
         gemm_node.attribute.append(_attr_passthrough(name, kind))
     gemm = helper.make_function(
-        DOMAIN, "TernaryGemm", INPUTS, ["Y"], [*weights, *_rows_k(), gemm_node],
-        imports, [*common_attrs, "K", "transA", "transB", "alpha", "beta"],
+        DOMAIN, "TernaryGemm", INPUTS, ["Y"], [*weights, *_rows_k(), gemm_node, *_relu("linear_out", out), *finish],
+        imports, [*common_attrs, "K", "transA", "transB", "alpha", "beta", "relu", *activation_attrs],
     )
     conv_node = helper.make_node("Conv", ["xa", "w", "bias"], ["conv_out"])
     for name in ("group", "strides", "pads", "dilations"):
         kind = onnx.AttributeProto.INT if name == "group" else onnx.AttributeProto.INTS
         conv_node.attribute.append(_attr_passthrough(name, kind))
-    relu = [
-        _attr_const("relu_flag", "relu", onnx.AttributeProto.INT),
-        helper.make_node("Cast", ["relu_flag"], ["relu_bool"], to=TensorProto.BOOL),
-        _const("zero_f", np.array(0.0, np.float32)),
-        _const("neg_inf", np.array(-np.inf, np.float32)),
-        helper.make_node("Where", ["relu_bool", "zero_f", "neg_inf"], ["floor"]),
-        helper.make_node("Max", ["summed" if RESIDUAL in features else "conv_out", "floor"], ["Y"]),
-    ]
+    relu = _relu("summed" if RESIDUAL in features else "conv_out", out)
     residual = [helper.make_node("Add", ["conv_out", "residual"], ["summed"])] if RESIDUAL in features else []
     conv = helper.make_function(
         DOMAIN, "TernaryConv", INPUTS + ["residual"] * (RESIDUAL in features), ["Y"],
-        [*weights, *_conv_weight(), conv_node, *residual, *relu],
-        imports, [*common_attrs, "weight_shape", "group", "strides", "pads", "dilations", "kernel_shape", "relu"],
+        [*weights, *_conv_weight(), conv_node, *residual, *relu, *finish],
+        imports, [*common_attrs, "weight_shape", "group", "strides", "pads", "dilations", "kernel_shape", "relu",
+                  *activation_attrs],
     )
     functions = [conv] if RESIDUAL in features else [matmul, gemm, conv]
     for function in functions:
         function.overload = overload
     return functions
+
+
+def attach_function_bodies(model: ir.Model) -> None:
+    """Give `model` this version's FunctionProtos of every com.fgq overload its main graph uses; drop unused functions."""
+    opset = model.opset_imports[""]
+    for overload in sorted({node.overload for node in model.graph if node.domain == DOMAIN}):
+        for proto in function_protos(opset, overload):
+            function = ir.serde.deserialize_function(proto)
+            model.functions[function.identifier()] = function
+    ir.passes.common.RemoveUnusedFunctionsPass()(model)

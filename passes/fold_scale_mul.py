@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from fgq_onnx.channel_fold import fold_channel_affine, sole_consumer, weight_channel_axis
+from fgq_onnx.channel_fold import channel_vector, fold_channel_affine, sole_consumer, weight_channel_axis
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, constant_array
 
 _LINEAR = ("Conv", "Gemm", "MatMul")
@@ -35,16 +35,8 @@ def _channel_scale(node: ir.Node, mul: ir.Node) -> np.ndarray | None:
     axis = weight_channel_axis(node)
     if factor is None or weight is None or axis is None or factor.dtype != weight.dtype or not np.all(np.isfinite(factor)):
         return None
-    channels = weight.shape[axis]
     rank = _output_rank(node, weight) or 1  # unknown (MatMul): the output has at least one axis
-    if factor.ndim > rank:  # a larger rank would broadcast the output to a new shape
-        return None
-    if factor.size == 1:
-        return np.full(channels, factor.reshape(()))
-    channel_axis = 1 if node.op_type == "Conv" else rank - 1
-    padded = (1,) * (rank - factor.ndim) + factor.shape
-    expected = tuple(channels if i == channel_axis else 1 for i in range(rank))
-    return factor.reshape(-1) if padded == expected else None
+    return channel_vector(factor, weight.shape[axis], rank, 1 if node.op_type == "Conv" else rank - 1)
 
 
 class FoldScaleMulPass(ir.passes.InPlacePass):

@@ -8,10 +8,9 @@ adds the residual and applies the ReLU in the pass that already adds its bias.
 from __future__ import annotations
 
 import onnx_ir as ir
-import onnx_ir.passes.common as common
 
 from fgq_onnx.channel_fold import sole_consumer_op
-from fgq_onnx.custom_op_functions import ASYMMETRIC, DOMAIN, INPUTS, function_protos, overload_name
+from fgq_onnx.custom_op_functions import ASYMMETRIC, DOMAIN, INPUTS, attach_function_bodies, overload_name
 
 
 def _known_shape(value: ir.Value) -> bool:
@@ -20,7 +19,7 @@ def _known_shape(value: ir.Value) -> bool:
 
 
 class FuseResidualAddPass(ir.passes.InPlacePass):
-    """Rewrite TernaryConv (relu=0) -> Add(y, r) [-> Relu] into TernaryConv(..., residual=r[, relu=1]).
+    """Rewrite TernaryConv (relu=0, no activation) -> Add(y, r) [-> Relu] into TernaryConv(..., residual=r[, relu=1]).
 
     The Add must be the conv's only consumer, and r a float tensor whose shape
     is known and exactly the conv output's (no broadcasting), so that the
@@ -36,17 +35,12 @@ class FuseResidualAddPass(ir.passes.InPlacePass):
         graph = model.graph
         count = sum(self._fuse(graph, node) for node in list(graph) if node.op_type == "TernaryConv" and node.domain == DOMAIN)
         if count:
-            opset = model.opset_imports[""]
-            for overload in sorted({node.overload for node in graph if node.domain == DOMAIN}):
-                for proto in function_protos(opset, overload):
-                    function = ir.serde.deserialize_function(proto)
-                    model.functions.setdefault(function.identifier(), function)
-            common.RemoveUnusedFunctionsPass()(model)
+            attach_function_bodies(model)
         return ir.passes.PassResult(model, modified=count > 0)
 
     def _fuse(self, graph: ir.Graph, conv: ir.Node) -> bool:
         relu_attr = conv.attributes.get("relu")
-        if (relu_attr is not None and relu_attr.as_int() != 0) or len(conv.inputs) > len(INPUTS):
+        if (relu_attr is not None and relu_attr.as_int() != 0) or "activation" in conv.attributes or len(conv.inputs) > len(INPUTS):
             return False
         add = sole_consumer_op(conv, "Add")
         if add is None:

@@ -22,6 +22,8 @@ from fgq_onnx.channel_fold import sole_consumer_op
 from fgq_onnx.custom_op_functions import DOMAIN, OPS, function_protos, overload_name
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, int_attr
 from fgq_onnx.packing import pack_rows
+from fgq_onnx.passes.fold_bias_add import FoldBiasAddPass
+from fgq_onnx.passes.fuse_activation import FuseActivationPass
 from fgq_onnx.passes.fuse_residual_add import FuseResidualAddPass
 from fgq_onnx.ternary import GroupLayout
 
@@ -288,6 +290,7 @@ class UseCustomOpsPass(ir.passes.InPlacePass):
                 return "weight groups do not run along the reduction"
             groups, scales = _rows(weight, to_rows=not trans_b)
             attrs["K"] = int(weight.codes.shape[1] if trans_b else weight.codes.shape[0])
+            attrs["relu"] = 0  # every node has it: the function bodies read it
             if node.op_type == "Gemm":
                 attrs["transB"] = 1
                 for key in ("transA", "alpha", "beta"):
@@ -323,9 +326,12 @@ def to_custom_ops(model: ir.Model) -> tuple[ir.Model, list[CustomOpRecord]]:
     """Rewrite a qdq model (in place) into the custom-op format; returns it and one record per linear node.
 
     For the converter's `--format custom`: run after the qdq passes and the
-    clean-up (RemoveUnusedNodes/TopologicalSort), then save as usual. Residual
-    Adds (and their Relu) after a TernaryConv are fused into it.
+    clean-up (RemoveUnusedNodes/TopologicalSort), then save as usual. Then,
+    in the order the ops apply them, constant bias Adds, residual Adds (and
+    their Relu) and activations after a com.fgq op are fused into it.
     """
     rewrite = UseCustomOpsPass()
     model = rewrite(model).model
-    return FuseResidualAddPass()(model).model, rewrite.records
+    for fusion in (FoldBiasAddPass(), FuseResidualAddPass(), FuseActivationPass()):
+        model = fusion(model).model
+    return model, rewrite.records

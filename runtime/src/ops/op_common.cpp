@@ -144,6 +144,85 @@ std::vector<int64_t> attr_ints(const OrtKernelInfo* info, const char* name, cons
   return v;
 }
 
+std::vector<float> attr_floats(const OrtKernelInfo* info, const char* name, const std::vector<float>* fallback) {
+  size_t count = 0;
+  OrtStatus* s = g_api->KernelInfoGetAttributeArray_float(info, name, nullptr, &count);
+  if (s) {
+    g_api->ReleaseStatus(s);
+    if (!fallback) fail(std::string("missing floats attribute '") + name + "'");
+    return *fallback;
+  }
+  if (count > 64) fail(std::string("attribute '") + name + "' has too many values");
+  std::vector<float> v(count);
+  if (count) check(g_api->KernelInfoGetAttributeArray_float(info, name, v.data(), &count));
+  return v;
+}
+
+std::string attr_string(const OrtKernelInfo* info, const char* name, const std::string* fallback) {
+  size_t len = 0;
+  OrtStatus* s = g_api->KernelInfoGetAttribute_string(info, name, nullptr, &len);
+  if (s) {
+    g_api->ReleaseStatus(s);
+    if (!fallback) fail(std::string("missing string attribute '") + name + "'");
+    return *fallback;
+  }
+  std::string v(len, '\0');
+  if (len) check(g_api->KernelInfoGetAttribute_string(info, name, &v[0], &len));
+  v.resize(len ? len - 1 : 0);  // len counted the terminating NUL
+  return v;
+}
+
+Activation attr_activation(const OrtKernelInfo* info) {
+  const std::string none;
+  const std::vector<float> no_params;
+  const std::string name = attr_string(info, "activation", &none);
+  const std::vector<float> params = attr_floats(info, "activation_params", &no_params);
+  struct Known {
+    const char* name;
+    Activation::Kind kind;
+    size_t params;
+  };
+  static const Known known[] = {{"relu", Activation::kRelu, 0},
+                                {"clip", Activation::kClip, 2},
+                                {"hardsigmoid", Activation::kHardSigmoid, 2},
+                                {"hardswish", Activation::kHardSwish, 0}};
+  Activation a;
+  const std::vector<float> affine = attr_floats(info, "activation_affine", &no_params);
+  if (!affine.empty()) {
+    if (affine.size() != 2 || !std::isfinite(affine[0]) || !std::isfinite(affine[1]))
+      fail("activation_affine must be two finite values [scale, shift]");
+    a.affine = true;
+    a.scale = affine[0];
+    a.shift = affine[1];
+  }
+  const int64_t zero = 0, relu = attr_int(info, "relu", &zero);
+  if (relu != 0 && relu != 1) fail("relu must be 0 or 1");
+  if (relu && !name.empty()) fail("relu=1 and an activation attribute exclude each other");
+  if (relu) a.kind = Activation::kRelu;
+  if (name.empty()) {
+    if (!params.empty()) fail("activation_params given without an activation");
+    return a;
+  }
+  for (const Known& k : known) {
+    if (name != k.name) continue;
+    if (params.size() != k.params)
+      fail("activation '" + name + "' takes " + std::to_string(k.params) + " activation_params, got " +
+           std::to_string(params.size()));
+    a.kind = k.kind;
+    if (k.params) {
+      a.p0 = params[0];
+      a.p1 = params[1];
+    }
+    if (a.kind == Activation::kClip && !(a.p0 <= a.p1))  // also rejects NaN
+      fail("clip activation_params [min, max] need min <= max, got [" + std::to_string(a.p0) + ", " +
+           std::to_string(a.p1) + "]");
+    if (a.kind == Activation::kHardSigmoid && !(std::isfinite(a.p0) && std::isfinite(a.p1)))
+      fail("hardsigmoid activation_params [alpha, beta] must be finite");
+    return a;
+  }
+  fail("activation must be relu, clip, hardsigmoid or hardswish, got '" + name + "'");
+}
+
 void parallel_for(OrtKernelContext* ctx, size_t total, void (*fn)(void*, size_t), void* data) {
   if (total == 0) return;
   if (total == 1 || !ctx) {
@@ -165,6 +244,8 @@ TernaryKernelBase::TernaryKernelBase(const OrtKernelInfo* info) {
   const int64_t unset = INT64_MIN;
   qmin_attr_ = attr_int(info, "act_qmin", &unset);
   qmax_attr_ = attr_int(info, "act_qmax", &unset);
+  activation_ = attr_activation(info);
+  finish_row_ = finish_row_for(*dispatch_);
 }
 
 static bool input_exists(const OrtKernelInfo* info, size_t index) {
@@ -313,7 +394,7 @@ bool TernaryKernelBase::folded_rows(const Planes& p, int64_t rows) const {
 
 void TernaryKernelBase::quantize_rows_and_run(OrtKernelContext* ctx, const Tensor& x, const ActQuant& q, const Planes& p,
                                               int64_t B, int64_t K, int64_t row_step, int64_t elem_step, float alpha,
-                                              float* y) const {
+                                              const RowEpilogue& e, float* y) const {
   const int64_t M = p.pos.rows, Kp = p.pos.positions(), Gp = p.pos.padded_groups;
   if (B == 0 || M == 0) return;
   const bool natural = folded_rows(p, B);
@@ -350,10 +431,10 @@ void TernaryKernelBase::quantize_rows_and_run(OrtKernelContext* ctx, const Tenso
   a.b_end = B;
   a.scale = alpha * q.scale;
   a.offset = static_cast<float>(q.offset());
-  run(ctx, p, a);
+  run(ctx, p, a, e);
 }
 
-void TernaryKernelBase::run(OrtKernelContext* ctx, const Planes& p, GemmArgs args) const {
+void TernaryKernelBase::run(OrtKernelContext* ctx, const Planes& p, GemmArgs args, const RowEpilogue& e) const {
   const int64_t M = args.m_end - args.m_begin, B = args.b_end - args.b_begin;
   if (M <= 0 || B <= 0) return;
   int64_t mb, bb;
@@ -379,6 +460,19 @@ void TernaryKernelBase::run(OrtKernelContext* ctx, const Planes& p, GemmArgs arg
       a.w = &p.neg;
       a.accumulate = true;
       d->gemm(a);
+    }
+    if (!e.c && !e.act.active()) return;
+    for (int64_t b = a.b_begin; b < a.b_end; ++b) {
+      RowAddends r;
+      float c_scalar = 0.f;
+      if (e.c && e.c_stride_m) {
+        r.add = e.c + b * e.c_stride_b + a.m_begin;
+        r.add_scale = e.beta;
+      } else if (e.c) {
+        c_scalar = e.beta * e.c[b * e.c_stride_b];
+        r.bias = &c_scalar;
+      }
+      finish_row_(a.y + b * a.y_stride_b + a.m_begin, a.m_end - a.m_begin, r, e.act);
     }
   };
   parallel_for(ctx, static_cast<size_t>(tiles_m * tiles_b), task);

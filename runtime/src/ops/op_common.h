@@ -54,6 +54,45 @@ std::string shape_string(const std::vector<int64_t>& shape);
 int64_t attr_int(const OrtKernelInfo* info, const char* name, const int64_t* fallback);
 float attr_float(const OrtKernelInfo* info, const char* name, const float* fallback);
 std::vector<int64_t> attr_ints(const OrtKernelInfo* info, const char* name, const std::vector<int64_t>* fallback);
+std::vector<float> attr_floats(const OrtKernelInfo* info, const char* name, const std::vector<float>* fallback);
+std::string attr_string(const OrtKernelInfo* info, const char* name, const std::string* fallback);
+
+// The activation fused after bias and residual (attributes `activation`, `activation_params`;
+// docs/custom-ops.md), applied by the op layer to each output tile while it is in cache.
+struct Activation {
+  enum Kind { kNone, kRelu, kClip, kHardSigmoid, kHardSwish };
+  Kind kind = kNone;
+  float p0 = 0.f, p1 = 0.f;  // clip: min, max; hardsigmoid: alpha, beta
+  bool affine = false;       // then f(v) * scale + shift (`activation_affine`)
+  float scale = 1.f, shift = 0.f;
+  bool active() const { return kind != kNone || affine; }
+};
+// The node's activation (`relu`=1 is relu); a bad name or parameter list fails (at session creation).
+Activation attr_activation(const OrtKernelInfo* info);
+
+// What one output row gets before its activation: y[i] + *bias + add_scale * add[i] (bias, add optional;
+// TernaryConv: bias and residual; MatMul: bias; Gemm: beta and C).
+struct RowAddends {
+  const float* bias = nullptr;
+  const float* add = nullptr;
+  float add_scale = 1.f;
+};
+// The output epilogue: y[i] = act(y[i] + addends) for i < count, one pass (epilogue_impl.h).
+using FinishRow = void (*)(float* y, int64_t count, const RowAddends& r, const Activation& act);
+void finish_row_plain(float* y, int64_t count, const RowAddends& r, const Activation& act);  // baseline build
+#if defined(FGQ_HAVE_X86_KERNELS)
+void finish_row_avx2(float* y, int64_t count, const RowAddends& r, const Activation& act);  // -mavx2 build
+#endif
+// The build for a kernel path: plain for ref, AVX2 for the others (the same bits either way).
+FinishRow finish_row_for(const KernelDispatch& d);
+
+// MatMul and Gemm: y[b, m] = act(y[b, m] + beta * c[b * c_stride_b + m * c_stride_m]) (c may be null).
+struct RowEpilogue {
+  const float* c = nullptr;
+  int64_t c_stride_b = 0, c_stride_m = 0;
+  float beta = 1.f;
+  Activation act;
+};
 
 // Runs fn(i) for i < total on onnxruntime's intra-op thread pool (ctx null: serially, here).
 void parallel_for(OrtKernelContext* ctx, size_t total, void (*fn)(void*, size_t), void* data);
@@ -100,19 +139,24 @@ class TernaryKernelBase {
   ActQuant act_quant(OrtKernelContext* ctx, const Tensor& x) const;
   // Bias [rows] or absent.
   const float* bias(OrtKernelContext* ctx, int64_t rows) const;
-  // Runs the fused kernel over rows [m0, m0 + rows) x b < cols in parallel tiles.
-  void run(OrtKernelContext* ctx, const Planes& p, GemmArgs args) const;
+  // Runs the fused kernel over rows [m0, m0 + rows) x b < cols in parallel tiles, each tile finished
+  // by `e` (y_stride_m must be 1).
+  void run(OrtKernelContext* ctx, const Planes& p, GemmArgs args, const RowEpilogue& e) const;
   // Whether a call over `rows` activation rows takes natural unsigned rows (use_folded, both planes).
   bool folded_rows(const Planes& p, int64_t rows) const;
   // MatMul and Gemm: quantizes the B activation rows of length K (row r starts at element
   // r * row_step, its elements elem_step apart: a transposed A has row_step 1 and elem_step B)
-  // into the order the kernel takes (folded_rows), then runs the kernel into y [B, M], scaled by alpha.
+  // into the order the kernel takes (folded_rows), then runs the kernel into y [B, M], scaled by alpha and
+  // finished by `e`.
   void quantize_rows_and_run(OrtKernelContext* ctx, const Tensor& x, const ActQuant& q, const Planes& p, int64_t B,
-                             int64_t K, int64_t row_step, int64_t elem_step, float alpha, float* y) const;
+                             int64_t K, int64_t row_step, int64_t elem_step, float alpha, const RowEpilogue& e,
+                             float* y) const;
 
   const KernelDispatch* dispatch_ = nullptr;
   int64_t n_ = 0;
   int64_t qmin_attr_ = INT64_MIN, qmax_attr_ = INT64_MIN;
+  Activation activation_;
+  FinishRow finish_row_ = nullptr;
   ReductionLayout layout_;
   int64_t rows_ = -1;
   std::shared_ptr<const Planes> constant_planes_;

@@ -1,5 +1,5 @@
 // TernaryConv: 2-D NCHW convolution with ternary weights (groups, depthwise,
-// strides, pads, dilations, bias, optional fused ReLU). Per image, the
+// strides, pads, dilations, bias, residual, optional fused activation). Per image, the
 // activation is quantized in one pass into a padded NHWC int8 image (the
 // border holds the level of 0.0). The folded form (natural unsigned rows)
 // reads its rows from the image in place, one segment (kernel offset r, s)
@@ -58,7 +58,7 @@ class ConvKernel : public TernaryKernelBase {
     cg_ = ws[1];
     r_ = ws[2];
     s_ = ws[3];
-    const int64_t one = 1, zero = 0;
+    const int64_t one = 1;
     group_ = attr_int(info, "group", &one);
     if (group_ < 1 || m_ % group_ != 0) fail("group must be >= 1 and divide M = " + std::to_string(m_));
     const std::vector<int64_t> ones2 = {1, 1}, zeros4 = {0, 0, 0, 0};
@@ -76,18 +76,8 @@ class ConvKernel : public TernaryKernelBase {
     const std::vector<int64_t> none;
     const std::vector<int64_t> ks = attr_ints(info, "kernel_shape", &none);
     if (!ks.empty() && (ks.size() != 2 || ks[0] != r_ || ks[1] != s_)) fail("kernel_shape disagrees with weight_shape");
-    relu_ = attr_int(info, "relu", &zero);
-    if (relu_ != 0 && relu_ != 1) fail("relu must be 0 or 1");
-    size_t len = 0;
-    OrtStatus* st = g_api->KernelInfoGetAttribute_string(info, "auto_pad", nullptr, &len);
-    if (!st) {
-      std::string v(len, '\0');
-      check(g_api->KernelInfoGetAttribute_string(info, "auto_pad", &v[0], &len));
-      v.resize(len ? len - 1 : 0);
-      if (v != "NOTSET") fail("auto_pad is not supported: give explicit pads");
-    } else {
-      g_api->ReleaseStatus(st);
-    }
+    const std::string notset = "NOTSET";
+    if (attr_string(info, "auto_pad", &notset) != "NOTSET") fail("auto_pad is not supported: give explicit pads");
     const int64_t rs = checked_mul(r_, s_, "kernel");
     segmented_ = cg_ >= n_;
     // A segment's positions are its channels, read in place from the NHWC image: groups without
@@ -277,14 +267,17 @@ class ConvKernel : public TernaryKernelBase {
     a.x_scale = q.scale;
     a.bias = e.bias;
     a.residual = e.residual;
-    a.relu = relu_ != 0;
+    a.relu = activation_.kind == Activation::kRelu;  // the kernel's own
     a.y = y_image;
-    const int64_t per_task = channels_per_task(geo.OH * geo.OW);
+    Activation rest = activation_;  // what the kernel leaves to the epilogue
+    if (a.relu) rest.kind = Activation::kNone;
+    const int64_t P = geo.OH * geo.OW, per_task = channels_per_task(P);
     auto task = [&](size_t t) {
       DepthwiseArgs part = a;
       part.m_begin = static_cast<int64_t>(t) * per_task;
       part.m_end = std::min(m_, part.m_begin + per_task);
       dispatch_->depthwise(part);
+      if (rest.active()) finish_row_(y_image + part.m_begin * P, (part.m_end - part.m_begin) * P, RowAddends(), rest);
     };
     parallel_for(ctx, static_cast<size_t>((m_ + per_task - 1) / per_task), task);
   }
@@ -497,7 +490,7 @@ class ConvKernel : public TernaryKernelBase {
     }
   }
 
-  // The ternary GEMM per group over the P pixels of one image, then bias, residual and ReLU per tile.
+  // The ternary GEMM per group over the P pixels of one image, then bias, residual and activation per tile.
   void gemm(OrtKernelContext* ctx, const Planes& p, int64_t P, int64_t group_step, const GemmArgs& args,
             const Epilogue& e) const {
     const int64_t mg = m_ / group_;
@@ -520,23 +513,17 @@ class ConvKernel : public TernaryKernelBase {
         a.accumulate = true;
         dispatch_->gemm(a);
       }
-      if (e.bias || e.residual || relu_)
-        for (int64_t m = a.m_begin; m < a.m_end; ++m) {
-          float* row = a.y + m * P;
-          const float* res = e.residual ? e.residual + m * P : nullptr;
-          const float bias_m = e.bias ? e.bias[m] : 0.f;
-          for (int64_t pix = a.b_begin; pix < a.b_end; ++pix) {
-            float v = row[pix] + bias_m;
-            if (res) v += res[pix];  // after the bias, as the function body adds them
-            row[pix] = relu_ && v < 0.f ? 0.f : v;
-          }
-        }
+      if (e.bias || e.residual || activation_.active())
+        for (int64_t m = a.m_begin; m < a.m_end; ++m)
+          finish_row_(a.y + m * P + a.b_begin, a.b_end - a.b_begin,
+                      RowAddends{e.bias ? e.bias + m : nullptr, e.residual ? e.residual + m * P + a.b_begin : nullptr},
+                      activation_);
     };
     parallel_for(ctx, static_cast<size_t>(group_ * tiles_m * tiles_b), task);
   }
 
  private:
-  int64_t m_ = 0, cg_ = 0, r_ = 0, s_ = 0, group_ = 1, relu_ = 0, positions_ = 0;
+  int64_t m_ = 0, cg_ = 0, r_ = 0, s_ = 0, group_ = 1, positions_ = 0;
   bool segmented_ = true;
   bool channel_rows_ = true;  // folded rows may be read in place from the NHWC image
   bool pad_channels_ = false;  // in place, the image pads each pixel's channels to N rounded up to 4

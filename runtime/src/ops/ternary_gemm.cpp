@@ -1,4 +1,4 @@
-// TernaryGemm: Y[B, M] = alpha * dequant(A') @ W' + beta * C.
+// TernaryGemm: Y[B, M] = activation(alpha * dequant(A') @ W' + beta * C).
 #include "ops.h"
 
 namespace fgq {
@@ -31,7 +31,9 @@ class GemmKernel : public TernaryKernelBase {
     const int64_t M = p.pos.rows;
 
     const Tensor c = input(ctx, kBias);
-    int64_t c_stride_b = 0, c_stride_m = 0;
+    RowEpilogue e;
+    e.act = activation_;
+    e.beta = beta_;
     if (c.present) {
       if (c.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) fail("C must be float");
       if (c.shape.size() > 2) fail("C must have rank <= 2");
@@ -39,16 +41,12 @@ class GemmKernel : public TernaryKernelBase {
       const int64_t cm = c.shape.empty() ? 1 : c.shape.back();
       if ((cb != 1 && cb != B) || (cm != 1 && cm != M))
         fail("C shape " + shape_string(c.shape) + " does not broadcast to " + shape_string({B, M}));
-      c_stride_m = cm == 1 ? 0 : 1;
-      c_stride_b = cb == 1 ? 0 : cm;
+      e.c_stride_m = cm == 1 ? 0 : 1;
+      e.c_stride_b = cb == 1 ? 0 : cm;
+      if (beta_ != 0.f) e.c = c.as<float>();
     }
     float* y = output(ctx, 0, {B, M});
-    quantize_rows_and_run(ctx, x, q, p, B, k_, trans_a_ ? 1 : k_, trans_a_ ? B : 1, alpha_, y);
-    if (c.present && beta_ != 0.f) {
-      const float* cv = c.as<float>();
-      for (int64_t r = 0; r < B; ++r)
-        for (int64_t m = 0; m < M; ++m) y[r * M + m] += beta_ * cv[r * c_stride_b + m * c_stride_m];
-    }
+    quantize_rows_and_run(ctx, x, q, p, B, k_, trans_a_ ? 1 : k_, trans_a_ ? B : 1, alpha_, e, y);
   }
 
  private:

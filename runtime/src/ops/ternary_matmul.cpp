@@ -1,4 +1,4 @@
-// TernaryMatMul: Y[..., M] = dequant(X)[..., K] @ W[K, M] (+ bias).
+// TernaryMatMul: Y[..., M] = activation(dequant(X)[..., K] @ W[K, M] (+ bias)).
 #include "ops.h"
 
 namespace fgq {
@@ -21,15 +21,15 @@ class MatMulKernel : public TernaryKernelBase {
     Planes scratch;
     const Planes& p = planes(ctx, scratch);
     const int64_t M = p.pos.rows;
-    const float* b = bias(ctx, M);
+    RowEpilogue e;
+    e.c = bias(ctx, M);
+    e.c_stride_m = 1;
+    e.act = activation_;
     std::vector<int64_t> out_shape(x.shape.begin(), x.shape.end() - 1);
     out_shape.push_back(M);
     const int64_t B = x.size / k_;
     float* y = output(ctx, 0, out_shape);
-    quantize_rows_and_run(ctx, x, q, p, B, k_, k_, 1, 1.f, y);
-    if (b)
-      for (int64_t r = 0; r < B; ++r)
-        for (int64_t m = 0; m < M; ++m) y[r * M + m] += b[m];
+    quantize_rows_and_run(ctx, x, q, p, B, k_, k_, 1, 1.f, e, y);
   }
 
  private:
