@@ -241,6 +241,17 @@ int main() {
     run_case(c, rng, paths);
     ++cases;
   }
+  // Every column stride and dilation the kernel takes, widths straddling 16 lanes, both weight
+  // widths (codes up to 127 fit int8, up to 255 do not).
+  for (int64_t stride = 1; stride <= 4; ++stride)
+    for (int64_t dilation = 1; fgq::depthwise_supports(stride, dilation); ++dilation)
+      for (int64_t out_w : {15, 16, 17, 33}) {
+        const int max_code = out_w % 2 ? 255 : 127;
+        const Case c{1, 1, 3, 3, 5, 4, 1 + out_w % 2, stride, 1, dilation, 3, out_w, ScaleType::kU8, max_code,
+                     false, true, false, true};
+        run_case(c, rng, paths);
+        ++cases;
+      }
   for (int64_t out_w = 1; out_w <= 40; ++out_w) {
     const Case c{1, 1, 2, 3, 3, 4, 1, 1 + out_w % 2, 1, 1, 2, out_w, ScaleType::kU8, 127, false, true, true, true};
     run_case(c, rng, paths);

@@ -428,6 +428,6 @@ void quantize_transposed_tiles(const float* src, int64_t channels, int64_t pixel
 
 const KernelDispatch kAvx512VnniDispatch = {"avx512vnni",        group_dots,          gemm, quantize_span_impl,
                                             to_kernel_order_impl, quantize_transposed_tiles, true,
-                                            depthwise_avx2};  // AVX2's: every AVX-512 CPU has AVX2
+                                            depthwise_avx512};
 
 }  // namespace fgq
