@@ -202,7 +202,7 @@ void run_case(const Case& c, std::mt19937& rng, const std::vector<const fgq::Ker
 
 int main() {
   std::vector<const fgq::KernelDispatch*> paths;
-  for (const char* name : {"ref", "avx2", "avx512vnni"}) {
+  for (const char* name : {"ref", "avx2", "avxvnni", "avx512vnni"}) {
     if (const fgq::KernelDispatch* d = fgq::find_dispatch(name)) paths.push_back(d);
     else std::printf("skipped %s: this CPU (or build) does not support it\n", name);
   }

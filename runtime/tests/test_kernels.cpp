@@ -87,7 +87,7 @@ struct Parser {
 
 std::vector<const fgq::KernelDispatch*> paths() {
   std::vector<const fgq::KernelDispatch*> out;
-  for (const char* name : {"ref", "avx2", "avx512vnni"}) {
+  for (const char* name : {"ref", "avx2", "avxvnni", "avx512vnni"}) {
     if (const fgq::KernelDispatch* d = fgq::find_dispatch(name))
       out.push_back(d);
     else

@@ -152,6 +152,12 @@ void channel(const DepthwiseArgs& a, int64_t m, const int64_t* offsets, const Ch
 }  // namespace
 
 void depthwise_avx512(const DepthwiseArgs& a) {
+  // Rows of at most 8 pixels fill at most half a vector here, all of one in the AVX2 kernel
+  // (measured on Zen 5, 960 channels 5x5 at 7x7: 73 us there against 105 here).
+  if (a.out_w <= 8) {
+    depthwise_avx2(a);
+    return;
+  }
   const DepthwiseWeights& w = *a.w;
   const ChunkShuffle shuffle(a.stride_w, a.dilation_w);
   std::vector<int64_t> offsets;  // each piece's source, relative to a pixel's window corner
