@@ -252,6 +252,18 @@ int main() {
         run_case(c, rng, paths);
         ++cases;
       }
+  // The common depthwise filters (one accumulator: codes up to 127, symmetric), several blocks of
+  // output rows and a tail; asymmetric and wide-weight channels of the same shapes take the general loop.
+  for (int64_t k : {3, 5, 7})
+    for (int64_t stride : {1, 2})
+      for (int64_t out_h : {4, 9, 11}) {
+        const int max_code = out_h == 11 ? 255 : 127;
+        const bool asymmetric = out_h == 9 && k == 5;
+        const Case c{1, 1, 5, k, k, 4, stride, stride, 1, 1, out_h, 17 + 16 * (k / 5), ScaleType::kU8, max_code,
+                     asymmetric, k != 5, stride == 2, k != 7};
+        run_case(c, rng, paths);
+        ++cases;
+      }
   for (int64_t out_w = 1; out_w <= 40; ++out_w) {
     const Case c{1, 1, 2, 3, 3, 4, 1, 1 + out_w % 2, 1, 1, 2, out_w, ScaleType::kU8, 127, false, true, true, true};
     run_case(c, rng, paths);

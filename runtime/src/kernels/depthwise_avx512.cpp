@@ -84,8 +84,24 @@ void load_channel(const DepthwiseArgs& a, int64_t m, ChannelWeights* out) {
   }
 }
 
-// V output rows (from oh, at columns ow.. with `mask` lanes valid) of channel m: each
-// accumulator's exact sums, the float chain, then bias, residual, ReLU, store.
+// Output rows oh..oh + V - 1 of channel m at columns ow.. (`mask`: the lanes in the row):
+// bias, residual, ReLU, store.
+template <int V>
+void store(const DepthwiseArgs& a, int64_t m, int64_t oh, int64_t ow, __mmask16 mask, const __m512 out[V]) {
+  const int64_t P = a.out_h * a.out_w;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int v = 0; v < V; ++v) {
+    const int64_t at = m * P + (oh + v) * a.out_w + ow;
+    __m512 y = out[v];
+    if (a.bias) y = _mm512_add_ps(y, _mm512_set1_ps(a.bias[m]));
+    if (a.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, a.residual + at));
+    if (a.relu) y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(y, zero, _CMP_LT_OQ), zero);  // keeps -0.0, as the reference
+    _mm512_mask_storeu_ps(a.y + at, mask, y);
+  }
+}
+
+// V output rows of channel m at columns ow..: each accumulator's exact sums over its pieces,
+// then the float chain.
 template <bool Wide, int V>
 void vectors(const DepthwiseArgs& a, int64_t m, const uint8_t* image, const int64_t* offsets, const ChannelWeights& cw,
              const ChunkShuffle& shuffle, int64_t oh, int64_t ow, __mmask16 mask) {
@@ -122,27 +138,74 @@ void vectors(const DepthwiseArgs& a, int64_t m, const uint8_t* image, const int6
       out[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, out[v]);
     }
   }
-  const int64_t P = a.out_h * a.out_w;
-  const __m512 zero = _mm512_setzero_ps();
-  for (int v = 0; v < V; ++v) {
-    const int64_t at = m * P + (oh + v) * a.out_w + ow;
-    __m512 y = out[v];
-    if (a.bias) y = _mm512_add_ps(y, _mm512_set1_ps(a.bias[m]));
-    if (a.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, a.residual + at));
-    if (a.relu) y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(y, zero, _CMP_LT_OQ), zero);  // keeps -0.0, as the reference
-    _mm512_mask_storeu_ps(a.y + at, mask, y);
+  store<V>(a, m, oh, ow, mask, out);
+}
+
+// The common depthwise filter (one input channel, one accumulator, kernel rows not dilated,
+// R rows of CC chunks, piece p = chunk p), narrow weights: output rows oh..oh + kRows - 1 at
+// once, each image row's chunk shuffled once and met by every output row it serves (R / SH of
+// them; the shuffles, not vpdpbusd, bound vectors()). The same exact sums as vectors().
+constexpr int kRows = 4;
+using RowsBlock = void (*)(const DepthwiseArgs&, int64_t, const uint8_t*, const ChannelWeights&, const ChunkShuffle&,
+                           int64_t, int64_t, __mmask16);
+
+template <int R, int CC, int SH>
+void rows_block(const DepthwiseArgs& a, int64_t m, const uint8_t* image, const ChannelWeights& cw,
+                const ChunkShuffle& shuffle, int64_t oh, int64_t ow, __mmask16 mask) {
+  constexpr int V = kRows;
+  __m512i weight[R * CC], acc[V];
+  for (int p = 0; p < R * CC; ++p) weight[p] = _mm512_set1_epi32(cw.narrow[static_cast<size_t>(p)]);
+  for (int v = 0; v < V; ++v) acc[v] = _mm512_setzero_si512();
+  const uint8_t* corner = image + oh * SH * a.padded_w + ow * a.stride_w;
+  for (int j = 0; j < CC; ++j)
+    for (int i = 0; i < SH * (V - 1) + R; ++i) {  // image rows from the block's first window row
+      const __m512i x = shuffle(corner + i * a.padded_w + 4 * j * a.dilation_w);
+      for (int v = 0; v < V; ++v) {
+        const int r = i - SH * v;  // kernel row of output row v that reads image row i
+        if (r >= 0 && r < R) acc[v] = _mm512_dpbusd_epi32(acc[v], x, weight[r * CC + j]);
+      }
+    }
+  const __m512i correction = _mm512_set1_epi32(cw.correction[0]);
+  const __m512 scale = _mm512_set1_ps(cw.scale[0]), zero = _mm512_setzero_ps();
+  __m512 out[V];
+  for (int v = 0; v < V; ++v)
+    out[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[v], correction)), scale, zero);
+  store<V>(a, m, oh, ow, mask, out);
+}
+
+// rows_block for this call's filter, or null when it is not one of the common ones.
+RowsBlock rows_block_for(const DepthwiseArgs& a) {
+  const DepthwiseWeights& w = *a.w;
+  const int64_t CC = (w.kernel_w + 3) / 4;
+  if (w.channels_per_group != 1 || w.accumulators != 1 || a.dilation_h != 1 ||
+      static_cast<int64_t>(w.pieces.size()) != w.kernel_h * CC)
+    return nullptr;
+  for (size_t p = 0; p < w.pieces.size(); ++p)
+    if (w.pieces[p].chunk != static_cast<int64_t>(p)) return nullptr;
+  const int64_t shape = w.kernel_h * 100 + CC * 10 + a.stride_h;
+  switch (shape) {
+    case 311: return rows_block<3, 1, 1>;
+    case 312: return rows_block<3, 1, 2>;
+    case 521: return rows_block<5, 2, 1>;
+    case 522: return rows_block<5, 2, 2>;
+    case 721: return rows_block<7, 2, 1>;
+    case 722: return rows_block<7, 2, 2>;
+    default: return nullptr;
   }
 }
 
 template <bool Wide>
 void channel(const DepthwiseArgs& a, int64_t m, const int64_t* offsets, const ChannelWeights& cw,
-             const ChunkShuffle& shuffle) {
+             const ChunkShuffle& shuffle, RowsBlock rows) {
   const DepthwiseWeights& w = *a.w;
   const uint8_t* image = a.image + (m / w.rows_per_group) * w.channels_per_group * a.padded_h * a.padded_w;
   auto mask_at = [&](int64_t ow) {
     return static_cast<__mmask16>((1u << std::min(kLanes, a.out_w - ow)) - 1);
   };
   int64_t oh = 0;
+  if (!Wide && rows)
+    for (; oh + kRows <= a.out_h; oh += kRows)
+      for (int64_t ow = 0; ow < a.out_w; ow += kLanes) rows(a, m, image, cw, shuffle, oh, ow, mask_at(ow));
   for (; oh + 2 <= a.out_h; oh += 2)  // two rows at a time: independent chains, shared weight loads
     for (int64_t ow = 0; ow < a.out_w; ow += kLanes) vectors<Wide, 2>(a, m, image, offsets, cw, shuffle, oh, ow, mask_at(ow));
   if (oh < a.out_h)
@@ -165,11 +228,12 @@ void depthwise_avx512(const DepthwiseArgs& a) {
     const DepthwiseChunk& c = w.chunks[static_cast<size_t>(piece.chunk)];
     offsets.push_back((c.c * a.padded_h + c.r * a.dilation_h) * a.padded_w + c.s0 * a.dilation_w);
   }
+  const RowsBlock rows = rows_block_for(a);
   ChannelWeights cw;
   for (int64_t m = a.m_begin; m < a.m_end; ++m) {
     load_channel(a, m, &cw);
-    if (cw.wide) channel<true>(a, m, offsets.data(), cw, shuffle);
-    else channel<false>(a, m, offsets.data(), cw, shuffle);
+    if (cw.wide) channel<true>(a, m, offsets.data(), cw, shuffle, rows);
+    else channel<false>(a, m, offsets.data(), cw, shuffle, rows);
   }
 }
 
