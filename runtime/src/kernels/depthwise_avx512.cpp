@@ -158,8 +158,10 @@ void rows_block(const DepthwiseArgs& a, int64_t m, const uint8_t* image, const C
   for (int v = 0; v < V; ++v) acc[v] = _mm512_setzero_si512();
   const uint8_t* corner = image + oh * SH * a.padded_w + ow * a.stride_w;
   for (int j = 0; j < CC; ++j)
+#pragma GCC unroll 16  // fully: acc[] then stays in registers
     for (int i = 0; i < SH * (V - 1) + R; ++i) {  // image rows from the block's first window row
       const __m512i x = shuffle(corner + i * a.padded_w + 4 * j * a.dilation_w);
+#pragma GCC unroll 4
       for (int v = 0; v < V; ++v) {
         const int r = i - SH * v;  // kernel row of output row v that reads image row i
         if (r >= 0 && r < R) acc[v] = _mm512_dpbusd_epi32(acc[v], x, weight[r * CC + j]);
