@@ -91,6 +91,7 @@ inline bool depthwise_supports(int64_t stride_w, int64_t dilation_w) {
 void depthwise_ref(const DepthwiseArgs& a);
 #if defined(FGQ_HAVE_X86_KERNELS)
 void depthwise_avx2(const DepthwiseArgs& a);
+void depthwise_avxvnni(const DepthwiseArgs& a);  // AVX2 + AVX-VNNI
 void depthwise_avx512(const DepthwiseArgs& a);  // AVX-512 F/BW/VNNI
 #endif
 

@@ -6,14 +6,15 @@
 // kernels_avx512vnni.cpp at 256 bits. A panel's 16 rows are two halves of 8 (one 32-byte
 // line a half per chunk and plane: row i's four int8 weights in dword i), each natural
 // unsigned activation row's four bytes are broadcast, and vpdpbusd (u8 x s8, four products a
-// dword summed in exact int32) replaces AVX2's widening to int16 and vpmaddwd. The rest (the
-// kernel-order path for fewer than 4 rows, quantization, reordering, the direct convolution)
-// is the AVX2 path's, taken from its table.
+// dword summed in exact int32) replaces AVX2's widening to int16 and vpmaddwd. The direct
+// convolution is depthwise_avxvnni.cpp; the rest (the kernel-order path for fewer than 4 rows,
+// quantization, reordering) is the AVX2 path's, taken from its table.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
 
+#include "fgq/depthwise.h"
 #include "fgq/kernels.h"
 
 namespace fgq {
@@ -107,6 +108,6 @@ const KernelDispatch kAvxVnniDispatch = {"avxvnni",
                                          kAvx2Dispatch.kernel_order,
                                          kAvx2Dispatch.quantize_transposed,
                                          true,
-                                         kAvx2Dispatch.depthwise};
+                                         depthwise_avxvnni};
 
 }  // namespace fgq
