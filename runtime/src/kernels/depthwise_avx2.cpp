@@ -131,17 +131,15 @@ void vectors(const DepthwiseArgs& a, int64_t m, const uint8_t* image, const int6
 }
 
 // The common depthwise filter (one input channel, one accumulator, kernel rows not dilated,
-// R rows of CC chunks, piece p = chunk p): output rows oh..oh + kRows - 1 at once, each image
+// R rows of CC chunks, piece p = chunk p): output rows oh..oh + V - 1 at once, each image
 // row's chunk loaded and shuffled once for every output row it serves (R / SH of them). The
 // same exact sums as vectors().
-constexpr int kRows = 4;
 using RowsBlock = void (*)(const DepthwiseArgs&, int64_t, const uint8_t*, const ChannelWeights&, const ChunkShuffle&,
                            int64_t, int64_t, int64_t);
 
-template <int R, int CC, int SH>
+template <int R, int CC, int SH, int V>
 void rows_block(const DepthwiseArgs& a, int64_t m, const uint8_t* image, const ChannelWeights& cw,
                 const ChunkShuffle& shuffle, int64_t oh, int64_t ow, int64_t count) {
-  constexpr int V = kRows;
   const int32_t* pairs = cw.pairs.data();
   __m256i acc[V];
   for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_si256();
@@ -171,40 +169,53 @@ void rows_block(const DepthwiseArgs& a, int64_t m, const uint8_t* image, const C
   store<V>(a, m, oh, ow, count, out);
 }
 
-// rows_block for this call's filter, or null when it is not one of the common ones.
-RowsBlock rows_block_for(const DepthwiseArgs& a) {
+// rows_block for 4, 2 and 1 rows of this call's filter, or nulls when it is not one of the common ones.
+struct RowsBlocks {
+  RowsBlock four = nullptr, two = nullptr, one = nullptr;
+};
+
+template <int R, int CC, int SH>
+RowsBlocks blocks() {
+  return {rows_block<R, CC, SH, 4>, rows_block<R, CC, SH, 2>, rows_block<R, CC, SH, 1>};
+}
+
+RowsBlocks rows_blocks_for(const DepthwiseArgs& a) {
   const DepthwiseWeights& w = *a.w;
   const int64_t CC = (w.kernel_w + 3) / 4;
   if (w.channels_per_group != 1 || w.accumulators != 1 || a.dilation_h != 1 ||
       static_cast<int64_t>(w.pieces.size()) != w.kernel_h * CC)
-    return nullptr;
+    return {};
   for (size_t p = 0; p < w.pieces.size(); ++p)
-    if (w.pieces[p].chunk != static_cast<int64_t>(p)) return nullptr;
+    if (w.pieces[p].chunk != static_cast<int64_t>(p)) return {};
   switch (w.kernel_h * 100 + CC * 10 + a.stride_h) {
-    case 311: return rows_block<3, 1, 1>;
-    case 312: return rows_block<3, 1, 2>;
-    case 521: return rows_block<5, 2, 1>;
-    case 522: return rows_block<5, 2, 2>;
-    case 721: return rows_block<7, 2, 1>;
-    case 722: return rows_block<7, 2, 2>;
-    default: return nullptr;
+    case 311: return blocks<3, 1, 1>();
+    case 312: return blocks<3, 1, 2>();
+    case 521: return blocks<5, 2, 1>();
+    case 522: return blocks<5, 2, 2>();
+    case 721: return blocks<7, 2, 1>();
+    case 722: return blocks<7, 2, 2>();
+    default: return {};
   }
 }
 
 void channel(const DepthwiseArgs& a, int64_t m, const int64_t* offsets, const char* two_pairs, const ChannelWeights& cw,
-             const ChunkShuffle& shuffle, RowsBlock rows) {
+             const ChunkShuffle& shuffle, const RowsBlocks& rows) {
   const DepthwiseWeights& w = *a.w;
   const uint8_t* image = a.image + (m / w.rows_per_group) * w.channels_per_group * a.padded_h * a.padded_w;
+  // Blocks of V output rows, as many as fit from row oh on.
+  auto block = [&](int64_t& oh, int V, RowsBlock fixed) {
+    for (; oh + V <= a.out_h; oh += V)
+      for (int64_t ow = 0; ow < a.out_w; ow += kLanes) {
+        const int64_t count = std::min(kLanes, a.out_w - ow);
+        if (fixed) fixed(a, m, image, cw, shuffle, oh, ow, count);
+        else if (V == 2) vectors<2>(a, m, image, offsets, two_pairs, cw, shuffle, oh, ow, count);
+        else vectors<1>(a, m, image, offsets, two_pairs, cw, shuffle, oh, ow, count);
+      }
+  };
   int64_t oh = 0;
-  if (rows)
-    for (; oh + kRows <= a.out_h; oh += kRows)
-      for (int64_t ow = 0; ow < a.out_w; ow += kLanes) rows(a, m, image, cw, shuffle, oh, ow, std::min(kLanes, a.out_w - ow));
-  for (; oh + 2 <= a.out_h; oh += 2)  // two rows at a time: independent chains, shared weight loads
-    for (int64_t ow = 0; ow < a.out_w; ow += kLanes)
-      vectors<2>(a, m, image, offsets, two_pairs, cw, shuffle, oh, ow, std::min(kLanes, a.out_w - ow));
-  if (oh < a.out_h)
-    for (int64_t ow = 0; ow < a.out_w; ow += kLanes)
-      vectors<1>(a, m, image, offsets, two_pairs, cw, shuffle, oh, ow, std::min(kLanes, a.out_w - ow));
+  if (rows.four) block(oh, 4, rows.four);
+  block(oh, 2, rows.two);  // two rows at a time: independent chains, shared weight loads
+  block(oh, 1, rows.one);
 }
 
 }  // namespace
@@ -219,7 +230,7 @@ void depthwise_avx2(const DepthwiseArgs& a) {
     offsets.push_back((c.c * a.padded_h + c.r * a.dilation_h) * a.padded_w + c.s0 * a.dilation_w);
     two_pairs.push_back(c.s0 + 2 < w.kernel_w);
   }
-  const RowsBlock rows = rows_block_for(a);
+  const RowsBlocks rows = rows_blocks_for(a);
   ChannelWeights cw;
   for (int64_t m = a.m_begin; m < a.m_end; ++m) {
     load_channel(a, m, &cw);
