@@ -280,6 +280,27 @@ int main() {
   EXPECT(!fgq::build_depthwise_weights(L.pos, &fewer_rows, L.layout, false, 1, 1, 3, 3, &w).empty(), "mismatched planes");
   EXPECT(!fgq::build_depthwise_weights(L.pos, nullptr, L.layout, false, 1, 1 << 20, 1 << 20, 1 << 20, &w).empty(),
          "huge filter accepted");
+  // Which filters the SIMD paths run several output rows at once.
+  auto plain = [&](const Case& k) {
+    Layer layer;
+    fgq::DepthwiseWeights built;
+    EXPECT(make_layer(k, rng, &layer).empty(), "repack");
+    EXPECT(fgq::build_depthwise_weights(layer.pos, k.asymmetric ? &layer.neg : nullptr, layer.layout, layer.segmented,
+                                        k.rows_per_group, k.channels_per_group, k.kernel_h, k.kernel_w, &built)
+               .empty(),
+           "build");
+    return fgq::plain_depthwise_filter(built);
+  };
+  Case dw{1, 1, 4, 5, 5, 4, 1, 1, 1, 1, 2, 2, ScaleType::kU8, 127, false, false, false, false};
+  EXPECT(plain(dw), "a 5x5 depthwise filter with uint8 scales is plain");
+  dw.asymmetric = true;
+  EXPECT(!plain(dw), "asymmetric: two accumulators");
+  dw.asymmetric = false;
+  dw.scale_type = ScaleType::kF32;
+  EXPECT(!plain(dw), "float scales, N = 4: one accumulator a group");
+  dw.scale_type = ScaleType::kU8;
+  dw.channels_per_group = 2;
+  EXPECT(!plain(dw), "two channels a group");
   EXPECT(!fgq::depthwise_supports(5, 1) && !fgq::depthwise_supports(3, 3) && fgq::depthwise_supports(2, 3), "supports");
   std::printf("%d depthwise cases on %zu paths\n", cases, paths.size());
   if (g_failures) {

@@ -73,6 +73,11 @@ struct DepthwiseArgs {
   int64_t m_begin = 0, m_end = 0;
 };
 
+// Whether w is a plain depthwise filter: one input channel a group, one accumulator, and chunk
+// p (kernel row p / ceil(S / 4), column chunk p % ceil(S / 4)) as piece p. The SIMD paths run
+// such filters several output rows at once (when the kernel rows are not dilated).
+bool plain_depthwise_filter(const DepthwiseWeights& w);
+
 // Largest filter (cg * R * S taps) the direct kernel takes: keeps every int32 sum exact
 // (4096 * 255 * 255 < 2^31).
 constexpr int64_t kDepthwiseMaxTaps = 4096;

@@ -94,10 +94,10 @@ void vectors(const DepthwiseArgs& a, int64_t m, const uint8_t* image, const int6
   for (int v = 0; v < V; ++v) Simd::store(a, m, oh + v, ow, count, out[v]);
 }
 
-// The common depthwise filter (one input channel, one accumulator, kernel rows not dilated,
-// R rows of CC chunks, piece p = chunk p), narrow weights: output rows oh..oh + V - 1 at
-// once, each image row's chunk shuffled once and met by every output row it serves (R / SH of
-// them; the shuffles, not vpdpbusd, bound vectors()). The same exact sums as vectors().
+// A plain depthwise filter (plain_depthwise_filter; kernel rows not dilated) of R rows of CC
+// chunks, narrow weights: output rows oh..oh + V - 1 at once, each image row's chunk shuffled
+// once and met by every output row it serves (R / SH of them; the shuffles, not vpdpbusd, bound
+// vectors()). The same exact sums as vectors().
 using RowsBlock = void (*)(const DepthwiseArgs&, int64_t, const uint8_t*, const ChannelWeights&,
                            const Simd::ChunkShuffle&, int64_t, int64_t, int64_t);
 
@@ -136,13 +136,8 @@ RowsBlocks blocks() {
 
 RowsBlocks rows_blocks_for(const DepthwiseArgs& a) {
   const DepthwiseWeights& w = *a.w;
-  const int64_t CC = (w.kernel_w + 3) / 4;
-  if (w.channels_per_group != 1 || w.accumulators != 1 || a.dilation_h != 1 ||
-      static_cast<int64_t>(w.pieces.size()) != w.kernel_h * CC)
-    return {};
-  for (size_t p = 0; p < w.pieces.size(); ++p)
-    if (w.pieces[p].chunk != static_cast<int64_t>(p)) return {};
-  switch (w.kernel_h * 100 + CC * 10 + a.stride_h) {
+  if (!plain_depthwise_filter(w) || a.dilation_h != 1) return {};
+  switch (w.kernel_h * 100 + (w.kernel_w + 3) / 4 * 10 + a.stride_h) {
     case 311: return blocks<3, 1, 1>();
     case 312: return blocks<3, 1, 2>();
     case 521: return blocks<5, 2, 1>();
