@@ -79,7 +79,8 @@ void load_channel(const DepthwiseArgs& a, int64_t m, ChannelWeights* out) {
 // bias, residual, ReLU, store. A vector short of 8 pixels goes through a buffer (no masked
 // moves: they are microcoded on some CPUs).
 template <int V>
-void store(const DepthwiseArgs& a, int64_t m, int64_t oh, int64_t ow, int64_t count, const __m256 out[V]) {
+[[gnu::always_inline]] inline void store(const DepthwiseArgs& a, int64_t m, int64_t oh, int64_t ow, int64_t count,
+                                         const __m256 out[V]) {
   const int64_t P = a.out_h * a.out_w;
   const __m256 zero = _mm256_setzero_ps();
   const size_t bytes = static_cast<size_t>(count) * sizeof(float);
@@ -130,21 +131,22 @@ void vectors(const DepthwiseArgs& a, int64_t m, const uint8_t* image, const int6
   store<V>(a, m, oh, ow, count, out);
 }
 
-// A plain depthwise filter (plain_depthwise_filter; kernel rows not dilated) of R rows of CC
-// chunks: output rows oh..oh + V - 1 at once, each image row's chunk loaded and shuffled once
+// A plain depthwise filter (plain_depthwise_filter; kernel rows not dilated) of R x S taps
+// (chunks of 4 columns; the second tap pair only where a chunk has columns past 2): output rows oh..oh + V - 1 at once, each image row's chunk loaded and shuffled once
 // for every output row it serves (R / SH of them). The same exact sums as vectors().
 using RowsBlock = void (*)(const DepthwiseArgs&, int64_t, const uint8_t*, const ChannelWeights&, const ChunkShuffle&,
                            int64_t, int64_t, int64_t);
 
-template <int R, int CC, int SH, int V>
+template <int R, int S, int SH, int V>
 void rows_block(const DepthwiseArgs& a, int64_t m, const uint8_t* image, const ChannelWeights& cw,
                 const ChunkShuffle& shuffle, int64_t oh, int64_t ow, int64_t count) {
+  constexpr int CC = (S + 3) / 4;
   const int32_t* pairs = cw.pairs.data();
   __m256i acc[V];
   for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_si256();
   const uint8_t* corner = image + oh * SH * a.padded_w + ow * a.stride_w;
   for (int j = 0; j < CC; ++j) {
-    const bool two_pairs = 4 * j + 2 < a.w->kernel_w;
+    const bool two_pairs = 4 * j + 2 < S;
 #pragma GCC unroll 16  // fully: acc[] then stays in registers
     for (int i = 0; i < SH * (V - 1) + R; ++i) {  // image rows from the block's first window row
       const __m256i x = shuffle.load(corner + i * a.padded_w + 4 * j * a.dilation_w);
@@ -173,21 +175,21 @@ struct RowsBlocks {
   RowsBlock four = nullptr, two = nullptr, one = nullptr;
 };
 
-template <int R, int CC, int SH>
+template <int R, int S, int SH>
 RowsBlocks blocks() {
-  return {rows_block<R, CC, SH, 4>, rows_block<R, CC, SH, 2>, rows_block<R, CC, SH, 1>};
+  return {rows_block<R, S, SH, 4>, rows_block<R, S, SH, 2>, rows_block<R, S, SH, 1>};
 }
 
 RowsBlocks rows_blocks_for(const DepthwiseArgs& a) {
   const DepthwiseWeights& w = *a.w;
   if (!plain_depthwise_filter(w) || a.dilation_h != 1) return {};
-  switch (w.kernel_h * 100 + (w.kernel_w + 3) / 4 * 10 + a.stride_h) {
-    case 311: return blocks<3, 1, 1>();
-    case 312: return blocks<3, 1, 2>();
-    case 521: return blocks<5, 2, 1>();
-    case 522: return blocks<5, 2, 2>();
-    case 721: return blocks<7, 2, 1>();
-    case 722: return blocks<7, 2, 2>();
+  switch (w.kernel_h * 100 + w.kernel_w * 10 + a.stride_h) {
+    case 331: return blocks<3, 3, 1>();
+    case 332: return blocks<3, 3, 2>();
+    case 551: return blocks<5, 5, 1>();
+    case 552: return blocks<5, 5, 2>();
+    case 771: return blocks<7, 7, 1>();
+    case 772: return blocks<7, 7, 2>();
     default: return {};
   }
 }

@@ -50,7 +50,8 @@ struct Simd {
   };
 
   // Output row oh of channel m, `count` pixels from column ow: bias, residual, ReLU, masked store.
-  static void store(const DepthwiseArgs& a, int64_t m, int64_t oh, int64_t ow, int64_t count, VecF y) {
+  [[gnu::always_inline]] static void store(const DepthwiseArgs& a, int64_t m, int64_t oh, int64_t ow, int64_t count,
+                                           VecF y) {
     const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
     const int64_t at = (m * a.out_h + oh) * a.out_w + ow;
     const __m512 zero = _mm512_setzero_ps();

@@ -49,7 +49,8 @@ struct Simd {
 
   // Output row oh of channel m, `count` pixels from column ow: bias, residual, ReLU, store; a
   // vector short of 8 pixels goes through a buffer (no masked moves: microcoded on some CPUs).
-  static void store(const DepthwiseArgs& a, int64_t m, int64_t oh, int64_t ow, int64_t count, VecF y) {
+  [[gnu::always_inline]] static void store(const DepthwiseArgs& a, int64_t m, int64_t oh, int64_t ow, int64_t count,
+                                           VecF y) {
     const int64_t at = (m * a.out_h + oh) * a.out_w + ow;
     const __m256 zero = _mm256_setzero_ps();
     const size_t bytes = static_cast<size_t>(count) * sizeof(float);
