@@ -66,14 +66,6 @@ struct Simd {
 
 }  // namespace
 
-void depthwise_avx512(const DepthwiseArgs& a) {
-  // Rows of at most 8 pixels fill at most half a vector here, all of one in the AVX2 kernel
-  // (measured on Zen 5, 960 channels 5x5 at 7x7: 73 us there against 105 here).
-  if (a.out_w <= 8) {
-    depthwise_avx2(a);
-    return;
-  }
-  depthwise_vnni(a);
-}
+void depthwise_avx512(const DepthwiseArgs& a) { depthwise_vnni(a); }
 
 }  // namespace fgq
