@@ -2,7 +2,7 @@
 
 The library is built by `pip install .` and installed inside this package;
 FGQ_OPS_LIBRARY overrides the path (e.g. a sanitizer build). FGQ_KERNEL
-(ref, avx2, avx512vnni) forces a kernel path; it is read when a session
+(ref, avx2, avxvnni, avx512vnni) forces a kernel path; it is read when a session
 creates its kernels, so `inference_session(kernel=...)` sets it for that
 moment only.
 """
@@ -23,7 +23,7 @@ from fgq_onnx.errors import FgqError
 DOMAIN = "com.fgq"
 LIBRARY_ENV = "FGQ_OPS_LIBRARY"
 KERNEL_ENV = "FGQ_KERNEL"
-KERNELS = ("ref", "avx2", "avx512vnni")
+KERNELS = ("ref", "avx2", "avxvnni", "avx512vnni")  # the last a CPU supports is its default
 _LIBRARY_NAME = "libfgq_ops.so"
 _env_lock = threading.Lock()
 
@@ -112,7 +112,7 @@ def inference_session(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     graph_optimization_level: ort.GraphOptimizationLevel | None = None,
 ) -> ort.InferenceSession:
-    """An InferenceSession that runs the com.fgq ops; `kernel` forces ref, avx2 or avx512vnni."""
+    """An InferenceSession that runs the com.fgq ops; `kernel` forces ref, avx2, avxvnni or avx512vnni."""
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     with _kernel_env(kernel):

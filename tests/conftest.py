@@ -195,7 +195,7 @@ class Cli:
 
 @pytest.fixture(scope="module")
 def kernels() -> list[str]:
-    """The kernel paths this CPU runs (ref, avx2, avx512vnni); skips when the custom-op library is not built."""
+    """The kernel paths this CPU runs (ref, avx2, avxvnni, avx512vnni); skips when the custom-op library is not built."""
     from fgq_onnx import runtime
 
     try:

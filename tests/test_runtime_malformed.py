@@ -225,6 +225,31 @@ def test_forced_kernel_unknown(monkeypatch):
         runtime.inference_session(b"", kernel="sse9")
 
 
+# The /proc/cpuinfo flags each SIMD path needs (the library asks CPUID and XGETBV itself).
+_PATH_FLAGS = {"avx2": {"avx2", "fma", "f16c"}, "avxvnni": {"avx2", "fma", "f16c", "avx_vnni"},
+               "avx512vnni": {"avx2", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vnni"}}
+
+
+@pytest.mark.parametrize("kernel", sorted(_PATH_FLAGS))
+def test_forced_kernel_follows_the_cpu(monkeypatch, kernel):
+    """FGQ_KERNEL=<path> works where the CPU has the path's instructions and is refused with a message where not."""
+    library_or_skip()
+    from fgq_onnx import runtime
+
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to compare the library's CPU detection with")
+    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+    monkeypatch.setenv("FGQ_KERNEL", kernel)
+    if _PATH_FLAGS[kernel] <= flags:
+        runtime.session_options()
+        assert kernel in runtime.supported_kernels()
+    else:
+        with pytest.raises(runtime.RuntimeLibraryError, match="does not support"):
+            runtime.session_options()
+        pytest.skip(f"this CPU lacks {kernel} (refused with a message, as it should be)")
+
+
 def test_missing_library(monkeypatch, tmp_path):
     from fgq_onnx import runtime
 

@@ -202,7 +202,7 @@ void run_case(const Case& c, std::mt19937& rng, const std::vector<const fgq::Ker
 
 int main() {
   std::vector<const fgq::KernelDispatch*> paths;
-  for (const char* name : {"ref", "avx2", "avx512vnni"}) {
+  for (const char* name : {"ref", "avx2", "avxvnni", "avx512vnni"}) {
     if (const fgq::KernelDispatch* d = fgq::find_dispatch(name)) paths.push_back(d);
     else std::printf("skipped %s: this CPU (or build) does not support it\n", name);
   }
@@ -241,6 +241,29 @@ int main() {
     run_case(c, rng, paths);
     ++cases;
   }
+  // Every column stride and dilation the kernel takes, widths straddling 16 lanes, both weight
+  // widths (codes up to 127 fit int8, up to 255 do not).
+  for (int64_t stride = 1; stride <= 4; ++stride)
+    for (int64_t dilation = 1; fgq::depthwise_supports(stride, dilation); ++dilation)
+      for (int64_t out_w : {15, 16, 17, 33}) {
+        const int max_code = out_w % 2 ? 255 : 127;
+        const Case c{1, 1, 3, 3, 5, 4, 1 + out_w % 2, stride, 1, dilation, 3, out_w, ScaleType::kU8, max_code,
+                     false, true, false, true};
+        run_case(c, rng, paths);
+        ++cases;
+      }
+  // The common depthwise filters (one accumulator: codes up to 127, symmetric), several blocks of
+  // output rows and a tail; asymmetric and wide-weight channels of the same shapes take the general loop.
+  for (int64_t k : {3, 5, 7})
+    for (int64_t stride : {1, 2})
+      for (int64_t out_h : {4, 9, 11}) {
+        const int max_code = out_h == 11 ? 255 : 127;
+        const bool asymmetric = out_h == 9 && k == 5;
+        const Case c{1, 1, 5, k, k, 4, stride, stride, 1, 1, out_h, 17 + 16 * (k / 5), ScaleType::kU8, max_code,
+                     asymmetric, k != 5, stride == 2, k != 7};
+        run_case(c, rng, paths);
+        ++cases;
+      }
   for (int64_t out_w = 1; out_w <= 40; ++out_w) {
     const Case c{1, 1, 2, 3, 3, 4, 1, 1 + out_w % 2, 1, 1, 2, out_w, ScaleType::kU8, 127, false, true, true, true};
     run_case(c, rng, paths);
@@ -257,6 +280,27 @@ int main() {
   EXPECT(!fgq::build_depthwise_weights(L.pos, &fewer_rows, L.layout, false, 1, 1, 3, 3, &w).empty(), "mismatched planes");
   EXPECT(!fgq::build_depthwise_weights(L.pos, nullptr, L.layout, false, 1, 1 << 20, 1 << 20, 1 << 20, &w).empty(),
          "huge filter accepted");
+  // Which filters the SIMD paths run several output rows at once.
+  auto plain = [&](const Case& k) {
+    Layer layer;
+    fgq::DepthwiseWeights built;
+    EXPECT(make_layer(k, rng, &layer).empty(), "repack");
+    EXPECT(fgq::build_depthwise_weights(layer.pos, k.asymmetric ? &layer.neg : nullptr, layer.layout, layer.segmented,
+                                        k.rows_per_group, k.channels_per_group, k.kernel_h, k.kernel_w, &built)
+               .empty(),
+           "build");
+    return fgq::plain_depthwise_filter(built);
+  };
+  Case dw{1, 1, 4, 5, 5, 4, 1, 1, 1, 1, 2, 2, ScaleType::kU8, 127, false, false, false, false};
+  EXPECT(plain(dw), "a 5x5 depthwise filter with uint8 scales is plain");
+  dw.asymmetric = true;
+  EXPECT(!plain(dw), "asymmetric: two accumulators");
+  dw.asymmetric = false;
+  dw.scale_type = ScaleType::kF32;
+  EXPECT(!plain(dw), "float scales, N = 4: one accumulator a group");
+  dw.scale_type = ScaleType::kU8;
+  dw.channels_per_group = 2;
+  EXPECT(!plain(dw), "two channels a group");
   EXPECT(!fgq::depthwise_supports(5, 1) && !fgq::depthwise_supports(3, 3) && fgq::depthwise_supports(2, 3), "supports");
   std::printf("%d depthwise cases on %zu paths\n", cases, paths.size());
   if (g_failures) {

@@ -87,7 +87,7 @@ struct Parser {
 
 std::vector<const fgq::KernelDispatch*> paths() {
   std::vector<const fgq::KernelDispatch*> out;
-  for (const char* name : {"ref", "avx2", "avx512vnni"}) {
+  for (const char* name : {"ref", "avx2", "avxvnni", "avx512vnni"}) {
     if (const fgq::KernelDispatch* d = fgq::find_dispatch(name))
       out.push_back(d);
     else
@@ -777,6 +777,14 @@ void test_quantize_exact(const std::vector<const fgq::KernelDispatch*>& ps) {
         EXPECT(t == natural.size(), "%s: quantize_transposed(%a) at scale %a = %d, quantize_one %d", d->name,
                x[t], scale, natural[t], want[t]);
         checked += static_cast<int64_t>(x.size());
+        // Short spans (one channel of a small map): the vector tails, and nothing written past them.
+        for (int64_t count = 0; count <= 40; ++count) {
+          std::vector<int8_t> span(static_cast<size_t>(count) + 16, 99);
+          d->quantize(x.data() + 5, count, q, span.data());
+          bool same = std::equal(span.begin(), span.begin() + count, want.begin() + 5);
+          same = same && std::all_of(span.begin() + count, span.end(), [](int8_t v) { return v == 99; });
+          EXPECT(same, "%s: quantize of a %ld-value span at scale %a", d->name, (long)count, scale);
+        }
       }
     }
   std::printf("quantize: %ld values checked against quantize_one\n", (long)checked);

@@ -73,6 +73,11 @@ struct DepthwiseArgs {
   int64_t m_begin = 0, m_end = 0;
 };
 
+// Whether w is a plain depthwise filter: one input channel a group, one accumulator, and chunk
+// p (kernel row p / ceil(S / 4), column chunk p % ceil(S / 4)) as piece p. The SIMD paths run
+// such filters several output rows at once (when the kernel rows are not dilated).
+bool plain_depthwise_filter(const DepthwiseWeights& w);
+
 // Largest filter (cg * R * S taps) the direct kernel takes: keeps every int32 sum exact
 // (4096 * 255 * 255 < 2^31).
 constexpr int64_t kDepthwiseMaxTaps = 4096;
@@ -91,6 +96,8 @@ inline bool depthwise_supports(int64_t stride_w, int64_t dilation_w) {
 void depthwise_ref(const DepthwiseArgs& a);
 #if defined(FGQ_HAVE_X86_KERNELS)
 void depthwise_avx2(const DepthwiseArgs& a);
+void depthwise_avxvnni(const DepthwiseArgs& a);  // AVX2 + AVX-VNNI
+void depthwise_avx512(const DepthwiseArgs& a);  // AVX-512 F/BW/VNNI
 #endif
 
 }  // namespace fgq

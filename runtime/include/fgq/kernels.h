@@ -252,6 +252,7 @@ inline bool use_folded(const KernelDispatch& d, const KernelWeights& w, int64_t 
 extern const KernelDispatch kRefDispatch;
 #if defined(FGQ_HAVE_X86_KERNELS)
 extern const KernelDispatch kAvx2Dispatch;  // kernels_avx2.cpp; its gemm sends one-row calls to avx2_gemv
+extern const KernelDispatch kAvxVnniDispatch;  // kernels_avxvnni.cpp: the AVX2 table with a vpdpbusd folded GEMM
 extern const KernelDispatch kAvx512VnniDispatch;
 // The fused kernel (KernelDispatch::gemm) for kernel-order rows on AVX2, made for one
 // activation row (kernels_avx2_gemv.cpp): the AVX2 path's one-row calls with groups of at
@@ -262,7 +263,7 @@ void avx2_gemv(const GemmArgs& args);
 constexpr int64_t kAvx2GemvMinSteps = 8;
 #endif
 
-// CPU support of each path: "ref", "avx2", "avx512vnni".
+// CPU support of each path: "ref", "avx2", "avxvnni", "avx512vnni".
 bool cpu_supports(const std::string& name);
 // The table for a name, or null when unknown or unsupported by this CPU.
 const KernelDispatch* find_dispatch(const std::string& name);

@@ -4,7 +4,9 @@
 // rearranged (vpermd across the two 128-bit lanes, then vpshufb within each) so that lane j
 // holds two of pixel j's taps as int16; vpmaddwd with the two int16 weights adds them to
 // lane j in exact int32 (no vpmaddubsw: its int16 sums would saturate with weights t * code).
-// The float work is one convert and one FMA per accumulator.
+// Common depthwise filters take four output rows at once, so that each image row is loaded
+// and rearranged once for all the output rows it serves. The float work is one convert and
+// one FMA per accumulator.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -42,13 +44,6 @@ struct ChunkShuffle {
   }
 };
 
-// Both int16 weights of a tap pair in every lane.
-inline __m256i broadcast_pair(const int16_t* w) {
-  int32_t v;
-  std::memcpy(&v, w, 4);
-  return _mm256_set1_epi32(v);
-}
-
 // Exact sum over a chunk's taps of each lane; w[k]: the weights of taps 2k, 2k + 1 (pair 1 is
 // skipped when taps 2 and 3 lie past the kernel).
 inline __m256i chunk_dot(const ChunkShuffle& shuffle, const uint8_t* src, const __m256i w[2], bool two_pairs) {
@@ -58,100 +53,165 @@ inline __m256i chunk_dot(const ChunkShuffle& shuffle, const uint8_t* src, const 
   return sum;
 }
 
-// Where each piece reads, relative to a pixel's window corner, and whether its chunk has a second
-// tap pair; and the output's vectors: 8 (or fewer, at a row's end) pixels of one row each,
-// their first pixel's window corner and output offset. Built per call, kept per thread.
-struct Plan {
-  std::vector<int64_t> offset;
-  std::vector<char> two_pairs;
-  std::vector<int64_t> corner, out;
-  std::vector<int> count;
+// One output channel's weights as the vpmaddwd operands: per piece its two tap pairs (int16
+// weights 2k, 2k + 1 as an int32; pair 1 is skipped when taps 2 and 3 lie past the kernel), and
+// per accumulator the integer correction and the float scale.
+struct ChannelWeights {
+  std::vector<int32_t> pairs;  // [pieces][2]
+  std::vector<int32_t> correction;
+  std::vector<float> scale;
 };
 
-// One channel's exact integer sums of a few pieces for every output vector v: `sink(v, sum)` gets
-// dot[v] (unless `first`: 0) + the sum over pieces [p0, p0 + K) for vector v.
-template <int K, class Sink>
-void sweep(const uint8_t* image, const int16_t* weights, const ChunkShuffle& shuffle, const Plan& plan, int64_t p0,
-           bool first, const int32_t* dot, const Sink& sink) {
-  const uint8_t* src[K];
-  __m256i w[K][2];
-  bool two_pairs[K];
-  for (int k = 0; k < K; ++k) {
-    src[k] = image + plan.offset[static_cast<size_t>(p0 + k)];
-    w[k][0] = broadcast_pair(weights + (p0 + k) * 4);
-    w[k][1] = broadcast_pair(weights + (p0 + k) * 4 + 2);
-    two_pairs[k] = plan.two_pairs[static_cast<size_t>(p0 + k)];
-  }
-  const int64_t* corner = plan.corner.data();  // plain locals: the plan may be thread_local (a TLS call an access)
-  const size_t vectors = plan.corner.size();
-  for (size_t v = 0; v < vectors; ++v) {
-    __m256i sum = first ? _mm256_setzero_si256() : _mm256_load_si256(reinterpret_cast<const __m256i*>(dot + v * kLanes));
-    for (int k = 0; k < K; ++k) sum = _mm256_add_epi32(sum, chunk_dot(shuffle, src[k] + corner[v], w[k], two_pairs[k]));
-    sink(v, sum);
-  }
-}
-
-// sweep<K> for K = min(3, end - p0).
-template <class Sink>
-void sweep_up_to_3(const uint8_t* image, const int16_t* weights, const ChunkShuffle& shuffle, const Plan& plan,
-                   int64_t p0, int64_t end, bool first, const int32_t* dot, const Sink& sink) {
-  if (end - p0 >= 3) sweep<3>(image, weights, shuffle, plan, p0, first, dot, sink);
-  else if (end - p0 == 2) sweep<2>(image, weights, shuffle, plan, p0, first, dot, sink);
-  else sweep<1>(image, weights, shuffle, plan, p0, first, dot, sink);
-}
-
-// Output channel m: each accumulator's pieces swept three at a time (partial sums in `dot`); the
-// last sweep of accumulator k adds scale * (sum - correction) to the float sums `acc`, or for the
-// last accumulator finishes the output: bias, residual, ReLU, store.
-void channel(const DepthwiseArgs& a, int64_t m, const ChunkShuffle& shuffle, const Plan& plan, int32_t* dot,
-             float* acc) {
+void load_channel(const DepthwiseArgs& a, int64_t m, ChannelWeights* out) {
   const DepthwiseWeights& w = *a.w;
-  const int64_t P = a.out_h * a.out_w, A = w.accumulators;
-  const int64_t* outs = plan.out.data();
-  const int* counts = plan.count.data();
-  const uint8_t* image = a.image + (m / w.rows_per_group) * w.channels_per_group * a.padded_h * a.padded_w;
-  const int16_t* weights = w.piece_weights(m, 0);
-  const float* residual = a.residual ? a.residual + m * P : nullptr;
-  float* y = a.y + m * P;
-  const __m256 zero = _mm256_setzero_ps();
-  const __m256 bias = _mm256_set1_ps(a.bias ? a.bias[m] : 0.f);
-  const bool relu = a.relu;
+  const int64_t pieces = static_cast<int64_t>(w.pieces.size()), A = w.accumulators;
+  out->pairs.resize(static_cast<size_t>(2 * pieces));
+  std::memcpy(out->pairs.data(), w.piece_weights(m, 0), static_cast<size_t>(pieces) * 4 * sizeof(int16_t));
+  out->correction.resize(static_cast<size_t>(A));
+  out->scale.resize(static_cast<size_t>(A));
   for (int64_t k = 0; k < A; ++k) {
-    const int64_t begin = w.first_piece[static_cast<size_t>(k)], end = w.first_piece[static_cast<size_t>(k + 1)];
-    const __m256i correction = _mm256_set1_epi32(a.zero_level * w.weight_sums[static_cast<size_t>(m * A + k)]);
-    const __m256 scale = _mm256_set1_ps(a.x_scale * w.scales[static_cast<size_t>(m * A + k)]);
-    auto partial = [&](size_t v, __m256i sum) { _mm256_store_si256(reinterpret_cast<__m256i*>(dot + v * kLanes), sum); };
-    auto finish = [&](size_t v, __m256i sum) {
-      const __m256 before = k == 0 ? zero : _mm256_load_ps(acc + v * kLanes);
-      __m256 out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sum, correction)), scale, before);
-      if (k < A - 1) {
-        _mm256_store_ps(acc + v * kLanes, out);
-        return;
+    out->correction[static_cast<size_t>(k)] = a.zero_level * w.weight_sums[static_cast<size_t>(m * A + k)];
+    out->scale[static_cast<size_t>(k)] = a.x_scale * w.scales[static_cast<size_t>(m * A + k)];
+  }
+}
+
+// Output rows oh..oh + V - 1 of channel m at columns ow.. (count of them in the row, at most 8):
+// bias, residual, ReLU, store. A vector short of 8 pixels goes through a buffer (no masked
+// moves: they are microcoded on some CPUs).
+template <int V>
+[[gnu::always_inline]] inline void store(const DepthwiseArgs& a, int64_t m, int64_t oh, int64_t ow, int64_t count,
+                                         const __m256 out[V]) {
+  const int64_t P = a.out_h * a.out_w;
+  const __m256 zero = _mm256_setzero_ps();
+  const size_t bytes = static_cast<size_t>(count) * sizeof(float);
+  for (int v = 0; v < V; ++v) {
+    const int64_t at = m * P + (oh + v) * a.out_w + ow;
+    alignas(32) float buffer[kLanes] = {};
+    __m256 y = out[v];
+    if (a.bias) y = _mm256_add_ps(y, _mm256_set1_ps(a.bias[m]));
+    if (a.residual) {
+      const float* r = count < kLanes ? static_cast<const float*>(std::memcpy(buffer, a.residual + at, bytes)) : a.residual + at;
+      y = _mm256_add_ps(y, _mm256_loadu_ps(r));
+    }
+    if (a.relu) y = _mm256_blendv_ps(y, zero, _mm256_cmp_ps(y, zero, _CMP_LT_OQ));  // keeps -0.0, as the reference
+    if (count == kLanes) {
+      _mm256_storeu_ps(a.y + at, y);
+      continue;
+    }
+    _mm256_store_ps(buffer, y);
+    std::memcpy(a.y + at, buffer, bytes);
+  }
+}
+
+// V output rows of channel m at columns ow..: each accumulator's exact sums over its pieces,
+// then the float chain.
+template <int V>
+void vectors(const DepthwiseArgs& a, int64_t m, const uint8_t* image, const int64_t* offsets, const char* two_pairs,
+             const ChannelWeights& cw, const ChunkShuffle& shuffle, int64_t oh, int64_t ow, int64_t count) {
+  const DepthwiseWeights& w = *a.w;
+  const int64_t* first_piece = w.first_piece.data();
+  const int32_t* pairs = cw.pairs.data();
+  const uint8_t* corner[V];
+  for (int v = 0; v < V; ++v) corner[v] = image + (oh + v) * a.stride_h * a.padded_w + ow * a.stride_w;
+  __m256 out[V];
+  for (int v = 0; v < V; ++v) out[v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < w.accumulators; ++k) {
+    __m256i sum[V];
+    for (int v = 0; v < V; ++v) sum[v] = _mm256_setzero_si256();
+    for (int64_t p = first_piece[k]; p < first_piece[k + 1]; ++p) {
+      const __m256i wp[2] = {_mm256_set1_epi32(pairs[2 * p]), _mm256_set1_epi32(pairs[2 * p + 1])};
+      for (int v = 0; v < V; ++v)
+        sum[v] = _mm256_add_epi32(sum[v], chunk_dot(shuffle, corner[v] + offsets[p], wp, two_pairs[p]));
+    }
+    const __m256i correction = _mm256_set1_epi32(cw.correction[static_cast<size_t>(k)]);
+    const __m256 scale = _mm256_set1_ps(cw.scale[static_cast<size_t>(k)]);
+    for (int v = 0; v < V; ++v)
+      out[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sum[v], correction)), scale, out[v]);
+  }
+  store<V>(a, m, oh, ow, count, out);
+}
+
+// A plain depthwise filter (plain_depthwise_filter; kernel rows not dilated) of R x S taps
+// (chunks of 4 columns; the second tap pair only where a chunk has columns past 2): output rows oh..oh + V - 1 at once, each image row's chunk loaded and shuffled once
+// for every output row it serves (R / SH of them). The same exact sums as vectors().
+using RowsBlock = void (*)(const DepthwiseArgs&, int64_t, const uint8_t*, const ChannelWeights&, const ChunkShuffle&,
+                           int64_t, int64_t, int64_t);
+
+template <int R, int S, int SH, int V>
+void rows_block(const DepthwiseArgs& a, int64_t m, const uint8_t* image, const ChannelWeights& cw,
+                const ChunkShuffle& shuffle, int64_t oh, int64_t ow, int64_t count) {
+  constexpr int CC = (S + 3) / 4;
+  const int32_t* pairs = cw.pairs.data();
+  __m256i acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_si256();
+  const uint8_t* corner = image + oh * SH * a.padded_w + ow * a.stride_w;
+  for (int j = 0; j < CC; ++j) {
+    const bool two_pairs = 4 * j + 2 < S;
+#pragma GCC unroll 16  // fully: acc[] then stays in registers
+    for (int i = 0; i < SH * (V - 1) + R; ++i) {  // image rows from the block's first window row
+      const __m256i x = shuffle.load(corner + i * a.padded_w + 4 * j * a.dilation_w);
+      const __m256i x0 = _mm256_shuffle_epi8(x, shuffle.pair[0]);
+      const __m256i x1 = two_pairs ? _mm256_shuffle_epi8(x, shuffle.pair[1]) : _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) {
+        const int r = i - SH * v;  // kernel row of output row v that reads image row i
+        if (r < 0 || r >= R) continue;
+        const int32_t* wp = pairs + 2 * (r * CC + j);
+        acc[v] = _mm256_add_epi32(acc[v], _mm256_madd_epi16(x0, _mm256_set1_epi32(wp[0])));
+        if (two_pairs) acc[v] = _mm256_add_epi32(acc[v], _mm256_madd_epi16(x1, _mm256_set1_epi32(wp[1])));
       }
-      // A vector short of 8 pixels (a row's end) spills into the next rows, written later, unless the
-      // spill would leave the channel's plane: then it goes through a buffer (no masked moves: they are
-      // microcoded on some CPUs).
-      const bool exact = counts[v] < kLanes && outs[v] + kLanes > P;
-      alignas(32) float buffer[kLanes] = {};
-      const size_t bytes = static_cast<size_t>(counts[v]) * sizeof(float);
-      if (a.bias) out = _mm256_add_ps(out, bias);
-      if (residual) {
-        const float* r = exact ? static_cast<const float*>(std::memcpy(buffer, residual + outs[v], bytes)) : residual + outs[v];
-        out = _mm256_add_ps(out, _mm256_loadu_ps(r));
-      }
-      if (relu) out = _mm256_blendv_ps(out, zero, _mm256_cmp_ps(out, zero, _CMP_LT_OQ));
-      if (!exact) {
-        _mm256_storeu_ps(y + outs[v], out);
-        return;
-      }
-      _mm256_store_ps(buffer, out);
-      std::memcpy(y + outs[v], buffer, bytes);
-    };
-    for (int64_t p = begin; p < end; p += 3) {
-      if (p + 3 < end) sweep_up_to_3(image, weights, shuffle, plan, p, end, p == begin, dot, partial);
-      else sweep_up_to_3(image, weights, shuffle, plan, p, end, p == begin, dot, finish);
     }
   }
+  const __m256i correction = _mm256_set1_epi32(cw.correction[0]);
+  const __m256 scale = _mm256_set1_ps(cw.scale[0]), zero = _mm256_setzero_ps();
+  __m256 out[V];
+  for (int v = 0; v < V; ++v)
+    out[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[v], correction)), scale, zero);
+  store<V>(a, m, oh, ow, count, out);
+}
+
+// rows_block for 4, 2 and 1 rows of this call's filter, or nulls when it is not one of the common ones.
+struct RowsBlocks {
+  RowsBlock four = nullptr, two = nullptr, one = nullptr;
+};
+
+template <int R, int S, int SH>
+RowsBlocks blocks() {
+  return {rows_block<R, S, SH, 4>, rows_block<R, S, SH, 2>, rows_block<R, S, SH, 1>};
+}
+
+RowsBlocks rows_blocks_for(const DepthwiseArgs& a) {
+  const DepthwiseWeights& w = *a.w;
+  if (!plain_depthwise_filter(w) || a.dilation_h != 1) return {};
+  switch (w.kernel_h * 100 + w.kernel_w * 10 + a.stride_h) {
+    case 331: return blocks<3, 3, 1>();
+    case 332: return blocks<3, 3, 2>();
+    case 551: return blocks<5, 5, 1>();
+    case 552: return blocks<5, 5, 2>();
+    case 771: return blocks<7, 7, 1>();
+    case 772: return blocks<7, 7, 2>();
+    default: return {};
+  }
+}
+
+void channel(const DepthwiseArgs& a, int64_t m, const int64_t* offsets, const char* two_pairs, const ChannelWeights& cw,
+             const ChunkShuffle& shuffle, const RowsBlocks& rows) {
+  const DepthwiseWeights& w = *a.w;
+  const uint8_t* image = a.image + (m / w.rows_per_group) * w.channels_per_group * a.padded_h * a.padded_w;
+  // Blocks of V output rows, as many as fit from row oh on.
+  auto block = [&](int64_t& oh, int V, RowsBlock fixed) {
+    for (; oh + V <= a.out_h; oh += V)
+      for (int64_t ow = 0; ow < a.out_w; ow += kLanes) {
+        const int64_t count = std::min(kLanes, a.out_w - ow);
+        if (fixed) fixed(a, m, image, cw, shuffle, oh, ow, count);
+        else if (V == 2) vectors<2>(a, m, image, offsets, two_pairs, cw, shuffle, oh, ow, count);
+        else vectors<1>(a, m, image, offsets, two_pairs, cw, shuffle, oh, ow, count);
+      }
+  };
+  int64_t oh = 0;
+  if (rows.four) block(oh, 4, rows.four);
+  block(oh, 2, rows.two);  // two rows at a time: independent chains, shared weight loads
+  block(oh, 1, rows.one);
 }
 
 }  // namespace
@@ -159,30 +219,19 @@ void channel(const DepthwiseArgs& a, int64_t m, const ChunkShuffle& shuffle, con
 void depthwise_avx2(const DepthwiseArgs& a) {
   const DepthwiseWeights& w = *a.w;
   const ChunkShuffle shuffle(a.stride_w, a.dilation_w);
-  thread_local Plan kept;  // its vectors keep their memory between calls
-  Plan& plan = kept;
-  for (auto* v : {&plan.offset, &plan.corner, &plan.out}) v->clear();
-  plan.two_pairs.clear();
-  plan.count.clear();
+  std::vector<int64_t> offsets;  // each piece's source, relative to a pixel's window corner
+  std::vector<char> two_pairs;
   for (const DepthwisePiece& piece : w.pieces) {
     const DepthwiseChunk& c = w.chunks[static_cast<size_t>(piece.chunk)];
-    plan.offset.push_back((c.c * a.padded_h + c.r * a.dilation_h) * a.padded_w + c.s0 * a.dilation_w);
-    plan.two_pairs.push_back(c.s0 + 2 < w.kernel_w);
+    offsets.push_back((c.c * a.padded_h + c.r * a.dilation_h) * a.padded_w + c.s0 * a.dilation_w);
+    two_pairs.push_back(c.s0 + 2 < w.kernel_w);
   }
-  for (int64_t oh = 0; oh < a.out_h; ++oh)
-    for (int64_t ow = 0; ow < a.out_w; ow += kLanes) {
-      plan.corner.push_back(oh * a.stride_h * a.padded_w + ow * a.stride_w);
-      plan.out.push_back(oh * a.out_w + ow);
-      plan.count.push_back(static_cast<int>(std::min(kLanes, a.out_w - ow)));
-    }
-  // Integer and float sums of one channel, 8 lanes a vector, 32-byte aligned (kept per thread).
-  const size_t lanes = plan.corner.size() * kLanes;
-  thread_local std::vector<float> buffer;
-  if (buffer.size() < 2 * lanes + kLanes) buffer.resize(2 * lanes + kLanes);
-  const uintptr_t misaligned = reinterpret_cast<uintptr_t>(buffer.data()) / sizeof(float) % kLanes;
-  float* aligned = buffer.data() + (kLanes - misaligned) % kLanes;
-  for (int64_t m = a.m_begin; m < a.m_end; ++m)
-    channel(a, m, shuffle, plan, reinterpret_cast<int32_t*>(aligned), aligned + lanes);
+  const RowsBlocks rows = rows_blocks_for(a);
+  ChannelWeights cw;
+  for (int64_t m = a.m_begin; m < a.m_end; ++m) {
+    load_channel(a, m, &cw);
+    channel(a, m, offsets.data(), two_pairs.data(), cw, shuffle, rows);
+  }
 }
 
 }  // namespace fgq

@@ -111,6 +111,15 @@ std::string build_depthwise_weights(const KernelWeights& pos, const KernelWeight
   return "";
 }
 
+bool plain_depthwise_filter(const DepthwiseWeights& w) {
+  if (w.channels_per_group != 1 || w.accumulators != 1 ||
+      static_cast<int64_t>(w.pieces.size()) != w.kernel_h * ((w.kernel_w + 3) / 4))
+    return false;
+  for (size_t p = 0; p < w.pieces.size(); ++p)
+    if (w.pieces[p].chunk != static_cast<int64_t>(p)) return false;
+  return true;
+}
+
 void depthwise_ref(const DepthwiseArgs& a) {
   const DepthwiseWeights& w = *a.w;
   const int64_t plane = a.padded_h * a.padded_w, P = a.out_h * a.out_w;

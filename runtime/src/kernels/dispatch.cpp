@@ -14,6 +14,7 @@ namespace {
 struct CpuFeatures {
   bool avx2 = false;        // AVX2 + FMA + F16C, YMM state enabled by the OS
   bool avx512vnni = false;  // AVX-512 F/DQ/BW/VL/VNNI, ZMM and opmask state enabled by the OS
+  bool avxvnni = false;     // AVX2 and AVX-VNNI (256-bit VEX vpdpbusd)
 };
 
 uint64_t read_xcr0() {
@@ -37,6 +38,8 @@ CpuFeatures detect() {
              avx512vl = b & (1u << 31), vnni = c & (1u << 11);
   f.avx2 = ymm_state && avx2 && fma && f16c;
   f.avx512vnni = f.avx2 && zmm_state && avx512f && avx512dq && avx512bw && avx512vl && vnni;
+  __cpuid_count(7, 1, a, b, c, d);
+  f.avxvnni = f.avx2 && (a & (1u << 4));
   return f;
 }
 
@@ -56,15 +59,15 @@ Choice choose() {
   const char* forced = std::getenv("FGQ_KERNEL");
   if (forced && *forced) {
     const std::string name(forced);
-    if (name != "ref" && name != "avx2" && name != "avx512vnni") {
-      c.error = "FGQ_KERNEL=" + name + " is not one of ref, avx2, avx512vnni";
+    if (name != "ref" && name != "avx2" && name != "avxvnni" && name != "avx512vnni") {
+      c.error = "FGQ_KERNEL=" + name + " is not one of ref, avx2, avxvnni, avx512vnni";
     } else if (!(c.table = find_dispatch(name))) {
       c.error = "FGQ_KERNEL=" + name + " but this CPU (or this build) does not support it";
     }
     return c;
   }
   static const KernelDispatch* const best = [] {
-    for (const char* name : {"avx512vnni", "avx2", "ref"})
+    for (const char* name : {"avx512vnni", "avxvnni", "avx2", "ref"})
       if (const KernelDispatch* t = find_dispatch(name)) return t;
     return &kRefDispatch;
   }();
@@ -78,6 +81,7 @@ bool cpu_supports(const std::string& name) {
   if (name == "ref") return true;
 #if defined(FGQ_HAVE_X86_KERNELS)
   if (name == "avx2") return features().avx2;
+  if (name == "avxvnni") return features().avxvnni;
   if (name == "avx512vnni") return features().avx512vnni;
 #endif
   return false;
@@ -88,6 +92,7 @@ const KernelDispatch* find_dispatch(const std::string& name) {
   if (name == "ref") return &kRefDispatch;
 #if defined(FGQ_HAVE_X86_KERNELS)
   if (name == "avx2") return &kAvx2Dispatch;
+  if (name == "avxvnni") return &kAvxVnniDispatch;
   if (name == "avx512vnni") return &kAvx512VnniDispatch;
 #endif
   return nullptr;

@@ -1,0 +1,65 @@
+// The AVX2 epilogue of the folded form, shared by kernels_avx2.cpp and kernels_avxvnni.cpp:
+// each includes this inside its own anonymous namespace, compiled with its own flags (both
+// have AVX2), like activation_impl.h.
+
+// The epilogue of a folded block: sums[h][c] lane i is row m0 + 8h + i, column b0 + c; rows
+// outside [m_begin, m_end) are not written.
+template <int C>
+void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sums)[C]) {
+  const KernelWeights& w = *a.w;
+  const int64_t lo = std::max<int64_t>(a.m_begin - m0, 0), hi = std::min<int64_t>(a.m_end - m0, 16);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int h = 0; h < 2; ++h) {
+    if (8 * h >= hi || 8 * h + 8 <= lo) continue;
+    const int64_t m = m0 + 8 * h;
+    const __m256 rs = _mm256_loadu_ps(w.row_scale.data() + m), ro = _mm256_loadu_ps(w.row_offset.data() + m);
+    const __m256 offset_term = _mm256_mul_ps(_mm256_set1_ps(a.offset), ro), scale = _mm256_set1_ps(a.scale);
+    __m256 v[C];
+    for (int c = 0; c < C; ++c)
+      v[c] = _mm256_mul_ps(scale, _mm256_fmadd_ps(rs, _mm256_cvtepi32_ps(sums[h][c]), offset_term));
+    const int64_t first = std::max<int64_t>(lo - 8 * h, 0), last = std::min<int64_t>(hi - 8 * h, 8);
+    float* y = a.y + b0 * a.y_stride_b + m * a.y_stride_m;
+    if (a.y_stride_m == 1) {  // [B, M]: each column's 8 rows contiguous
+      const __m256i rows = _mm256_and_si256(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(static_cast<int>(first) - 1)),
+                                            _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(last)), lane));
+      for (int c = 0; c < C; ++c) {
+        float* yc = y + c * a.y_stride_b;
+        if (a.accumulate) v[c] = _mm256_add_ps(v[c], _mm256_maskload_ps(yc, rows));
+        _mm256_maskstore_ps(yc, rows, v[c]);
+      }
+    } else if (C == 4 && a.y_stride_b == 1) {  // a convolution's [M, pixels]: 4 contiguous columns a row
+      const __m256 t0 = _mm256_unpacklo_ps(v[0], v[C > 1 ? 1 : 0]), t1 = _mm256_unpackhi_ps(v[0], v[C > 1 ? 1 : 0]);
+      const __m256 t2 = _mm256_unpacklo_ps(v[C > 2 ? 2 : 0], v[C > 3 ? 3 : 0]);
+      const __m256 t3 = _mm256_unpackhi_ps(v[C > 2 ? 2 : 0], v[C > 3 ? 3 : 0]);
+      // u[i]: rows i (low lane) and 4 + i (high lane), columns 0-3
+      const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                           _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+      for (int64_t i = first; i < last; ++i) {
+        float* yi = y + i * a.y_stride_m;
+        __m128 r = i < 4 ? _mm256_castps256_ps128(u[i]) : _mm256_extractf128_ps(u[i - 4], 1);
+        if (a.accumulate) r = _mm_add_ps(r, _mm_loadu_ps(yi));
+        _mm_storeu_ps(yi, r);
+      }
+    } else if (C == 2 && a.y_stride_b == 1) {  // 2 contiguous columns a row
+      // t[0]: rows 0, 1 | 4, 5; t[1]: rows 2, 3 | 6, 7 (two columns each)
+      const __m256 t[2] = {_mm256_unpacklo_ps(v[0], v[C - 1]), _mm256_unpackhi_ps(v[0], v[C - 1])};
+      for (int64_t i = first; i < last; ++i) {
+        const __m256 pair = t[(i % 4) / 2];
+        __m128 r = i < 4 ? _mm256_castps256_ps128(pair) : _mm256_extractf128_ps(pair, 1);
+        if (i % 2) r = _mm_movehl_ps(r, r);
+        __m64* yi = reinterpret_cast<__m64*>(y + i * a.y_stride_m);
+        if (a.accumulate) r = _mm_add_ps(r, _mm_loadl_pi(_mm_setzero_ps(), yi));
+        _mm_storel_pi(yi, r);
+      }
+    } else {
+      alignas(32) float lanes[8];
+      for (int c = 0; c < C; ++c) {
+        _mm256_store_ps(lanes, v[c]);
+        for (int64_t i = first; i < last; ++i) {
+          float& yi = y[c * a.y_stride_b + i * a.y_stride_m];
+          yi = a.accumulate ? yi + lanes[i] : lanes[i];
+        }
+      }
+    }
+  }
+}
