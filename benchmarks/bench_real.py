@@ -147,7 +147,7 @@ class Variants:
 
         calib = out.with_name("calib.npz")
         np.savez(calib, **self.calib)
-        budget = {} if min_sqnr is None else {"min_sqnr": min_sqnr}
+        budget = {} if min_sqnr is None else {"min_sqnr": min_sqnr, "fidelity_output": self.model.output}  # the output measured here
         converted, report = fgq_onnx.convert(str(self.source), n=n, calib=str(calib), **budget)
         fgq_onnx.save(converted, out)
         calib.unlink()

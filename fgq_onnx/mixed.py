@@ -457,11 +457,17 @@ def _search_sqnr(path, start, layers, convert_plan, bound_of: Callable[[stages.C
 
 
 def _main_output(model: ir.Model, config: stages.ConvertConfig) -> str:
-    output = config.fidelity_output or model.graph.outputs[0].name
+    """config.fidelity_output, else the first float output (as the fidelity check takes it: an Identity of the
+    token ids, MiniLM's first output, has no noise to measure)."""
     names = [value.name for value in model.graph.outputs]
-    if output not in names:
-        raise FgqError(f"the model has no output {output!r}; its outputs are {names}")
-    return output
+    if config.fidelity_output is not None:
+        if config.fidelity_output not in names:
+            raise FgqError(f"the model has no output {config.fidelity_output!r}; its outputs are {names}")
+        return config.fidelity_output
+    floats = [value.name for value in model.graph.outputs if value.dtype is not None and value.dtype.is_floating_point()]
+    if not floats:
+        raise FgqError(f"--min-sqnr and --n auto measure a float output, but the model's outputs {names} are not float")
+    return floats[0]
 
 
 def describe_plan(plan: dict[str, int]) -> str:

@@ -369,3 +369,16 @@ def test_sqnr_search_fails_with_one_line_when_no_plan_passes_the_check():
 
     with pytest.raises(fgq_onnx.FgqError, match="no plan reaches 25.0 dB .*held out"):
         mixed._search_sqnr(path, 0, layers, convert_plan, lambda conversion: 30.0, 26, 25.0, None)
+
+
+def test_sensitivity_measures_the_first_float_output(kit):
+    """MiniLM's first output is an Identity of the token ids: no layer changes it, so it cannot rank layers."""
+    rng = np.random.default_rng(4)
+    weights = {"w0": rng.normal(0, 0.3, (32, 16)).astype(np.float32)}
+    model = make_model("g (float[N, 32] x, int64[N] ids) => (int64[N] copy, float[N, 16] y) { copy = Identity(ids) y = MatMul(x, w0) }", weights)
+    feeds = [{"x": rng.normal(0, 1, (8, 32)).astype(np.float32), "ids": np.arange(8, dtype=np.int64)}]
+    config = pipeline.ConvertConfig(n="auto", min_sqnr=20.0, **QUICK)
+    (layer,) = mixed.sensitivity(model, feeds, config)
+    assert all(layer.kl[n] > 0.01 for n in config.auto_ns)  # a Gaussian weight ternarized: ~10 dB of noise
+    with pytest.raises(fgq_onnx.FgqError, match="no output 'nope'"):
+        mixed.sensitivity(model, feeds, pipeline.ConvertConfig(n="auto", min_sqnr=20.0, fidelity_output="nope", **QUICK))
