@@ -56,6 +56,7 @@ from fgq_onnx.errors import FgqError
 from fgq_onnx.evaluate import evaluate, open_session
 from fgq_onnx.graph_utils import unique_name
 from fgq_onnx.passes.ternarize_weights import TERNARY_MARK, TernarizeWeightsPass
+from fgq_onnx.report import LayerRecord
 from fgq_onnx.ternary import Method
 
 KEEP = 0  # a plan's N for a layer kept fp32
@@ -93,10 +94,10 @@ def noise_ratio(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.sum((reference - candidate) ** 2) / max(float(np.sum(reference**2)), 1e-300))
 
 
-def _switchable(model: ir.Model, n: int, config: stages.ConvertConfig) -> tuple[ir.Model, dict[str, str], dict[str, int]]:
+def _switchable(model: ir.Model, n: int, config: stages.ConvertConfig) -> tuple[ir.Model, dict[str, str], dict[str, LayerRecord]]:
     """A copy of `model` whose convertible layers take Where(select, ternary at N, fp32) as weight.
 
-    Returns it, {layer label: its selector input}, {layer label: stored bytes at N}.
+    Returns it, {layer label: its selector input}, {layer label: its record at N (stored bytes, weight SQNR)}.
     """
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     originals = {id(node): node.inputs[1] for node in copy.graph.all_nodes() if len(node.inputs) > 1}
@@ -118,32 +119,47 @@ def _switchable(model: ir.Model, n: int, config: stages.ConvertConfig) -> tuple[
         node.graph.insert_before(node, where)
         node.replace_input_with(1, where.outputs[0])
         selectors[label] = select.name
-    sizes = {r.node: r.code_bytes + r.scale_bytes for r in ternarize.records if r.converted}
-    return copy, selectors, sizes
+    return copy, selectors, {r.node: r for r in ternarize.records if r.converted}
 
 
 def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: stages.ConvertConfig, on_step: Step | None = None,
                 ns: tuple[int, ...] | None = None) -> list[LayerOptions]:
     """KL (noise ratio under --min-sqnr) added by each convertible layer alone at each N of config.auto_ns,
-    and its bytes (model: prepared fp32)."""
+    and its bytes (model: prepared fp32).
+
+    Under --min-sqnr one pass, at the largest N, measures each layer; at the
+    other N its output noise is scaled by its weight's: a small weight error
+    reaches the output linearly, so the noise ratios keep the ratio of
+    |W - W_N|^2 / |W|^2 (the test checks this against measured ones).
+    """
     output = _main_output(model, config)
     cost = kl_divergence if config.min_sqnr is None else noise_ratio
     ns = ns or config.auto_ns
+    measured = ns if config.min_sqnr is None else (max(ns),)
+    layers: dict[str, LayerOptions] = {}
+    weight_noise: dict[str, dict[int, float]] = {}  # |W - W_N|^2 / |W|^2 per layer and N
     with tempfile.TemporaryDirectory(prefix="fgq-mixed-") as folder:
         session = session_with_outputs(model, [], Path(folder))
         reference = [session.run([output], feed)[0] for feed in feeds]
-        layers: dict[str, LayerOptions] = {}
         for n in ns:
-            copy, selectors, sizes = _switchable(model, n, config)
+            copy, selectors, records = _switchable(model, n, config)
+            for label, record in records.items():
+                layers.setdefault(label, LayerOptions(label)).nbytes[n] = record.code_bytes + record.scale_bytes
+                weight_noise.setdefault(label, {})[n] = 10.0 ** (-record.sqnr_db / 10.0)
+            if n not in measured:
+                continue
             session = session_with_outputs(copy, [], Path(folder))
             off = {name: np.array(False) for name in selectors.values()}
             for label, name in selectors.items():
                 runs = [session.run([output], {**feed, **off, name: np.array(True)})[0] for feed in feeds]
-                layer = layers.setdefault(label, LayerOptions(label))
-                layer.kl[n] = float(np.mean([cost(r, c) for r, c in zip(reference, runs)]))
-                layer.nbytes[n] = sizes[label]
+                layers[label].kl[n] = float(np.mean([cost(r, c) for r, c in zip(reference, runs)]))
                 if on_step:
-                    on_step("sensitivity", 1, len(selectors) * len(ns))
+                    on_step("sensitivity", 1, len(selectors) * len(measured))
+    for label, layer in layers.items():
+        at = weight_noise[label]
+        for n in set(ns) - set(measured):
+            (ref,) = measured
+            layer.kl[n] = layer.kl[ref] * at[n] / at[ref] if at[ref] > 0 else layer.kl[ref]
     weights = {node.name or node.outputs[0].name: node.inputs[1] for node in model.graph.all_nodes() if len(node.inputs) > 1}
     for layer in layers.values():
         layer.kl[KEEP], layer.nbytes[KEEP] = 0.0, weights[layer.label].const_value.nbytes
