@@ -15,7 +15,8 @@ they suffer, so the search gives each its own N:
    fp32_i), select_i a graph input: one run per layer makes that layer
    alone ternary (exact codes, the stored scale format, float activations)
    and measures KL(softmax fp32 || softmax candidate) on the calibration
-   samples. A layers x N table for len(N) sessions.
+   samples. A layers x N table for len(N) sessions (under --min-sqnr one
+   session, at the largest N, the others scaled by the weight's error).
 2. Plans. From every layer at the smallest N, a greedy path: each step moves
    one layer to a larger N, the move adding the least KL per byte saved
    (bytes: codes + scales, as the report counts them). Before that start,
@@ -29,10 +30,7 @@ they suffer, so the search gives each its own N:
    A binary search along the path returns the smallest plan measured
    within the budget (to SEARCH_BYTE_TOLERANCE of its bytes): a plan the
    proxy misjudged is tightened by moving back along the path, and nothing
-   unmeasured is returned. Under --min-sqnr the search is guided: the noise
-   ratios of step 1 add up, scaled by what the plans measured so far showed,
-   to predict the plan that just reaches the budget (a few conversions
-   instead of a bisection's). Its measure is the lower CONFIDENCE bound
+   unmeasured is returned. Under --min-sqnr its measure is the lower CONFIDENCE bound
    (bootstrap over samples) of the output SQNR on the calibration samples;
    the held-out samples, which no conversion step reads, then check the
    plan found, and a miss raises the target by the dB missed and searches
@@ -253,15 +251,11 @@ SEARCH_BYTE_TOLERANCE = 0.02  # the search stops once the smallest plan within b
 
 
 def search(path: list[dict[str, int]], start: int, measure: Callable[[dict[str, int]], float], budget: float, on_step: Step | None = None,
-           guess: Callable[[dict[int, float], int, int], int] | None = None, nbytes: Callable[[dict[str, int]], int] | None = None) -> tuple[int, dict[int, float]]:
-    """Search `path` for the last plan measured within `budget`, starting at index `start`.
+           nbytes: Callable[[dict[str, int]], int] | None = None) -> tuple[int, dict[int, float]]:
+    """Binary search for the last plan of `path` measured within `budget`, starting at index `start`.
 
     Assumes the drop grows along the path; every answer is a measured plan.
-    Without `guess`, a binary search. With it, `guess(trials, low, high)`
-    names the plan to measure next from the drops measured so far (a proxy's
-    prediction); two guesses in a row that do not halve the bracket are
-    followed by one bisection step, so it never takes more than about three
-    times binary search's measurements. With `nbytes`, the search stops once the plan found is within
+    With `nbytes`, the search stops once the plan found is within
     SEARCH_BYTE_TOLERANCE of the bytes of the first failing one after it.
     Returns its index (-1 when none fits) and the drop measured for each plan tried, by index.
     """
@@ -277,18 +271,11 @@ def search(path: list[dict[str, int]], start: int, measure: Callable[[dict[str, 
     def close(low: int, high: int) -> bool:
         return nbytes is not None and low >= 0 and high < len(path) and nbytes(path[low]) - nbytes(path[high]) <= SEARCH_BYTE_TOLERANCE * nbytes(path[low])
 
-    low, high = -1, len(path)  # low fits (or -1), high fails (or past the end)
-    index, slow = (guess(trials, low, high) if guess else start), 0  # slow: guesses in a row that did not halve the bracket
-    while True:
-        width = high - low
-        low, high = (index, high) if fits(index) else (low, index)
-        if high - low <= 1 or close(low, high):
-            return low, trials
-        slow = slow + 1 if high - low > (width + 1) // 2 else 0
-        if guess is None or slow == 2:
-            index, slow = (low + high) // 2, 0
-        else:
-            index = min(max(guess(trials, low, high), low + 1), high - 1)
+    low, high = (start, len(path)) if fits(start) else (-1, start)  # low fits (or -1), high fails (or past the end)
+    while high - low > 1 and not close(low, high):
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low, trials
 
 
 CONFIDENCE = 0.9  # --min-sqnr holds for the lower bound at this confidence of the output SQNR over the samples measured
@@ -324,24 +311,6 @@ class _OutputNoise:
 
     def lower_bound(self, path: Path) -> float:
         return sqnr_lower_bound(self.signal, self.noise(path))
-
-
-def _noise_guess(path: list[dict[str, int]], layers: list[LayerOptions], min_sqnr: float) -> Callable[[dict[int, float], int, int], int]:
-    """The plan of `path` predicted to just reach min_sqnr: the noise ratios measured per layer alone add up,
-    scaled by measured / predicted noise at the plan measured closest to the budget (activations and bias
-    correction move the output noise away from the sum)."""
-    predicted = [sum(layer.kl[plan[layer.label]] for layer in layers) for plan in path]
-    target = 10.0 ** (-min_sqnr / 10.0)
-
-    def guess(trials: dict[int, float], low: int, high: int) -> int:
-        factor = 1.0
-        if trials:
-            nearest = min(trials, key=lambda index: abs(trials[index]))
-            factor = target * 10.0 ** (trials[nearest] / 10.0) / max(predicted[nearest], 1e-300)  # shortfall in dB -> noise
-        fitting = [index for index in range(low + 1, high) if factor * predicted[index] <= target]
-        return fitting[-1] if fitting else low + 1
-
-    return guess
 
 
 def _calibration_feeds(model: ir.Model, calib, config: stages.ConvertConfig, one_per_feed: bool = False) -> list[dict[str, np.ndarray]]:
@@ -451,7 +420,7 @@ def _search_sqnr(path, start, layers, convert_plan, bound_of: Callable[[stages.C
                 bounds[index] = bound_of(conversions[index])
             return target - bounds[index]
 
-        chosen, _ = search(path, start, measure, 0.0, on_step, guess=_noise_guess(path, layers, target), nbytes=lambda plan: plan_bytes(plan, layers))
+        chosen, _ = search(path, start, measure, 0.0, on_step, nbytes=lambda plan: plan_bytes(plan, layers))
         for index in [i for i in conversions if i != chosen and bounds[i] < target]:  # never an answer again: the target only rises
             del conversions[index]
         if chosen < 0:

@@ -155,25 +155,6 @@ def test_search_returns_the_last_plan_measured_within_budget(drops, budget, expe
         assert mixed.within(trials[chosen], budget) and (chosen + 1 not in trials or not mixed.within(trials[chosen + 1], budget))
 
 
-@pytest.mark.parametrize("last_fitting", [-1, 0, 17, 63, 99])
-@pytest.mark.parametrize("guesser", ["exact", "too_small", "too_large", "first"])
-def test_guided_search_finds_the_same_plan_in_few_measurements(last_fitting, guesser):
-    """A guess (the proxy's prediction) never changes the answer; a good one needs about two measurements,
-    a useless one at most about three times binary search's."""
-    path = [{"layer": i} for i in range(100)]
-    measured = []
-
-    def measure(plan):
-        measured.append(plan["layer"])
-        return 0.0 if plan["layer"] <= last_fitting else 1.0
-
-    guesses = {"exact": lambda trials, low, high: last_fitting, "too_small": lambda trials, low, high: high - 1,
-               "too_large": lambda trials, low, high: low + 1, "first": lambda trials, low, high: 0}
-    chosen, trials = mixed.search(path, 50, measure, 0.5, guess=guesses[guesser])
-    assert chosen == last_fitting and len(measured) == len(set(measured)) == len(trials)
-    assert len(measured) <= (2 if guesser == "exact" else 3 * (1 + math.ceil(math.log2(len(path)))))
-
-
 def test_search_stops_within_the_byte_tolerance():
     """Plans 1% apart in bytes: the search stops once a fitting plan and a failing one after it are
     within SEARCH_BYTE_TOLERANCE, returning the fitting one."""
