@@ -1,9 +1,10 @@
 """Mixed group sizes under an accuracy budget: `--n auto --max-drop D`, or a fidelity one: `--n auto --min-sqnr DB`.
 
 Under --min-sqnr (with u8 scales) a layer may also get 8-bit weights (N=1: one
-u8 magnitude per weight under the row scale, an int8 row); the proxy below is the output noise ratio instead of the KL,
-and a plan is measured by its output's SQNR on the held-out calibration
-samples (fgq_onnx/fidelity.py); "drop" then means dB short of the budget.
+u8 magnitude per weight under the row scale, an int8 row); the proxy below is
+the output noise ratio instead of the KL, and a plan is measured by a lower
+confidence bound of its output's SQNR on the calibration samples, the chosen
+plan then checked on the held-out ones (step 3).
 
 Small groups (N=4) keep a layer accurate, large ones (N=64) make it smaller
 (2 bits per weight plus one scale per N weights). Layers differ in how much
@@ -14,7 +15,8 @@ they suffer, so the search gives each its own N:
    fp32_i), select_i a graph input: one run per layer makes that layer
    alone ternary (exact codes, the stored scale format, float activations)
    and measures KL(softmax fp32 || softmax candidate) on the calibration
-   samples. A layers x N table for len(N) sessions.
+   samples. A layers x N table for len(N) sessions (under --min-sqnr one
+   session, at the largest N, the others scaled by the weight's error).
 2. Plans. From every layer at the smallest N, a greedy path: each step moves
    one layer to a larger N, the move adding the least KL per byte saved
    (bytes: codes + scales, as the report counts them). Before that start,
@@ -26,8 +28,13 @@ they suffer, so the search gives each its own N:
    model on labelled `data`, or without it the share of calibration
    samples whose top-1 class changes (a bound on the top-1 drop there).
    A binary search along the path returns the smallest plan measured
-   within the budget: a plan the proxy misjudged is tightened by moving
-   back along the path, and nothing unmeasured is returned.
+   within the budget (to SEARCH_BYTE_TOLERANCE of its bytes): a plan the
+   proxy misjudged is tightened by moving back along the path, and nothing
+   unmeasured is returned. Under --min-sqnr its measure is the lower CONFIDENCE bound
+   (bootstrap over samples) of the output SQNR on the calibration samples;
+   the held-out samples, which no conversion step reads, then check the
+   plan found, and a miss raises the target by the dB missed and searches
+   again (_search_sqnr).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from fgq_onnx.errors import FgqError
 from fgq_onnx.evaluate import evaluate, open_session
 from fgq_onnx.graph_utils import unique_name
 from fgq_onnx.passes.ternarize_weights import TERNARY_MARK, TernarizeWeightsPass
+from fgq_onnx.report import LayerRecord
 from fgq_onnx.ternary import Method
 
 KEEP = 0  # a plan's N for a layer kept fp32
@@ -84,10 +92,10 @@ def noise_ratio(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.sum((reference - candidate) ** 2) / max(float(np.sum(reference**2)), 1e-300))
 
 
-def _switchable(model: ir.Model, n: int, config: stages.ConvertConfig) -> tuple[ir.Model, dict[str, str], dict[str, int]]:
+def _switchable(model: ir.Model, n: int, config: stages.ConvertConfig) -> tuple[ir.Model, dict[str, str], dict[str, LayerRecord]]:
     """A copy of `model` whose convertible layers take Where(select, ternary at N, fp32) as weight.
 
-    Returns it, {layer label: its selector input}, {layer label: stored bytes at N}.
+    Returns it, {layer label: its selector input}, {layer label: its record at N (stored bytes, weight SQNR)}.
     """
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     originals = {id(node): node.inputs[1] for node in copy.graph.all_nodes() if len(node.inputs) > 1}
@@ -109,35 +117,47 @@ def _switchable(model: ir.Model, n: int, config: stages.ConvertConfig) -> tuple[
         node.graph.insert_before(node, where)
         node.replace_input_with(1, where.outputs[0])
         selectors[label] = select.name
-    sizes = {r.node: r.code_bytes + r.scale_bytes for r in ternarize.records if r.converted}
-    return copy, selectors, sizes
+    return copy, selectors, {r.node: r for r in ternarize.records if r.converted}
 
 
 def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: stages.ConvertConfig, on_step: Step | None = None,
                 ns: tuple[int, ...] | None = None) -> list[LayerOptions]:
     """KL (noise ratio under --min-sqnr) added by each convertible layer alone at each N of config.auto_ns,
-    and its bytes (model: prepared fp32)."""
-    output = config.fidelity_output or model.graph.outputs[0].name
-    names = [value.name for value in model.graph.outputs]
-    if output not in names:
-        raise FgqError(f"the model has no output {output!r}; its outputs are {names}")
+    and its bytes (model: prepared fp32).
+
+    Under --min-sqnr one pass, at the largest N, measures each layer; at the
+    other N its output noise is scaled by its weight's: a small weight error
+    reaches the output linearly, so the noise ratios keep the ratio of
+    |W - W_N|^2 / |W|^2 (the test checks this against measured ones).
+    """
+    output = _main_output(model, config)
     cost = kl_divergence if config.min_sqnr is None else noise_ratio
     ns = ns or config.auto_ns
+    measured = ns if config.min_sqnr is None else (max(ns),)
+    layers: dict[str, LayerOptions] = {}
+    weight_noise: dict[str, dict[int, float]] = {}  # |W - W_N|^2 / |W|^2 per layer and N
     with tempfile.TemporaryDirectory(prefix="fgq-mixed-") as folder:
         session = session_with_outputs(model, [], Path(folder))
         reference = [session.run([output], feed)[0] for feed in feeds]
-        layers: dict[str, LayerOptions] = {}
         for n in ns:
-            copy, selectors, sizes = _switchable(model, n, config)
+            copy, selectors, records = _switchable(model, n, config)
+            for label, record in records.items():
+                layers.setdefault(label, LayerOptions(label)).nbytes[n] = record.code_bytes + record.scale_bytes
+                weight_noise.setdefault(label, {})[n] = 10.0 ** (-record.sqnr_db / 10.0)
+            if n not in measured:
+                continue
             session = session_with_outputs(copy, [], Path(folder))
             off = {name: np.array(False) for name in selectors.values()}
             for label, name in selectors.items():
                 runs = [session.run([output], {**feed, **off, name: np.array(True)})[0] for feed in feeds]
-                layer = layers.setdefault(label, LayerOptions(label))
-                layer.kl[n] = float(np.mean([cost(r, c) for r, c in zip(reference, runs)]))
-                layer.nbytes[n] = sizes[label]
+                layers[label].kl[n] = float(np.mean([cost(r, c) for r, c in zip(reference, runs)]))
                 if on_step:
-                    on_step("sensitivity", 1, len(selectors) * len(ns))
+                    on_step("sensitivity", 1, len(selectors) * len(measured))
+    for label, layer in layers.items():
+        at = weight_noise[label]
+        for n in set(ns) - set(measured):
+            (ref,) = measured
+            layer.kl[n] = layer.kl[ref] * at[n] / at[ref] if at[ref] > 0 else layer.kl[ref]
     weights = {node.name or node.outputs[0].name: node.inputs[1] for node in model.graph.all_nodes() if len(node.inputs) > 1}
     for layer in layers.values():
         layer.kl[KEEP], layer.nbytes[KEEP] = 0.0, weights[layer.label].const_value.nbytes
@@ -227,18 +247,16 @@ def within(drop: float, budget: float) -> bool:
     return drop <= budget + 1e-9
 
 
-@dataclass
-class Trial:
-    plan: dict[str, int]
-    nbytes: int
-    drop: float
-    fits: bool
+SEARCH_BYTE_TOLERANCE = 0.02  # the search stops once the smallest plan within budget is within 2% of the bytes of the largest failing one
 
 
-def search(path: list[dict[str, int]], start: int, measure: Callable[[dict[str, int]], float], budget: float, on_step: Step | None = None) -> tuple[int, dict[int, float]]:
+def search(path: list[dict[str, int]], start: int, measure: Callable[[dict[str, int]], float], budget: float, on_step: Step | None = None,
+           nbytes: Callable[[dict[str, int]], int] | None = None) -> tuple[int, dict[int, float]]:
     """Binary search for the last plan of `path` measured within `budget`, starting at index `start`.
 
     Assumes the drop grows along the path; every answer is a measured plan.
+    With `nbytes`, the search stops once the plan found is within
+    SEARCH_BYTE_TOLERANCE of the bytes of the first failing one after it.
     Returns its index (-1 when none fits) and the drop measured for each plan tried, by index.
     """
     trials: dict[int, float] = {}
@@ -250,35 +268,60 @@ def search(path: list[dict[str, int]], start: int, measure: Callable[[dict[str, 
                 on_step("verifying", 1, None)
         return within(trials[index], budget)
 
+    def close(low: int, high: int) -> bool:
+        return nbytes is not None and low >= 0 and high < len(path) and nbytes(path[low]) - nbytes(path[high]) <= SEARCH_BYTE_TOLERANCE * nbytes(path[low])
+
     low, high = (start, len(path)) if fits(start) else (-1, start)  # low fits (or -1), high fails (or past the end)
-    while high - low > 1:
+    while high - low > 1 and not close(low, high):
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low, trials
 
 
-class _SqnrShortfall:
-    """dB by which a conversion's output SQNR on the held-out samples falls short of --min-sqnr (<= 0: within)."""
-
-    def __init__(self, config: stages.ConvertConfig):
-        self.min_sqnr = config.min_sqnr
-        self.description = f"dB short of --min-sqnr {config.min_sqnr} on held-out samples"
-
-    def __call__(self, conversion: stages.Conversion) -> float:
-        fidelity = conversion.report.fidelity
-        if fidelity.main is None:
-            raise FgqError(f"--min-sqnr is measured on held-out calibration samples, but none were: {fidelity.skipped}")
-        return self.min_sqnr - fidelity.main.sqnr_db
+CONFIDENCE = 0.9  # --min-sqnr holds for the lower bound at this confidence of the output SQNR over the samples measured
+BOOTSTRAP_ROUNDS = 1000
+MAX_CHECKS = 4  # searches tightened after a held-out check misses, at most
 
 
-def _calibration_feeds(model: ir.Model, calib, config: stages.ConvertConfig) -> list[dict[str, np.ndarray]]:
+def sqnr_lower_bound(signal: np.ndarray, noise: np.ndarray, confidence: float = CONFIDENCE) -> float:
+    """A lower confidence bound of the SQNR (dB) sum(signal) / sum(noise) over samples: the (1 - confidence)
+    quantile of a bootstrap over the samples (fixed seed), never above the SQNR itself."""
+    point = 10.0 * np.log10(max(float(signal.sum()), 1e-300) / max(float(noise.sum()), 1e-300))
+    if len(signal) < 2:
+        return point
+    draws = np.random.default_rng(0).integers(0, len(signal), (BOOTSTRAP_ROUNDS, len(signal)))
+    ratios = np.maximum(signal[draws].sum(axis=1), 1e-300) / np.maximum(noise[draws].sum(axis=1), 1e-300)
+    return min(point, float(np.quantile(10.0 * np.log10(ratios), 1.0 - confidence)))
+
+
+class _OutputNoise:
+    """Per sample, the output's energy and its error against the fp32 model: one feed per sample."""
+
+    def __init__(self, fp32: Path, feeds: list[dict[str, np.ndarray]], output: str):
+        self.feeds, self.output = feeds, output
+        self.reference = self._outputs(fp32)
+        self.signal = np.array([float(np.sum(r.astype(np.float64) ** 2)) for r in self.reference])
+
+    def _outputs(self, path: Path) -> list[np.ndarray]:
+        session = open_session(path)
+        return [session.run(feed, [self.output])[self.output] for feed in self.feeds]
+
+    def noise(self, path: Path) -> np.ndarray:
+        return np.array([float(np.sum((r.astype(np.float64) - c.astype(np.float64)) ** 2)) for r, c in zip(self.reference, self._outputs(path))])
+
+    def lower_bound(self, path: Path) -> float:
+        return sqnr_lower_bound(self.signal, self.noise(path))
+
+
+def _calibration_feeds(model: ir.Model, calib, config: stages.ConvertConfig, one_per_feed: bool = False) -> list[dict[str, np.ndarray]]:
     limit = min(config.refine_samples, config.calib_limit or config.refine_samples)
-    dataset, _ = stages.open_data(calib, model, replace(config, calib_limit=limit))  # the held-out samples stay unseen
+    batch = 1 if one_per_feed else config.calib_batch_size
+    dataset, _ = stages.open_data(calib, model, replace(config, calib_limit=limit, calib_batch_size=batch))  # the held-out samples stay unseen
     return [feed for feed, _ in dataset]
 
 
 def convert_auto(model, config: stages.ConvertConfig, *, calib, data=None, calibration_cache=None, on_step: Step | None = None) -> stages.Conversion:
-    """The smallest mixed-N conversion measured within config.max_drop (see the module docstring)."""
+    """The smallest mixed-N conversion measured within config.max_drop or config.min_sqnr (see the module docstring)."""
     if calib is None:
         raise FgqError("--n auto measures each layer's sensitivity on calibration data: give --calib")
     calib = layerwise.replayable(calib)
@@ -294,37 +337,122 @@ def convert_auto(model, config: stages.ConvertConfig, *, calib, data=None, calib
     layers = sensitivity(prepared, feeds, config, on_step, (EIGHT_BIT, *config.auto_ns) if eight_bit else config.auto_ns)
     path, start = plan_path(layers)
     cache = calibration_cache or stages.collect_calibration(model, calib, config)
-    smallest = config.auto_ns[0]
-    best: dict[str, object] = {}
+
+    def convert_plan(plan: dict[str, int]) -> stages.Conversion:
+        return stages.convert_fixed(model, replace(config, n=config.auto_ns[0], max_drop=None, min_sqnr=None, layer_n=plan), calib=calib, calibration_cache=cache)
+
     with tempfile.TemporaryDirectory(prefix="fgq-auto-") as folder:
         fp32 = Path(folder) / "fp32.onnx"
         ir.save(ir_model, fp32)
-        sqnr = _SqnrShortfall(config) if config.min_sqnr is not None else None
-        judge = sqnr or (_Top1Drop(fp32, data, config) if data is not None else _Disagreement(fp32, feeds))
-        budget = 0.0 if sqnr else config.max_drop
+        if config.min_sqnr is not None:
+            noise = _OutputNoise(fp32, _calibration_feeds(ir_model, calib, config, one_per_feed=True), _main_output(prepared, config))
 
-        def measure(plan: dict[str, int]) -> float:
-            conversion = stages.convert_fixed(model, replace(config, n=smallest, max_drop=None, min_sqnr=None, layer_n=plan), calib=calib, calibration_cache=cache)
-            if sqnr:
-                drop = sqnr(conversion)
-            else:
-                candidate = Path(folder) / "candidate.onnx"
-                stages.save(conversion.model, candidate)
-                drop = judge(candidate)
-            if within(drop, budget) and plan_bytes(plan, layers) < best.get("bytes", float("inf")):
-                best.update(bytes=plan_bytes(plan, layers), conversion=conversion)
-            return drop
+            def bound_of(conversion: stages.Conversion) -> float:
+                stages.save(conversion.model, Path(folder) / "candidate.onnx")
+                return noise.lower_bound(Path(folder) / "candidate.onnx")
 
-        chosen, drops = search(path, start, measure, budget, on_step)
-    trials = [Trial(path[i], plan_bytes(path[i], layers), drop, within(drop, budget)) for i, drop in sorted(drops.items())]
-    if chosen < 0:
-        closest = min(trials, key=lambda t: t.drop)
-        limit = f"reaches {config.min_sqnr} dB" if sqnr else f"loses at most {config.max_drop} points"
-        raise FgqError(f"no plan {limit} ({judge.description}): the best tried, {describe_plan(closest.plan)}, is {closest.drop:.2f} off")
-    conversion = best["conversion"]  # the smallest plan within budget: the one at `chosen`
-    _record(conversion.report, config, judge.description, layers, path, chosen, drops, trials)
+            found = _search_sqnr(path, start, layers, convert_plan, bound_of, len(noise.feeds), config.min_sqnr, on_step)
+        else:
+            judge = _Top1Drop(fp32, data, config) if data is not None else _Disagreement(fp32, feeds)
+            found = _search_top1(path, start, layers, convert_plan, judge, Path(folder), config.max_drop, on_step)
+    conversion = found.conversion
+    _record(conversion.report, config, found, layers, path)
     stages.stamp(conversion.model, conversion.report)  # the model's metadata says n=auto too (each node has its own N)
     return conversion
+
+
+@dataclass
+class Found:
+    """What a search returned: the plan's index on the path and its conversion, the drop measured per plan tried."""
+
+    chosen: int
+    conversion: stages.Conversion
+    drops: dict[int, float]
+    measure: str  # what a drop is measured on
+    drop: float  # the chosen plan's drop as reported (for --min-sqnr: dB short of it on the held-out samples)
+    checks: list[dict[str, object]] = field(default_factory=list)
+
+
+def _no_plan(path, layers, drops, limit: str, measure: str) -> FgqError:
+    closest = min(drops, key=lambda index: drops[index])
+    return FgqError(f"no plan {limit} ({measure}): the best tried, {describe_plan(path[closest])}, is {drops[closest]:.2f} off")
+
+
+def _search_top1(path, start, layers, convert_plan, judge, folder: Path, budget: float, on_step) -> Found:
+    """--max-drop: a binary search along the path, each plan converted and its top-1 drop measured by `judge`."""
+    conversions: dict[int, stages.Conversion] = {}
+    index_of = {id(plan): index for index, plan in enumerate(path)}
+
+    def measure(plan: dict[str, int]) -> float:
+        conversion = convert_plan(plan)
+        candidate = folder / "candidate.onnx"
+        stages.save(conversion.model, candidate)
+        drop = judge(candidate)
+        if within(drop, budget):
+            conversions[index_of[id(plan)]] = conversion
+        return drop
+
+    chosen, drops = search(path, start, measure, budget, on_step, nbytes=lambda plan: plan_bytes(plan, layers))
+    if chosen < 0:
+        raise _no_plan(path, layers, drops, f"loses at most {budget} points", judge.description)
+    return Found(chosen, conversions[chosen], drops, judge.description, drops[chosen])
+
+
+def _search_sqnr(path, start, layers, convert_plan, bound_of: Callable[[stages.Conversion], float], samples: int, min_sqnr: float, on_step) -> Found:
+    """--min-sqnr: search on the calibration samples, check on the held-out ones, tighten and search again on a miss.
+
+    A plan's measure, bound_of(its conversion), is the lower CONFIDENCE bound
+    of its output SQNR over the `samples` calibration samples; the search returns the smallest plan
+    whose bound reaches the target (at first min_sqnr). That plan's SQNR on the
+    held-out samples, which no conversion step saw, must then reach min_sqnr
+    too; when it misses by d dB the target rises by d and the search runs again
+    (plans already measured are not converted again), MAX_CHECKS times at most.
+    """
+    bounds: dict[int, float] = {}
+    conversions: dict[int, stages.Conversion] = {}
+    index_of = {id(plan): index for index, plan in enumerate(path)}
+    target, checks = min_sqnr, []
+    for _ in range(MAX_CHECKS):
+        def measure(plan: dict[str, int], target: float = target) -> float:
+            index = index_of[id(plan)]
+            if index not in bounds:
+                conversions[index] = convert_plan(plan)
+                bounds[index] = bound_of(conversions[index])
+            return target - bounds[index]
+
+        chosen, _ = search(path, start, measure, 0.0, on_step, nbytes=lambda plan: plan_bytes(plan, layers))
+        for index in [i for i in conversions if i != chosen and bounds[i] < target]:  # never an answer again: the target only rises
+            del conversions[index]
+        if chosen < 0:
+            break
+        held_out = conversions[chosen].report.fidelity
+        if held_out.main is None:
+            raise FgqError(f"--min-sqnr is checked on held-out calibration samples, but none were: {held_out.skipped}")
+        checks.append({"target_db": target, "plan_summary": describe_plan(path[chosen]), "calibration_bound_db": bounds[chosen], "held_out_db": held_out.main.sqnr_db})
+        if held_out.main.sqnr_db >= min_sqnr:
+            measure_text = (f"lower {CONFIDENCE:.0%} bound of the output SQNR over {samples} calibration samples (bootstrap), "
+                            f"the plan then checked on {held_out.samples} held-out samples")
+            drops = {index: min_sqnr - bound for index, bound in bounds.items()}
+            return Found(chosen, conversions[chosen], drops, measure_text, min_sqnr - held_out.main.sqnr_db, checks)
+        target += min_sqnr - held_out.main.sqnr_db
+    drops = {index: min_sqnr - bound for index, bound in bounds.items()}
+    tried = "; ".join(f"{c['plan_summary']}: {c['held_out_db']:.1f} dB held out" for c in checks)
+    raise _no_plan(path, layers, drops, f"reaches {min_sqnr} dB on the calibration samples and on the held-out ones{f' ({tried})' if tried else ''}",
+                   "lower bound of the output SQNR over the calibration samples")
+
+
+def _main_output(model: ir.Model, config: stages.ConvertConfig) -> str:
+    """config.fidelity_output, else the first float output (as the fidelity check takes it: an Identity of the
+    token ids, MiniLM's first output, has no noise to measure)."""
+    names = [value.name for value in model.graph.outputs]
+    if config.fidelity_output is not None:
+        if config.fidelity_output not in names:
+            raise FgqError(f"the model has no output {config.fidelity_output!r}; its outputs are {names}")
+        return config.fidelity_output
+    floats = [value.name for value in model.graph.outputs if value.dtype is not None and value.dtype.is_floating_point()]
+    if not floats:
+        raise FgqError(f"--min-sqnr and --n auto measure a float output, but the model's outputs {names} are not float")
+    return floats[0]
 
 
 def describe_plan(plan: dict[str, int]) -> str:
@@ -334,19 +462,23 @@ def describe_plan(plan: dict[str, int]) -> str:
     return ", ".join(f"{names.get(n, f'N={n}')} x{count}" for n, count in counts.items())
 
 
-def _record(report, config, measured, layers, path, chosen, drops, trials) -> None:
+def _record(report, config, found: Found, layers, path) -> None:
     report.settings.update(n="auto", **({"min_sqnr": config.min_sqnr} if config.min_sqnr is not None else {"max_drop": config.max_drop}))
+    chosen, drops = found.chosen, found.drops
     report.search = {
         "budget": f"--min-sqnr {config.min_sqnr}" if config.min_sqnr is not None else f"--max-drop {config.max_drop}",
         "budget_points": config.max_drop,
-        "measure": measured,
-        "drop_points": drops[chosen],
+        "measure": found.measure,
+        "drop_points": found.drop,
         "plan": path[chosen],
         "plan_summary": describe_plan(path[chosen]),
         "weight_bytes": plan_bytes(path[chosen], layers),
         "smallest_n": config.auto_ns[0],
         "uniform_smallest_n_bytes": plan_bytes({layer.label: config.auto_ns[0] for layer in layers}, layers),
         "plans_on_path": len(path),
-        "trials": [{"summary": describe_plan(t.plan), "weight_bytes": t.nbytes, "drop_points": t.drop, "within_budget": t.fits} for t in trials],
+        "byte_tolerance": SEARCH_BYTE_TOLERANCE,
+        "trials": [{"summary": describe_plan(path[i]), "weight_bytes": plan_bytes(path[i], layers), "drop_points": drop,
+                    "within_budget": within(drop, 0.0 if config.min_sqnr is not None else config.max_drop)} for i, drop in sorted(drops.items())],
+        **({"checks": found.checks} if found.checks else {}),
         "sensitivity_kl": {layer.label: {("fp32" if n == KEEP else str(n)): kl for n, kl in layer.kl.items()} for layer in layers},
     }

@@ -62,6 +62,7 @@ class Report:
     file_bytes_after: int = 0
     settings: dict[str, object] = field(default_factory=dict)
     calibration: dict[str, object] = field(default_factory=dict)
+    embeddings: list[dict[str, object]] = field(default_factory=list)  # constant tables read by Gather: int8 rows or kept float, why
     search: dict[str, object] = field(default_factory=dict)  # --n auto: budget, measured drop, plan per layer, trials
     fidelity: Fidelity = field(default_factory=lambda: Fidelity(skipped="not measured"))  # the output against the source's
 
@@ -123,6 +124,7 @@ class Report:
             "layers": [dataclasses.asdict(layer) for layer in self.layers],
             "activations": [dataclasses.asdict(act) for act in self.activations],
             "fidelity": self.fidelity.to_dict(),
+            **({"embeddings": self.embeddings} if self.embeddings else {}),
             **({"search": self.search} if self.search else {}),
         }
 

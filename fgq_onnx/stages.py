@@ -8,6 +8,7 @@ either of them.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import re
@@ -30,6 +31,7 @@ from fgq_onnx.passes.fold_constants import FoldConstantsPass
 from fgq_onnx.passes.fold_pad_into_conv import FoldPadIntoConvPass
 from fgq_onnx.passes.fold_scale_mul import FoldScaleMulPass
 from fgq_onnx.passes.insert_activation_qdq import ActivationQuant, InsertActivationQdqPass
+from fgq_onnx.passes.quantize_embeddings import QuantizeEmbeddingsPass
 from fgq_onnx.passes.ternarize_weights import LINEAR_OPS, REQUIRED_OPSET, TERNARY_MARK, TernarizeWeightsPass
 from fgq_onnx.passes.use_custom_ops import to_custom_ops
 from fgq_onnx.report import ActivationRecord, Report
@@ -61,6 +63,7 @@ class ConvertConfig:
     keep_first_last: bool = False
     ternarize_float_layers: bool = False  # in a model with already-ternary weights, its float layers stay float unless set
     keep_quantized_weights: bool = False  # integer-coded weights (DequantizeLinear, Cast*Mul) stay as they are, not ternarized
+    float_embeddings: bool = False  # constant tables read by Gather stay float32 instead of int8 rows (passes/quantize_embeddings.py)
     format: OutputFormat = OutputFormat.CUSTOM
     weight_storage: str = "int2"
     scale_format: str = "u8"  # group scales: f32, f16, or u8 codes under a float32 row scale (docs/packed-format.md)
@@ -117,6 +120,7 @@ class ConvertConfig:
             "bias_correction": self.bias_correction,
             "ternarize_float_layers": self.ternarize_float_layers,
             "keep_quantized_weights": self.keep_quantized_weights,
+            "float_embeddings": self.float_embeddings,
         }
 
 
@@ -403,6 +407,8 @@ def _convert(
         report.notes += layerwise.describe(layerwise.refine(ir_model, reference, dataset, correct=config.bias_correction, fit=fit, samples=config.refine_samples))
     elif config.bias_correction:
         report.notes.append("bias correction needs calibration data (--calib): skipped")
+    if not config.float_embeddings:
+        ir_model = _quantize_embeddings(ir_model, report)
     finish = ir.passes.PassManager([
         common.RemoveUnusedNodesPass(),
         common.RemoveUnusedOpsetsPass(),
@@ -429,6 +435,18 @@ def _fidelity(source, converted: ir.Model, calib, held_out: Dataset | None, main
     if hasattr(calib, "get_next"):
         return fidelity.Fidelity(skipped="a CalibrationDataReader is used whole for calibration: give a folder or an .npz to hold samples out")
     return fidelity.Fidelity(skipped="too few calibration samples to hold any out")
+
+
+def _quantize_embeddings(model: ir.Model, report: Report) -> ir.Model:
+    embeddings = QuantizeEmbeddingsPass()
+    model = embeddings(model).model
+    report.embeddings = [dataclasses.asdict(record) for record in embeddings.records]
+    stored = [r for r in embeddings.records if r.converted]
+    if stored:
+        before, after = sum(r.float_bytes for r in stored), sum(r.int8_bytes for r in stored)
+        report.notes.append(f"{len(stored)} embedding table(s) read by Gather stored as int8 rows with a float32 scale per row: "
+                            f"{before / 1e6:.1f} MB -> {after / 1e6:.1f} MB (--float-embeddings keeps them float32)")
+    return model
 
 
 def _use_custom_ops(model: ir.Model, report: Report) -> ir.Model:
