@@ -27,17 +27,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from fgq_onnx import model_io
+from fgq_onnx import blockwise, model_io
 from fgq_onnx.calibration import AbsHistogram, session_with_outputs
 from fgq_onnx.correction import ChannelMoments, affine_correction
 from fgq_onnx.errors import FgqError
-from fgq_onnx.fitting import PatchGram, damp, fit_rows
+from fgq_onnx.fitting import FitResult, PatchGram, damp, fit_rows, objective
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, constant_array, int_attr
 from fgq_onnx.passes.correct_bias import CorrectBiasPass, scalable
 from fgq_onnx.passes.replace_ternary_weights import ReplaceTernaryWeightsPass
 from fgq_onnx.passes.ternarize_weights import EXACT_MARK, LINEAR_OPS, TERNARY_MARK, weight_layout
 from fgq_onnx.segments import SegmentRunner
-from fgq_onnx.ternary import GroupLayout, TernaryWeight
+from fgq_onnx.ternary import GroupLayout, Method, TernaryWeight
 
 
 def _channel_axis(node: ir.Node) -> int:
@@ -169,6 +169,7 @@ class FitSettings:
     scale_format: str
     iterations: int = 4
     damping: float = 0.01
+    block: bool = False  # layers that close a residual branch are fitted to the block output (fgq_onnx/blockwise.py)
 
 
 @dataclass
@@ -178,6 +179,7 @@ class Refinement:
     levels: int = 0
     shifts: dict[str, float] = field(default_factory=dict)  # node label -> |shift| / (|fp32 mean| + |fp32 std|)
     fits: dict[str, tuple[float, float]] = field(default_factory=dict)  # node label -> relative output error (exact, fitted)
+    blocks: dict[str, tuple[float, float]] = field(default_factory=dict)  # node label -> relative block output error, held-back samples (exact or layer-wise, chosen)
     unfitted: dict[str, str] = field(default_factory=dict)  # node label -> why it kept its exact weights
     skipped: str = ""  # why nothing was done, if so
 
@@ -215,11 +217,13 @@ def refine(
     fp_runner = SegmentRunner(reference.model, feeds) if fit is not None and reference.model is not None else None
     result = Refinement(levels=len(levels))
     for index, nodes in enumerate(levels):
+        targets: dict[str, ChannelMoments] = {}  # block-fitted layers: their target's moments, not the fp32 layer's
         try:
             if fit is not None:
-                _fit_level(model, runner, fp_runner, nodes, reference, fit, result)
+                pending = {id(n) for level in levels[index:] for n in level}
+                _fit_level(model, runner, fp_runner, nodes, reference, fit, result, (pending, targets))
             if correct:
-                _correct_level(model, runner, nodes, reference, scale, result)
+                _correct_level(model, runner, nodes, reference, scale, result, targets)
         except FgqError as error:
             raise FgqError(f"at layer {', '.join(n.name or n.outputs[0].name for n in nodes)}: {error}") from None
         if on_level:
@@ -238,7 +242,7 @@ def _first_samples(batches: Iterable, limit: int | None):
         seen += len(first) if first is not None and np.ndim(first) else 1
 
 
-def _correct_level(model, runner, nodes, reference, scale, result) -> None:
+def _correct_level(model, runner, nodes, reference, scale, result, targets: dict[str, ChannelMoments]) -> None:
     outputs = runner.run([n.outputs[0] for n in nodes])
     shifts, gains, fixes = {}, {}, []
     for node in nodes:
@@ -246,9 +250,12 @@ def _correct_level(model, runner, nodes, reference, scale, result) -> None:
         measured = ChannelMoments(_channel_axis(node))
         for array in outputs[id(node.outputs[0])]:
             measured.update(array)
-        fp = reference.moments[key]
+        fp = targets.get(key, reference.moments[key])
         bias = _bias_vector(node, fp.mean.size)
-        fix = affine_correction(fp, measured, 0.0 if bias is None else bias, scale=scale and bias is not None and scalable(node))
+        # A block-fitted layer's target holds what no layer can reproduce (the skip path's error outside the
+        # span of its inputs): its std is no gain to aim for, its fit set the scales; only the mean is matched.
+        rescale = scale and bias is not None and scalable(node) and key not in targets
+        fix = affine_correction(fp, measured, 0.0 if bias is None else bias, scale=rescale)
         shifts[key], gains[key] = fix.shift, fix.gain
         fixes.append((key, node, fix, 0.0 if bias is None else bias))
         result.shifts[node.name or key] = float(np.linalg.norm(fix.shift) / (np.linalg.norm(fp.mean) + np.linalg.norm(fp.std) + 1e-12))
@@ -288,23 +295,9 @@ def _group_size(node: ir.Node) -> int:
     return int(fields["n"])
 
 
-def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, result: Refinement) -> None:
-    todo = []
-    for node in nodes:
-        label = node.name or node.outputs[0].name
-        original = reference.weights.get(node.outputs[0].name)
-        if "method=fit" not in node.metadata_props.get(TERNARY_MARK, ""):
-            continue
-        if original is None or not scalable(node):
-            result.unfitted[label] = "weight shared with another node"
-            continue
-        array = constant_array(original).astype(np.float32)
-        layout, _ = weight_layout(node, array.shape, _group_size(node))
-        gram = _gram_for(node, layout)
-        if isinstance(gram, str):
-            result.unfitted[label] = gram
-            continue
-        todo.append((node, label, original, array, layout, gram))
+def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, result: Refinement, block_state) -> None:
+    """Refit the level's fit/block nodes; `block_state` = (ids of the nodes not final yet, {output name: target moments} to fill)."""
+    todo = _fit_todo(nodes, reference, result)
     if not todo:
         return
     inputs = runner.run([node.inputs[0] for node, *_ in todo])
@@ -314,10 +307,17 @@ def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, res
         wanted = {id(node): fp_nodes[node.outputs[0].name].inputs[0] for node, *_ in todo}
         fetched = fp_runner.run(list(wanted.values()))
         fp_inputs = {key: fetched[id(value)] for key, value in wanted.items()}
+    block_targets = _block_targets(runner, fp_runner, todo, reference, *block_state) if fit.block and fp_runner is not None else {}
     replacements = {}
     for node, label, original, array, layout, gram in todo:
-        for batch, x in enumerate(inputs[id(node.inputs[0])]):
-            gram.update(x, fp_inputs[id(node)][batch] if fp_inputs else None)
+        xs, target = inputs[id(node.inputs[0])], block_targets.get(id(node))
+        if target is not None and target[0].shape != gram.output_shape(xs[0], layout.rows):
+            target = None  # the chain's Adds broadcast the layer's output
+            block_state[1].pop(node.outputs[0].name)
+        held = _gram_for(node, layout) if fit.block else None  # block: samples kept out of the fit choose among the solutions
+        _feed(gram, held, xs, fp_inputs.get(id(node)), target)
+        if held is not None and held.h is None:
+            held = None  # too few samples to keep any out
         segments = layout.group(array).reshape(-1, layout.groups_per_segment * layout.n)[:, : layout.length].astype(np.float64)
         span = gram.h.shape[-1] // layout.length  # segments fitted as one row: every tap of a filter when joint
         segments = segments.reshape(-1, span * layout.length)
@@ -329,17 +329,120 @@ def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, res
             rows = segments[tap::blocks]
             h = damp(gram.h[tap], fit.damping)
             ridge = h[0, 0] - gram.h[tap][0, 0]  # damping adds ridge * ||s - w||^2: b gets ridge * w
-            target = None if gram.cross is None else rows @ gram.cross[tap].T + ridge * rows
-            fitted = fit_rows(rows, h, layout.n, b=target, iterations=fit.iterations)
-            codes[tap::blocks], scales[tap::blocks] = fitted.codes, fitted.scales
+            b = None if gram.cross is None else rows @ gram.cross[tap].T + ridge * rows
+            fitted = fit_rows(rows, h, layout.n, b=b, iterations=fit.iterations)
             before, after = before + fitted.history[0], after + fitted.history[-1]
             reach = h if gram.fp is None else gram.fp[tap] + ridge * np.eye(len(h))
             energy += float(np.einsum("rl,lm,rm->", rows, reach, rows))
+            if held is not None or gram.toward is not None:
+                fitted = _validated(rows, tap, h, ridge, gram, held or gram, fitted, fit, layout.n, result, label)
+            codes[tap::blocks], scales[tap::blocks] = fitted.codes, fitted.scales
         if energy > 0:  # output error ||w^T X_fp - s^T X||^2 = objective + w^T F w, relative to ||w^T X_fp||^2
             result.fits[label] = ((before + energy) / energy, (after + energy) / energy)
         shape = (-1, layout.groups_per_segment)
         replacements[node.outputs[0].name] = (original, TernaryWeight(layout, codes.reshape(*shape, layout.n), scales.reshape(shape)))
     ReplaceTernaryWeightsPass(replacements, fit.storage, fit.scale_format)(model)
+
+
+# --method block keeps one calibration sample in this many out of the fit, to choose each row's solution on.
+HOLD_EVERY = 4
+
+
+def _feed(gram: PatchGram, held: PatchGram | None, xs, fps, target) -> None:
+    """The batches into `gram`; with `held`, every HOLD_EVERY-th sample (first axis) into `held` instead."""
+    seen = 0
+    for batch, x in enumerate(xs):
+        parts = (x, None if fps is None else fps[batch], None if target is None else target[batch])
+        if held is None or x.ndim < 2:
+            gram.update(*parts)
+            continue
+        kept_out = (seen + np.arange(len(x))) % HOLD_EVERY == HOLD_EVERY - 1
+        seen += len(x)
+        for into, pick in ((gram, ~kept_out), (held, kept_out)):
+            if pick.any():
+                into.update(*(None if part is None else part[pick] for part in parts))
+
+
+def _validated(rows, tap, h, ridge, gram: PatchGram, held: PatchGram, fitted: FitResult, fit: FitSettings, n: int, result: Refinement, label: str) -> FitResult:
+    """Per row, the best on the `held` samples (the fitted ones when too few were held back) of: exact, the
+    layer-wise fit and (a layer closing a residual branch, one full H) the fit to the block output from the
+    better of those two."""
+    exact = fit_rows(rows, h, n, iterations=0)
+    if gram.toward is None:  # the layer's own output error on the held-out samples: s^T H s - 2 s^T C w
+        layer_target = rows @ (held.h[tap] if held.cross is None else held.cross[tap]).T
+        return _best_per_row([exact, fitted], lambda s: objective(s, held.h[tap], layer_target), rows.shape[1])[0]
+    toward = held.toward[0].T
+
+    def block_error(s: np.ndarray) -> np.ndarray:  # ||X^T s - t||^2 - ||t||^2 per output channel, held-out samples
+        return objective(s, held.h[0], toward)
+
+    layer_wise, before = _best_per_row([exact, fitted], block_error, rows.shape[1])
+    block = fit_rows(rows, h, n, b=gram.toward[0].T + ridge * rows, iterations=fit.iterations, init=(layer_wise.codes, layer_wise.scales))
+    chosen, after = _best_per_row([layer_wise, block], block_error, rows.shape[1])
+    if held.target_energy > 0:
+        result.blocks[label] = ((before + held.target_energy) / held.target_energy, (after + held.target_energy) / held.target_energy)
+    return chosen
+
+
+def _best_per_row(candidates: list[FitResult], score, width: int) -> tuple[FitResult, float]:
+    """Each row's candidate with the lowest score(weights [rows, width]) per row, and the total score."""
+    table = np.stack([score((c.codes * c.scales[..., None]).reshape(len(c.codes), -1)[:, :width].astype(np.float64)) for c in candidates])
+    pick, every = np.argmin(table, axis=0), np.arange(table.shape[1])
+    codes = np.stack([c.codes for c in candidates])[pick, every]
+    scales = np.stack([c.scales for c in candidates])[pick, every]
+    return FitResult(codes, scales), float(table[pick, every].sum())
+
+
+def _fit_todo(nodes, reference, result: Refinement) -> list:
+    """(node, label, fp32 weight value, its array, layout, PatchGram) for each node of the level to fit."""
+    todo = []
+    for node in nodes:
+        label = node.name or node.outputs[0].name
+        original = reference.weights.get(node.outputs[0].name)
+        if not any(f"method={m.value}" in node.metadata_props.get(TERNARY_MARK, "") for m in Method if m.fits):
+            continue
+        if original is None or not scalable(node):
+            result.unfitted[label] = "weight shared with another node"
+            continue
+        array = constant_array(original).astype(np.float32)
+        layout, _ = weight_layout(node, array.shape, _group_size(node))
+        gram = _gram_for(node, layout)
+        if isinstance(gram, str):
+            result.unfitted[label] = gram
+            continue
+        todo.append((node, label, original, array, layout, gram))
+    return todo
+
+
+def _block_targets(runner, fp_runner, todo, reference, pending: set[int], targets: dict[str, ChannelMoments]) -> dict[int, list[np.ndarray]]:
+    """For each node of `todo` that closes a residual branch (fgq_onnx/blockwise.py): its bias-free
+    output target per batch, z_fp - skip - bias; `targets` gets the moments of z_fp - skip."""
+    fp_values = {v.name: v for n in reference.model.graph for v in n.outputs}
+    joins = {}
+    for node, _, _, _, layout, gram in todo:
+        join = blockwise.residual_join(node)
+        full = gram.kernel is None or gram.joint or not gram.per_tap or int(np.prod(gram.kernel)) == 1
+        bias = _bias_vector(node, layout.rows)
+        if join is None or not full or bias is None or join.end.name not in fp_values or blockwise.depends_on(join.others, pending):
+            continue
+        joins[id(node)] = (node, join, fp_values[join.end.name], bias)
+    if not joins:
+        return {}
+    computed = runner.run([v for _, join, _, _ in joins.values() for v in join.others if v.const_value is None])
+    ends = fp_runner.run([end for _, _, end, _ in joins.values()])
+    found = {}
+    for key, (node, join, end, bias) in joins.items():
+        axis = _channel_axis(node)
+        moments, per_batch = ChannelMoments(axis), []
+        for batch, end_fp in enumerate(ends[id(end)]):
+            wanted = end_fp - blockwise.skip_terms(join, computed, batch)
+            moments.update(wanted)
+            shape = [1] * wanted.ndim
+            shape[axis] = -1
+            per_batch.append((wanted - bias.reshape(shape)).astype(np.float32))
+        targets[node.outputs[0].name] = moments
+        found[key] = per_batch
+    return found
 
 
 def _corrected_output(fix, bias, shifted: bool, axis: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -366,6 +469,9 @@ def describe(result: Refinement) -> list[str]:
     if result.fits:
         exact, fitted = np.mean([pair for pair in result.fits.values()], axis=0)
         lines.append(f"fit: {len(result.fits)} layer(s) refitted to their calibration inputs; mean relative output error {exact:.4f} (exact) -> {fitted:.4f}")
+    if result.blocks:
+        layer_wise, block = np.mean([pair for pair in result.blocks.values()], axis=0)
+        lines.append(f"block fit: {len(result.blocks)} layer(s) closing a residual branch refitted to the block output; mean relative block output error on held-back calibration samples {layer_wise:.4f} (exact or layer-wise fit) -> {block:.4f}")
     for label, reason in result.unfitted.items():
         lines.append(f"fit: {label} keeps its exact weights ({reason})")
     if result.shifts:
