@@ -179,7 +179,7 @@ class Refinement:
     levels: int = 0
     shifts: dict[str, float] = field(default_factory=dict)  # node label -> |shift| / (|fp32 mean| + |fp32 std|)
     fits: dict[str, tuple[float, float]] = field(default_factory=dict)  # node label -> relative output error (exact, fitted)
-    blocks: dict[str, tuple[float, float]] = field(default_factory=dict)  # node label -> relative block output error, held-back samples (exact or layer-wise, chosen)
+    blocks: dict[str, tuple[float, float]] = field(default_factory=dict)  # node label -> relative block output error (layer-wise fit, block fit)
     unfitted: dict[str, str] = field(default_factory=dict)  # node label -> why it kept its exact weights
     skipped: str = ""  # why nothing was done, if so
 
@@ -314,10 +314,9 @@ def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, res
         if target is not None and target[0].shape != gram.output_shape(xs[0], layout.rows):
             target = None  # the chain's Adds broadcast the layer's output
             block_state[1].pop(node.outputs[0].name)
-        held = _gram_for(node, layout) if fit.block else None  # block: samples kept out of the fit choose among the solutions
-        _feed(gram, held, xs, fp_inputs.get(id(node)), target)
-        if held is not None and held.h is None:
-            held = None  # too few samples to keep any out
+        fps = fp_inputs.get(id(node))
+        for batch, x in enumerate(xs):
+            gram.update(x, None if fps is None else fps[batch], None if target is None else target[batch])
         segments = layout.group(array).reshape(-1, layout.groups_per_segment * layout.n)[:, : layout.length].astype(np.float64)
         span = gram.h.shape[-1] // layout.length  # segments fitted as one row: every tap of a filter when joint
         segments = segments.reshape(-1, span * layout.length)
@@ -334,8 +333,8 @@ def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, res
             before, after = before + fitted.history[0], after + fitted.history[-1]
             reach = h if gram.fp is None else gram.fp[tap] + ridge * np.eye(len(h))
             energy += float(np.einsum("rl,lm,rm->", rows, reach, rows))
-            if held is not None or gram.toward is not None:
-                fitted = _validated(rows, tap, h, ridge, gram, held or gram, fitted, fit, layout.n, result, label)
+            if gram.toward is not None:  # one full H (checked in _block_targets): the block output's objective
+                fitted = _fit_block(rows, h, ridge, gram, fitted, fit, layout.n, result, label)
             codes[tap::blocks], scales[tap::blocks] = fitted.codes, fitted.scales
         if energy > 0:  # output error ||w^T X_fp - s^T X||^2 = objective + w^T F w, relative to ||w^T X_fp||^2
             result.fits[label] = ((before + energy) / energy, (after + energy) / energy)
@@ -344,53 +343,18 @@ def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, res
     ReplaceTernaryWeightsPass(replacements, fit.storage, fit.scale_format)(model)
 
 
-# --method block keeps one calibration sample in this many out of the fit, to choose each row's solution on.
-HOLD_EVERY = 4
+def _fit_block(rows, h, ridge, gram: PatchGram, layer_wise: FitResult, fit: FitSettings, n: int, result: Refinement, label: str) -> FitResult:
+    """Refit to the block output from the layer-wise solution: the objective never rises from it."""
+    toward = gram.toward[0].T  # [rows, width]: X t^T per output channel
+    block = fit_rows(rows, h, n, b=toward + ridge * rows, iterations=fit.iterations, init=(layer_wise.codes, layer_wise.scales))
 
+    def block_error(solution: FitResult) -> float:  # ||X^T s - t||^2 / ||t||^2 on the sampled columns
+        s = (solution.codes * solution.scales[..., None]).reshape(len(rows), -1)[:, : rows.shape[1]].astype(np.float64)
+        return float(objective(s, gram.h[0], toward).sum() + gram.target_energy) / gram.target_energy
 
-def _feed(gram: PatchGram, held: PatchGram | None, xs, fps, target) -> None:
-    """The batches into `gram`; with `held`, every HOLD_EVERY-th sample (first axis) into `held` instead."""
-    seen = 0
-    for batch, x in enumerate(xs):
-        parts = (x, None if fps is None else fps[batch], None if target is None else target[batch])
-        if held is None or x.ndim < 2:
-            gram.update(*parts)
-            continue
-        kept_out = (seen + np.arange(len(x))) % HOLD_EVERY == HOLD_EVERY - 1
-        seen += len(x)
-        for into, pick in ((gram, ~kept_out), (held, kept_out)):
-            if pick.any():
-                into.update(*(None if part is None else part[pick] for part in parts))
-
-
-def _validated(rows, tap, h, ridge, gram: PatchGram, held: PatchGram, fitted: FitResult, fit: FitSettings, n: int, result: Refinement, label: str) -> FitResult:
-    """Per row, the best on the `held` samples (the fitted ones when too few were held back) of: exact, the
-    layer-wise fit and (a layer closing a residual branch, one full H) the fit to the block output from the
-    better of those two."""
-    exact = fit_rows(rows, h, n, iterations=0)
-    if gram.toward is None:  # the layer's own output error on the held-out samples: s^T H s - 2 s^T C w
-        layer_target = rows @ (held.h[tap] if held.cross is None else held.cross[tap]).T
-        return _best_per_row([exact, fitted], lambda s: objective(s, held.h[tap], layer_target), rows.shape[1])[0]
-    toward = held.toward[0].T
-
-    def block_error(s: np.ndarray) -> np.ndarray:  # ||X^T s - t||^2 - ||t||^2 per output channel, held-out samples
-        return objective(s, held.h[0], toward)
-
-    layer_wise, before = _best_per_row([exact, fitted], block_error, rows.shape[1])
-    block = fit_rows(rows, h, n, b=gram.toward[0].T + ridge * rows, iterations=fit.iterations, init=(layer_wise.codes, layer_wise.scales))
-    chosen, after = _best_per_row([layer_wise, block], block_error, rows.shape[1])
-    if held.target_energy > 0:
-        result.blocks[label] = ((before + held.target_energy) / held.target_energy, (after + held.target_energy) / held.target_energy)
-    return chosen
-
-
-def _best_per_row(candidates: list[FitResult], score, width: int) -> tuple[FitResult, float]:
-    """Each row's candidate with the lowest score(weights [rows, width]) per row, and the total score."""
-    table = np.stack([score((c.codes * c.scales[..., None]).reshape(len(c.codes), -1)[:, :width].astype(np.float64)) for c in candidates])
-    pick, every = np.argmin(table, axis=0), np.arange(table.shape[1])
-    codes = np.stack([c.codes for c in candidates])[pick, every]
-    scales = np.stack([c.scales for c in candidates])[pick, every]
-    return FitResult(codes, scales), float(table[pick, every].sum())
+    if gram.target_energy > 0:
+        result.blocks[label] = (block_error(layer_wise), block_error(block))
+    return block
 
 
 def _fit_todo(nodes, reference, result: Refinement) -> list:
@@ -471,7 +435,7 @@ def describe(result: Refinement) -> list[str]:
         lines.append(f"fit: {len(result.fits)} layer(s) refitted to their calibration inputs; mean relative output error {exact:.4f} (exact) -> {fitted:.4f}")
     if result.blocks:
         layer_wise, block = np.mean([pair for pair in result.blocks.values()], axis=0)
-        lines.append(f"block fit: {len(result.blocks)} layer(s) closing a residual branch refitted to the block output; mean relative block output error on held-back calibration samples {layer_wise:.4f} (exact or layer-wise fit) -> {block:.4f}")
+        lines.append(f"block fit: {len(result.blocks)} layer(s) closing a residual branch refitted to the block output; mean relative block output error {layer_wise:.4f} (layer-wise fit) -> {block:.4f}")
     for label, reason in result.unfitted.items():
         lines.append(f"fit: {label} keeps its exact weights ({reason})")
     if result.shifts:
