@@ -206,3 +206,18 @@ def test_cli_takes_method_block(cli, tmp_path):
     assert "block fit: 1 layer(s)" in result.output
     bad = cli("convert", source, "--calib", tmp_path / "calib.npz", "-o", tmp_path / "bad.onnx", "--method", "blocks")
     assert bad.exit_code != 0 and "Traceback" not in bad.output
+
+
+def test_a_join_that_broadcasts_the_layer_output_is_not_block_fitted(tmp_path):
+    """x [B, 1, 8] W1 + s [B, 4, 8]: the Add widens the layer's output; the layer keeps its layer-wise fit."""
+    rng = np.random.default_rng(3)
+    model = make_model("""g (float[N, 1, 8] x, float[N, 4, 8] s) => (float[N, 4, 8] y) {
+        o = MatMul (x, w1)
+        y = Add (o, s)
+    }""", {"w1": rng.normal(size=(8, 8)).astype(np.float32)})
+    source = tmp_path / "wide.onnx"
+    onnx.save(ir.serde.serialize_model(model), source)
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(32, 1, 8)).astype(np.float32), s=rng.normal(size=(32, 4, 8)).astype(np.float32))
+    _, report = pipeline.convert(source, calib=tmp_path / "calib.npz", n=4, method="block", act_bits=0, format="qdq")
+    assert any(note.startswith("fit: 1 layer(s)") for note in report.notes)
+    assert not any(note.startswith("block fit") for note in report.notes)
