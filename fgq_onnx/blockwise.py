@@ -16,8 +16,9 @@ converted, fitted and corrected). This is the block output error itself (up
 to the activation quantization of z). The fit starts from the layer-wise
 solution and never accepts a step that raises the objective, so on the
 calibration data the block output error is never above layer-wise fitting's;
-bias correction then gives the layer the target's per-channel mean and std
-instead of the fp32 layer's.
+bias correction then gives the layer the target's per-channel mean instead
+of the fp32 layer's mean and std (the target holds error no layer can
+reproduce: its std is no gain to aim for).
 
 `residual_join` finds the block from the graph: the chain of Adds that the
 layer's output runs through (each value used once) up to the last one, when
@@ -94,9 +95,3 @@ def skip_terms(join: ResidualJoin, computed: dict[int, list[np.ndarray]], batch:
         total = total + (np.asarray(constant, np.float32) if constant is not None else computed[id(other)][batch])
     return total
 
-
-def block_target(end_fp: np.ndarray, skip: np.ndarray | float, bias: np.ndarray, channel_axis: int) -> np.ndarray:
-    """The layer's bias-free output that would give the fp32 block output: z_fp - skip - bias."""
-    shape = [1] * np.ndim(end_fp)
-    shape[channel_axis] = -1
-    return (end_fp - skip - np.asarray(bias, np.float32).reshape(shape)).astype(np.float32)
