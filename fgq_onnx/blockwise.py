@@ -15,10 +15,11 @@ output, with X the layer's inputs in the converted model (upstream layers
 converted, fitted and corrected). This is the block output error itself (up
 to the activation quantization of z). The fit starts from the layer-wise
 solution and never accepts a step that raises the objective, so on the
-calibration data the block output error is never above layer-wise fitting's;
-bias correction then gives the layer the target's per-channel mean instead
-of the fp32 layer's mean and std (the target holds error no layer can
-reproduce: its std is no gain to aim for).
+calibration data the block output error is never above layer-wise fitting's.
+Bias correction then matches the layer's per-channel mean and std to the
+fp32 layer's, as with `fit` (measured on held-out inputs, better than
+matching the target's mean: ResNet-50 31.9 against 30.5 dB, PP-OCRv4 rec
+6.9 against 6.6 dB).
 
 `residual_join` finds the block from the graph: the chain of Adds that the
 layer's output runs through (each value used once) up to the last one, when

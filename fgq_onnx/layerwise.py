@@ -217,13 +217,12 @@ def refine(
     fp_runner = SegmentRunner(reference.model, feeds) if fit is not None and reference.model is not None else None
     result = Refinement(levels=len(levels))
     for index, nodes in enumerate(levels):
-        targets: dict[str, ChannelMoments] = {}  # block-fitted layers: their target's moments, not the fp32 layer's
         try:
             if fit is not None:
-                pending = {id(n) for level in levels[index:] for n in level}
-                _fit_level(model, runner, fp_runner, nodes, reference, fit, result, (pending, targets))
+                pending = {id(n) for level in levels[index:] for n in level}  # not final yet: no skip path may read them
+                _fit_level(model, runner, fp_runner, nodes, reference, fit, result, pending)
             if correct:
-                _correct_level(model, runner, nodes, reference, scale, result, targets)
+                _correct_level(model, runner, nodes, reference, scale, result)
         except FgqError as error:
             raise FgqError(f"at layer {', '.join(n.name or n.outputs[0].name for n in nodes)}: {error}") from None
         if on_level:
@@ -242,7 +241,7 @@ def _first_samples(batches: Iterable, limit: int | None):
         seen += len(first) if first is not None and np.ndim(first) else 1
 
 
-def _correct_level(model, runner, nodes, reference, scale, result, targets: dict[str, ChannelMoments]) -> None:
+def _correct_level(model, runner, nodes, reference, scale, result) -> None:
     outputs = runner.run([n.outputs[0] for n in nodes])
     shifts, gains, fixes = {}, {}, []
     for node in nodes:
@@ -250,12 +249,9 @@ def _correct_level(model, runner, nodes, reference, scale, result, targets: dict
         measured = ChannelMoments(_channel_axis(node))
         for array in outputs[id(node.outputs[0])]:
             measured.update(array)
-        fp = targets.get(key, reference.moments[key])
+        fp = reference.moments[key]
         bias = _bias_vector(node, fp.mean.size)
-        # A block-fitted layer's target holds what no layer can reproduce (the skip path's error outside the
-        # span of its inputs): its std is no gain to aim for, its fit set the scales; only the mean is matched.
-        rescale = scale and bias is not None and scalable(node) and key not in targets
-        fix = affine_correction(fp, measured, 0.0 if bias is None else bias, scale=rescale)
+        fix = affine_correction(fp, measured, 0.0 if bias is None else bias, scale=scale and bias is not None and scalable(node))
         shifts[key], gains[key] = fix.shift, fix.gain
         fixes.append((key, node, fix, 0.0 if bias is None else bias))
         result.shifts[node.name or key] = float(np.linalg.norm(fix.shift) / (np.linalg.norm(fp.mean) + np.linalg.norm(fp.std) + 1e-12))
@@ -295,8 +291,8 @@ def _group_size(node: ir.Node) -> int:
     return int(fields["n"])
 
 
-def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, result: Refinement, block_state) -> None:
-    """Refit the level's fit/block nodes; `block_state` = (ids of the nodes not final yet, {output name: target moments} to fill)."""
+def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, result: Refinement, pending: set[int]) -> None:
+    """Refit the level's fit/block nodes; `pending`: ids of the nodes not final yet (this level's and later ones)."""
     todo = _fit_todo(nodes, reference, result)
     if not todo:
         return
@@ -307,13 +303,12 @@ def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, res
         wanted = {id(node): fp_nodes[node.outputs[0].name].inputs[0] for node, *_ in todo}
         fetched = fp_runner.run(list(wanted.values()))
         fp_inputs = {key: fetched[id(value)] for key, value in wanted.items()}
-    block_targets = _block_targets(runner, fp_runner, todo, reference, *block_state) if fit.block and fp_runner is not None else {}
+    block_targets = _block_targets(runner, fp_runner, todo, reference, pending) if fit.block and fp_runner is not None else {}
     replacements = {}
     for node, label, original, array, layout, gram in todo:
         xs, target = inputs[id(node.inputs[0])], block_targets.get(id(node))
         if target is not None and target[0].shape != gram.output_shape(xs[0], layout.rows):
             target = None  # the chain's Adds broadcast the layer's output
-            block_state[1].pop(node.outputs[0].name)
         fps = fp_inputs.get(id(node))
         for batch, x in enumerate(xs):
             gram.update(x, None if fps is None else fps[batch], None if target is None else target[batch])
@@ -378,9 +373,9 @@ def _fit_todo(nodes, reference, result: Refinement) -> list:
     return todo
 
 
-def _block_targets(runner, fp_runner, todo, reference, pending: set[int], targets: dict[str, ChannelMoments]) -> dict[int, list[np.ndarray]]:
+def _block_targets(runner, fp_runner, todo, reference, pending: set[int]) -> dict[int, list[np.ndarray]]:
     """For each node of `todo` that closes a residual branch (fgq_onnx/blockwise.py): its bias-free
-    output target per batch, z_fp - skip - bias; `targets` gets the moments of z_fp - skip."""
+    output target per batch, z_fp - skip - bias."""
     fp_values = {v.name: v for n in reference.model.graph for v in n.outputs}
     joins = {}
     for node, _, _, _, layout, gram in todo:
@@ -396,15 +391,12 @@ def _block_targets(runner, fp_runner, todo, reference, pending: set[int], target
     ends = fp_runner.run([end for _, _, end, _ in joins.values()])
     found = {}
     for key, (node, join, end, bias) in joins.items():
-        axis = _channel_axis(node)
-        moments, per_batch = ChannelMoments(axis), []
+        per_batch = []
         for batch, end_fp in enumerate(ends[id(end)]):
             wanted = end_fp - blockwise.skip_terms(join, computed, batch)
-            moments.update(wanted)
             shape = [1] * wanted.ndim
-            shape[axis] = -1
+            shape[_channel_axis(node)] = -1
             per_batch.append((wanted - bias.reshape(shape)).astype(np.float32))
-        targets[node.outputs[0].name] = moments
         found[key] = per_batch
     return found
 
