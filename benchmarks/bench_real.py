@@ -19,6 +19,7 @@ Variants of each model (a failure to build or run one is a row with its error):
   activations, bias correction) at N=4 and N=64, on the same calibration samples.
 - fgq-sqnr20, fgq-sqnr30 (--budgets): `--n auto --min-sqnr` 20 and 30 dB on the
   output this benchmark measures (fidelity_output).
+- fgq-n4-fit, fgq-n4-block (--methods): N=4 with --method fit and --method block.
 
 Speed: every variant in onnxruntime with the same session options (ORT_ENABLE_ALL,
 sequential, --threads), warmed up, then timed in --rounds rounds in which the
@@ -54,11 +55,13 @@ FGQ_NS = {"fgq-n4": 4, "fgq-n64": 64}
 # `--n auto --min-sqnr DB`: the smallest per-layer plan (ternary N, 8-bit or fp32) holding DB on held-out samples
 FGQ_BUDGETS = {"fgq-sqnr20": 20.0, "fgq-sqnr30": 30.0}
 NBITS = {"nbits4": 4, "nbits2": 2}
+FGQ_METHODS = {"fgq-n4-fit": "fit", "fgq-n4-block": "block"}  # N=4 with a data-aware --method
 
 
-def variant_names(model: rm.RealModel, budgets: bool) -> list[str]:
+def variant_names(model: rm.RealModel, budgets: bool, methods: bool = False) -> list[str]:
     first = ["fp32"] if model.quantized_source else ["fp32", "int8"]
-    return first + (list(NBITS) if model.matmul_model else []) + list(FGQ_NS) + (list(FGQ_BUDGETS) if budgets else [])
+    return (first + (list(NBITS) if model.matmul_model else []) + list(FGQ_NS) + (list(FGQ_METHODS) if methods else [])
+            + (list(FGQ_BUDGETS) if budgets else []))
 
 
 # -- building variants -----------------------------------------------------------------------
@@ -96,6 +99,8 @@ class Variants:
                 self._nbits(out, NBITS[name])
             elif name in FGQ_BUDGETS:
                 self._fgq(out, "auto", notes, min_sqnr=FGQ_BUDGETS[name])
+            elif name in FGQ_METHODS:
+                self._fgq(out, 4, notes, method=FGQ_METHODS[name])
             else:
                 self._fgq(out, FGQ_NS[name], notes)
             meta = {"path": str(out), "seconds": time.perf_counter() - start, "notes": notes}
@@ -144,13 +149,13 @@ class Variants:
         quantizer.process()
         quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
 
-    def _fgq(self, out: Path, n: int | str, notes: list[str], min_sqnr: float | None = None) -> None:
+    def _fgq(self, out: Path, n: int | str, notes: list[str], min_sqnr: float | None = None, method: str = "exact") -> None:
         import fgq_onnx
 
         calib = out.with_name("calib.npz")
         np.savez(calib, **self.calib)
         budget = {} if min_sqnr is None else {"min_sqnr": min_sqnr, "fidelity_output": self.model.output}  # the output measured here
-        converted, report = fgq_onnx.convert(str(self.source), n=n, calib=str(calib), **budget)
+        converted, report = fgq_onnx.convert(str(self.source), n=n, calib=str(calib), method=method, **budget)
         fgq_onnx.save(converted, out)
         calib.unlink()
         summary = report.summary()
@@ -269,7 +274,7 @@ def bench_model(model: rm.RealModel, args, results: dict) -> None:
         raise SystemExit(f"{model.name}: {'; '.join(problems)}")
     variants = Variants(model, args.cache, inputs, args.nbits_block)
     built = {}
-    for name in variant_names(model, args.budgets):
+    for name in variant_names(model, args.budgets, args.methods):
         built[name] = variants.build(name)
         state = built[name].get("error") or f"ok (built in {built[name]['seconds']:.0f} s)"
         print(f"  {name:<8} {state}", flush=True)
@@ -355,6 +360,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--budgets", action="store_true",
                         help="also `--n auto --min-sqnr` 20 and 30 dB (a search per model: minutes each)")
+    parser.add_argument("--methods", action="store_true",
+                        help="also N=4 with --method fit and --method block (data-aware fitting: minutes per model)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds in which the variants take turns")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per variant at least (over all rounds)")
     parser.add_argument("--min-seconds", type=float, default=1.5, help="timed seconds per variant at least")

@@ -53,7 +53,7 @@ class Fidelity:
             return None
         agreement = f", top-1 agreement {100 * main.top1_agreement:.1f}%" if main.top1_agreement is not None else ""
         tries = [
-            "--method fit" if settings.get("method") != "fit" else "",
+            "--method fit" if settings.get("method") not in ("fit", "block") else "",
             "--bias-correction" if settings.get("bias_correction") is False else "",
             "--act-bits 8" if settings.get("act_bits") == 4 else "",
             "--n 4" if isinstance(settings.get("n"), int) and settings["n"] > 4 else "",

@@ -213,6 +213,10 @@ class PatchGram:
     Given the fp32 model's input for the same samples too (`update(x, x_fp)`),
     it also keeps the cross blocks C = X X_fp^T and F = X_fp X_fp^T, for the
     target w^T X_fp (the fp32 layer on fp32 inputs) instead of w^T X.
+    Given a target for the layer's output instead (`update(x, target=t)`, t
+    shaped like the layer's bias-free output), it keeps T = X t^T
+    ([blocks, width, outputs]) and the target's energy, for the objective
+    ||X^T s - t||^2 (fgq_onnx/blockwise.py), at the same sampled columns.
     """
 
     def __init__(self, kernel=None, strides=None, dilations=None, pads=None, per_tap: bool = True, max_columns: int = 4096, joint: bool = False):
@@ -224,6 +228,8 @@ class PatchGram:
         self.h: np.ndarray | None = None
         self.cross: np.ndarray | None = None
         self.fp: np.ndarray | None = None
+        self.toward: np.ndarray | None = None
+        self.target_energy = 0.0
         self.columns = 0
 
     def _columns(self, x: np.ndarray) -> np.ndarray:
@@ -239,24 +245,49 @@ class PatchGram:
             patches = patches.transpose(1, 0, 2).reshape(1, -1, patches.shape[2])
         return np.ascontiguousarray(patches)
 
-    def update(self, x: np.ndarray, x_fp: np.ndarray | None = None) -> None:
+    def update(self, x: np.ndarray, x_fp: np.ndarray | None = None, target: np.ndarray | None = None) -> None:
         cols = self._columns(x)
         self.h = _accumulate(self.h, cols, cols)
         if x_fp is not None:
             cols_fp = self._columns(x_fp)
             self.cross = _accumulate(self.cross, cols, cols_fp)
             self.fp = _accumulate(self.fp, cols_fp, cols_fp)
+        if target is not None:
+            outputs = self._output_columns(x, target)
+            self.toward = _accumulate(self.toward, cols, np.broadcast_to(outputs, (len(cols), *outputs.shape)))
+            self.target_energy += float(np.sum(np.square(outputs, dtype=np.float64)))
         self.columns += cols.shape[2]
 
-    def _patches(self, x: np.ndarray) -> np.ndarray:
-        spatial = x.shape[2:]
-        rank = len(spatial)
+    def output_shape(self, x: np.ndarray, outputs: int) -> tuple[int, ...]:
+        """The shape of the layer's output on input `x`, for `outputs` output channels."""
+        if self.kernel is None:
+            return (*x.shape[:-1], outputs)
+        return (x.shape[0], outputs, *self._picks(x)[1])
+
+    def _output_columns(self, x: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """The target's values [outputs, columns] at the columns _columns(x) samples."""
+        target = np.asarray(target, np.float32)
+        if target.shape != self.output_shape(x, target.shape[-1 if self.kernel is None else 1]):
+            raise ValueError(f"a target of shape {target.shape} does not match the layer's output on inputs of shape {x.shape}")
+        if self.kernel is None:
+            rows = target.reshape(-1, target.shape[-1])
+            return np.ascontiguousarray(rows[:: max(1, len(rows) // self.max_columns)].T)
+        where, _ = self._picks(x)
+        return np.ascontiguousarray(target[(where[0], slice(None), *where[1:])].T)
+
+    def _picks(self, x: np.ndarray) -> tuple[tuple[np.ndarray, ...], list[int]]:
+        """Evenly spaced (sample, output position) columns, at most max_columns, and the output's spatial size."""
+        spatial, rank = x.shape[2:], x.ndim - 2
         pads = list(zip(self.pads[:rank], self.pads[rank:]))
-        padded = np.pad(x, [(0, 0), (0, 0), *pads])
         out = [(size + b + e - d * (k - 1) - 1) // s + 1 for size, (b, e), k, s, d in zip(spatial, pads, self.kernel, self.strides, self.dilations)]
         total = x.shape[0] * int(np.prod(out))
-        picks = np.arange(0, total, max(1, -(-total // self.max_columns)))  # evenly spaced (sample, position) columns
-        where = np.unravel_index(picks, (x.shape[0], *out))
+        picks = np.arange(0, total, max(1, -(-total // self.max_columns)))
+        return np.unravel_index(picks, (x.shape[0], *out)), out
+
+    def _patches(self, x: np.ndarray) -> np.ndarray:
+        rank = x.ndim - 2
+        padded = np.pad(x, [(0, 0), (0, 0), *zip(self.pads[:rank], self.pads[rank:])])
+        where, _ = self._picks(x)
         taps = []
         for offset in np.ndindex(*self.kernel):
             index = tuple(p * s + o * d for p, s, o, d in zip(where[1:], self.strides, offset, self.dilations))

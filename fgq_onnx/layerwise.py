@@ -27,17 +27,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from fgq_onnx import model_io
+from fgq_onnx import blockwise, model_io
 from fgq_onnx.calibration import AbsHistogram, session_with_outputs
 from fgq_onnx.correction import ChannelMoments, affine_correction
 from fgq_onnx.errors import FgqError
-from fgq_onnx.fitting import PatchGram, damp, fit_rows
+from fgq_onnx.fitting import FitResult, PatchGram, damp, fit_rows, objective
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, constant_array, int_attr
 from fgq_onnx.passes.correct_bias import CorrectBiasPass, scalable
 from fgq_onnx.passes.replace_ternary_weights import ReplaceTernaryWeightsPass
 from fgq_onnx.passes.ternarize_weights import EXACT_MARK, LINEAR_OPS, TERNARY_MARK, weight_layout
 from fgq_onnx.segments import SegmentRunner
-from fgq_onnx.ternary import GroupLayout, TernaryWeight
+from fgq_onnx.ternary import GroupLayout, Method, TernaryWeight
 
 
 def _channel_axis(node: ir.Node) -> int:
@@ -169,6 +169,7 @@ class FitSettings:
     scale_format: str
     iterations: int = 4
     damping: float = 0.01
+    block: bool = False  # layers that close a residual branch are fitted to the block output (fgq_onnx/blockwise.py)
 
 
 @dataclass
@@ -178,6 +179,7 @@ class Refinement:
     levels: int = 0
     shifts: dict[str, float] = field(default_factory=dict)  # node label -> |shift| / (|fp32 mean| + |fp32 std|)
     fits: dict[str, tuple[float, float]] = field(default_factory=dict)  # node label -> relative output error (exact, fitted)
+    blocks: dict[str, tuple[float, float]] = field(default_factory=dict)  # node label -> relative block output error (layer-wise fit, block fit)
     unfitted: dict[str, str] = field(default_factory=dict)  # node label -> why it kept its exact weights
     skipped: str = ""  # why nothing was done, if so
 
@@ -217,7 +219,8 @@ def refine(
     for index, nodes in enumerate(levels):
         try:
             if fit is not None:
-                _fit_level(model, runner, fp_runner, nodes, reference, fit, result)
+                pending = {id(n) for level in levels[index:] for n in level}  # not final yet: no skip path may read them
+                _fit_level(model, runner, fp_runner, nodes, reference, fit, result, pending)
             if correct:
                 _correct_level(model, runner, nodes, reference, scale, result)
         except FgqError as error:
@@ -288,23 +291,9 @@ def _group_size(node: ir.Node) -> int:
     return int(fields["n"])
 
 
-def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, result: Refinement) -> None:
-    todo = []
-    for node in nodes:
-        label = node.name or node.outputs[0].name
-        original = reference.weights.get(node.outputs[0].name)
-        if "method=fit" not in node.metadata_props.get(TERNARY_MARK, ""):
-            continue
-        if original is None or not scalable(node):
-            result.unfitted[label] = "weight shared with another node"
-            continue
-        array = constant_array(original).astype(np.float32)
-        layout, _ = weight_layout(node, array.shape, _group_size(node))
-        gram = _gram_for(node, layout)
-        if isinstance(gram, str):
-            result.unfitted[label] = gram
-            continue
-        todo.append((node, label, original, array, layout, gram))
+def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, result: Refinement, pending: set[int]) -> None:
+    """Refit the level's fit/block nodes; `pending`: ids of the nodes not final yet (this level's and later ones)."""
+    todo = _fit_todo(nodes, reference, result)
     if not todo:
         return
     inputs = runner.run([node.inputs[0] for node, *_ in todo])
@@ -314,10 +303,15 @@ def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, res
         wanted = {id(node): fp_nodes[node.outputs[0].name].inputs[0] for node, *_ in todo}
         fetched = fp_runner.run(list(wanted.values()))
         fp_inputs = {key: fetched[id(value)] for key, value in wanted.items()}
+    block_targets = _block_targets(runner, fp_runner, todo, reference, pending) if fit.block and fp_runner is not None else {}
     replacements = {}
     for node, label, original, array, layout, gram in todo:
-        for batch, x in enumerate(inputs[id(node.inputs[0])]):
-            gram.update(x, fp_inputs[id(node)][batch] if fp_inputs else None)
+        xs, target = inputs[id(node.inputs[0])], block_targets.get(id(node))
+        if target is not None and target[0].shape != gram.output_shape(xs[0], layout.rows):
+            target = None  # the chain's Adds broadcast the layer's output
+        fps = fp_inputs.get(id(node))
+        for batch, x in enumerate(xs):
+            gram.update(x, None if fps is None else fps[batch], None if target is None else target[batch])
         segments = layout.group(array).reshape(-1, layout.groups_per_segment * layout.n)[:, : layout.length].astype(np.float64)
         span = gram.h.shape[-1] // layout.length  # segments fitted as one row: every tap of a filter when joint
         segments = segments.reshape(-1, span * layout.length)
@@ -329,17 +323,82 @@ def _fit_level(model, runner, fp_runner, nodes, reference, fit: FitSettings, res
             rows = segments[tap::blocks]
             h = damp(gram.h[tap], fit.damping)
             ridge = h[0, 0] - gram.h[tap][0, 0]  # damping adds ridge * ||s - w||^2: b gets ridge * w
-            target = None if gram.cross is None else rows @ gram.cross[tap].T + ridge * rows
-            fitted = fit_rows(rows, h, layout.n, b=target, iterations=fit.iterations)
-            codes[tap::blocks], scales[tap::blocks] = fitted.codes, fitted.scales
+            b = None if gram.cross is None else rows @ gram.cross[tap].T + ridge * rows
+            fitted = fit_rows(rows, h, layout.n, b=b, iterations=fit.iterations)
             before, after = before + fitted.history[0], after + fitted.history[-1]
             reach = h if gram.fp is None else gram.fp[tap] + ridge * np.eye(len(h))
             energy += float(np.einsum("rl,lm,rm->", rows, reach, rows))
+            if gram.toward is not None:  # one full H (checked in _block_targets): the block output's objective
+                fitted = _fit_block(rows, h, ridge, gram, fitted, fit, layout.n, result, label)
+            codes[tap::blocks], scales[tap::blocks] = fitted.codes, fitted.scales
         if energy > 0:  # output error ||w^T X_fp - s^T X||^2 = objective + w^T F w, relative to ||w^T X_fp||^2
             result.fits[label] = ((before + energy) / energy, (after + energy) / energy)
         shape = (-1, layout.groups_per_segment)
         replacements[node.outputs[0].name] = (original, TernaryWeight(layout, codes.reshape(*shape, layout.n), scales.reshape(shape)))
     ReplaceTernaryWeightsPass(replacements, fit.storage, fit.scale_format)(model)
+
+
+def _fit_block(rows, h, ridge, gram: PatchGram, layer_wise: FitResult, fit: FitSettings, n: int, result: Refinement, label: str) -> FitResult:
+    """Refit to the block output from the layer-wise solution: the objective never rises from it."""
+    toward = gram.toward[0].T  # [rows, width]: X t^T per output channel
+    block = fit_rows(rows, h, n, b=toward + ridge * rows, iterations=fit.iterations, init=(layer_wise.codes, layer_wise.scales))
+
+    def block_error(solution: FitResult) -> float:  # ||X^T s - t||^2 / ||t||^2 on the sampled columns
+        s = (solution.codes * solution.scales[..., None]).reshape(len(rows), -1)[:, : rows.shape[1]].astype(np.float64)
+        return float(objective(s, gram.h[0], toward).sum() + gram.target_energy) / gram.target_energy
+
+    if gram.target_energy > 0:
+        result.blocks[label] = (block_error(layer_wise), block_error(block))
+    return block
+
+
+def _fit_todo(nodes, reference, result: Refinement) -> list:
+    """(node, label, fp32 weight value, its array, layout, PatchGram) for each node of the level to fit."""
+    todo = []
+    for node in nodes:
+        label = node.name or node.outputs[0].name
+        original = reference.weights.get(node.outputs[0].name)
+        if not any(f"method={m.value}" in node.metadata_props.get(TERNARY_MARK, "") for m in Method if m.fits):
+            continue
+        if original is None or not scalable(node):
+            result.unfitted[label] = "weight shared with another node"
+            continue
+        array = constant_array(original).astype(np.float32)
+        layout, _ = weight_layout(node, array.shape, _group_size(node))
+        gram = _gram_for(node, layout)
+        if isinstance(gram, str):
+            result.unfitted[label] = gram
+            continue
+        todo.append((node, label, original, array, layout, gram))
+    return todo
+
+
+def _block_targets(runner, fp_runner, todo, reference, pending: set[int]) -> dict[int, list[np.ndarray]]:
+    """For each node of `todo` that closes a residual branch (fgq_onnx/blockwise.py): its bias-free
+    output target per batch, z_fp - skip - bias."""
+    fp_values = {v.name: v for n in reference.model.graph for v in n.outputs}
+    joins = {}
+    for node, _, _, _, layout, gram in todo:
+        join = blockwise.residual_join(node)
+        full = gram.kernel is None or gram.joint or not gram.per_tap or int(np.prod(gram.kernel)) == 1
+        bias = _bias_vector(node, layout.rows)
+        if join is None or not full or bias is None or join.end.name not in fp_values or blockwise.depends_on(join.others, pending):
+            continue
+        joins[id(node)] = (node, join, fp_values[join.end.name], bias)
+    if not joins:
+        return {}
+    computed = runner.run([v for _, join, _, _ in joins.values() for v in join.others if v.const_value is None])
+    ends = fp_runner.run([end for _, _, end, _ in joins.values()])
+    found = {}
+    for key, (node, join, end, bias) in joins.items():
+        per_batch = []
+        for batch, end_fp in enumerate(ends[id(end)]):
+            wanted = end_fp - blockwise.skip_terms(join, computed, batch)
+            shape = [1] * wanted.ndim
+            shape[_channel_axis(node)] = -1
+            per_batch.append((wanted - bias.reshape(shape)).astype(np.float32))
+        found[key] = per_batch
+    return found
 
 
 def _corrected_output(fix, bias, shifted: bool, axis: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -366,6 +425,9 @@ def describe(result: Refinement) -> list[str]:
     if result.fits:
         exact, fitted = np.mean([pair for pair in result.fits.values()], axis=0)
         lines.append(f"fit: {len(result.fits)} layer(s) refitted to their calibration inputs; mean relative output error {exact:.4f} (exact) -> {fitted:.4f}")
+    if result.blocks:
+        layer_wise, block = np.mean([pair for pair in result.blocks.values()], axis=0)
+        lines.append(f"block fit: {len(result.blocks)} layer(s) closing a residual branch refitted to the block output; mean relative block output error {layer_wise:.4f} (layer-wise fit) -> {block:.4f}")
     for label, reason in result.unfitted.items():
         lines.append(f"fit: {label} keeps its exact weights ({reason})")
     if result.shifts:

@@ -273,8 +273,8 @@ def collect_calibration(
     }
     if not targets:
         raise FgqError(nothing_to_convert(Report()))
-    if config.bias_correction or config.method is Method.FIT:  # one fp32 pass gives the ranges and what refining needs
-        reference = layerwise.capture(ir_model, dataset, keep_model=config.method is Method.FIT)
+    if config.bias_correction or config.method.fits:  # one fp32 pass gives the ranges and what refining needs
+        reference = layerwise.capture(ir_model, dataset, keep_model=config.method.fits)
         return CalibrationCache(reference.histograms, reference.samples, dataset.skipped, dataset.dropped, reference)
     observer = ActivationObserver(targets, bins=0 if config.calib_method is CalibMethod.MINMAX else 2048)
     observer.collect(ir_model, dataset, on_batch=(lambda k: on_progress(k, dataset.size)) if on_progress else None)
@@ -371,8 +371,8 @@ def _convert(
     ir_model, report = load_model(model, REQUIRED_OPSET[config.weight_storage])
     report.settings.update(config.settings())
     dataset = held_out = None
-    if config.method is Method.FIT and calib is None:
-        raise FgqError("--method fit fits weights to calibration data: give --calib")
+    if config.method.fits and calib is None:
+        raise FgqError(f"--method {config.method.value} fits weights to calibration data: give --calib")
     if calib is not None:  # open the data now: a bad path should fail before the slow work
         dataset, held_out = open_data(calib, ir_model, config)
     report.weight_bytes_before = model_io.weight_bytes(ir_model)
@@ -381,11 +381,11 @@ def _convert(
     ir_model = prepare(ir_model, dequantize=not config.keep_quantized_weights)
     ir_model = infer_shapes(ir_model, report)
     reference = None
-    if (config.bias_correction or config.method is Method.FIT) and dataset is not None:
+    if (config.bias_correction or config.method.fits) and dataset is not None:
         cached = calibration_cache.reference if calibration_cache is not None else None
-        usable = cached is not None and (cached.model is not None or config.method is not Method.FIT)
+        usable = cached is not None and (cached.model is not None or not config.method.fits)
         progress.begin("the fp32 calibration pass")
-        reference = cached if usable else layerwise.capture(ir_model, dataset, keep_model=config.method is Method.FIT)
+        reference = cached if usable else layerwise.capture(ir_model, dataset, keep_model=config.method.fits)
     progress.begin("ternarization")
     ir_model = ternarize(ir_model).model
     report.layers = ternarize.records
@@ -402,7 +402,7 @@ def _convert(
             report.notes.append("activation ranges come from the fp32 model, whose statistics fitting and bias correction restore")
         ir_model = InsertActivationQdqPass(quants)(ir_model).model
     if reference is not None:
-        fit = layerwise.FitSettings(config.weight_storage, config.scale_format) if config.method is Method.FIT else None
+        fit = layerwise.FitSettings(config.weight_storage, config.scale_format, block=config.method is Method.BLOCK) if config.method.fits else None
         progress.begin("fitting and bias correction" if fit and config.bias_correction else "fitting" if fit else "bias correction")
         report.notes += layerwise.describe(layerwise.refine(ir_model, reference, dataset, correct=config.bias_correction, fit=fit, samples=config.refine_samples))
     elif config.bias_correction:

@@ -155,7 +155,7 @@ def sweep(
     if needs_calib and not recalibrate:
         started = time.perf_counter()
         # Fitting keeps a copy of the fp32 model in the statistics: collect as for it when it is swept.
-        fit = next((m for _, m, _ in settings if m.value == "fit"), None)
+        fit = next((m for _, m, _ in settings if m.fits), None)
         cache = pipeline.collect_calibration(model, calib, replace(base, method=fit) if fit else base)
         result.calibration_seconds = time.perf_counter() - started
         result.calibrations = 1

@@ -22,6 +22,12 @@ class Method(str, enum.Enum):
     TWN = "twn"  # threshold 0.7 * mean|w| (Li & Liu 2016), the classic baseline
     ASYMMETRIC = "asymmetric"  # exact optimum per sign, a scale for + and one for -
     FIT = "fit"  # exact, then codes and scales refitted to calibration outputs (fgq_onnx/fitting.py)
+    BLOCK = "block"  # fit, and layers closing a residual branch refitted to the block output (fgq_onnx/blockwise.py)
+
+    @property
+    def fits(self) -> bool:
+        """Whether codes and scales are fitted to calibration data (after the exact solution)."""
+        return self in (Method.FIT, Method.BLOCK)
 
 
 @dataclass(frozen=True)
@@ -185,7 +191,7 @@ def _chunks(count: int, weights_per_item: int) -> list[slice]:
 def ternarize(weight: np.ndarray, layout: GroupLayout, method: Method) -> TernaryWeight:
     """Ternarize a weight tensor group by group with the chosen solver, a bounded chunk of segments at a time."""
     groups = layout.group(np.asarray(weight, dtype=np.float32))
-    if method in (Method.EXACT, Method.FIT):  # FIT starts from exact; the data-aware part needs calibration data
+    if method is Method.EXACT or method.fits:  # fitting starts from exact; the data-aware part needs calibration data
         solve = solve_exact
     elif method is Method.TWN:
         solve = functools.partial(solve_twn, valid=layout.valid_counts())

@@ -10,7 +10,7 @@ LAYERS = [  # docs/architecture.md, "Module layers"; one set per layer, lowest f
     {"errors", "report", "fidelity", "model_io", "data", "graph_utils", "channel_fold", "custom_op_functions", "runtime",
      "ternary", "already_ternary", "scales", "packing", "fitting", "correction"},
     {"passes"},
-    {"calibration", "segments", "layerwise", "evaluate"},
+    {"calibration", "segments", "blockwise", "layerwise", "evaluate"},
     {"stages"}, {"mixed"}, {"pipeline"},  # conversion: strictly stages -> mixed -> pipeline
     {"compare", "sweep", "view", "reference"},
     {"cli", "console", "__init__"},
