@@ -470,3 +470,27 @@ def test_rounding_half_even_like_quantizelinear(kernels):
     want = (levels * scale).astype(np.float32)
     for kernel in kernels:
         np.testing.assert_array_equal(run_op(model, {"X": x}, kernel), want, err_msg=kernel)
+
+
+@pytest.mark.parametrize("n", [3, 4, 8, 16])  # N % 4 == 0: rows are quantized in place, without the position map
+@pytest.mark.parametrize("rows", [1, 5])  # the code path and (>= 4 rows) the folded one
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("op", ["TernaryMatMul", "TernaryGemm"])
+def test_8bit_levels_match_float(kernels, n, rows, dtype, op):
+    """X as 8-bit levels (some beyond the 4-bit act_qmin/act_qmax: clamped) gives the bits of the float X they
+    quantize from, for K not a multiple of N."""
+    rng = np.random.default_rng(n * 10 + rows)
+    k, m, scale = 37, 19, np.float32(0.25)
+    qmin, qmax, zp = (0, 15, 3) if dtype == np.uint8 else (-8, 7, -1)
+    t = random_ternary(rng, (m, k))
+    codes, groups = pack_weight(t, n)
+    sc, rs, _ = make_scales(rng, m, groups.shape[1], "u8")
+    inputs = dict(x_scale=scale, x_zero_point=np.array(zp, dtype), codes=codes, scales=sc, row_scale=rs)
+    attrs = dict(N=n, K=k, act_qmin=qmin, act_qmax=qmax)
+    info = np.iinfo(dtype)
+    levels = rng.integers(info.min, info.max + 1, size=(rows, k)).astype(dtype)
+    x = ((levels.astype(np.float32) - zp) * scale).astype(np.float32)
+    model = build_model(op, inputs, attrs, [rows, k])
+    model_q = build_model(op, inputs, attrs, [rows, k], x_type=TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8)
+    for kernel in kernels:
+        np.testing.assert_array_equal(run_op(model_q, {"X": levels}, kernel), run_op(model, {"X": x}, kernel), err_msg=kernel)
