@@ -470,3 +470,53 @@ def test_rounding_half_even_like_quantizelinear(kernels):
     want = (levels * scale).astype(np.float32)
     for kernel in kernels:
         np.testing.assert_array_equal(run_op(model, {"X": x}, kernel), want, err_msg=kernel)
+
+
+@pytest.mark.parametrize("n", [3, 4, 8, 16])  # N % 4 == 0: rows are quantized in place, without the position map
+@pytest.mark.parametrize("rows", [1, 5])  # the code path and (>= 4 rows) the folded one
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("op", ["TernaryMatMul", "TernaryGemm"])
+def test_8bit_levels_match_float(kernels, n, rows, dtype, op):
+    """X as 8-bit levels (some beyond the 4-bit act_qmin/act_qmax: clamped) gives the bits of the float X they
+    quantize from, for K not a multiple of N."""
+    rng = np.random.default_rng(n * 10 + rows)
+    k, m, scale = 37, 19, np.float32(0.25)
+    qmin, qmax, zp = (0, 15, 3) if dtype == np.uint8 else (-8, 7, -1)
+    t = random_ternary(rng, (m, k))
+    codes, groups = pack_weight(t, n)
+    sc, rs, _ = make_scales(rng, m, groups.shape[1], "u8")
+    inputs = dict(x_scale=scale, x_zero_point=np.array(zp, dtype), codes=codes, scales=sc, row_scale=rs)
+    attrs = dict(N=n, K=k, act_qmin=qmin, act_qmax=qmax)
+    info = np.iinfo(dtype)
+    levels = rng.integers(info.min, info.max + 1, size=(rows, k)).astype(dtype)
+    x = ((levels.astype(np.float32) - zp) * scale).astype(np.float32)
+    model = build_model(op, inputs, attrs, [rows, k])
+    model_q = build_model(op, inputs, attrs, [rows, k], x_type=TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8)
+    for kernel in kernels:
+        np.testing.assert_array_equal(run_op(model_q, {"X": levels}, kernel), run_op(model, {"X": x}, kernel), err_msg=kernel)
+
+
+@pytest.mark.parametrize("cg", [3, 16, 17, 40])  # planar images (few channels), 16-channel tiles and their tails
+@pytest.mark.parametrize("hw", [(5, 6), (7, 9), (3, 20)])  # pixels a row block straddling the 16-pixel tiles
+@pytest.mark.parametrize("rs, pads", [((1, 1), (0, 0, 0, 0)), ((3, 3), (1, 1, 1, 1)), ((3, 1), (0, 2, 1, 0))])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_conv_8bit_levels_match_float(kernels, cg, hw, rs, pads, dtype):
+    """TernaryConv with X as 8-bit levels (some beyond the act_qmin/act_qmax range: clamped) gives the bits of the
+    float X they quantize from."""
+    rng = np.random.default_rng(cg * 100 + hw[0] * 10 + rs[0])
+    (r, s), (h, w), n = rs, hw, 4
+    m, c, _, _, _, codes, groups = random_conv_weight(rng, 7, cg, 1, r, s, n)
+    scale = np.float32(0.25)
+    qmin, qmax, zp = (2, 200, 90) if dtype == np.uint8 else (-100, 120, -3)
+    sc, rsc, _ = make_scales(rng, m, groups.shape[1], "u8")
+    inputs = dict(x_scale=scale, x_zero_point=np.array(zp, dtype), codes=codes, scales=sc, row_scale=rsc)
+    attrs = dict(N=n, weight_shape=[m, cg, r, s], pads=list(pads), act_qmin=qmin, act_qmax=qmax)
+    info = np.iinfo(dtype)
+    levels = rng.integers(info.min, info.max + 1, size=(2, c, h, w)).astype(dtype)
+    x = ((levels.astype(np.float32) - zp) * scale).astype(np.float32)
+    model = build_model("TernaryConv", inputs, attrs, list(x.shape))
+    model_q = build_model("TernaryConv", inputs, attrs, list(x.shape),
+                          x_type=TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8)
+    for kernel in kernels:
+        np.testing.assert_array_equal(run_op(model_q, {"X": levels}, kernel, threads=2), run_op(model, {"X": x}, kernel),
+                                      err_msg=kernel)

@@ -399,6 +399,7 @@ void TernaryKernelBase::quantize_rows_and_run(OrtKernelContext* ctx, const Tenso
   if (B == 0 || M == 0) return;
   const bool natural = folded_rows(p, B);
   const std::vector<int64_t> map = kernel_position_map(layout_, p.pos.np, p.pos.padded_groups);
+  const bool identity = is_identity_map(map, K);
   AlignedBuffer<int8_t> xs(checked_mul(B, Kp, "activation buffer"));
   AlignedBuffer<int32_t> gsum(natural ? 0 : checked_mul(B, Gp, "activation buffer"));
   constexpr int64_t kRowsPerTask = 8;
@@ -407,9 +408,9 @@ void TernaryKernelBase::quantize_rows_and_run(OrtKernelContext* ctx, const Tenso
     std::vector<int8_t> row(static_cast<size_t>(Kp));
     for (int64_t r = r0; r < r1; ++r) {
       if (natural) {
-        quantize_row(*dispatch_, x, r * row_step, elem_step, K, map, unsigned_levels(q), xs.get() + r * Kp);
+        quantize_row(*dispatch_, x, r * row_step, elem_step, K, map, identity, unsigned_levels(q), xs.get() + r * Kp);
       } else {
-        quantize_row(*dispatch_, x, r * row_step, elem_step, K, map, q, row.data());
+        quantize_row(*dispatch_, x, r * row_step, elem_step, K, map, identity, q, row.data());
         dispatch_->kernel_order(row.data(), p.pos.np, Gp, xs.get() + r * Kp, gsum.get() + r * Gp);
       }
     }
@@ -478,35 +479,51 @@ void TernaryKernelBase::run(OrtKernelContext* ctx, const Planes& p, GemmArgs arg
   parallel_for(ctx, static_cast<size_t>(tiles_m * tiles_b), task);
 }
 
-void quantize_row(const KernelDispatch& d, const Tensor& x, int64_t base, int64_t stride, int64_t length,
-                  const std::vector<int64_t>& map, const ActQuant& q, int8_t* natural) {
+bool is_identity_map(const std::vector<int64_t>& map, int64_t length) {
+  for (int64_t p = 0; p < static_cast<int64_t>(map.size()); ++p)
+    if (map[static_cast<size_t>(p)] != (p < length ? p : -1)) return false;
+  return true;
+}
+
+template <class Level>
+static void requantize_row(const Level* src, int64_t stride, int64_t length, const std::vector<int64_t>& map,
+                           bool identity, const ActQuant& q, int8_t* natural) {
   const int64_t positions = static_cast<int64_t>(map.size());
-  const int8_t padding = 0;  // meets zero weights only
-  if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && stride == 1) {  // quantize contiguously, then gather
+  if (identity && stride == 1) {  // no gather: vectorizes
+    for (int64_t p = 0; p < length; ++p) natural[p] = requantize_one(src[p], q);
+    std::memset(natural + length, 0, static_cast<size_t>(positions - length));
+    return;
+  }
+  for (int64_t p = 0; p < positions; ++p) {
+    const int64_t k = map[static_cast<size_t>(p)];
+    natural[p] = k < 0 ? 0 : requantize_one(src[k * stride], q);
+  }
+}
+
+void quantize_row(const KernelDispatch& d, const Tensor& x, int64_t base, int64_t stride, int64_t length,
+                  const std::vector<int64_t>& map, bool identity, const ActQuant& q, int8_t* natural) {
+  // Group padding (map[p] < 0) gets 0: it meets zero weights only.
+  const int64_t positions = static_cast<int64_t>(map.size());
+  if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && stride == 1 && identity) {  // straight into the row
+    d.quantize(x.as<float>() + base, length, q, natural);
+    std::memset(natural + length, 0, static_cast<size_t>(positions - length));
+  } else if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && stride == 1) {  // quantize contiguously, then gather
     std::vector<int8_t> levels(static_cast<size_t>(length));
     d.quantize(x.as<float>() + base, length, q, levels.data());
     for (int64_t p = 0; p < positions; ++p) {
       const int64_t k = map[static_cast<size_t>(p)];
-      natural[p] = k < 0 ? padding : levels[static_cast<size_t>(k)];
+      natural[p] = k < 0 ? 0 : levels[static_cast<size_t>(k)];
     }
   } else if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
     const float* src = x.as<float>() + base;
     for (int64_t p = 0; p < positions; ++p) {
       const int64_t k = map[static_cast<size_t>(p)];
-      natural[p] = k < 0 ? padding : quantize_one(src[k * stride], q);
+      natural[p] = k < 0 ? 0 : quantize_one(src[k * stride], q);
     }
   } else if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
-    const uint8_t* src = x.as<uint8_t>() + base;
-    for (int64_t p = 0; p < positions; ++p) {
-      const int64_t k = map[static_cast<size_t>(p)];
-      natural[p] = k < 0 ? padding : requantize_one(src[k * stride], q);
-    }
+    requantize_row(x.as<uint8_t>() + base, stride, length, map, identity, q, natural);
   } else {
-    const int8_t* src = x.as<int8_t>() + base;
-    for (int64_t p = 0; p < positions; ++p) {
-      const int64_t k = map[static_cast<size_t>(p)];
-      natural[p] = k < 0 ? padding : requantize_one(src[k * stride], q);
-    }
+    requantize_row(x.as<int8_t>() + base, stride, length, map, identity, q, natural);
   }
 }
 

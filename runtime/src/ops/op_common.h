@@ -166,10 +166,12 @@ class TernaryKernelBase {
               const Tensor& neg_row_scale, Planes* out) const;
 };
 
+// Whether `map` is position p -> element p for p < length and padding after (one segment, N % 4 == 0).
+bool is_identity_map(const std::vector<int64_t>& map, int64_t length);
 // Quantizes activation values gathered through `map` into the natural-order row
-// `natural` (map[p] < 0 is group padding: 0).
+// `natural` (map[p] < 0 is group padding: 0); `identity` (is_identity_map) skips the gather.
 void quantize_row(const KernelDispatch& d, const Tensor& x, int64_t base, int64_t stride, int64_t length,
-                  const std::vector<int64_t>& map, const ActQuant& q, int8_t* natural);
+                  const std::vector<int64_t>& map, bool identity, const ActQuant& q, int8_t* natural);
 
 // 64-byte aligned scratch buffers.
 template <class T>

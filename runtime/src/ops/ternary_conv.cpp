@@ -12,6 +12,10 @@
 #include <exception>
 #include <mutex>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "fgq/depthwise.h"
 #include "ops.h"
 
@@ -45,6 +49,61 @@ struct Image {
     return planar ? data + (c * height + h) * width + w : data + (h * width + w) * channels + c;
   }
 };
+
+// requantize_one over 8-bit levels, as byte arithmetic: u = level in unsigned order (int8 levels ^ 0x80),
+// clamped to [qmin, qmax] in that order, minus (unsigned-order offset + shift) mod 256 (the result fits int8).
+struct LevelBytes {
+  uint8_t flip, lo, hi, sub;
+  LevelBytes(bool is_signed, const ActQuant& q) {
+    const int bias = is_signed ? 128 : 0;
+    flip = static_cast<uint8_t>(bias);
+    lo = static_cast<uint8_t>(q.qmin + bias);
+    hi = static_cast<uint8_t>(q.qmax + bias);
+    sub = static_cast<uint8_t>((bias + q.shift) & 0xff);
+  }
+  int8_t operator()(uint8_t level) const {
+    uint8_t u = level ^ flip;
+    u = u < lo ? lo : (u > hi ? hi : u);
+    return static_cast<int8_t>(static_cast<uint8_t>(u - sub));
+  }
+};
+
+// 8-bit levels of a [channels][pixels] block (channel c's at src + c * channel_stride) requantized into
+// pixel-major bytes (pixel p's channels at out + p * pixel_stride): NCHW -> NHWC. 16 x 16 tiles are transposed
+// with SSE2 byte interleaves, the rest one byte at a time.
+void requantize_transposed(const uint8_t* src, int64_t channels, int64_t pixels, int64_t channel_stride,
+                           const LevelBytes& f, int8_t* out, int64_t pixel_stride) {
+  int64_t c0 = 0;
+#if defined(__SSE2__)
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(f.flip)), lo = _mm_set1_epi8(static_cast<char>(f.lo)),
+                hi = _mm_set1_epi8(static_cast<char>(f.hi)), sub = _mm_set1_epi8(static_cast<char>(f.sub));
+  for (; c0 + 16 <= channels; c0 += 16) {
+    int64_t p0 = 0;
+    for (; p0 + 16 <= pixels; p0 += 16) {
+      __m128i r[16];
+      for (int c = 0; c < 16; ++c) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (c0 + c) * channel_stride + p0));
+        r[c] = _mm_sub_epi8(_mm_min_epu8(_mm_max_epu8(_mm_xor_si128(v, flip), lo), hi), sub);
+      }
+      // A byte interleave of rows i and i + 8 into rows 2i, 2i + 1 rotates the 8 index bits (row, column) by one:
+      // four rounds swap row and column.
+      for (int round = 0; round < 4; ++round) {
+        __m128i t[16];
+        for (int i = 0; i < 8; ++i) {
+          t[2 * i] = _mm_unpacklo_epi8(r[i], r[i + 8]);
+          t[2 * i + 1] = _mm_unpackhi_epi8(r[i], r[i + 8]);
+        }
+        for (int i = 0; i < 16; ++i) r[i] = t[i];
+      }
+      for (int p = 0; p < 16; ++p) _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (p0 + p) * pixel_stride + c0), r[p]);
+    }
+    for (int64_t c = c0; c < c0 + 16; ++c)
+      for (int64_t p = p0; p < pixels; ++p) out[p * pixel_stride + c] = f(src[c * channel_stride + p]);
+  }
+#endif
+  for (int64_t c = c0; c < channels; ++c)
+    for (int64_t p = 0; p < pixels; ++p) out[p * pixel_stride + c] = f(src[c * channel_stride + p]);
+}
 }  // namespace
 
 class ConvKernel : public TernaryKernelBase {
@@ -377,8 +436,9 @@ class ConvKernel : public TernaryKernelBase {
       dispatch_->quantize(x.as<float>() + src, count, q, dst);
       return;
     }
-    for (int64_t i = 0; i < count; ++i)
-      dst[i] = requantize_one(x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? x.as<uint8_t>()[src + i] : x.as<int8_t>()[src + i], q);
+    const LevelBytes f(x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, q);
+    const uint8_t* levels = x.as<uint8_t>() + src;  // int8 levels as their bytes: LevelBytes flips them
+    for (int64_t i = 0; i < count; ++i) dst[i] = f(levels[i]);
   }
 
   // Image n of x quantized into the interior of the padded image, in blocks of rows.
@@ -401,12 +461,8 @@ class ConvKernel : public TernaryKernelBase {
           dispatch_->quantize_transposed(x.as<float>() + src, C, pixels, HW, q, dst, geo.slots);
           continue;
         }
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t i = 0; i < pixels; ++i) {
-            const int level = x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? x.as<uint8_t>()[src + c * HW + i]
-                                                                             : x.as<int8_t>()[src + c * HW + i];
-            dst[i * geo.slots + c] = requantize_one(level, q);
-          }
+        requantize_transposed(x.as<uint8_t>() + src, C, pixels, HW, LevelBytes(x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, q),
+                              dst, geo.slots);
       }
     };
     parallel_for(ctx, static_cast<size_t>((H + rows_per_task - 1) / rows_per_task), task);
