@@ -422,21 +422,28 @@ class ConvKernel : public TernaryKernelBase {
       int8_t* dst = i0 < i1 ? row_start(i0) : nullptr;
       // Writes may spill 16-byte steps up to `limit`: the rows and borders after them in the task rewrite the spill.
       int8_t* const limit = i0 < i1 ? row_start(i1 - 1) + bytes : nullptr;
-      const auto fill = [&zeros, limit](int8_t* begin, int8_t* stop) {
-        const int64_t len = stop - begin;
-        if (len <= 16 && begin + 16 <= limit) std::memcpy(begin, zeros, 16);
-        else if (len > 16) std::memset(begin, zeros[0], static_cast<size_t>(len));
-        else if (len > 0) copy_bytes(begin, zeros, len);
+      const auto fill = [&zeros](int8_t* begin, int8_t* stop) {
+        if (stop - begin > 16) std::memset(begin, zeros[0], static_cast<size_t>(stop - begin));
+        else if (stop > begin) copy_bytes(begin, zeros, stop - begin);
       };
-      for (int64_t i = i0, h = planar && i0 < i1 ? i0 % height : i0, count = 1; i < i1; i += count) {
+      int64_t h = planar && i0 < i1 ? i0 % height : i0;
+      for (const int8_t* row = levels; levels && row < levels + (i1 - i0) * width; row += width) {
+        if (dst + width + 16 <= limit && dst - from <= 16) {  // the spill stays in the task's later rows
+          std::memcpy(from, zeros, 16);
+          for (int64_t j = 0; j < width; j += 16) std::memcpy(dst + j, row + j, 16);
+        } else {
+          fill(from, dst);
+          copy_bytes(dst, row, width);
+        }
+        from = dst + width;
+        dst += step;
+        if (++h == height) h = 0, dst += skip;
+      }
+      for (int64_t i = i0, count = 1; !levels && i < i1; i += count) {
         count = contiguous ? std::min(i1 - i, height - h) : 1;
         fill(from, dst);
         from = dst + count * bytes;
-        if (levels && dst + (width + 15) / 16 * 16 <= limit) {
-          for (int64_t j = 0; j < width; j += 16) std::memcpy(dst + j, levels + (i - i0) * width + j, 16);
-        } else if (levels) {
-          copy_bytes(dst, levels + (i - i0) * width, width);
-        } else if (planar) {
+        if (planar) {
           quantize_values(x, src + i * width, count * width, q, dst);
         } else if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
           dispatch_->quantize_transposed(x.as<float>() + src + h * width, C, count * width, HW, q, dst, geo.slots);
