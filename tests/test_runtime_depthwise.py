@@ -55,7 +55,8 @@ CASES = [  # channels, multiplier, channels per group, kernel, stride, pads, dil
     (12, 3, 3, 3, 2, (1, 0, 1, 0), 1, 23, 2),  # grouped, segmented layout (cg >= N)
     (32, 16, 16, 3, 1, (1, 1, 1, 1), 1, 9, 4),  # 16 rows and channels a group
     (16, 8, 4, 1, 1, (0, 0, 0, 0), 1, 18, 4),  # 1x1 grouped
-    (4, 1, 1, 3, 1, (1, 9, 2, 9), 1, 12, 4),  # wide side padding: exact row copies
+    (4, 1, 1, 3, 1, (1, 9, 2, 9), 1, 12, 4),  # wide side padding
+    (24, 1, 1, 3, 1, (1, 0, 2, 0), 1, 100, 4),  # rows as one span a channel, tasks' row blocks straddle planes
 ]
 
 

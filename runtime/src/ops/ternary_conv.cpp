@@ -273,7 +273,6 @@ class ConvKernel : public TernaryKernelBase {
     const int64_t image_bytes = checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), geo.slots, "input");
     const Image image{image_buffer.get(checked_add(image_bytes, positions_ + 16, "input")), geo.padded_h, geo.padded_w,
                       geo.slots, planar()};
-    fill_border(geo, static_cast<int8_t>(qi.zero_point - qi.shift), image);
     quantize_image(ctx, x, n, qi, geo, image);
     int64_t group_step;  // x advance from one group's rows to the next
     if (in_place) {
@@ -310,7 +309,7 @@ class ConvKernel : public TernaryKernelBase {
     const int64_t image_bytes = checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), geo.C, "input");
     const Image image{image_buffer.get(checked_add(image_bytes, kDepthwiseSlack, "input")), geo.padded_h, geo.padded_w,
                       geo.C, true};
-    quantize_planes(ctx, x, n, qu, geo, image);
+    quantize_image(ctx, x, n, qu, geo, image);
     DepthwiseArgs a;
     a.w = &w;
     a.image = reinterpret_cast<const uint8_t*>(image.data);
@@ -348,47 +347,6 @@ class ConvKernel : public TernaryKernelBase {
     return std::max<int64_t>(1, kPixelsPerTask / std::max<int64_t>(1, pixels));
   }
 
-  // Image n of x quantized into the planar padded image: each channel in one contiguous span
-  // (long vectorized runs), then copied row by row into its plane, filled with the level of 0.0.
-  // Rows go as 16-byte copies, each followed by 16 bytes of padding: a row's spill past its end is
-  // padding or the next row's bytes, which that row's copy then rewrites (exact copies for the last
-  // rows, whose spill would leave the plane).
-  void quantize_planes(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& q, const Geometry& geo,
-                       const Image& image) const {
-    // Locals, not members or captures: the byte stores below may alias anything the loop reads.
-    const int64_t W = geo.W, H = geo.H, HW = H * W, row = geo.padded_w, plane = geo.padded_h * row;
-    const int64_t first = pads_[0] * row + pads_[1];  // the first row's offset in the plane
-    const int8_t zero = q.zero_level();
-    int8_t zeros[16];
-    std::memset(zeros, zero, sizeof zeros);
-    // Rows that may spill: the gap to the next row (right + left padding) fits the 16 padding bytes,
-    // and the copies stay in the plane.
-    const int64_t room = plane - first - (W + 15) / 16 * 16 - 16;  // the last wide row's offset at most
-    const int64_t wide_rows = row - W > 16 || room < 0 ? 0 : std::min(H, room / row + 1);
-    const int64_t C = geo.C, per_task = channels_per_task(HW);
-    auto task = [&, W, H, HW, row, plane, first, wide_rows](size_t t) {
-      thread_local ScratchBuffer<int8_t> levels_buffer;  // slack past HW: the copies may read 15 bytes more
-      int8_t* levels = levels_buffer.get(HW);
-      const int64_t c0 = static_cast<int64_t>(t) * per_task, c1 = std::min(C, c0 + per_task);
-      for (int64_t c = c0; c < c1; ++c) {
-        int8_t* dst = image.at(0, 0, c);
-        quantize_values(x, (n * C + c) * HW, HW, q, levels);
-        std::memset(dst, zero, static_cast<size_t>(plane));
-        int8_t* to = dst + first;
-        const int8_t* from = levels;
-        for (int64_t h = 0; h < H; ++h, to += row, from += W) {
-          if (h >= wide_rows) {
-            std::memcpy(to, from, static_cast<size_t>(W));
-            continue;
-          }
-          for (int64_t i = 0; i < W; i += 16) std::memcpy(to + i, from + i, 16);
-          std::memcpy(to + W, zeros, 16);
-        }
-      }
-    };
-    parallel_for(ctx, static_cast<size_t>((C + per_task - 1) / per_task), task);
-  }
-
   // In-place rows: pixel (oh, ow) at its top-left input pixel, segment (r, s) at its kernel offset
   // (row segments: segment r at kernel offset (r, 0)).
   void set_offsets(const Geometry& geo, int64_t* row_offsets, int64_t* segment_offsets) const {
@@ -416,20 +374,6 @@ class ConvKernel : public TernaryKernelBase {
     }
   }
 
-  // The border of the padded image: the level of 0.0 (the interior is rewritten per image).
-  void fill_border(const Geometry& geo, int8_t zero, const Image& image) const {
-    const int64_t planes = image.planar ? geo.C : 1, C = image.planar ? 1 : geo.slots, row = geo.padded_w * C;
-    for (int64_t plane = 0; plane < planes; ++plane) {
-      int8_t* data = image.at(0, 0, image.planar ? plane : 0);
-      std::memset(data, zero, static_cast<size_t>(pads_[0] * row));
-      std::memset(data + (pads_[0] + geo.H) * row, zero, static_cast<size_t>(pads_[2] * row));
-      for (int64_t h = pads_[0]; h < pads_[0] + geo.H; ++h) {
-        std::memset(data + h * row, zero, static_cast<size_t>(pads_[1] * C));
-        std::memset(data + h * row + (pads_[1] + geo.W) * C, zero, static_cast<size_t>(pads_[3] * C));
-      }
-    }
-  }
-
   // `count` values of x from element `src` quantized into dst (one planar image row).
   void quantize_values(const Tensor& x, int64_t src, int64_t count, const ActQuant& q, int8_t* dst) const {
     if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
@@ -441,31 +385,79 @@ class ConvKernel : public TernaryKernelBase {
     for (int64_t i = 0; i < count; ++i) dst[i] = f(levels[i]);
   }
 
-  // Image n of x quantized into the interior of the padded image, in blocks of rows.
+  // Image n of x quantized into the padded image, its border the level of 0.0 (written once). The image is a
+  // sequence of interior rows (planar: C * H of W bytes, channel-major, as x's rows; NHWC: H of W pixels) with
+  // border bytes between them: a task takes a block of rows, each with the border before it (the last also the
+  // border after). Planar rows are quantized in one call a task (rows without left/right padding straight into
+  // the image), then placed with 16-byte copies; NHWC rows go through quantize_transposed. Short borders and
+  // row copies are 16-byte stores wherever their spill stays in the task's rows, which rewrite it in order.
   void quantize_image(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& q, const Geometry& geo,
                       const Image& image) const {
-    const int64_t C = geo.C, H = geo.H, W = geo.W, HW = H * W;
-    const bool contiguous = geo.padded_w == W;  // no left/right padding: rows run on
-    constexpr int64_t kPixelsPerTask = 256;
-    const int64_t rows_per_task = std::max<int64_t>(1, kPixelsPerTask / W);
-    auto task = [&](size_t t) {
-      const int64_t h0 = static_cast<int64_t>(t) * rows_per_task, h1 = std::min(H, h0 + rows_per_task);
-      for (int64_t h = h0; h < h1; h += contiguous ? h1 - h0 : 1) {
-        const int64_t pixels = contiguous ? (h1 - h0) * W : W, src = n * C * HW + h * W;
-        if (image.planar) {
-          for (int64_t c = 0; c < C; ++c) quantize_values(x, src + c * HW, pixels, q, image.at(h + pads_[0], pads_[1], c));
-          continue;
-        }
-        int8_t* dst = image.at(h + pads_[0], pads_[1], 0);
-        if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-          dispatch_->quantize_transposed(x.as<float>() + src, C, pixels, HW, q, dst, geo.slots);
-          continue;
-        }
-        requantize_transposed(x.as<uint8_t>() + src, C, pixels, HW, LevelBytes(x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, q),
-                              dst, geo.slots);
-      }
+    const int64_t C = geo.C, H = geo.H, W = geo.W, HW = H * W, src = n * C * HW;
+    const bool contiguous = geo.padded_w == W, planar = image.planar;
+    const int64_t rows = planar ? C * H : H, row_bytes = planar ? W : W * geo.slots;
+    // Values a task: planar, a block of x's rows; NHWC, all channels of 256 pixels.
+    constexpr int64_t kPlanarValuesPerTask = 8192, kPixelsPerTask = 256;
+    const int64_t rows_per_task = std::max<int64_t>(1, (planar ? kPlanarValuesPerTask : kPixelsPerTask) / std::max<int64_t>(1, W));
+    const auto row_start = [&](int64_t i) {
+      return planar ? image.at(i % H + pads_[0], pads_[1], i / H) : image.at(i + pads_[0], pads_[1], 0);
     };
-    parallel_for(ctx, static_cast<size_t>((H + rows_per_task - 1) / rows_per_task), task);
+    int8_t* const end = image.at(geo.padded_h, 0, planar ? C - 1 : 0);
+    int8_t zeros[16];
+    std::memset(zeros, q.zero_level(), sizeof zeros);
+    // From one row's start to the next: a row pitch, and past the bottom and top border rows from a plane's last row.
+    const int64_t pitch = planar ? geo.padded_w : geo.padded_w * geo.slots, wrap = (pads_[0] + pads_[2]) * pitch;
+    auto task = [&](size_t t) {
+      thread_local ScratchBuffer<int8_t> levels_buffer;
+      // Locals, not captures: the byte stores below may alias anything read through a reference.
+      const int64_t i0 = static_cast<int64_t>(t) * rows_per_task, i1 = std::min(rows, i0 + rows_per_task);
+      const int64_t height = H, width = W, bytes = row_bytes, step = pitch, skip = wrap;
+      const int8_t* levels = nullptr;  // planar rows i0.. quantized, when they need placing
+      if (planar && !contiguous && i1 > i0 && width > 0) {
+        int8_t* buffer = levels_buffer.get((i1 - i0) * width);
+        quantize_values(x, src + i0 * width, (i1 - i0) * width, q, buffer);
+        levels = buffer;
+      }
+      int8_t* from = i0 == 0 ? image.data : row_start(i0 - 1) + bytes;  // the border before row i0
+      int8_t* dst = i0 < i1 ? row_start(i0) : nullptr;
+      // Writes may spill 16-byte steps up to `limit`: the rows and borders after them in the task rewrite the spill.
+      int8_t* const limit = i0 < i1 ? row_start(i1 - 1) + bytes : nullptr;
+      const auto fill = [&zeros](int8_t* begin, int8_t* stop) {
+        if (stop - begin > 16) std::memset(begin, zeros[0], static_cast<size_t>(stop - begin));
+        else if (stop > begin) copy_bytes(begin, zeros, stop - begin);
+      };
+      int64_t h = planar && i0 < i1 ? i0 % height : i0;
+      for (const int8_t* row = levels; levels && row < levels + (i1 - i0) * width; row += width) {
+        if (dst + width + 16 <= limit && dst - from <= 16) {  // the spill stays in the task's later rows
+          std::memcpy(from, zeros, 16);
+          for (int64_t j = 0; j < width; j += 16) std::memcpy(dst + j, row + j, 16);
+        } else {
+          fill(from, dst);
+          copy_bytes(dst, row, width);
+        }
+        from = dst + width;
+        dst += step;
+        if (++h == height) h = 0, dst += skip;
+      }
+      for (int64_t i = i0, count = 1; !levels && i < i1; i += count) {
+        count = contiguous ? std::min(i1 - i, height - h) : 1;
+        fill(from, dst);
+        from = dst + count * bytes;
+        if (planar) {
+          quantize_values(x, src + i * width, count * width, q, dst);
+        } else if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+          dispatch_->quantize_transposed(x.as<float>() + src + h * width, C, count * width, HW, q, dst, geo.slots);
+        } else {
+          requantize_transposed(x.as<uint8_t>() + src + h * width, C, count * width, HW,
+                                LevelBytes(x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, q), dst, geo.slots);
+        }
+        dst += count * step;
+        h += count;
+        if (h == height) h = 0, dst += skip;
+      }
+      if (i1 == rows) std::memset(from, zeros[0], static_cast<size_t>(end - from));
+    };
+    parallel_for(ctx, static_cast<size_t>(std::max<int64_t>(1, (rows + rows_per_task - 1) / rows_per_task)), task);
   }
 
   // im2col, all groups: row (g, pixel) of positions_ bytes, natural order, or kernel
@@ -527,11 +519,12 @@ class ConvKernel : public TernaryKernelBase {
     for (int64_t i = 0; i < count; ++i, to += row) std::memcpy(to, from + corners[i], kWidth);
   }
 
-  // memcpy of a short run (the stem's few channels or kernel columns) as two fixed-size copies
-  // that may overlap, without a call.
+  // memcpy of len >= 1 bytes (the stem's few channels, kernel columns, planar image rows) as fixed-size copies
+  // that may overlap, without a call: 16 bytes a step, the last step ending at len.
   static void copy_bytes(int8_t* to, const int8_t* from, int64_t len) {
     if (len > 16) {
-      std::memcpy(to, from, static_cast<size_t>(len));
+      for (int64_t i = 0; i < len - 16; i += 16) std::memcpy(to + i, from + i, 16);
+      std::memcpy(to + len - 16, from + len - 16, 16);
     } else if (len >= 8) {
       std::memcpy(to, from, 8);
       std::memcpy(to + len - 8, from + len - 8, 8);
