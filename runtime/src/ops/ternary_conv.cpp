@@ -534,7 +534,7 @@ class ConvKernel : public TernaryKernelBase {
     } else if (len >= 2) {
       std::memcpy(to, from, 2);
       std::memcpy(to + len - 2, from + len - 2, 2);
-    } else {
+    } else if (len == 1) {
       *to = *from;
     }
   }
