@@ -19,6 +19,8 @@
 namespace fgq {
 namespace {
 
+#include "depthwise_store_avx2.h"
+
 constexpr int64_t kLanes = 8;
 
 // Pixel j's tap e lies at byte stride * j + dilation * e of a chunk's source; 128-bit lane L
@@ -75,32 +77,11 @@ void load_channel(const DepthwiseArgs& a, int64_t m, ChannelWeights* out) {
   }
 }
 
-// Output rows oh..oh + V - 1 of channel m at columns ow.. (count of them in the row, at most 8):
-// bias, residual, ReLU, store. A vector short of 8 pixels goes through a buffer (no masked
-// moves: they are microcoded on some CPUs).
+// Output rows oh..oh + V - 1 of channel m at columns ow.. (count of them in the row, at most 8).
 template <int V>
 [[gnu::always_inline]] inline void store(const DepthwiseArgs& a, int64_t m, int64_t oh, int64_t ow, int64_t count,
                                          const __m256 out[V]) {
-  const int64_t P = a.out_h * a.out_w;
-  const __m256 zero = _mm256_setzero_ps();
-  const size_t bytes = static_cast<size_t>(count) * sizeof(float);
-  for (int v = 0; v < V; ++v) {
-    const int64_t at = m * P + (oh + v) * a.out_w + ow;
-    alignas(32) float buffer[kLanes] = {};
-    __m256 y = out[v];
-    if (a.bias) y = _mm256_add_ps(y, _mm256_set1_ps(a.bias[m]));
-    if (a.residual) {
-      const float* r = count < kLanes ? static_cast<const float*>(std::memcpy(buffer, a.residual + at, bytes)) : a.residual + at;
-      y = _mm256_add_ps(y, _mm256_loadu_ps(r));
-    }
-    if (a.relu) y = _mm256_blendv_ps(y, zero, _mm256_cmp_ps(y, zero, _CMP_LT_OQ));  // keeps -0.0, as the reference
-    if (count == kLanes) {
-      _mm256_storeu_ps(a.y + at, y);
-      continue;
-    }
-    _mm256_store_ps(buffer, y);
-    std::memcpy(a.y + at, buffer, bytes);
-  }
+  for (int v = 0; v < V; ++v) store_row8(a, m, oh + v, ow, count, out[v]);
 }
 
 // V output rows of channel m at columns ow..: each accumulator's exact sums over its pieces,

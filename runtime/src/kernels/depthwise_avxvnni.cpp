@@ -13,6 +13,8 @@
 namespace fgq {
 namespace {
 
+#include "depthwise_store_avx2.h"
+
 struct Simd {
   using VecI = __m256i;
   using VecF = __m256;
@@ -47,26 +49,10 @@ struct Simd {
     }
   };
 
-  // Output row oh of channel m, `count` pixels from column ow: bias, residual, ReLU, store; a
-  // vector short of 8 pixels goes through a buffer (no masked moves: microcoded on some CPUs).
+  // Output row oh of channel m, `count` pixels from column ow: bias, residual, ReLU, store.
   [[gnu::always_inline]] static void store(const DepthwiseArgs& a, int64_t m, int64_t oh, int64_t ow, int64_t count,
                                            VecF y) {
-    const int64_t at = (m * a.out_h + oh) * a.out_w + ow;
-    const __m256 zero = _mm256_setzero_ps();
-    const size_t bytes = static_cast<size_t>(count) * sizeof(float);
-    alignas(32) float buffer[kLanes] = {};
-    if (a.bias) y = _mm256_add_ps(y, _mm256_set1_ps(a.bias[m]));
-    if (a.residual) {
-      const float* r = count < kLanes ? static_cast<const float*>(std::memcpy(buffer, a.residual + at, bytes)) : a.residual + at;
-      y = _mm256_add_ps(y, _mm256_loadu_ps(r));
-    }
-    if (a.relu) y = _mm256_blendv_ps(y, zero, _mm256_cmp_ps(y, zero, _CMP_LT_OQ));  // keeps -0.0, as the reference
-    if (count == kLanes) {
-      _mm256_storeu_ps(a.y + at, y);
-      return;
-    }
-    _mm256_store_ps(buffer, y);
-    std::memcpy(a.y + at, buffer, bytes);
+    store_row8(a, m, oh, ow, count, y);
   }
 };
 
