@@ -70,8 +70,8 @@ struct KernelWeights {
   int64_t fold_planes = 0;
   std::vector<int8_t> folded;      // panels() * positions() / 4 * fold_planes * 64
   std::vector<int32_t> fold_bias;  // 16 * panels()
-  // The folded form kept ternary (built with it when groups span more than one 4-position
-  // chunk, np > 4; empty otherwise; the AVX2 path's form there): t in int8 in the same
+  // The folded form kept ternary (the AVX2 path's form, built when the path asks for it, see
+  // FoldedForms; empty otherwise): t in int8 in the same
   // panel/chunk order as `folded` (one plane), and per panel and group the scale codes as
   // int16 pair lanes: 32 lanes, row r's s at 2r and 2r + 1. vpmaddubsw meets t with the
   // unsigned rows, a group's int16 pair sums are added, and vpmaddwd with these lanes gives
@@ -105,9 +105,14 @@ constexpr int64_t kFoldMaxGroupSize = 8;
 // Positions up to this keep the folded int32 sum exact: |w| <= 255, |x| <= 128.
 constexpr int64_t kFoldMaxPositions = 65536;
 
-// Builds w.folded / fold_bias / fold_planes from w's codes and uint8 scales when
-// the rule above says so (repack_weights calls it for uint8 scales).
-void fold_scales(KernelWeights* w);
+// The folded forms of KernelWeights a path runs from natural rows (KernelDispatch::folded):
+// the int8 planes (`folded`, the vpdpbusd paths) and the ternary copy (`ternary` and
+// `group_scales`, the AVX2 path). A kernel builds only its path's; tests build both.
+enum FoldedForms : unsigned { kNoFoldedForm = 0, kFoldedPlanes = 1, kFoldedTernary = 2, kAllFoldedForms = 3 };
+
+// Builds fold_bias / fold_planes and the requested `forms` from w's codes and uint8 scales
+// when the rule above says so (repack_weights calls it for uint8 scales).
+void fold_scales(KernelWeights* w, unsigned forms);
 
 // np for a group length n (see KernelWeights).
 inline int64_t kernel_group_positions(int64_t n) { return (n + 3) / 4 * 4; }
@@ -123,7 +128,7 @@ enum class Plane { kAll, kPositive, kNegative };
 // kPositive keeps only t = +1, kNegative only t = -1 (asymmetric weights).
 std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes, const void* scales,
                            ScaleType scale_type, const float* row_scale, const ReductionLayout& layout,
-                           Plane plane, KernelWeights* out);
+                           Plane plane, KernelWeights* out, unsigned folded_forms = kAllFoldedForms);
 
 // Activation rows come in two orders. Natural: group g's np positions at
 // g * np (what im2col and quantization write). Kernel: per super-group sg
@@ -236,8 +241,8 @@ struct KernelDispatch {
   // contiguous) into pixel-major bytes: pixel p's channels at out + p * pixel_stride (NCHW -> NHWC).
   void (*quantize_transposed)(const float* src, int64_t channels, int64_t pixels, int64_t channel_stride,
                               const ActQuant& q, int8_t* out, int64_t pixel_stride);
-  // The path runs the folded form (KernelWeights::folded) from natural rows.
-  bool folded;
+  // The folded form this path runs from natural rows: kFoldedPlanes, kFoldedTernary or none.
+  unsigned folded;
   // The direct convolution kernel for few channels a group (include/fgq/depthwise.h).
   void (*depthwise)(const DepthwiseArgs& args);
 };
@@ -246,7 +251,8 @@ struct KernelDispatch {
 // the folded form, when this path has it and it was built. Below 4 rows the kernel streams
 // weights, and the 2-bit codes are 4-8x fewer bytes than the folded planes.
 inline bool use_folded(const KernelDispatch& d, const KernelWeights& w, int64_t rows) {
-  return d.folded && w.fold_planes > 0 && rows >= 4;
+  const bool built = d.folded == kFoldedPlanes ? !w.folded.empty() : !w.ternary.empty();
+  return d.folded != kNoFoldedForm && w.fold_planes > 0 && built && rows >= 4;
 }
 
 extern const KernelDispatch kRefDispatch;

@@ -6,8 +6,8 @@
 // 128-bit lanes and masked with (0x03, 0x0c) or (0x30, 0xc0) give u << 2i;
 // vpmaddubsw (u8 x s8: a pair lies in [-2 * 128 * 128, 2 * 128 * 127], no
 // saturation) and vpmaddwd with ones replace vpdpbusd.
-// The folded form (natural unsigned rows) has no such bound: see widened_block and
-// half_sums for how they stay exact.
+// The folded form (natural unsigned rows) has no such bound: it runs from the folded
+// weights' ternary copy, see half_sums and chunk_group_block.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -114,103 +114,16 @@ inline void block_store(const GemmArgs& a, int64_t quad0, int64_t b0) {
     }
 }
 
-// The folded form without vpdpbusd, for groups of one chunk (N <= 4; the ternary form below
-// is not faster there: as many multiplies and twice the weight bytes). vpmaddubsw (u8 x s8,
-// pairs summed into SATURATING int16) is not exact here: 2 * 255 * 127 > 32767. So the weights
-// are widened to int16 (w = plane0 + 128 * plane1, |w| <= 255) and meet the unsigned bytes,
-// zero-extended, in vpmaddwd: products and pair sums fit int32, exact. (The other exact form,
-// vpmaddubsw on |x - 128| and w * sign(x - 128), measured 4-7% slower on Zen 3 with one plane
-// and 30% with two.)
-//
-// Quarter q (rows 4q..4q+3) of a panel's chunk as int16 weights: row i's four positions at
-// lanes 4i..4i+3.
-inline __m256i widen16(const int8_t* p) {
-  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-template <int P>
-inline __m256i widen_quarter(const int8_t* chunk, int q) {
-  const __m256i v = widen16(chunk + 16 * q);
-  return P == 2 ? _mm256_add_epi16(v, _mm256_slli_epi16(widen16(chunk + 64 + 16 * q), 7)) : v;
-}
-
-// One panel of 16 rows (Q = 4 quarters; Q = 2: only rows 0-7, when the rest lie past m_end)
-// x C natural unsigned activation rows (contiguous, or in segments: GemmArgs::row_offsets):
-// per quarter and column, int32 lanes (row, position pair) summed over the chunks; the pairs
-// are added at the end and fold_bias = 128 * sum(w) subtracted.
-template <int P, int Q, int C>
-void widened_block(const GemmArgs& a, int64_t panel, int64_t b0) {
-  const KernelWeights& w = *a.w;
-  const int64_t chunks = w.positions() / 4;
-  const int8_t* wp = w.folded.data() + panel * chunks * P * 64;
-  const bool indirect = a.row_offsets != nullptr;
-  const int64_t segments = indirect ? a.segments : 1, segment_chunks = indirect ? a.segment_len / 4 : chunks;
-  const int64_t read_chunks = indirect ? a.segment_read / 4 : chunks;
-  const int8_t* row[C];
-  for (int c = 0; c < C; ++c) row[c] = a.x + (indirect ? a.row_offsets[b0 + c] : (b0 + c) * a.x_stride);
-  // four bytes -> four uint16, repeated in each 64-bit quarter
-  const __m256i widen_x = _mm256_setr_epi8(0, -1, 1, -1, 2, -1, 3, -1, 0, -1, 1, -1, 2, -1, 3, -1, 0, -1, 1, -1, 2, -1,
-                                           3, -1, 0, -1, 1, -1, 2, -1, 3, -1);
-  __m256i acc[Q][C];
-  for (int q = 0; q < Q; ++q)
-    for (int c = 0; c < C; ++c) acc[q][c] = _mm256_setzero_si256();
-  for (int64_t k = 0; k < segments; ++k) {
-    const int64_t offset = indirect ? a.segment_offsets[k] : 0;
-    const int8_t* x[C];
-    for (int c = 0; c < C; ++c) x[c] = row[c] + offset;
-    const int8_t* wk = wp + k * segment_chunks * P * 64;
-    for (int64_t j = 0; j < read_chunks; ++j) {
-      __m256i xv[C];
-      for (int c = 0; c < C; ++c) {
-        int32_t four;
-        std::memcpy(&four, x[c] + 4 * j, 4);
-        xv[c] = _mm256_shuffle_epi8(_mm256_set1_epi32(four), widen_x);
-      }
-      for (int q = 0; q < Q; ++q) {
-        const __m256i wq = widen_quarter<P>(wk + j * P * 64, q);
-        for (int c = 0; c < C; ++c) acc[q][c] = _mm256_add_epi32(acc[q][c], _mm256_madd_epi16(wq, xv[c]));
-      }
-    }
-  }
-  const int64_t m0 = 16 * panel;
-  __m256i sums[2][C] = {};  // with Q = 2 the second half is past m_end: not stored
-  for (int h = 0; h < Q / 2; ++h) {
-    const __m256i bias = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.fold_bias.data() + m0 + 8 * h));
-    for (int c = 0; c < C; ++c) {  // lanes [r0 r1 r4 r5 | r2 r3 r6 r7] -> rows 0..7 of the half
-      const __m256i rows = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[2 * h][c], acc[2 * h + 1][c]), 0xD8);
-      sums[h][c] = _mm256_sub_epi32(rows, bias);
-    }
-  }
-  folded_store<C>(a, m0, b0, sums);
-}
-
-// Columns a block: with two planes the weight widening costs twice, so it is shared by more
-// columns (measured on Zen 3: 2 columns 0-4% faster than 4 with one plane, 4 28% faster with two).
-template <int P, int Q>
-void widened_panel(const GemmArgs& a, int64_t panel) {
-  constexpr int kColumns = P == 1 ? 2 : 4;
-  int64_t b = a.b_begin;
-  for (; b + kColumns <= a.b_end; b += kColumns) widened_block<P, Q, kColumns>(a, panel, b);
-  for (; b < a.b_end; ++b) widened_block<P, Q, 1>(a, panel, b);
-}
-
-template <int P>
-void gemm_widened(const GemmArgs& a) {
-  for (int64_t panel = a.m_begin / 16; panel < (a.m_end + 15) / 16; ++panel) {
-    if (16 * panel + 8 >= a.m_end) widened_panel<P, 2>(a, panel);  // e.g. M = 24: rows 16-23
-    else widened_panel<P, 4>(a, panel);
-  }
-}
-
-// Longer groups (N > 4) from the folded form's ternary copy (KernelWeights::ternary). vpmaddubsw
+// The folded form from its ternary copy (KernelWeights::ternary), at every N. vpmaddubsw
 // on the folded weights would saturate (2 * 255 * 127 > 32767); on t it gives int16 pair sums
 // of at most 2 * 255 = 510. A group's pair sums are added in int16 over up to 64 chunks
 // (64 * 510 < 32768: exact), then one vpmaddwd against the group's scale lanes gives each
 // row's s * (sum over the group) in int32 lanes in row order. Per 4-position chunk and 8 rows:
 // vpmaddubsw + vpaddw, and per group vpmaddwd + vpaddd: at N = 16, 9 ops per 128 products
-// where int8 (vpmaddubsw, vpmaddwd with ones, vpaddd) takes 12. Measured (AMD EPYC, 1 thread,
-// 1024 x 1024 x 64): 1.2x the int16 path at N = 16, 1.4x at N = 64, equal at N = 8 (1.35x
-// with codes up to 255, which the int16 path needs two planes for).
+// where int8 (vpmaddubsw, vpmaddwd with ones, vpaddd) takes 12. Against the folded int8 weights
+// widened to int16 for vpmaddwd (the form this replaced; exact, but a multiply per 16 products
+// plus the widening), measured on AMD EPYC (1 thread, 1024 x 1024 x 64) 1.2x at N = 16, 1.4x at
+// N = 64, equal at N = 8; N <= 4 (chunk_group_block): ResNet-50 conv shapes at batch 1 1.4-2x.
 constexpr int64_t kPairSumChunks = 64;
 
 // Half h (rows 8h..8h + 7) of a panel x C natural unsigned activation rows (contiguous, or in
@@ -269,10 +182,59 @@ void ternary_block(const GemmArgs& a, int64_t panel, int64_t b0) {
   folded_store<C>(a, 16 * panel, b0, sums);
 }
 
+// Groups of one chunk (N <= 4) in the ternary form: a group's pair sums are one vpmaddubsw, so
+// each chunk is vpmaddubsw then vpmaddwd against its scale lanes, for both halves at once (each
+// activation broadcast serves 16 rows; 8 accumulators, 4 broadcasts, t and s: 14 registers).
+template <int H, int C>
+void chunk_group_block(const GemmArgs& a, int64_t panel, int64_t b0) {
+  const KernelWeights& w = *a.w;
+  const int64_t chunks = w.positions() / 4;
+  const int8_t* tp = w.ternary.data() + panel * chunks * 64;
+  const int16_t* sp = w.group_scales.data() + panel * w.padded_groups * 32;
+  const bool indirect = a.row_offsets != nullptr;
+  const int64_t segments = indirect ? a.segments : 1, segment_chunks = indirect ? a.segment_len / 4 : chunks;
+  const int64_t read_chunks = indirect ? a.segment_read / 4 : chunks;
+  const int8_t* row[C];
+  for (int c = 0; c < C; ++c) row[c] = a.x + (indirect ? a.row_offsets[b0 + c] : (b0 + c) * a.x_stride);
+  __m256i acc[2][C];
+  for (int h = 0; h < 2; ++h)
+    for (int c = 0; c < C; ++c) acc[h][c] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < segments; ++k) {
+    const int8_t* x[C];
+    for (int c = 0; c < C; ++c) x[c] = row[c] + (indirect ? a.segment_offsets[k] : 0);
+    const int8_t* tk = tp + k * segment_chunks * 64;
+    const int16_t* sk = sp + k * segment_chunks * 32;
+    for (int64_t j = 0; j < read_chunks; ++j) {
+      __m256i xb[C];
+      for (int c = 0; c < C; ++c) {
+        int32_t four;
+        std::memcpy(&four, x[c] + 4 * j, 4);
+        xb[c] = _mm256_set1_epi32(four);
+      }
+      for (int h = 0; h < H; ++h) {
+        const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tk + j * 64 + 32 * h));
+        const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sk + j * 32 + 16 * h));
+        for (int c = 0; c < C; ++c) acc[h][c] = _mm256_add_epi32(acc[h][c], _mm256_madd_epi16(_mm256_maddubs_epi16(xb[c], t), s));
+      }
+    }
+  }
+  __m256i sums[2][C] = {};  // with H = 1 the second half is past m_end: not stored
+  for (int h = 0; h < H; ++h) {
+    const __m256i bias = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.fold_bias.data() + 16 * panel + 8 * h));
+    for (int c = 0; c < C; ++c) sums[h][c] = _mm256_sub_epi32(acc[h][c], bias);
+  }
+  folded_store<C>(a, 16 * panel, b0, sums);
+}
+
 template <int H>
 void ternary_panel(const GemmArgs& a, int64_t panel) {
   constexpr int kColumns = 4;
   int64_t b = a.b_begin;
+  if (a.w->np == 4) {
+    for (; b + kColumns <= a.b_end; b += kColumns) chunk_group_block<H, kColumns>(a, panel, b);
+    for (; b < a.b_end; ++b) chunk_group_block<H, 1>(a, panel, b);
+    return;
+  }
   for (; b + kColumns <= a.b_end; b += kColumns) ternary_block<H, kColumns>(a, panel, b);
   for (; b < a.b_end; ++b) ternary_block<H, 1>(a, panel, b);
 }
@@ -305,9 +267,7 @@ void gemm_t(const GemmArgs& a) {
 void gemm(const GemmArgs& a) {
   if (a.m_end <= a.m_begin || a.b_end <= a.b_begin) return;
   if (a.natural) {  // the caller checked use_folded
-    if (!a.w->ternary.empty()) gemm_ternary(a);
-    else if (a.w->fold_planes == 1) gemm_widened<1>(a);
-    else gemm_widened<2>(a);
+    gemm_ternary(a);
     return;
   }
   if (a.b_end - a.b_begin == 1 && a.w->steps() >= kAvx2GemvMinSteps) {  // one row, long groups
@@ -415,6 +375,6 @@ void quantize_transposed_tiles(const float* src, int64_t channels, int64_t pixel
 }  // namespace
 
 const KernelDispatch kAvx2Dispatch = {"avx2",          group_dots, gemm, quantize_span_impl, to_kernel_order_impl,
-                                      quantize_transposed_tiles, true, depthwise_avx2};
+                                      quantize_transposed_tiles, kFoldedTernary, depthwise_avx2};
 
 }  // namespace fgq

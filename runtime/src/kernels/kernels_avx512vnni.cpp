@@ -476,7 +476,7 @@ void quantize_transposed_tiles(const float* src, int64_t channels, int64_t pixel
 }  // namespace
 
 const KernelDispatch kAvx512VnniDispatch = {"avx512vnni",        group_dots,          gemm, quantize_span16,
-                                            to_kernel_order_impl, quantize_transposed_tiles, true,
+                                            to_kernel_order_impl, quantize_transposed_tiles, kFoldedPlanes,
                                             depthwise_avx512};
 
 }  // namespace fgq

@@ -107,7 +107,7 @@ const KernelDispatch kAvxVnniDispatch = {"avxvnni",
                                          kAvx2Dispatch.quantize,
                                          kAvx2Dispatch.kernel_order,
                                          kAvx2Dispatch.quantize_transposed,
-                                         true,
+                                         kFoldedPlanes,
                                          depthwise_avxvnni};
 
 }  // namespace fgq

@@ -59,7 +59,7 @@ double KernelWeights::scale_at(int64_t m, int64_t g) const {
 
 std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes, const void* scales,
                            ScaleType scale_type, const float* row_scale, const ReductionLayout& layout,
-                           Plane plane, KernelWeights* out) {
+                           Plane plane, KernelWeights* out, unsigned folded_forms) {
   if (layout.n < 1 || layout.n > kMaxGroupSize || layout.length < 1 || layout.segments < 1 || rows < 0)
     return "invalid group layout";
   const int64_t G = layout.groups();
@@ -128,11 +128,11 @@ std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes
     w.row_scale[static_cast<size_t>(m)] = rs;
     w.row_offset[static_cast<size_t>(m)] = static_cast<float>(offset * static_cast<double>(rs));
   }
-  if (scale_type == ScaleType::kU8 && w.positions() <= kFoldMaxPositions) fold_scales(&w);
+  if (scale_type == ScaleType::kU8 && w.positions() <= kFoldMaxPositions) fold_scales(&w, folded_forms);
   return "";
 }
 
-void fold_scales(KernelWeights* out) {
+void fold_scales(KernelWeights* out, unsigned forms) {
   KernelWeights& w = *out;
   const int64_t chunks = w.positions() / 4;
   int max_code = 0;
@@ -141,15 +141,15 @@ void fold_scales(KernelWeights* out) {
   const int64_t planes = max_code <= 127 ? 1 : 2;
   if (planes == 2 && w.n > kFoldMaxGroupSize) return;  // two vpdpbusd a chunk: slower than the codes there
   w.fold_planes = planes;
-  w.folded.assign(static_cast<size_t>(w.panels() * chunks * planes * 64), 0);
+  const bool planes_form = forms & kFoldedPlanes, ternary_form = forms & kFoldedTernary;
+  if (planes_form) w.folded.assign(static_cast<size_t>(w.panels() * chunks * planes * 64), 0);
   w.fold_bias.assign(static_cast<size_t>(w.panels() * 16), 0);
-  const bool ternary_form = w.np > 4;  // see KernelWeights::ternary
   if (ternary_form) {
     w.ternary.assign(static_cast<size_t>(w.panels() * chunks * 64), 0);
     w.group_scales.assign(static_cast<size_t>(w.panels() * w.padded_groups * 32), 0);
   }
   for (int64_t m = 0; m < w.rows; ++m) {
-    int8_t* panel = w.folded.data() + (m / 16) * chunks * planes * 64 + (m % 16) * 4;
+    const int64_t panel = (m / 16) * chunks * planes * 64 + (m % 16) * 4;  // in w.folded
     const int64_t ternary = (m / 16) * chunks * 64 + (m % 16) * 4;  // in w.ternary
     const int64_t group_scales = (m / 16) * w.padded_groups * 32 + (m % 16) * 2;  // in w.group_scales
     int64_t sum = 0;
@@ -161,9 +161,11 @@ void fold_scales(KernelWeights* out) {
       for (int64_t i = 0; i < w.n; ++i) {
         const int t = w.t_at(m, g, i), v = t * s;
         const int64_t j = (g * w.np + i) / 4;  // natural order (np is a multiple of 4)
-        int8_t* at = panel + j * planes * 64 + i % 4;
-        at[0] = static_cast<int8_t>(planes == 1 ? v : v % 128);  // v = 128 * (v / 128) + v % 128
-        if (planes == 2) at[64] = static_cast<int8_t>(v / 128);
+        if (planes_form) {
+          int8_t* at = w.folded.data() + panel + j * planes * 64 + i % 4;
+          at[0] = static_cast<int8_t>(planes == 1 ? v : v % 128);  // v = 128 * (v / 128) + v % 128
+          if (planes == 2) at[64] = static_cast<int8_t>(v / 128);
+        }
         if (ternary_form) w.ternary[static_cast<size_t>(ternary + j * 64 + i % 4)] = static_cast<int8_t>(t);
         sum += v;
       }

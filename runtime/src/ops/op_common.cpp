@@ -343,7 +343,7 @@ void TernaryKernelBase::repack(const Tensor& codes, const Tensor& scales, const 
   }
   auto apply = [&](const void* s, const Tensor& rs, Plane plane, KernelWeights* w) {
     const std::string error = repack_weights(codes.as<uint8_t>(), rows_, row_bytes, s, st,
-                                             rs.present ? rs.as<float>() : nullptr, layout_, plane, w);
+                                             rs.present ? rs.as<float>() : nullptr, layout_, plane, w, dispatch_->folded);
     if (!error.empty()) fail(error);
   };
   if (!out->asymmetric) {
