@@ -330,6 +330,7 @@ RESNET50_CONVS = [  # (C_in, C_out, kernel, stride, H=W of the input)
     (256, 256, 3, 1, 14),
     (512, 512, 3, 1, 7),
     (256, 64, 1, 1, 56),
+    (64, 256, 1, 1, 56),  # the expansions and projection shortcuts of the first stage
     (1024, 256, 1, 1, 14),
 ]
 
