@@ -6,7 +6,7 @@
 // kernels_avx512vnni.cpp at 256 bits. A panel's 16 rows are two halves of 8 (one 32-byte
 // line a half per chunk and plane: row i's four int8 weights in dword i), each natural
 // unsigned activation row's four bytes are broadcast, and vpdpbusd (u8 x s8, four products a
-// dword summed in exact int32) replaces AVX2's widening to int16 and vpmaddwd. The direct
+// dword summed in exact int32) replaces AVX2's vpmaddubsw on the ternary copy and vpmaddwd by the scales. The direct
 // convolution is depthwise_avxvnni.cpp; the rest (the kernel-order path for fewer than 4 rows,
 // quantization, reordering) is the AVX2 path's, taken from its table.
 #include <immintrin.h>
