@@ -286,7 +286,7 @@ void TernaryKernelBase::init_weights(const OrtKernelInfo* info, const ReductionL
   const size_t indices[5] = {kCodes, kScales, kRowScale, kNegScales, kNegRowScale};
   for (int i = 0; i < 5; ++i)
     if (!constant_input(info, indices[i], &values[i])) return;  // not constant: repack per call
-  if (!values[0] || !values[1]) return;
+  if (!values[1]) return;  // codes may be omitted: int8 weights (repack checks)
   auto p = std::make_shared<Planes>();
   repack(view(values[0]), view(values[1]), view(values[2]), view(values[3]), view(values[4]), p.get());
   constant_planes_ = std::move(p);
@@ -311,7 +311,9 @@ static ScaleType scale_type_of(const Tensor& t, const char* what) {
 void TernaryKernelBase::repack(const Tensor& codes, const Tensor& scales, const Tensor& row_scale,
                                const Tensor& neg_scales, const Tensor& neg_row_scale, Planes* out) const {
   const int64_t G = layout_.groups();
-  if (!codes.present || !scales.present) fail("codes and scales are required inputs");
+  if (!scales.present) fail("scales is a required input");
+  if (scales.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) return repack_int8(codes, scales, row_scale, neg_scales, neg_row_scale, out);
+  if (!codes.present) fail("codes is a required input (only int8 weights, int8 scales, omit it)");
   if (codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) fail("codes must be uint8");
   if (codes.shape.size() != 2) fail("codes must be 2-D [M, row_bytes], got " + shape_string(codes.shape));
   const int64_t rows_ = this->rows_ >= 0 ? this->rows_ : codes.shape[0];
@@ -353,6 +355,27 @@ void TernaryKernelBase::repack(const Tensor& codes, const Tensor& scales, const 
     apply(scales.data, row_scale, Plane::kPositive, &out->pos);
     apply(neg_scales.data, neg_row_scale.present ? neg_row_scale : row_scale, Plane::kNegative, &out->neg);
   }
+}
+
+// int8 weights (docs/custom-ops.md, "int8 weights"): no codes, `scales` int8 [M, G] under row_scale [M], N = 1.
+void TernaryKernelBase::repack_int8(const Tensor& codes, const Tensor& weights, const Tensor& row_scale,
+                                    const Tensor& neg_scales, const Tensor& neg_row_scale, Planes* out) const {
+  if (codes.present) fail("int8 weights (int8 scales) take no codes input");
+  if (neg_scales.present || neg_row_scale.present) fail("int8 weights take no neg_scales or neg_row_scale");
+  if (layout_.n != 1) fail("int8 weights need N = 1, got N = " + std::to_string(layout_.n));
+  const int64_t G = layout_.groups();
+  const int64_t rows = rows_ >= 0 ? rows_ : (weights.shape.size() == 2 ? weights.shape[0] : -1);
+  if (weights.shape.size() != 2 || weights.shape[0] != rows || weights.shape[1] != G)
+    fail("int8 weights (scales) shape " + shape_string(weights.shape) + " does not match [M, G] = " +
+         shape_string({rows, G}));
+  if (!row_scale.present) fail("int8 weights need the row_scale input");
+  if (row_scale.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) fail("row_scale must be float");
+  if (row_scale.shape.size() != 1 || row_scale.shape[0] != rows)
+    fail("row_scale shape " + shape_string(row_scale.shape) + " must be [M] = [" + std::to_string(rows) + "]");
+  const std::string error = repack_int8_weights(weights.as<int8_t>(), rows, row_scale.as<float>(), layout_, &out->pos);
+  if (!error.empty()) fail(error);
+  out->neg = KernelWeights();
+  out->asymmetric = false;
 }
 
 ActQuant TernaryKernelBase::act_quant(OrtKernelContext* ctx, const Tensor& x) const {
