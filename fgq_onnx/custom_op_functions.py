@@ -34,8 +34,8 @@ def _attr_const(name: str, attr: str, kind: int) -> onnx.NodeProto:
     return node
 
 
-def _input_and_constants() -> list[onnx.NodeProto]:
-    """Body prefix: xa (dequantized, clamped activation) and the shape constants the weight parts use (n: N as [1])."""
+def _activation_and_weights() -> list[onnx.NodeProto]:
+    """Body prefix: xa (dequantized, clamped activation), ternary_groups [M, G, N] and scales3 [M, G, 1]."""
     return [
         helper.make_node("QuantizeLinear", ["X", "x_scale", "x_zero_point"], ["q"]),
         helper.make_node("DequantizeLinear", ["q", "x_scale", "x_zero_point"], ["xd"]),
@@ -49,23 +49,15 @@ def _input_and_constants() -> list[onnx.NodeProto]:
         helper.make_node("Mul", ["lo_levels", "x_scale"], ["lo"]),
         helper.make_node("Mul", ["hi_levels", "x_scale"], ["hi"]),
         helper.make_node("Clip", ["xd", "lo", "hi"], ["xa"]),
-        _const("minus_one", np.array([-1], np.int64)),
-        _const("zero_i", np.array([0], np.int64)),
-        _const("one_i", np.array([1], np.int64)),
-        _const("flat", np.array([0, -1], np.int64)),
-        _attr_const("n_scalar", "N", onnx.AttributeProto.INT),
-        helper.make_node("Reshape", ["n_scalar", "minus_one"], ["n"]),
-    ]
-
-
-def _ternary_weights() -> list[onnx.NodeProto]:
-    """ternary_groups [M, G, N] from the packed codes and scales3 [M, G, 1]."""
-    return [
         # 2-bit codes -> {-1, 0, +1}: four codes a byte, the first in the low bits.
         _const("shifts", np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4)),
         _const("three", np.array(3, np.uint8)),
         _const("one_u8", np.array(1, np.uint8)),
         _const("four", np.array(4.0, np.float32)),
+        _const("minus_one", np.array([-1], np.int64)),
+        _const("zero_i", np.array([0], np.int64)),
+        _const("one_i", np.array([1], np.int64)),
+        _const("flat", np.array([0, -1], np.int64)),
         helper.make_node("Unsqueeze", ["codes", "minus_one"], ["codes3"]),
         helper.make_node("BitShift", ["codes3", "shifts"], ["shifted"], direction="RIGHT"),
         helper.make_node("BitwiseAnd", ["shifted", "three"], ["code"]),
@@ -76,6 +68,8 @@ def _ternary_weights() -> list[onnx.NodeProto]:
         helper.make_node("Sub", ["code_f", "neg_offset"], ["ternary3"]),
         helper.make_node("Reshape", ["ternary3", "flat"], ["ternary"]),
         helper.make_node("Shape", ["scales"], ["groups"], start=1, end=2),
+        _attr_const("n_scalar", "N", onnx.AttributeProto.INT),
+        helper.make_node("Reshape", ["n_scalar", "minus_one"], ["n"]),
         helper.make_node("Mul", ["groups", "n"], ["groups_n"]),
         helper.make_node("Slice", ["ternary", "zero_i", "groups_n", "one_i"], ["ternary_used"]),
         helper.make_node("Concat", ["zero_i", "groups", "n"], ["group_shape"], axis=0),
@@ -94,16 +88,11 @@ def _group_scales(scales: str, row_scale: str, out: str) -> list[onnx.NodeProto]
     ]
 
 
-def _scaled_groups(features: set[str]) -> list[onnx.NodeProto]:
-    """wg [M, G, N] = ternary groups times their scale (+1 codes: scales; -1 codes: neg_scales when asymmetric);
-    for int8 weights (N = 1, no codes) the int8 `scales` times row_scale."""
-    if INT8 in features:
-        return _group_scales("scales", "row_scale", "wg")
-    asymmetric = ASYMMETRIC in features
+def _scaled_groups(asymmetric: bool) -> list[onnx.NodeProto]:
+    """wg [M, G, N] = ternary groups times their scale (+1 codes: scales; -1 codes: neg_scales when asymmetric)."""
     if not asymmetric:
-        return [*_ternary_weights(), helper.make_node("Mul", ["ternary_groups", "scales3"], ["wg"])]
+        return [helper.make_node("Mul", ["ternary_groups", "scales3"], ["wg"])]
     return [
-        *_ternary_weights(),
         *_group_scales("neg_scales", "neg_row_scale", "neg_scales3"),
         _const("zero_t", np.array(0.0, np.float32)),
         helper.make_node("Greater", ["ternary_groups", "zero_t"], ["is_pos"]),
@@ -257,16 +246,15 @@ def _attr_passthrough(name: str, kind: int) -> onnx.AttributeProto:
     return attr
 
 
-INT8 = "int8"  # node and function overload of int8 weights: `scales` int8 [M, G] under row_scale, N = 1, no codes
 ASYMMETRIC = "asymmetric"  # node and function overload of the bodies that read neg_scales
 RESIDUAL = "residual"  # TernaryConv nodes with a residual input (joined as "asymmetric-residual")
 ACTIVATIONS = ("relu", "clip", "hardsigmoid", "hardswish")  # values of the `activation` attribute, and overloads
 AFFINE = "affine"  # nodes with `activation_affine`
 
 
-def overload_name(asymmetric: bool, residual: bool, activation: str = "", affine: bool = False, int8: bool = False) -> str:
-    """The overload of a node: its features joined by "-", e.g. "asymmetric-residual-hardswish-affine", "int8-relu"."""
-    features = ((INT8, int8), (ASYMMETRIC, asymmetric), (RESIDUAL, residual), (activation, True), (AFFINE, affine))
+def overload_name(asymmetric: bool, residual: bool, activation: str = "", affine: bool = False) -> str:
+    """The overload of a node: its features joined by "-", e.g. "asymmetric-residual-hardswish-affine"."""
+    features = ((ASYMMETRIC, asymmetric), (RESIDUAL, residual), (activation, True), (AFFINE, affine))
     return "-".join(name for name, on in features if on and name)
 
 
@@ -278,9 +266,7 @@ def function_protos(opset: int, overload: str = "") -> list[onnx.FunctionProto]:
     input was given, nor compare a string attribute, so the asymmetric nodes
     (neg_scales and neg_row_scale given) carry the overload ASYMMETRIC and
     get the bodies of that overload (IR >= 10): onnxruntime picks the body by
-    (domain, name, overload) and the kernel by name alone. Nodes with int8
-    weights (no codes, int8 `scales`) carry INT8; their bodies dequantize
-    the int8 weights instead of unpacking codes. TernaryConv nodes
+    (domain, name, overload) and the kernel by name alone. TernaryConv nodes
     with a residual input (added before the ReLU) carry RESIDUAL too
     (overload_name); those overloads have only the conv body. Nodes with an
     `activation` carry its name (ACTIVATIONS), nodes with `activation_affine`
@@ -290,7 +276,7 @@ def function_protos(opset: int, overload: str = "") -> list[onnx.FunctionProto]:
     imports = [helper.make_opsetid("", opset)]
     common_attrs = ["N", "act_qmin", "act_qmax"]
     activation_attrs = ["activation", "activation_params", "activation_affine"]
-    weights = [*_input_and_constants(), *_scaled_groups(features)]
+    weights = [*_activation_and_weights(), *_scaled_groups(ASYMMETRIC in features)]
     out, finish = _finish(features)
 
     matmul = helper.make_function(

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from fgq_onnx.custom_op_functions import ASYMMETRIC, DOMAIN, INT8, RESIDUAL, attach_function_bodies, overload_name
+from fgq_onnx.custom_op_functions import ASYMMETRIC, DOMAIN, RESIDUAL, attach_function_bodies, overload_name
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, constant_array, float_attr, int_attr
 
 _OPS = ("TernaryConv", "TernaryGemm", "TernaryMatMul")
@@ -207,7 +207,7 @@ class FuseActivationPass(ir.passes.InPlacePass):
             return False
         features = node.overload.split("-")
         overload = overload_name(ASYMMETRIC in features, RESIDUAL in features, str(attrs.get("activation", "")),
-                                 affine is not None, int8=INT8 in features)
+                                 affine is not None)
         fused = ir.node(node.op_type, node.inputs, attrs, domain=DOMAIN, overload=overload, name=node.name)
         last = nodes[-1]
         ir.convenience.replace_nodes_and_values(graph, last, [node, *nodes], [fused], [last.outputs[0]], fused.outputs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from fgq_onnx.channel_fold import sole_consumer_op
-from fgq_onnx.custom_op_functions import ASYMMETRIC, DOMAIN, INPUTS, INT8, attach_function_bodies, overload_name
+from fgq_onnx.custom_op_functions import ASYMMETRIC, DOMAIN, INPUTS, attach_function_bodies, overload_name
 
 
 def _known_shape(value: ir.Value) -> bool:
@@ -56,8 +56,7 @@ class FuseResidualAddPass(ir.passes.InPlacePass):
         attrs = {name: attr.value for name, attr in conv.attributes.items()}
         attrs["relu"] = int(relu is not None)
         inputs = [*conv.inputs, *[None] * (len(INPUTS) - len(conv.inputs)), residual]
-        features = conv.overload.split("-")
-        overload = overload_name(ASYMMETRIC in features, residual=True, int8=INT8 in features)
+        overload = overload_name(ASYMMETRIC in conv.overload.split("-"), residual=True)
         fused = ir.node("TernaryConv", inputs, attrs, domain=DOMAIN, overload=overload, name=conv.name)
         old = [conv, add] + ([relu] if relu else [])
         ir.convenience.replace_nodes_and_values(graph, last, old, [fused], [last.outputs[0]], fused.outputs)

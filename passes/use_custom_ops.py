@@ -244,8 +244,9 @@ class UseCustomOpsPass(ir.passes.InPlacePass):
     model stores them (float32, float16, or uint8 under a row scale; a row
     scale of ones is written for float scales so every node has the same
     inputs as the FunctionProto). int8 weights (a per-channel DequantizeLinear
-    of int8 values, N = 1) become int8 `scales` rows under their row_scale with
-    no codes, overload "int8". Asymmetric weights (max(w+, 0) + min(w-, 0)
+    of int8 values, N = 1) become int8 `scales` rows under their row_scale and
+    one row of +1 codes shared by every row (the bodies' Mul broadcasts it), so
+    they need no overload of their own. Asymmetric weights (max(w+, 0) + min(w-, 0)
     of two DequantizeLinear sharing the codes) also get neg_scales and
     neg_row_scale, and the overload "asymmetric" whose bodies read them. Q/DQ, Clip and
     weight nodes left without consumers are removed with their initializers;
@@ -333,8 +334,8 @@ class UseCustomOpsPass(ir.passes.InPlacePass):
         if any(r is not None and r.shape != (m,) for r in weight.row_scales):
             return "row scale does not have one value per output row"
         label = node.name or node.outputs[0].name
-        if weight.int8:  # no codes: `scales` holds the int8 rows (docs/custom-ops.md, "int8 weights")
-            codes = None
+        if weight.int8:  # `scales` holds the int8 rows, one row of +1 codes serves them all (docs/custom-ops.md, "int8 weights")
+            codes = add_initializer(graph, f"{label}.shared_codes", pack_rows(np.ones((1, groups.shape[1]), np.int8)))
             scale_inputs = [add_initializer(graph, f"{label}.int8_weights", groups.reshape(m, -1)),
                             add_initializer(graph, f"{label}.row_scale", weight.row_scales[0]), None, None]
         else:
@@ -352,7 +353,7 @@ class UseCustomOpsPass(ir.passes.InPlacePass):
         if relu is not None:  # TernaryConv applies the ReLU itself
             attrs["relu"] = 1
             old_nodes, old_output = [node, relu], relu.outputs[0]
-        overload = overload_name(asymmetric=len(scales) > 1, residual=False, int8=weight.int8)
+        overload = overload_name(asymmetric=len(scales) > 1, residual=False)
         new = ir.node(OPS[node.op_type], inputs, attrs, domain=DOMAIN, overload=overload, name=label)
         ir.convenience.replace_nodes_and_values(graph, node, old_nodes, [new], [old_output], new.outputs)
         return None

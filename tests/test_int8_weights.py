@@ -4,7 +4,7 @@ For each layer kind (Conv 3x3, 1x1, strided, depthwise, grouped; Gemm with
 transB 0 and 1; MatMul) converted at N=1: the qdq model's weight is the
 standard per-channel DequantizeLinear of int8 codes equal to a numpy absmax
 quantization; the custom model's node takes those codes as int8 `scales`
-with no `codes`; and the library, the function body, the qdq model and a
+under one shared row of +1 `codes`; and the library, the function body, the qdq model and a
 float model fed the numpy-dequantized weight and activation agree. Then
 the bytes the report and --n auto count, the old N=1 ternary form giving
 the same outputs, onnx-graphsurgeon's round trip, and malformed int8 nodes
@@ -105,16 +105,14 @@ def test_qdq_weight_is_per_channel_int8(converted):
     assert not [t for t in proto.graph.initializer if t.data_type in (TensorProto.INT2, TensorProto.UINT8) and t.name.startswith("w.")]
 
 
-def test_custom_node_takes_int8_rows_without_codes(converted):
+def test_custom_node_takes_int8_rows_under_one_row_of_codes(converted):
     name, weight, models, _, _ = converted
     proto, axis = models["custom"], LAYERS[name][4]
     (node,) = [n for n in proto.graph.node if n.domain == "com.fgq"]
-    assert node.overload == "int8" and node.input[3] == ""  # no codes
-    rows = _initializer(proto, node.input[4])
-    row_scale = _initializer(proto, node.input[5])
+    rows, row_scale = _initializer(proto, node.input[4]), _initializer(proto, node.input[5])
     assert rows.dtype == np.int8 and rows.shape == (weight.shape[axis], weight.size // weight.shape[axis])
-    assert row_scale.shape == (weight.shape[axis],)
-    assert {(f.name, f.overload) for f in proto.functions} >= {(node.op_type, "int8")}
+    assert row_scale.shape == (weight.shape[axis],) and node.overload == ""  # the ternary ops' own body
+    np.testing.assert_array_equal(_initializer(proto, node.input[3]), pack_rows(np.ones((1, rows.shape[1]))))  # one shared row of +1
 
 
 def _dequantized_input(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -197,7 +195,7 @@ K, M = 20, 6
 def _int8_inputs(rng, m=M, k=K):
     weights = rng.integers(-127, 128, (m, k)).astype(np.int8)
     weights[0, 0], weights[-1, -1] = 127, -127
-    return dict(x_scale=np.float32(0.05), x_zero_point=np.uint8(128), scales=weights,
+    return dict(x_scale=np.float32(0.05), x_zero_point=np.uint8(128), codes=pack_rows(np.ones((1, k))), scales=weights,
                 row_scale=rng.uniform(0.01, 0.1, m).astype(np.float32))
 
 
@@ -205,6 +203,13 @@ def _as_ternary(inputs: dict) -> dict:
     """The same weights in the N=1 ternary form older files hold: 2-bit signs, uint8 magnitudes."""
     weights = inputs["scales"].astype(np.int16)
     return {**inputs, "codes": pack_rows(np.sign(weights)), "scales": np.abs(weights).astype(np.uint8)}
+
+
+def _codes(*values: int, k: int = K) -> np.ndarray:
+    """One shared row of +1 codes with `values` at its start."""
+    row = np.ones((1, k))
+    row[0, : len(values)] = values
+    return pack_rows(row)
 
 
 @pytest.mark.parametrize("kernel", [None, "ref"])
@@ -218,7 +223,7 @@ def test_int8_form_equals_the_old_ternary_form(kernel):
     outputs = [runtime.inference_session(build_model("TernaryMatMul", inputs, dict(N=1, K=K), [9, K]).SerializeToString(),
                                          kernel=kernel).run(None, {"X": x})[0] for inputs in (int8, _as_ternary(int8))]
     np.testing.assert_array_equal(outputs[0], outputs[1])
-    conv = dict(x_scale=np.float32(0.05), x_zero_point=np.uint8(128), **{k: v for k, v in _int8_inputs(rng, 4, 9).items() if k in ("scales", "row_scale")})
+    conv = _int8_inputs(rng, 4, 9)
     attrs = dict(N=1, weight_shape=[4, 1, 3, 3], group=4, pads=[1, 1, 1, 1])
     xc = rng.normal(0, 2, (1, 4, 6, 6)).astype(np.float32)
     depthwise = [runtime.inference_session(build_model("TernaryConv", inputs, attrs, [1, 4, 6, 6]).SerializeToString(),
@@ -248,10 +253,15 @@ BAD[2, 7] = -128
         (dict(scales=BAD), {}, "-128"),
         (dict(row_scale=np.ones(M + 1, np.float32)), {}, "row_scale shape"),
         (dict(row_scale=None), {}, "need the row_scale"),
-        (dict(codes=np.zeros((M, 5), np.uint8)), {}, "take no codes"),
+        (dict(codes=pack_rows(np.ones((M, K)))), {}, "codes of one row"),
+        (dict(codes=pack_rows(np.ones((1, K + 4)))), {}, "codes of one row"),
+        (dict(codes=None), {}, "input 3"),  # onnxruntime refuses it: codes is a required input
+        (dict(codes=_codes(1, 0)), {}, "all +1"),
+        (dict(codes=_codes(-1)), {}, "all +1"),
+        (dict(codes=np.full((1, 5), 0xFF, np.uint8)), {}, "all +1"),
+        (dict(codes=_codes(k=K - 1)), {}, "all +1"),  # 19 codes, then a zero where the 20th +1 is due
         (dict(neg_scales=np.ones((M, K), np.int8)), {}, "no neg_scales"),
         ({}, dict(N=2), "need N = 1"),
-        (dict(scales=np.ones((M, K), np.uint8)), {}, "codes is a required input"),
     ],
 )
 def test_malformed_int8_nodes_fail_with_an_error(change, attrs, match):
@@ -262,7 +272,7 @@ def test_malformed_int8_nodes_fail_with_an_error(change, attrs, match):
 def test_malformed_int8_weights_at_run_time_and_in_a_conv():
     inputs = _int8_inputs(np.random.default_rng(9)) | dict(scales=BAD)
     model = build_model("TernaryMatMul", inputs, dict(N=1, K=K), [2, K], constant=False)
-    _expect_error(model, {"X": np.ones((2, K), np.float32), "scales": BAD, "row_scale": inputs["row_scale"]}, "-128")
-    conv = _int8_inputs(np.random.default_rng(10), 4, 10)  # weight_shape [4, 1, 3, 3] has 9 taps a row
+    _expect_error(model, {"X": np.ones((2, K), np.float32), **{name: inputs[name] for name in ("codes", "scales", "row_scale")}}, "-128")
+    conv = _int8_inputs(np.random.default_rng(10), 4, 10) | dict(codes=_codes(k=9))  # weight_shape [4, 1, 3, 3]: 9 taps a row
     _expect_error(build_model("TernaryConv", conv, dict(N=1, weight_shape=[4, 1, 3, 3], group=4), [1, 4, 6, 6]),
                   {"X": np.ones((1, 4, 6, 6), np.float32)}, "int8 weights (scales) shape")

@@ -1,5 +1,7 @@
 #include "op_common.h"
 
+#include "fgq/packed_format.h"
+
 #include <algorithm>
 #include <cmath>
 #include <mutex>
@@ -286,7 +288,7 @@ void TernaryKernelBase::init_weights(const OrtKernelInfo* info, const ReductionL
   const size_t indices[5] = {kCodes, kScales, kRowScale, kNegScales, kNegRowScale};
   for (int i = 0; i < 5; ++i)
     if (!constant_input(info, indices[i], &values[i])) return;  // not constant: repack per call
-  if (!values[1]) return;  // codes may be omitted: int8 weights (repack checks)
+  if (!values[0] || !values[1]) return;
   auto p = std::make_shared<Planes>();
   repack(view(values[0]), view(values[1]), view(values[2]), view(values[3]), view(values[4]), p.get());
   constant_planes_ = std::move(p);
@@ -311,9 +313,8 @@ static ScaleType scale_type_of(const Tensor& t, const char* what) {
 void TernaryKernelBase::repack(const Tensor& codes, const Tensor& scales, const Tensor& row_scale,
                                const Tensor& neg_scales, const Tensor& neg_row_scale, Planes* out) const {
   const int64_t G = layout_.groups();
-  if (!scales.present) fail("scales is a required input");
+  if (!codes.present || !scales.present) fail("codes and scales are required inputs");
   if (scales.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) return repack_int8(codes, scales, row_scale, neg_scales, neg_row_scale, out);
-  if (!codes.present) fail("codes is a required input (only int8 weights, int8 scales, omit it)");
   if (codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) fail("codes must be uint8");
   if (codes.shape.size() != 2) fail("codes must be 2-D [M, row_bytes], got " + shape_string(codes.shape));
   const int64_t rows_ = this->rows_ >= 0 ? this->rows_ : codes.shape[0];
@@ -357,13 +358,21 @@ void TernaryKernelBase::repack(const Tensor& codes, const Tensor& scales, const 
   }
 }
 
-// int8 weights (docs/custom-ops.md, "int8 weights"): no codes, `scales` int8 [M, G] under row_scale [M], N = 1.
+// int8 weights (docs/custom-ops.md, "int8 weights"): N = 1, `scales` int8 [M, G] holding the signed weights
+// under row_scale [M], `codes` one row [1, ceil(G/4)] of +1 codes that every row shares.
 void TernaryKernelBase::repack_int8(const Tensor& codes, const Tensor& weights, const Tensor& row_scale,
                                     const Tensor& neg_scales, const Tensor& neg_row_scale, Planes* out) const {
-  if (codes.present) fail("int8 weights (int8 scales) take no codes input");
-  if (neg_scales.present || neg_row_scale.present) fail("int8 weights take no neg_scales or neg_row_scale");
-  if (layout_.n != 1) fail("int8 weights need N = 1, got N = " + std::to_string(layout_.n));
-  const int64_t G = layout_.groups();
+  if (neg_scales.present || neg_row_scale.present) fail("int8 weights (int8 scales) take no neg_scales or neg_row_scale");
+  if (layout_.n != 1) fail("int8 weights (int8 scales) need N = 1, got N = " + std::to_string(layout_.n));
+  const int64_t G = layout_.groups(), row_bytes = (G + 3) / 4;
+  if (codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || codes.shape.size() != 2 || codes.shape[0] != 1 ||
+      codes.shape[1] != row_bytes)
+    fail("int8 weights take codes of one row, uint8 [1, ceil(G/4)] = [1, " + std::to_string(row_bytes) + "], got " +
+         shape_string(codes.shape));
+  const uint8_t* shared = codes.as<uint8_t>();
+  for (int64_t g = 0; g < row_bytes * 4; ++g)
+    if (packed::code_at(shared, static_cast<uint64_t>(g)) != (g < G ? packed::kCodePlus : packed::kCodeZero))
+      fail("int8 weights take codes that are all +1 (and zero after the row's end)");
   const int64_t rows = rows_ >= 0 ? rows_ : (weights.shape.size() == 2 ? weights.shape[0] : -1);
   if (weights.shape.size() != 2 || weights.shape[0] != rows || weights.shape[1] != G)
     fail("int8 weights (scales) shape " + shape_string(weights.shape) + " does not match [M, G] = " +

@@ -12,7 +12,7 @@ constexpr ONNXTensorElementDataType kU8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
 
 // X, x_scale, x_zero_point, codes, scales, row_scale, neg_scales, neg_row_scale, bias, residual
 constexpr ONNXTensorElementDataType kInputTypes[kMaxInputs] = {kAny, kF32, kAny, kU8, kAny, kF32, kAny, kF32, kF32, kF32};
-constexpr bool kOptional[kMaxInputs] = {false, false, false, true, false, true, true, true, true, true};  // codes: not for int8 weights
+constexpr bool kOptional[kMaxInputs] = {false, false, false, false, false, true, true, true, true, true};
 
 class MatMulKernel;
 class GemmKernel;
