@@ -136,8 +136,9 @@ def dequantize_nodes(node: ir.Node, weight: ir.Value, ternary: TernaryWeight, st
     """Nodes that rebuild the float weight from its codes and stored scales; returns them and their output.
 
     int8 weights (is_int8): one per-channel DequantizeLinear(int8 weight, float32
-    row_scale [M], axis = the output-row axis), the standard form onnxruntime
-    fuses into its int8 kernels (then `storage` does not apply). Otherwise:
+    row_scale [M], int8 zero point [M] of zeros, axis = the output-row axis), the
+    standard form onnxruntime fuses into its int8 kernels (then `storage` does
+    not apply). Otherwise:
 
     `scales` holds the stored group scales (two for the asymmetric method: + then -).
     f32: the scales are an initializer (in the weight's dtype). f16: a float16
@@ -199,7 +200,9 @@ def _int8_nodes(node: ir.Node, weight: ir.Value, ternary: TernaryWeight, stored:
     graph, base = node.graph, weight.name
     values = add_initializer(graph, f"{base}.int8", int8_values(ternary, stored))
     row_scale = add_initializer(graph, f"{base}.row_scale", stored.row_scale)
-    nodes = [ir.node("DequantizeLinear", [values, row_scale], {"axis": row_axis(ternary.layout)}, name=f"{label}/dequantize_weight")]
+    # An explicit zero point: onnxruntime's exact x64 int8 path (evaluate.X64_QUANT_PRECISION) fails without one.
+    zero = add_initializer(graph, f"{base}.zero_point", np.zeros(stored.row_scale.shape, np.int8))
+    nodes = [ir.node("DequantizeLinear", [values, row_scale, zero], {"axis": row_axis(ternary.layout)}, name=f"{label}/dequantize_weight")]
     dtype = weight.const_value.dtype.numpy()
     if dtype != np.float32:
         nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.from_numpy(dtype)}, name=f"{label}/cast_weight"))
