@@ -31,7 +31,7 @@ asan_runtime="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc+
 FGQ_OPS_LIBRARY="$PWD/$build/libfgq_ops.so" LD_PRELOAD="$asan_runtime" \
   pytest -q -p no:cacheprovider tests/test_runtime_ops.py tests/test_runtime_malformed.py tests/test_runtime_golden.py tests/test_custom_format.py \
   tests/test_runtime_depthwise.py tests/test_runtime_folded_extremes.py tests/test_runtime_narrow_conv.py \
-  tests/test_runtime_activation.py
+  tests/test_runtime_activation.py tests/test_int8_weights.py
 
 echo "== sanitizers: fuzzed com.fgq nodes (each case in a worker process under ASan/UBSan: an abort fails the test)"
 FGQ_OPS_LIBRARY="$PWD/$build/libfgq_ops.so" LD_PRELOAD="$asan_runtime" FGQ_FUZZ_EXAMPLES="${FGQ_FUZZ_EXAMPLES:-60}" \

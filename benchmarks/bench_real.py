@@ -165,7 +165,7 @@ class Variants:
 
 
 def layer_mix(layers) -> str:
-    """The per-layer choice, e.g. "N=4 x40, 8-bit x3, fp32 x2" (8-bit: N=1, a u8 code per weight)."""
+    """The per-layer choice, e.g. "N=4 x40, 8-bit x3, fp32 x2" (8-bit: N=1, int8 per-channel weights)."""
     counts: dict[str, int] = {}
     for layer in layers:
         kind = "fp32" if not layer.converted else ("8-bit" if layer.n == 1 else f"N={layer.n}")

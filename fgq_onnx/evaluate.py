@@ -32,6 +32,9 @@ from fgq_onnx.fidelity import Fidelity, OutputFidelity
 
 CUSTOM_DOMAIN = "com.fgq"
 TOP_K = 5
+# onnxruntime's x64 int8 kernels add u8 x s8 pairs in int16, which saturates without VNNI when int8 weights
+# use their whole [-127, 127] range (a layer planned 8-bit in the qdq format); this entry makes them exact.
+X64_QUANT_PRECISION = "session.x64quantprecision"
 
 
 # -- sessions -----------------------------------------------------------------
@@ -128,6 +131,7 @@ def open_session(path: str | Path, extra_outputs: Sequence[str] = (), *, optimiz
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.add_session_config_entry(X64_QUANT_PRECISION, "1")
     if CUSTOM_DOMAIN in _node_domains(proto):
         needed = _ops_without_body(proto)
         try:

@@ -1,7 +1,9 @@
 """Mixed group sizes under an accuracy budget: `--n auto --max-drop D`, or a fidelity one: `--n auto --min-sqnr DB`.
 
-Under --min-sqnr (with u8 scales) a layer may also get 8-bit weights (N=1: one
-u8 magnitude per weight under the row scale, an int8 row); the proxy below is
+Under --min-sqnr (with u8 scales) a layer may also get 8-bit weights (N=1:
+groups of one under u8 scale codes, which TernarizeWeightsPass stores as int8
+per-channel weights, 8 bits a weight and a float32 scale a row, their bytes
+and error as written); the proxy below is
 the output noise ratio instead of the KL, and a plan is measured by a lower
 confidence bound of its output's SQNR on the calibration samples, the chosen
 plan then checked on the held-out ones (step 3).
@@ -58,7 +60,7 @@ from fgq_onnx.report import LayerRecord
 from fgq_onnx.ternary import Method
 
 KEEP = 0  # a plan's N for a layer kept fp32
-EIGHT_BIT = 1  # a plan's N for 8-bit weights: with u8 scales, groups of one are int8 weights under a row scale
+EIGHT_BIT = 1  # a plan's N for 8-bit weights: with u8 scales, groups of one are stored as int8 per-channel weights
 Step = Callable[[str, int, int | None], None]  # (phase, advance, total)
 
 

@@ -41,7 +41,7 @@ def _gain_target(dq: ir.Node) -> tuple[ir.Node, int] | None:
     """Where a gain per output row goes: (node, axis of its scale input 1 that runs along the rows).
 
     Float group scales (f32/f16) are a constant [.., rows, ..] input of the
-    weight DequantizeLinear; uint8 group scales are decoded by a second
+    weight DequantizeLinear, as is int8 weights' per-channel row scale [M]; uint8 group scales are decoded by a second
     DequantizeLinear whose per-row float32 scale takes the gain instead.
     """
     scales = dq.inputs[1]
@@ -50,6 +50,8 @@ def _gain_target(dq: ir.Node) -> tuple[ir.Node, int] | None:
     axis = dq.attributes["axis"].as_int() if "axis" in dq.attributes else 1
     if constant_array(scales) is not None:
         rank = len(constant_array(scales).shape)
+        if rank == 1:  # int8 weights: the per-channel scale is the row scale
+            return dq, 0
         return dq, (0 if axis % rank != 0 else 1)  # the weight axis that is not the reduction
     decode = scales.producer()
     if decode is not None and decode.op_type == "DequantizeLinear" and constant_array(decode.inputs[1]) is not None and constant_array(decode.inputs[1]).ndim == 1 and len(decode.inputs[1].uses()) == 1:

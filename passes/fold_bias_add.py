@@ -17,7 +17,7 @@ from fgq_onnx.custom_op_functions import DOMAIN, INPUTS
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, float_attr, int_attr
 
 _BIAS = INPUTS.index("bias")
-_CODES = INPUTS.index("codes")
+_ROW_SCALE = INPUTS.index("row_scale")  # [M]: every node has it (int8 weights have no codes)
 
 
 def _output_rank(node: ir.Node) -> int:
@@ -36,8 +36,8 @@ def _foldable(node: ir.Node) -> bool:
         return False
     if node.op_type == "TernaryGemm" and float_attr(node, "beta", 1.0) != 1.0:
         return False
-    codes = node.inputs[_CODES] if len(node.inputs) > _CODES else None
-    return codes is not None and codes.const_value is not None and len(codes.const_value.shape) == 2
+    row_scale = node.inputs[_ROW_SCALE] if len(node.inputs) > _ROW_SCALE else None
+    return row_scale is not None and row_scale.const_value is not None and len(row_scale.const_value.shape) == 1
 
 
 def _constant(value: ir.Value) -> np.ndarray | None:
@@ -63,7 +63,7 @@ def _shift(node: ir.Node, add: ir.Node) -> np.ndarray | None:
     if values is None or values.dtype != np.float32:
         return None
     rank = _output_rank(node)
-    return channel_vector(values, node.inputs[_CODES].const_value.shape[0], rank, 1 if node.op_type == "TernaryConv" else rank - 1)
+    return channel_vector(values, node.inputs[_ROW_SCALE].const_value.shape[0], rank, 1 if node.op_type == "TernaryConv" else rank - 1)
 
 
 class FoldBiasAddPass(ir.passes.InPlacePass):
@@ -83,7 +83,7 @@ class FoldBiasAddPass(ir.passes.InPlacePass):
     uses are removed. Only float rounding changes (one addition is folded
     into constants).
 
-    Requires: com.fgq nodes with constant codes (UseCustomOpsPass).
+    Requires: com.fgq nodes with a constant row_scale (UseCustomOpsPass writes one).
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

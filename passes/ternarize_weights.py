@@ -116,8 +116,29 @@ def macs_per_sample(node: ir.Node, params: int) -> int:
     return params * int(np.prod(list(shape[2:])))
 
 
+def is_int8(layout: GroupLayout, scales: list[StoredScales]) -> bool:
+    """Whether a ternary weight is stored as int8 weights: groups of one under one set of uint8 scale codes.
+
+    Then every decoded weight is row_scale[m] * q * t with t * q in [-127, 127]:
+    a symmetric per-channel int8 weight (8 bits a weight, not a 2-bit code and a
+    uint8 code). Asymmetric weights (two sets of scales) keep the ternary form.
+    """
+    return layout.n == 1 and not layout.flatten and len(scales) == 1 and scales[0].format == "u8"
+
+
+def int8_values(ternary: TernaryWeight, stored: StoredScales) -> np.ndarray:
+    """The int8 weight t * q of an is_int8 weight, in the weight's own shape."""
+    layout = ternary.layout
+    return layout.ungroup(ternary.codes.astype(np.int16) * stored.values.astype(np.int16)[..., None]).astype(np.int8)
+
+
 def dequantize_nodes(node: ir.Node, weight: ir.Value, ternary: TernaryWeight, storage: str, scales: list[StoredScales]) -> tuple[list[ir.Node], ir.Value]:
     """Nodes that rebuild the float weight from its codes and stored scales; returns them and their output.
+
+    int8 weights (is_int8): one per-channel DequantizeLinear(int8 weight, float32
+    row_scale [M], int8 zero point [M] of zeros, axis = the output-row axis), the
+    standard form onnxruntime fuses into its int8 kernels (then `storage` does
+    not apply). Otherwise:
 
     `scales` holds the stored group scales (two for the asymmetric method: + then -).
     f32: the scales are an initializer (in the weight's dtype). f16: a float16
@@ -130,6 +151,8 @@ def dequantize_nodes(node: ir.Node, weight: ir.Value, ternary: TernaryWeight, st
     label = node.name or node.outputs[0].name  # node names must be unique; exporters may leave them empty
     layout = ternary.layout
     dtype = weight.const_value.dtype.numpy()
+    if is_int8(layout, scales):
+        return _int8_nodes(node, weight, ternary, scales[0], label)
     codes = layout.ungroup(ternary.codes).reshape(layout.work_shape)
     base = weight.name
     codes_value = add_initializer(graph, f"{base}.ternary_codes", ir.tensor(codes.astype(_STORAGE_DTYPE[storage])))
@@ -171,6 +194,21 @@ def dequantize_nodes(node: ir.Node, weight: ir.Value, ternary: TernaryWeight, st
     output = nodes[-1].outputs[0]
     output.name = f"{base}.ternary"
     return nodes, output
+
+
+def _int8_nodes(node: ir.Node, weight: ir.Value, ternary: TernaryWeight, stored: StoredScales, label: str) -> tuple[list[ir.Node], ir.Value]:
+    graph, base = node.graph, weight.name
+    values = add_initializer(graph, f"{base}.int8", int8_values(ternary, stored))
+    row_scale = add_initializer(graph, f"{base}.row_scale", stored.row_scale)
+    # An explicit zero point: onnxruntime's exact x64 int8 path (evaluate.X64_QUANT_PRECISION) fails without one.
+    zero = add_initializer(graph, f"{base}.zero_point", np.zeros(stored.row_scale.shape, np.int8))
+    nodes = [ir.node("DequantizeLinear", [values, row_scale, zero], {"axis": row_axis(ternary.layout)}, name=f"{label}/dequantize_weight")]
+    dtype = weight.const_value.dtype.numpy()
+    if dtype != np.float32:
+        nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.from_numpy(dtype)}, name=f"{label}/cast_weight"))
+        nodes[0].outputs[0].name = unique_name(graph, f"{base}.dequantized")
+    nodes[-1].outputs[0].name = f"{base}.int8_weight"
+    return nodes, nodes[-1].outputs[0]
 
 
 class TernarizeWeightsPass(ir.passes.InPlacePass):
@@ -277,8 +315,11 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         record.groups = int(ternary.scale.size)
         record.short_group = short
         dtype = weight.const_value.dtype.numpy()  # f32 scales are stored in the weight's own float type
-        record.code_bytes = -(-array.size * (2 if self.storage == "int2" else 8) // 8)
-        record.scale_bytes = sum(s.values.size * dtype.itemsize if s.format == "f32" else s.nbytes for s in stored)
+        if is_int8(layout, stored):  # 8 bits a weight and a float32 scale a row
+            record.grouping, record.code_bytes, record.scale_bytes = "int8 per channel", array.size, stored[0].row_scale.nbytes
+        else:
+            record.code_bytes = -(-array.size * (2 if self.storage == "int2" else 8) // 8)
+            record.scale_bytes = sum(s.values.size * dtype.itemsize if s.format == "f32" else s.nbytes for s in stored)
         record.sqnr_db = TernaryWeight(layout, ternary.codes, *(s.decoded for s in stored)).sqnr_db(array, dtype)  # exactly what the graph computes
         record.source = weight.metadata_props.get(DEQUANTIZED_MARK, "")
         notes = [f"from {record.source}" if record.source else "", narrow_note]

@@ -99,6 +99,7 @@ class _Weight:
     n: int
     flattened: bool
     shape: tuple[int, ...]  # the weight's shape as the linear node sees it
+    int8: bool = False  # int8 weights: `codes` holds the int8 values, `row_scales` their per-channel scale, n = 1
 
 
 def _match_scales(value: ir.Value) -> tuple[np.ndarray, np.ndarray | None] | str:
@@ -161,7 +162,35 @@ def _match_dequantize(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray
     return dq.inputs[0], scales[0], scales[1], block, int_attr(dq, "axis", 1)
 
 
+def _match_int8(value: ir.Value) -> _Weight | str | None:
+    """Per-channel DequantizeLinear(constant int8 weight, float32 [M] scale, axis = the output-row axis) -> int8
+    weights; None when `value` is not that form (then it may still be ternary)."""
+    dq = _producer(value, "DequantizeLinear")
+    if dq is None or len(dq.inputs) < 2 or int_attr(dq, "block_size", 0) != 0:
+        return None
+    values, scale = constant_array(dq.inputs[0]), constant_array(dq.inputs[1])
+    if values is None or values.dtype != np.int8 or scale is None or scale.ndim != 1 or values.ndim < 2:
+        return None
+    row_axis = int_attr(dq, "axis", 1) % values.ndim
+    if scale.dtype != np.float32 or scale.shape != (values.shape[row_axis],):
+        return "int8 weight scale is not float32, one per output row"
+    if values.ndim > 2 and row_axis != 0:
+        return "int8 Conv weight is not scaled per output channel"
+    if len(dq.inputs) > 2 and dq.inputs[2] is not None:
+        zero = constant_array(dq.inputs[2])
+        if zero is None or np.any(zero != 0):
+            return "int8 weight has a non-zero zero point"
+    if np.any(values == -128):
+        return "int8 weight holds -128 (the custom ops take [-127, 127])"
+    reduction = 1 if values.ndim > 2 else 1 - row_axis
+    return _Weight(values, [], [scale], reduction, 1, False, tuple(values.shape), int8=True)
+
+
 def _match_weight(value: ir.Value) -> _Weight | str:
+    cast = _producer(value, "Cast")
+    int8 = _match_int8(cast.inputs[0] if cast is not None else value)  # float16 models: a Cast after it
+    if int8 is not None:
+        return int8
     flattened, target = False, None
     reshape = _producer(value, "Reshape")
     if reshape is not None:
@@ -214,7 +243,10 @@ class UseCustomOpsPass(ir.passes.InPlacePass):
     (quantized inside the op), packed codes, and the group scales as the qdq
     model stores them (float32, float16, or uint8 under a row scale; a row
     scale of ones is written for float scales so every node has the same
-    inputs as the FunctionProto). Asymmetric weights (max(w+, 0) + min(w-, 0)
+    inputs as the FunctionProto). int8 weights (a per-channel DequantizeLinear
+    of int8 values, N = 1) become int8 `scales` rows under their row_scale and
+    one row of +1 codes shared by every row (the bodies' Mul broadcasts it), so
+    they need no overload of their own. Asymmetric weights (max(w+, 0) + min(w-, 0)
     of two DequantizeLinear sharing the codes) also get neg_scales and
     neg_row_scale, and the overload "asymmetric" whose bodies read them. Q/DQ, Clip and
     weight nodes left without consumers are removed with their initializers;
@@ -302,12 +334,17 @@ class UseCustomOpsPass(ir.passes.InPlacePass):
         if any(r is not None and r.shape != (m,) for r in weight.row_scales):
             return "row scale does not have one value per output row"
         label = node.name or node.outputs[0].name
-        codes = add_initializer(graph, f"{label}.packed_codes", pack_rows(groups.reshape(m, -1)))
-        scale_inputs = []
-        for suffix, array, row_scale in zip(("", "_neg"), scales, weight.row_scales):
-            scale_inputs.append(add_initializer(graph, f"{label}.packed_scales{suffix}", array))
-            scale_inputs.append(add_initializer(graph, f"{label}.row_scale{suffix}", row_scale if row_scale is not None else np.ones(m, np.float32)))
-        scale_inputs += [None] * (4 - len(scale_inputs))
+        if weight.int8:  # `scales` holds the int8 rows, one row of +1 codes serves them all (docs/custom-ops.md, "int8 weights")
+            codes = add_initializer(graph, f"{label}.shared_codes", pack_rows(np.ones((1, groups.shape[1]), np.int8)))
+            scale_inputs = [add_initializer(graph, f"{label}.int8_weights", groups.reshape(m, -1)),
+                            add_initializer(graph, f"{label}.row_scale", weight.row_scales[0]), None, None]
+        else:
+            codes = add_initializer(graph, f"{label}.packed_codes", pack_rows(groups.reshape(m, -1)))
+            scale_inputs = []
+            for suffix, array, row_scale in zip(("", "_neg"), scales, weight.row_scales):
+                scale_inputs.append(add_initializer(graph, f"{label}.packed_scales{suffix}", array))
+                scale_inputs.append(add_initializer(graph, f"{label}.row_scale{suffix}", row_scale if row_scale is not None else np.ones(m, np.float32)))
+            scale_inputs += [None] * (4 - len(scale_inputs))
         inputs = [act.source, act.scale, act.zero_point, codes, *scale_inputs, bias]
         while inputs[-1] is None:
             inputs.pop()

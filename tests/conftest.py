@@ -166,6 +166,9 @@ def run_ort(path: Path, feeds: dict[str, np.ndarray], optimization: str = "all")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
+    from fgq_onnx.evaluate import X64_QUANT_PRECISION
+
+    options.add_session_config_entry(X64_QUANT_PRECISION, "1")  # int8 weights' layers exact (see there)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 

@@ -268,7 +268,7 @@ def test_custom_format(converted, tmp_path, name):
     onnx.checker.check_model(str(custom.output))
     model = onnx.load(str(custom.output))
     fgq_nodes = [n for n in model.graph.node if n.domain == "com.fgq"]
-    assert len(fgq_nodes) == sum(1 for n in onnx.load(str(qdq.output)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1].endswith(".ternary"))
+    assert len(fgq_nodes) == sum(1 for n in onnx.load(str(qdq.output)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1].endswith((".ternary", ".int8_weight")))
     for node in model.graph.node:
         for attribute in node.attribute:
             if attribute.HasField("g"):

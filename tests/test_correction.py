@@ -184,7 +184,7 @@ def _channel_stats(model_or_path, names, feeds):
     extra = [values[n] for n in names if not values[n].is_graph_output()]
     model.graph.outputs.extend(extra)
     try:
-        outputs = run(model, feeds)
+        outputs = run(model, feeds, as_written=True)  # the stem has int8 weights (see run)
         outputs = dict(zip([v.name for v in model.graph.outputs], outputs))
     finally:
         for value in extra:

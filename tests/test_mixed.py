@@ -277,7 +277,7 @@ def test_min_sqnr_needs_held_out_samples_and_one_budget(tiny):
 
 def test_min_sqnr_gives_an_unternarizable_layer_8_bit_weights(tmp_path, kit):
     """A layer of Gaussian weights loses ~10 dB ternary at any N, so a 30 dB budget needs it 8-bit or fp32:
-    8-bit (N=1 under u8 scales: an int8 row) is the smaller; the exact-ternary layer stays ternary."""
+    8-bit (N=1 under u8 scales: int8 per-channel weights) is the smaller; the exact-ternary layer stays ternary."""
     rng = np.random.default_rng(2)
     ternary = kit.ternary_exact_weight(rng, (32, 48), 0, 4) * np.float32(0.5)
     weights = {"w0": ternary * (1 + rng.normal(0, 1e-3, ternary.shape)).astype(np.float32),  # noise: not taken as already ternary
@@ -292,7 +292,8 @@ def test_min_sqnr_gives_an_unternarizable_layer_8_bit_weights(tmp_path, kit):
     assert report.search["plan"] == {"mm0": 4, "mm1": 1} and "8-bit x1" in report.search["plan_summary"]
     assert report.fidelity.main.sqnr_db >= 30.0
     records = {r.node: r for r in report.layers}
-    assert records["mm1"].n == 1 and records["mm1"].scale_bytes == 48 * 10 + 4 * 10  # a u8 code per weight, a row scale per output
+    assert records["mm1"].n == 1 and records["mm1"].grouping == "int8 per channel"
+    assert (records["mm1"].code_bytes, records["mm1"].scale_bytes) == (48 * 10, 4 * 10)  # a byte a weight, a float32 scale per output
     x = rng.normal(0, 1, (64, 32)).astype(np.float32)
     from fgq_onnx import runtime
 

@@ -655,6 +655,96 @@ void test_folded_tiles(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::printf("folded tiles: %d cases bit-exact\n", cases);
 }
 
+// int8 weights (repack_int8_weights, N = 1) on every path, bit for bit against the int8 GEMM written
+// out: y[b, m] = scale * row_scale[m] * (sum_k w[m, k] * xs[b, k] + offset * sum_k w[m, k]). Power-of-two
+// row and output scales keep every float sum exact (|sum| <= 127 * 128 * 130 * 2 < 2^24). The code path
+// (kernel-order rows) and, where the path has it, the folded form (natural unsigned rows); the weights
+// take +-127, 0 and the other codes. Also the rejects: -128, N != 1, no row_scale.
+void test_int8_weights(const std::vector<const fgq::KernelDispatch*>& ps) {
+  std::mt19937 rng(8);
+  int cases = 0;
+  for (int64_t M : {1, 3, 17, 33})
+    for (int64_t k : {1, 5, 15, 16, 17, 63, 64, 65, 130})
+      for (int64_t B : {1, 3, 4, 9}) {
+        const fgq::ReductionLayout layout{1, k, 1};
+        std::vector<int8_t> weights(static_cast<size_t>(M * k));
+        for (auto& v : weights) v = static_cast<int8_t>(rng() % 4 == 0 ? 0 : static_cast<int>(rng() % 255) - 127);
+        weights[0] = 127;
+        weights.back() = -127;
+        std::vector<float> row_scale(static_cast<size_t>(M));
+        for (int64_t m = 0; m < M; ++m) row_scale[static_cast<size_t>(m)] = std::ldexp(1.f, -static_cast<int>(m % 5));
+        fgq::KernelWeights w;
+        const std::string err = fgq::repack_int8_weights(weights.data(), M, row_scale.data(), layout, &w);
+        EXPECT(err.empty() && w.fold_planes == 1, "int8 repack: '%s', %ld planes", err.c_str(), (long)w.fold_planes);
+        if (!err.empty()) continue;
+        const int64_t Kp = w.positions(), Gp = w.padded_groups;
+        std::vector<int> levels(static_cast<size_t>(B * k));
+        for (auto& v : levels) v = static_cast<int>(rng() % 256) - 128;
+        std::vector<int8_t> xs(static_cast<size_t>(B * (Kp + 64))), xu(static_cast<size_t>(B * Kp + 64), 0);
+        std::vector<int32_t> gsum(static_cast<size_t>(B * (Gp + 16)));
+        const std::vector<int64_t> map = fgq::kernel_position_map(layout, w.np, Gp);
+        for (int64_t b = 0; b < B; ++b) {
+          std::vector<int8_t> row, natural;
+          std::vector<int32_t> sums;
+          kernel_x(std::vector<int>(levels.begin() + b * k, levels.begin() + (b + 1) * k), w, layout, &row, &sums);
+          std::copy(row.begin(), row.end(), xs.begin() + b * (Kp + 64));
+          std::copy(sums.begin(), sums.end(), gsum.begin() + b * (Gp + 16));
+          for (size_t p = 0; p < map.size(); ++p)
+            xu[static_cast<size_t>(b * Kp) + p] = static_cast<int8_t>((map[p] < 0 ? 0 : levels[static_cast<size_t>(b * k + map[p])]) ^ 0x80);
+        }
+        const float scale = 0.5f, offset = 3.f;
+        std::vector<float> want(static_cast<size_t>(B * M));
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t m = 0; m < M; ++m) {
+            int64_t dot = 0, sum = 0;
+            for (int64_t i = 0; i < k; ++i) {
+              dot += weights[static_cast<size_t>(m * k + i)] * levels[static_cast<size_t>(b * k + i)];
+              sum += weights[static_cast<size_t>(m * k + i)];
+            }
+            want[static_cast<size_t>(b * M + m)] =
+                static_cast<float>(scale * row_scale[static_cast<size_t>(m)] * (static_cast<double>(dot) + offset * sum));
+          }
+        fgq::GemmArgs a;
+        a.w = &w;
+        a.x = xs.data();
+        a.x_stride = Kp + 64;
+        a.gsum = gsum.data();
+        a.s_stride = Gp + 16;
+        a.y_stride_b = M;
+        a.m_end = M;
+        a.b_end = B;
+        a.scale = scale;
+        a.offset = offset;
+        for (const fgq::KernelDispatch* d : ps) {
+          std::vector<float> y(want.size(), -7.f);
+          a.y = y.data();
+          d->gemm(a);
+          EXPECT(y == want, "%s: int8 weights, code path M=%ld k=%ld B=%ld: not bit-exact", d->name, (long)M, (long)k,
+                 (long)B);
+          if (fgq::use_folded(*d, w, B)) {
+            fgq::GemmArgs f = a;
+            f.x = xu.data();
+            f.x_stride = Kp;
+            f.natural = true;
+            f.gsum = nullptr;
+            std::vector<float> yf(want.size(), -7.f);
+            f.y = yf.data();
+            d->gemm(f);
+            EXPECT(yf == want, "%s: int8 weights, folded M=%ld k=%ld B=%ld: not bit-exact", d->name, (long)M, (long)k,
+                   (long)B);
+          }
+          ++cases;
+        }
+      }
+  fgq::KernelWeights w;
+  const int8_t bad[2] = {5, -128};
+  const float rs[1] = {1.f};
+  EXPECT(!fgq::repack_int8_weights(bad, 1, rs, {1, 2, 1}, &w).empty(), "int8 weight -128 accepted");
+  EXPECT(!fgq::repack_int8_weights(bad, 1, rs, {1, 2, 2}, &w).empty(), "int8 weights at N = 2 accepted");
+  EXPECT(!fgq::repack_int8_weights(bad, 1, nullptr, {1, 1, 1}, &w).empty(), "int8 weights without row_scale accepted");
+  std::printf("int8 weights: %d cases bit-exact\n", cases);
+}
+
 // The activation slots of every path equal the scalar definitions.
 void test_activation_slots(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::mt19937 rng(7);
@@ -800,6 +890,7 @@ int main() {
   test_few_rows(ps);
   test_folded_extremes(ps);
   test_folded_tiles(ps);
+  test_int8_weights(ps);
   test_activation_slots(ps);
   test_quantize_exact(ps);
   if (g_failures) {

@@ -130,6 +130,14 @@ std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes
                            ScaleType scale_type, const float* row_scale, const ReductionLayout& layout,
                            Plane plane, KernelWeights* out, unsigned folded_forms = kAllFoldedForms);
 
+// Builds `out` from int8 weights int8[rows, G] in [-127, 127] under row_scale [rows] (required), for
+// N = 1 (docs/custom-ops.md, "int8 weights"): they are the N = 1 ternary form t = sign(w) with uint8
+// scale codes |w|, repacked as such (the folded form then holds the int8 rows themselves). Returns ""
+// or an error message (layout not N = 1, a weight of -128).
+std::string repack_int8_weights(const int8_t* weights, int64_t rows, const float* row_scale,
+                                const ReductionLayout& layout, KernelWeights* out,
+                                unsigned folded_forms = kAllFoldedForms);
+
 // Activation rows come in two orders. Natural: group g's np positions at
 // g * np (what im2col and quantization write). Kernel: per super-group sg
 // and step k, the 16 bytes (group 4 * sg + gq, positions 4k..4k+3) at

@@ -132,6 +132,24 @@ std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes
   return "";
 }
 
+std::string repack_int8_weights(const int8_t* weights, int64_t rows, const float* row_scale,
+                                const ReductionLayout& layout, KernelWeights* out, unsigned folded_forms) {
+  if (layout.n != 1 || layout.length < 1 || layout.segments < 1 || rows < 0) return "int8 weights need N = 1";
+  if (row_scale == nullptr) return "int8 weights need a row_scale input";
+  const int64_t G = layout.groups(), row_bytes = (G + 3) / 4;
+  std::vector<uint8_t> codes(static_cast<size_t>(rows * row_bytes), 0), magnitudes(static_cast<size_t>(rows * G));
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      const int v = weights[m * G + g];
+      if (v == -128) return "int8 weights must lie in [-127, 127], got -128 (row " + std::to_string(m) + ")";
+      const uint8_t code = v > 0 ? packed::kCodePlus : (v < 0 ? packed::kCodeMinus : packed::kCodeZero);
+      codes[static_cast<size_t>(m * row_bytes + g / 4)] |= static_cast<uint8_t>(code << (2 * (g % 4)));
+      magnitudes[static_cast<size_t>(m * G + g)] = static_cast<uint8_t>(v < 0 ? -v : v);
+    }
+  return repack_weights(codes.data(), rows, row_bytes, magnitudes.data(), ScaleType::kU8, row_scale, layout,
+                        Plane::kAll, out, folded_forms);
+}
+
 void fold_scales(KernelWeights* out, unsigned forms) {
   KernelWeights& w = *out;
   const int64_t chunks = w.positions() / 4;

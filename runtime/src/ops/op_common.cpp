@@ -1,5 +1,7 @@
 #include "op_common.h"
 
+#include "fgq/packed_format.h"
+
 #include <algorithm>
 #include <cmath>
 #include <mutex>
@@ -312,6 +314,7 @@ void TernaryKernelBase::repack(const Tensor& codes, const Tensor& scales, const 
                                const Tensor& neg_scales, const Tensor& neg_row_scale, Planes* out) const {
   const int64_t G = layout_.groups();
   if (!codes.present || !scales.present) fail("codes and scales are required inputs");
+  if (scales.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) return repack_int8(codes, scales, row_scale, neg_scales, neg_row_scale, out);
   if (codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) fail("codes must be uint8");
   if (codes.shape.size() != 2) fail("codes must be 2-D [M, row_bytes], got " + shape_string(codes.shape));
   const int64_t rows_ = this->rows_ >= 0 ? this->rows_ : codes.shape[0];
@@ -353,6 +356,36 @@ void TernaryKernelBase::repack(const Tensor& codes, const Tensor& scales, const 
     apply(scales.data, row_scale, Plane::kPositive, &out->pos);
     apply(neg_scales.data, neg_row_scale.present ? neg_row_scale : row_scale, Plane::kNegative, &out->neg);
   }
+}
+
+// int8 weights (docs/custom-ops.md, "int8 weights"): N = 1, `scales` int8 [M, G] holding the signed weights
+// under row_scale [M], `codes` one row [1, ceil(G/4)] of +1 codes that every row shares.
+void TernaryKernelBase::repack_int8(const Tensor& codes, const Tensor& weights, const Tensor& row_scale,
+                                    const Tensor& neg_scales, const Tensor& neg_row_scale, Planes* out) const {
+  if (neg_scales.present || neg_row_scale.present) fail("int8 weights (int8 scales) take no neg_scales or neg_row_scale");
+  if (layout_.n != 1) fail("int8 weights (int8 scales) need N = 1, got N = " + std::to_string(layout_.n));
+  const int64_t G = layout_.groups(), row_bytes = (G + 3) / 4;
+  if (codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || codes.shape.size() != 2 || codes.shape[0] != 1 ||
+      codes.shape[1] != row_bytes)
+    fail("int8 weights take codes of one row, uint8 [1, ceil(G/4)] = [1, " + std::to_string(row_bytes) + "], got " +
+         shape_string(codes.shape));
+  const uint8_t* shared = codes.as<uint8_t>();
+  for (int64_t g = 0; g < row_bytes * 4; ++g)
+    if (packed::code_at(shared, static_cast<uint64_t>(g)) != (g < G ? packed::kCodePlus : packed::kCodeZero))
+      fail("int8 weights take codes that are all +1 (and zero after the row's end)");
+  const int64_t rows = rows_ >= 0 ? rows_ : (weights.shape.size() == 2 ? weights.shape[0] : -1);
+  if (weights.shape.size() != 2 || weights.shape[0] != rows || weights.shape[1] != G)
+    fail("int8 weights (scales) shape " + shape_string(weights.shape) + " does not match [M, G] = " +
+         shape_string({rows, G}));
+  if (!row_scale.present) fail("int8 weights need the row_scale input");
+  if (row_scale.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) fail("row_scale must be float");
+  if (row_scale.shape.size() != 1 || row_scale.shape[0] != rows)
+    fail("row_scale shape " + shape_string(row_scale.shape) + " must be [M] = [" + std::to_string(rows) + "]");
+  const std::string error = repack_int8_weights(weights.as<int8_t>(), rows, row_scale.as<float>(), layout_, &out->pos,
+                                                dispatch_->folded);
+  if (!error.empty()) fail(error);
+  out->neg = KernelWeights();
+  out->asymmetric = false;
 }
 
 ActQuant TernaryKernelBase::act_quant(OrtKernelContext* ctx, const Tensor& x) const {

@@ -164,6 +164,8 @@ class TernaryKernelBase {
  private:
   void repack(const Tensor& codes, const Tensor& scales, const Tensor& row_scale, const Tensor& neg_scales,
               const Tensor& neg_row_scale, Planes* out) const;
+  void repack_int8(const Tensor& codes, const Tensor& weights, const Tensor& row_scale, const Tensor& neg_scales,
+                   const Tensor& neg_row_scale, Planes* out) const;
 };
 
 // Whether `map` is position p -> element p for p < length and padding after (one segment, N % 4 == 0).
