@@ -22,8 +22,12 @@ they suffer, so the search gives each its own N:
 2. Plans. From every layer at the smallest N, a greedy path: each step moves
    one layer to a larger N, the move adding the least KL per byte saved
    (bytes: codes + scales, as the report counts them). Before that start,
-   the last resort: the most sensitive layers kept fp32 (most KL removed
-   per byte added first). The path runs from large and accurate to small.
+   the last resorts: under --min-sqnr, layers moved one by one (in the
+   order below) to 8-bit weights under float activations (FLOAT_ACT: the
+   same bytes, no activation noise; the sensitivity runs see no activation
+   noise, so the proxy cannot rank them); then the most sensitive layers
+   kept fp32 (most KL removed per byte added first). The path runs from
+   large and accurate to small.
 3. Verification. The KL sum only orders the plans. A real conversion (the
    user's method, bias correction and activation bits; calibration
    collected once) is measured on data: the top-1 drop against the fp32
@@ -61,6 +65,7 @@ from fgq_onnx.ternary import Method
 
 KEEP = 0  # a plan's N for a layer kept fp32
 EIGHT_BIT = 1  # a plan's N for 8-bit weights: with u8 scales, groups of one are stored as int8 per-channel weights
+FLOAT_ACT = -1  # a plan's "N" for 8-bit weights under float activations (config.float_activation_layers)
 Step = Callable[[str, int, int | None], None]  # (phase, advance, total)
 
 
@@ -163,6 +168,8 @@ def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: sta
     weights = {node.name or node.outputs[0].name: node.inputs[1] for node in model.graph.all_nodes() if len(node.inputs) > 1}
     for layer in layers.values():
         layer.kl[KEEP], layer.nbytes[KEEP] = 0.0, weights[layer.label].const_value.nbytes
+        if EIGHT_BIT in layer.kl:  # the sensitivity runs have float activations: the same weight error
+            layer.kl[FLOAT_ACT], layer.nbytes[FLOAT_ACT] = layer.kl[EIGHT_BIT], layer.nbytes[EIGHT_BIT]
     if not layers:
         raise FgqError(stages.nothing_to_convert(stages.Report()))
     return list(layers.values())
@@ -182,7 +189,7 @@ def _monotone_kl(layer: LayerOptions, ns: list[int]) -> dict[int, float]:
 
 def plan_path(layers: list[LayerOptions]) -> tuple[list[dict[str, int]], int]:
     """Plans ({label: N}) from the most accurate to the smallest, and the index of all-smallest-N."""
-    ns = sorted(n for n in layers[0].kl if n != KEEP)
+    ns = sorted(n for n in layers[0].kl if n not in (KEEP, FLOAT_ACT))
     cost = {layer.label: _monotone_kl(layer, ns) for layer in layers}
     base = {layer.label: ns[0] for layer in layers}
     state, forward = dict(base), []
@@ -201,6 +208,10 @@ def plan_path(layers: list[LayerOptions]) -> tuple[list[dict[str, int]], int]:
         forward.append(dict(state))
     state, backward = dict(base), []
     worth = sorted(layers, key=lambda layer: layer.kl[ns[0]] / max(1, layer.nbytes[KEEP] - layer.nbytes[ns[0]]), reverse=True)
+    if FLOAT_ACT in layers[0].kl:  # first float activations at the same bytes, then fp32
+        for layer in worth:
+            state[layer.label] = FLOAT_ACT
+            backward.append(dict(state))
     for layer in worth[:-1]:  # at least one layer stays converted
         state[layer.label] = KEEP
         backward.append(dict(state))
@@ -341,7 +352,7 @@ def convert_auto(model, config: stages.ConvertConfig, *, calib, data=None, calib
     cache = calibration_cache or stages.collect_calibration(model, calib, config)
 
     def convert_plan(plan: dict[str, int]) -> stages.Conversion:
-        return stages.convert_fixed(model, replace(config, n=config.auto_ns[0], max_drop=None, min_sqnr=None, layer_n=plan), calib=calib, calibration_cache=cache)
+        return stages.convert_fixed(model, plan_config(config, plan), calib=calib, calibration_cache=cache)
 
     with tempfile.TemporaryDirectory(prefix="fgq-auto-") as folder:
         fp32 = Path(folder) / "fp32.onnx"
@@ -361,6 +372,13 @@ def convert_auto(model, config: stages.ConvertConfig, *, calib, data=None, calib
     _record(conversion.report, config, found, layers, path)
     stages.stamp(conversion.model, conversion.report)  # the model's metadata says n=auto too (each node has its own N)
     return conversion
+
+
+def plan_config(config: stages.ConvertConfig, plan: dict[str, int]) -> stages.ConvertConfig:
+    """The fixed conversion of a plan: its N per layer, FLOAT_ACT layers as 8-bit weights under float activations."""
+    layer_n = {label: EIGHT_BIT if n == FLOAT_ACT else n for label, n in plan.items()}
+    float_act = tuple(label for label, n in plan.items() if n == FLOAT_ACT)
+    return replace(config, n=config.auto_ns[0], max_drop=None, min_sqnr=None, layer_n=layer_n, float_activation_layers=float_act)
 
 
 @dataclass
@@ -460,7 +478,7 @@ def _main_output(model: ir.Model, config: stages.ConvertConfig) -> str:
 def describe_plan(plan: dict[str, int]) -> str:
     """'8-bit x1, N=4 x3, N=16 x5, fp32 x1': how many layers got each N."""
     counts = {n: list(plan.values()).count(n) for n in sorted(set(plan.values()), key=lambda n: (n == KEEP, n))}
-    names = {KEEP: "fp32", EIGHT_BIT: "8-bit"}
+    names = {KEEP: "fp32", EIGHT_BIT: "8-bit", FLOAT_ACT: "8-bit float-act"}
     return ", ".join(f"{names.get(n, f'N={n}')} x{count}" for n, count in counts.items())
 
 

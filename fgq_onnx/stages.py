@@ -30,7 +30,7 @@ from fgq_onnx.passes.fold_batchnorm import FoldBatchNormPass
 from fgq_onnx.passes.fold_constants import FoldConstantsPass
 from fgq_onnx.passes.fold_pad_into_conv import FoldPadIntoConvPass
 from fgq_onnx.passes.fold_scale_mul import FoldScaleMulPass
-from fgq_onnx.passes.insert_activation_qdq import ActivationQuant, InsertActivationQdqPass
+from fgq_onnx.passes.insert_activation_qdq import FLOAT_ACTIVATIONS_MARK, ActivationQuant, InsertActivationQdqPass, quantizes_activation
 from fgq_onnx.passes.quantize_embeddings import QuantizeEmbeddingsPass
 from fgq_onnx.passes.ternarize_weights import LINEAR_OPS, REQUIRED_OPSET, TERNARY_MARK, TernarizeWeightsPass
 from fgq_onnx.passes.use_custom_ops import to_custom_ops
@@ -75,9 +75,11 @@ class ConvertConfig:
     fidelity_output: str | None = None  # the output fidelity (and min_sqnr) is about; default: the first
     auto_ns: tuple[int, ...] = (4, 8, 16, 32, 64)  # n="auto": the group sizes a layer may get
     layer_n: tuple[tuple[str, int], ...] = ()  # per-layer N by node name (0: keep fp32), over `n`; what n="auto" chose
+    float_activation_layers: tuple[str, ...] = ()  # node names whose weights are converted but whose activations stay float
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_n", tuple(dict(self.layer_n).items()))  # a dict is welcome too
+        object.__setattr__(self, "float_activation_layers", tuple(self.float_activation_layers))
         object.__setattr__(self, "auto_ns", tuple(sorted(set(self.auto_ns))))
         _check_group_sizes(self)
         if self.act_bits not in (0, 4, 8):
@@ -285,7 +287,7 @@ def _calibrate(model: ir.Model, dataset: Dataset | None, config: ConvertConfig, 
     """Ranges for the activation inputs of ternarized nodes of the main graph."""
     targets = {}
     for node in model.graph:
-        if TERNARY_MARK in node.metadata_props and node.inputs[0] is not None and node.inputs[0].const_value is None:
+        if quantizes_activation(node) and node.inputs[0] is not None and node.inputs[0].const_value is None:
             targets[node.inputs[0].name] = node.inputs[0]
     if any(TERNARY_MARK in n.metadata_props for g in model.graph.subgraphs() for n in g):
         report.notes.append("layers inside If/Loop/Scan subgraphs have ternary weights but float activations")
@@ -389,6 +391,7 @@ def _convert(
     progress.begin("ternarization")
     ir_model = ternarize(ir_model).model
     report.layers = ternarize.records
+    _mark_float_activations(ir_model, config, report)
     if not report.converted:
         raise FgqError(nothing_to_convert(report))
     ranges_from_capture = reference is not None and calibration_cache is None
@@ -424,6 +427,17 @@ def _convert(
     progress.begin("the fidelity check on held-out samples")
     report.fidelity = _fidelity(model, ir_model, calib, held_out, config.fidelity_output)
     return Conversion(ir_model, report)
+
+
+def _mark_float_activations(model: ir.Model, config: ConvertConfig, report: Report) -> None:
+    """Mark the converted layers config.float_activation_layers names: calibration and the activation Q/DQ pass them by."""
+    names = set(config.float_activation_layers)
+    marked = [node for node in model.graph.all_nodes() if TERNARY_MARK in node.metadata_props and (node.name or node.outputs[0].name) in names]
+    for node in marked:
+        node.metadata_props[FLOAT_ACTIVATIONS_MARK] = "1"
+    if marked:
+        report.notes.append(f"{len(marked)} converted layer(s) keep float activations (their weights are converted; "
+                            "they run as a weight DequantizeLinear and the float op)")
 
 
 def _fidelity(source, converted: ir.Model, calib, held_out: Dataset | None, main: str | None) -> fidelity.Fidelity:

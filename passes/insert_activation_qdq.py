@@ -59,10 +59,18 @@ def _qdq_nodes(graph: ir.Graph, value: ir.Value, quant: ActivationQuant) -> tupl
     return [*nodes, quantize, dequantize], dequantize.outputs[0]
 
 
+FLOAT_ACTIVATIONS_MARK = "fgq.float_activations"  # node metadata key: a converted layer whose activation stays float
+
+
+def quantizes_activation(node: ir.Node) -> bool:
+    """Whether `node`'s activation input gets Q/DQ: its weight is converted and it is not marked to keep float activations."""
+    return TERNARY_MARK in node.metadata_props and FLOAT_ACTIVATIONS_MARK not in node.metadata_props
+
+
 class InsertActivationQdqPass(ir.passes.InPlacePass):
     """Insert Q/DQ (and a Clip for 4-bit) on the activation input of ternarized nodes.
 
-    For every node marked "fgq.ternary" whose first input is named in `quants`,
+    For every node marked "fgq.ternary" (and not "fgq.float_activations") whose first input is named in `quants`,
     the input is routed through one shared Q/DQ pair per tensor. Other
     consumers of the tensor keep the float value.
 
@@ -77,7 +85,7 @@ class InsertActivationQdqPass(ir.passes.InPlacePass):
         inserted: dict[tuple[int, int], ir.Value] = {}
         for node in list(model.graph.all_nodes()):
             value = node.inputs[0] if node.inputs else None
-            if TERNARY_MARK not in node.metadata_props or value is None or value.name not in self.quants:
+            if not quantizes_activation(node) or value is None or value.name not in self.quants:
                 continue
             key = (id(node.graph), id(value))
             if key not in inserted:

@@ -380,3 +380,39 @@ def test_min_sqnr_sensitivity_scales_one_measured_pass_by_weight_noise():
     for n in ns[:-1]:
         for layer in mixed.sensitivity(model, feeds, config, ns=(n,)):  # one N alone: measured
             assert 0.5 < estimated[layer.label][n] / layer.kl[n] < 2.0, (layer.label, n)
+
+
+def test_plan_path_tries_float_activations_before_fp32():
+    """Under --min-sqnr the last resorts run, from the all-8-bit start back: 8-bit weights under float
+    activations one layer at a time (the same bytes), then fp32 (never every layer)."""
+    def options(label, kl_8bit):
+        return mixed.LayerOptions(label, {0: 4000, 1: 1040, 4: 520}, {0: 0.0, 1: kl_8bit, 4: 0.3})
+
+    layers = [options("a", 0.01), options("b", 0.02)]
+    for layer in layers:  # what sensitivity() adds when 8-bit weights are a choice
+        layer.kl[mixed.FLOAT_ACT], layer.nbytes[mixed.FLOAT_ACT] = layer.kl[1], layer.nbytes[1]
+    path, start = mixed.plan_path(layers)
+    fa, keep = mixed.FLOAT_ACT, mixed.KEEP
+    assert path[: start + 1] == [{"a": fa, "b": keep}, {"a": fa, "b": fa}, {"a": 1, "b": fa}, {"a": 1, "b": 1}]
+    assert {mixed.plan_bytes(plan, layers) for plan in path[1 : start + 1]} == {2 * 1040}
+    assert mixed.describe_plan(path[1]) == "8-bit float-act x2"
+    config = mixed.plan_config(pipeline.ConvertConfig(n="auto", min_sqnr=20.0), {"a": fa, "b": 4, "c": keep})
+    assert dict(config.layer_n) == {"a": 1, "b": 4, "c": 0} and config.float_activation_layers == ("a",) and config.min_sqnr is None
+
+
+def test_float_activation_layers_keep_their_input_float(tiny):
+    """A layer named in float_activation_layers gets its converted weight but no activation Q/DQ: in the custom
+    format it stays a MatMul on a weight DequantizeLinear, and the model computes what its qdq form does."""
+    folder, _, calib, _ = tiny
+    settings = dict(n=4, layer_n={"mm1": 1}, float_activation_layers=("mm1",), calib=folder / "calib.npz")
+    qdq, report = fgq_onnx.convert(folder / "mlp.onnx", format="qdq", **settings)
+    custom, _ = fgq_onnx.convert(folder / "mlp.onnx", format="custom", **settings)
+    nodes = {node.name: node for node in qdq.graph}
+    assert nodes["mm1"].inputs[0].producer().op_type == "Relu"  # no QuantizeLinear -> DequantizeLinear in front
+    assert nodes["mm1"].inputs[1].producer().op_type == "DequantizeLinear"  # the int8 weight
+    assert nodes["mm2"].inputs[0].producer().op_type == "DequantizeLinear"  # the other layers' activations are quantized
+    assert {node.name: node.op_type for node in custom.graph if node.name in LAYERS} == {
+        "mm0": "TernaryMatMul", "mm1": "MatMul", "mm2": "TernaryMatMul", "mm3": "TernaryMatMul"}
+    assert any("keep float activations" in note for note in report.notes)
+    basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    np.testing.assert_allclose(run(custom, calib, basic), run(qdq, calib, basic), rtol=1e-5, atol=1e-5)
