@@ -30,7 +30,12 @@ from fgq_onnx.passes.fold_batchnorm import FoldBatchNormPass
 from fgq_onnx.passes.fold_constants import FoldConstantsPass
 from fgq_onnx.passes.fold_pad_into_conv import FoldPadIntoConvPass
 from fgq_onnx.passes.fold_scale_mul import FoldScaleMulPass
-from fgq_onnx.passes.insert_activation_qdq import FLOAT_ACTIVATIONS_MARK, ActivationQuant, InsertActivationQdqPass, quantizes_activation
+from fgq_onnx.passes.insert_activation_qdq import (
+    FLOAT_ACTIVATIONS_MARK,
+    ActivationQuant,
+    InsertActivationQdqPass,
+    quantizes_activation,
+)
 from fgq_onnx.passes.quantize_embeddings import QuantizeEmbeddingsPass
 from fgq_onnx.passes.ternarize_weights import LINEAR_OPS, REQUIRED_OPSET, TERNARY_MARK, TernarizeWeightsPass
 from fgq_onnx.passes.use_custom_ops import to_custom_ops
