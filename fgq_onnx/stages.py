@@ -469,8 +469,9 @@ def _quantize_embeddings(model: ir.Model, report: Report) -> ir.Model:
 
 
 def _use_custom_ops(model: ir.Model, report: Report) -> ir.Model:
+    float_activations = {node.name or node.outputs[0].name for node in model.graph.all_nodes() if FLOAT_ACTIVATIONS_MARK in node.metadata_props}
     model, records = to_custom_ops(model)
-    ternary = {layer.node for layer in report.layers if layer.converted}
+    ternary = {layer.node for layer in report.layers if layer.converted} - float_activations  # those stay in qdq form by design
     kept = [r for r in records if not r.converted and r.node in ternary]  # float layers stay float anyway
     if kept:
         report.notes.append(f"{len(kept)} ternary layer(s) stay in qdq form: " + "; ".join(f"{r.node} ({r.reason})" for r in kept))
