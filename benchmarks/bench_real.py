@@ -168,7 +168,7 @@ def layer_mix(layers) -> str:
     """The per-layer choice, e.g. "N=4 x40, 8-bit x3, fp32 x2" (8-bit: N=1, int8 per-channel weights)."""
     counts: dict[str, int] = {}
     for layer in layers:
-        kind = "fp32" if not layer.converted else ("8-bit" if layer.n == 1 else f"N={layer.n}")
+        kind = "fp32" if not layer.converted else ("8-bit" if layer.n == 1 else f"N={layer.n}") + (" float-act" if layer.float_activations else "")
         counts[kind] = counts.get(kind, 0) + 1
     return ", ".join(f"{kind} x{count}" for kind, count in sorted(counts.items(), key=lambda item: -item[1]))
 

@@ -32,6 +32,7 @@ class LayerRecord:
     code_bytes: int = 0  # stored bytes of the ternary codes (converted layers)
     scale_bytes: int = 0  # stored bytes of the group scales (and u8 row scales)
     already_ternary: str = ""  # "exact (per row, asymmetric)" when the weight was ternary already and kept as is
+    float_activations: bool = False  # its weight is converted, its activation stays float (ConvertConfig.float_activation_layers)
 
     @property
     def multiplications_eliminated(self) -> float:

@@ -440,6 +440,9 @@ def _mark_float_activations(model: ir.Model, config: ConvertConfig, report: Repo
     marked = [node for node in model.graph.all_nodes() if TERNARY_MARK in node.metadata_props and (node.name or node.outputs[0].name) in names]
     for node in marked:
         node.metadata_props[FLOAT_ACTIVATIONS_MARK] = "1"
+    labels = {node.name or node.outputs[0].name for node in marked}
+    for record in report.layers:
+        record.float_activations = record.node in labels
     if marked:
         report.notes.append(f"{len(marked)} converted layer(s) keep float activations (their weights are converted; "
                             "they run as a weight DequantizeLinear and the float op)")

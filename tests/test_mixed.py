@@ -414,6 +414,7 @@ def test_float_activation_layers_keep_their_input_float(tiny):
     assert {node.name: node.op_type for node in custom.graph if node.name in LAYERS} == {
         "mm0": "TernaryMatMul", "mm1": "MatMul", "mm2": "TernaryMatMul", "mm3": "TernaryMatMul"}
     assert any("keep float activations" in note for note in report.notes)
+    assert [r.node for r in report.layers if r.float_activations] == ["mm1"]
     _, custom_report = fgq_onnx.convert(folder / "mlp.onnx", format="custom", **settings)
     assert not any("stay in qdq form" in note for note in custom_report.notes)  # by design: not reported as a failed rewrite
     basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
