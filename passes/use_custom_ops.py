@@ -22,6 +22,7 @@ from fgq_onnx.channel_fold import sole_consumer_op
 from fgq_onnx.custom_op_functions import DOMAIN, OPS, function_protos, overload_name
 from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, int_attr
 from fgq_onnx.packing import pack_rows
+from fgq_onnx.passes.dequantize_at_load import DequantizeAtLoadPass
 from fgq_onnx.passes.fold_bias_add import FoldBiasAddPass
 from fgq_onnx.passes.fuse_activation import FuseActivationPass
 from fgq_onnx.passes.fuse_residual_add import FuseResidualAddPass
@@ -365,10 +366,11 @@ def to_custom_ops(model: ir.Model) -> tuple[ir.Model, list[CustomOpRecord]]:
     For the converter's `--format custom`: run after the qdq passes and the
     clean-up (RemoveUnusedNodes/TopologicalSort), then save as usual. Then,
     in the order the ops apply them, constant bias Adds, residual Adds (and
-    their Relu) and activations after a com.fgq op are fused into it.
+    their Relu) and activations after a com.fgq op are fused into it; the
+    int8 weights of float-activation layers are decoded at load.
     """
     rewrite = UseCustomOpsPass()
     model = rewrite(model).model
-    for fusion in (FoldBiasAddPass(), FuseResidualAddPass(), FuseActivationPass()):
+    for fusion in (FoldBiasAddPass(), FuseResidualAddPass(), FuseActivationPass(), DequantizeAtLoadPass()):
         model = fusion(model).model
     return model, rewrite.records

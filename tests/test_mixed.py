@@ -413,9 +413,26 @@ def test_float_activation_layers_keep_their_input_float(tiny):
     assert nodes["mm2"].inputs[0].producer().op_type == "DequantizeLinear"  # the other layers' activations are quantized
     assert {node.name: node.op_type for node in custom.graph if node.name in LAYERS} == {
         "mm0": "TernaryMatMul", "mm1": "MatMul", "mm2": "TernaryMatMul", "mm3": "TernaryMatMul"}
+    mm1 = next(node for node in custom.graph if node.name == "mm1")
+    cast = mm1.inputs[1].producer().inputs[0].producer()  # int8 values -> Cast -> Mul by the channel scale: folded at load
+    assert cast.op_type == "Cast" and cast.inputs[0].const_value.dtype == ir.DataType.INT8
     assert any("keep float activations" in note for note in report.notes)
     assert [r.node for r in report.layers if r.float_activations] == ["mm1"]
     _, custom_report = fgq_onnx.convert(folder / "mlp.onnx", format="custom", **settings)
     assert not any("stay in qdq form" in note for note in custom_report.notes)  # by design: not reported as a failed rewrite
+    basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    np.testing.assert_allclose(run(custom, calib, basic), run(qdq, calib, basic), rtol=1e-5, atol=1e-5)
+
+
+def test_float_activations_on_a_ternary_layer_keep_its_blocked_dequantize(tiny):
+    """Only per-channel int8 weights become Cast * scale; a ternary layer at float activations keeps its
+    blocked DequantizeLinear (INT2 codes), and the model still computes its qdq form."""
+    folder, _, calib, _ = tiny
+    settings = dict(n=4, float_activation_layers=("mm2",), calib=folder / "calib.npz")
+    qdq, _ = fgq_onnx.convert(folder / "mlp.onnx", format="qdq", **settings)
+    custom, _ = fgq_onnx.convert(folder / "mlp.onnx", format="custom", **settings)
+    mm2 = next(node for node in custom.graph if node.name == "mm2")
+    assert mm2.op_type == "MatMul" and mm2.inputs[1].producer().op_type == "DequantizeLinear"
+    assert mm2.inputs[1].producer().attributes["block_size"].as_int() == 4
     basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     np.testing.assert_allclose(run(custom, calib, basic), run(qdq, calib, basic), rtol=1e-5, atol=1e-5)
