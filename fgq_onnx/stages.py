@@ -69,7 +69,7 @@ class ConvertConfig:
     scale_format: str = "u8"  # group scales: f32, f16, or u8 codes under a float32 row scale (docs/packed-format.md)
     image: ImageOptions = field(default_factory=ImageOptions)
     bias_correction: bool = True  # needs calibration data; skipped (with a note) without it
-    input_weighting: bool = True  # with calibration data: each weight's error weighted by its input channel's mean square (ternary.solve_weighted)
+    input_weighting: bool = False  # with calibration data: each weight's error weighted by its input channel's mean square (ternary.solve_weighted)
     refine_samples: int = 256  # calibration samples bias correction and fitting use (their memory grows with it)
     max_drop: float | None = None  # n="auto": points of top-1 the model may lose
     min_sqnr: float | None = None  # n="auto", instead of max_drop: the least SQNR (dB) of the output on held-out samples
