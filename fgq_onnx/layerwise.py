@@ -90,13 +90,15 @@ class Reference:
         return energy[None, :] if transposed else energy[:, None]
 
 
-def capture(model: ir.Model, dataset: Iterable, *, ranges: bool = True, keep_model: bool = False, cache_bytes: int = 1 << 30) -> Reference:
+def capture(model: ir.Model, dataset: Iterable, *, ranges: bool = True, keep_model: bool = False, input_statistics: bool = False, cache_bytes: int = 1 << 30) -> Reference:
     """One pass of the fp32 model: output mean and std per channel of every linear node of the main graph.
 
     With `ranges`, also the |x| histograms of their non-constant first inputs
     (what activation calibration needs: the corrected model's activations
     follow the fp32 ones, the uncorrected ternary model's do not). With
-    `keep_model`, a copy of the fp32 model is kept for fitting.
+    `keep_model`, a copy of the fp32 model is kept for fitting. With
+    `input_statistics`, the per-channel mean and std of those inputs too
+    (Reference.input_importance).
     """
     nodes = _linear_nodes(model)
     reference = Reference({n.outputs[0].name: ChannelMoments(_channel_axis(n)) for n in nodes})
@@ -104,7 +106,8 @@ def capture(model: ir.Model, dataset: Iterable, *, ranges: bool = True, keep_mod
     activations = [n for n in nodes if n.inputs[0] is not None and n.inputs[0].const_value is None]
     if ranges:
         reference.histograms = {n.inputs[0].name: AbsHistogram() for n in activations}
-    reference.inputs = {(n.inputs[0].name, _channel_axis(n)): ChannelMoments(_channel_axis(n)) for n in activations}
+    if input_statistics:
+        reference.inputs = {(n.inputs[0].name, _channel_axis(n)): ChannelMoments(_channel_axis(n)) for n in activations}
     kept: list = []
     watched: dict = {}
     for name, accumulator in [*reference.moments.items(), *reference.histograms.items(), *((name, m) for (name, _), m in reference.inputs.items())]:

@@ -275,8 +275,8 @@ def collect_calibration(
     }
     if not targets:
         raise FgqError(nothing_to_convert(Report()))
-    if config.bias_correction or config.method.fits:  # one fp32 pass gives the ranges and what refining needs
-        reference = layerwise.capture(ir_model, dataset, keep_model=config.method.fits)
+    if config.bias_correction or config.method.fits or config.input_weighting:  # one fp32 pass gives the ranges and what refining needs
+        reference = layerwise.capture(ir_model, dataset, keep_model=config.method.fits, input_statistics=config.input_weighting)
         return CalibrationCache(reference.histograms, reference.samples, dataset.skipped, dataset.dropped, reference)
     observer = ActivationObserver(targets, bins=0 if config.calib_method is CalibMethod.MINMAX else 2048)
     observer.collect(ir_model, dataset, on_batch=(lambda k: on_progress(k, dataset.size)) if on_progress else None)
@@ -385,9 +385,9 @@ def _convert(
     reference = None
     if (config.bias_correction or config.method.fits or config.input_weighting) and dataset is not None:
         cached = calibration_cache.reference if calibration_cache is not None else None
-        usable = cached is not None and (cached.model is not None or not config.method.fits)
+        usable = cached is not None and (cached.model is not None or not config.method.fits) and (cached.inputs or not config.input_weighting)
         progress.begin("the fp32 calibration pass")
-        reference = cached if usable else layerwise.capture(ir_model, dataset, keep_model=config.method.fits)
+        reference = cached if usable else layerwise.capture(ir_model, dataset, keep_model=config.method.fits, input_statistics=config.input_weighting)
     importance = reference.input_importance if reference is not None and config.input_weighting else None
     ternarize = TernarizeWeightsPass(config.n_of, config.method, config.weight_storage, skip=skip, scale_format=config.scale_format, trained_float_stays_float=not config.ternarize_float_layers, importance=importance)
     progress.begin("ternarization")

@@ -29,7 +29,7 @@ def test_input_importance_is_the_mean_square_of_the_channel_each_weight_multipli
     model = make_model(CONVS, _weights(rng))
     x = (rng.standard_normal((10, 4, 5, 5)) * np.array([1, 10, 0.1, 3]).reshape(1, 4, 1, 1) + 0.5).astype(np.float32)
     z = (rng.standard_normal((10, 3)) * np.array([2, 0.01, 7])).astype(np.float32)
-    reference = layerwise.capture(model, [({"x": x[:6], "z": z[:6]}, None), ({"x": x[6:], "z": z[6:]}, None)])
+    reference = layerwise.capture(model, [({"x": x[:6], "z": z[:6]}, None), ({"x": x[6:], "z": z[6:]}, None)], input_statistics=True)
     nodes = {node.outputs[0].name: node for node in model.graph}
     energy_x = np.mean(np.square(x.astype(np.float64)), axis=(0, 2, 3))
     energy_z = np.mean(np.square(z.astype(np.float64)), axis=0)
