@@ -143,6 +143,7 @@ def convert(
     output_format: Annotated[pipeline.OutputFormat, typer.Option("--format", help="qdq: standard ONNX; custom: com.fgq ops for the fgq custom-op library (runs without it, slower).")] = pipeline.ConvertConfig.format,
     bias_correction: Annotated[bool, typer.Option("--bias-correction/--no-bias-correction", help="Match each converted layer's per-channel output mean and std to fp32 on the calibration data (needs --calib).")] = True,
     refine_samples: Annotated[int, typer.Option("--refine-samples", help="Calibration samples that bias correction and fitting use (memory grows with it).")] = pipeline.ConvertConfig.refine_samples,
+    input_weighting: Annotated[bool, typer.Option("--input-weighting", help="Weigh each weight's error by the mean square of its input channel on the calibration data (needs --calib; docs/fidelity.md).")] = False,
     external_data: Annotated[Optional[bool], typer.Option("--external-data/--no-external-data", help="Weights in a side file (default: only over 2 GB).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report table or progress bar.")] = False,
@@ -162,7 +163,7 @@ def convert(
         op_types=tuple(t.strip() for t in op_types.split(",") if t.strip()), keep_first_last=keep_first_last,
         ternarize_float_layers=ternarize_float_layers, keep_quantized_weights=keep_quantized_weights, float_embeddings=float_embeddings,
         weight_storage=weight_storage, scale_format=scale_format, format=output_format, image=image,
-        bias_correction=bias_correction, refine_samples=refine_samples,
+        bias_correction=bias_correction, refine_samples=refine_samples, input_weighting=input_weighting,
     )
     with console.progress_bar("calibrating", quiet or config.n == "auto") as advance, console.search_progress(quiet or config.n != "auto") as on_search:
         result = pipeline.convert(model, config, calib=calib, on_progress=advance, data=data, on_search=on_search)

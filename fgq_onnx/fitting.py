@@ -9,8 +9,9 @@ w^T X, not w itself:
 (damped: H += lambda * mean(diag H) * I). With the fp32 model's inputs X_fp
 for the same samples the target becomes the fp32 layer on fp32 inputs,
 ||X_fp^T w - X^T s||^2, i.e. b = X X_fp^T w: the fit then also absorbs the
-error that the converted layers upstream left in X. Starting from the exact per-group
-solution (the weight-space optimum), `fit_rows` alternates
+error that the converted layers upstream left in X. Starting, per row, from the
+better of the exact per-group solution (the weight-space optimum) and the one
+weighted by diag(H) (ternary.solve_weighted), `fit_rows` alternates
 
 - a scale step: with the codes fixed the objective is quadratic in the G
   group scales of a row; one Gauss-Seidel sweep sets each scale to its exact
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fgq_onnx.ternary import solve_exact
+from fgq_onnx.ternary import solve_exact, solve_weighted
 
 
 @dataclass
@@ -149,6 +150,18 @@ def _code_step(codes: np.ndarray, scales: np.ndarray, h: np.ndarray, b: np.ndarr
     return codes
 
 
+def _best_start(groups: np.ndarray, h: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, the better on the objective of two closed-form starts: the exact per-group solution
+    and the one weighted by diag(H) (each input's mean square, ternary.solve_weighted: exact for
+    uncorrelated inputs). Returns codes, scales and the objective per row."""
+    starts = [solve_exact(groups), solve_weighted(groups, np.diag(h).reshape(groups.shape[1:])[None])]
+    values = [objective(_rows_of(codes, scales.astype(np.float64)), h, b) for codes, scales in starts]
+    weighted_better = values[1] < values[0]
+    codes = np.where(weighted_better[:, None, None], starts[1][0], starts[0][0]).astype(np.int8)
+    scales = np.where(weighted_better[:, None], starts[1][1], starts[0][1]).astype(np.float64)
+    return codes, scales, np.where(weighted_better, values[1], values[0])
+
+
 def fit_rows(weights: np.ndarray, h: np.ndarray, n: int, *, b: np.ndarray | None = None, iterations: int = 4, init: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
     """Fit ternary groups of N to rows `weights` [rows, L] that all see inputs with (damped) H [L, L].
 
@@ -157,7 +170,8 @@ def fit_rows(weights: np.ndarray, h: np.ndarray, n: int, *, b: np.ndarray | None
     the fp32 row on fp32 inputs: b = w C^T with C = X X_fp^T). Groups run
     along the row in runs of N, the last one zero padded (padding stays
     zero). `init` = (codes [rows, G, N], scales [rows, G]) defaults to the
-    exact per-group solution. Every step is kept only where it lowers a row's
+    better per row of the exact and the diag(H)-weighted per-group solutions
+    (_best_start). Every step is kept only where it lowers a row's
     objective, so `history` (total objective) never increases.
     """
     rows, length = weights.shape
@@ -173,11 +187,10 @@ def fit_rows(weights: np.ndarray, h: np.ndarray, n: int, *, b: np.ndarray | None
     else:
         b = np.concatenate([np.asarray(b, np.float64), np.zeros((rows, padded - length))], axis=1)
     if init is None:
-        codes, scales = solve_exact(w.reshape(rows, groups, n).astype(np.float32))
+        codes, scales, current = _best_start(w.reshape(rows, groups, n).astype(np.float32), hp, b)
     else:
-        codes, scales = init
-    codes, scales = codes.astype(np.int8), scales.astype(np.float64)
-    current = objective(_rows_of(codes, scales), hp, b)
+        codes, scales = init[0].astype(np.int8), init[1].astype(np.float64)
+        current = objective(_rows_of(codes, scales), hp, b)
     history = [float(current.sum())]
     for _ in range(iterations):
         for step in ("scale", "codes"):

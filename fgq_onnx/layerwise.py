@@ -60,25 +60,58 @@ class Reference:
     feeds: list | None = None
     weights: dict[str, ir.Value] = field(default_factory=dict)  # the fp32 weight initializers, for fitting
     model: ir.Model | None = None  # a copy of the fp32 model (keep_model), for fitting to fp32 targets
+    inputs: dict[tuple[str, int], ChannelMoments] = field(default_factory=dict)  # (tensor, channel axis): per-channel input statistics
+
+    def input_importance(self, node: ir.Node, damping: float = 0.01) -> np.ndarray | None:
+        """How much each weight of `node` counts in its output error: the mean square E[x_c^2] of
+        the input channel it multiplies, shaped to broadcast against the weight (None when unknown).
+
+        `damping` * the mean over channels is added, as fitting damps H: a channel the
+        calibration data never excites still counts a little.
+        """
+        weight = constant_array(node.inputs[1])
+        moments = self.inputs.get((node.inputs[0].name, _channel_axis(node))) if node.inputs[0] is not None else None
+        if weight is None or moments is None or not moments.count:
+            return None
+        energy = np.square(moments.mean) + np.square(moments.std)
+        energy = energy + damping * float(np.mean(energy))
+        shape = weight.shape
+        if node.op_type == "Conv":
+            groups = int_attr(node, "group", 1)
+            if energy.size != groups * shape[1] or shape[0] % groups:
+                return None
+            per_row = np.repeat(energy.reshape(groups, shape[1]), shape[0] // groups, axis=0)  # [O, C/group]: a grouped Conv's rows see their own channels
+            return per_row.reshape(*per_row.shape, *[1] * (len(shape) - 2))
+        if node.op_type == "Gemm" and int_attr(node, "transA", 0):
+            return None
+        transposed = node.op_type == "Gemm" and int_attr(node, "transB", 0)
+        if energy.size != shape[1 if transposed else 0]:
+            return None
+        return energy[None, :] if transposed else energy[:, None]
 
 
-def capture(model: ir.Model, dataset: Iterable, *, ranges: bool = True, keep_model: bool = False, cache_bytes: int = 1 << 30) -> Reference:
+def capture(model: ir.Model, dataset: Iterable, *, ranges: bool = True, keep_model: bool = False, input_statistics: bool = False, cache_bytes: int = 1 << 30) -> Reference:
     """One pass of the fp32 model: output mean and std per channel of every linear node of the main graph.
 
     With `ranges`, also the |x| histograms of their non-constant first inputs
     (what activation calibration needs: the corrected model's activations
     follow the fp32 ones, the uncorrected ternary model's do not). With
-    `keep_model`, a copy of the fp32 model is kept for fitting.
+    `keep_model`, a copy of the fp32 model is kept for fitting. With
+    `input_statistics`, the per-channel mean and std of those inputs too
+    (Reference.input_importance).
     """
     nodes = _linear_nodes(model)
     reference = Reference({n.outputs[0].name: ChannelMoments(_channel_axis(n)) for n in nodes})
     reference.weights = {n.outputs[0].name: n.inputs[1] for n in nodes if constant_array(n.inputs[1]) is not None}
+    activations = [n for n in nodes if n.inputs[0] is not None and n.inputs[0].const_value is None]
     if ranges:
-        reference.histograms = {n.inputs[0].name: AbsHistogram() for n in nodes if n.inputs[0] is not None and n.inputs[0].const_value is None}
+        reference.histograms = {n.inputs[0].name: AbsHistogram() for n in activations}
+    if input_statistics:
+        reference.inputs = {(n.inputs[0].name, _channel_axis(n)): ChannelMoments(_channel_axis(n)) for n in activations}
     kept: list = []
-    watched: dict = dict(reference.moments)
-    for name, histogram in reference.histograms.items():  # a linear node's output may be the next one's input
-        watched[name] = _Both(watched[name], histogram) if name in watched else histogram
+    watched: dict = {}
+    for name, accumulator in [*reference.moments.items(), *reference.histograms.items(), *((name, m) for (name, _), m in reference.inputs.items())]:
+        watched.setdefault(name, _All()).accumulators.append(accumulator)  # a linear node's output may be the next one's input
     reference.samples = stream(model, watched, dataset, keep=kept, cache_bytes=cache_bytes)
     reference.feeds = kept if kept and kept[0] is not None else None
     if keep_model:
@@ -86,15 +119,15 @@ def capture(model: ir.Model, dataset: Iterable, *, ranges: bool = True, keep_mod
     return reference
 
 
-class _Both:
-    """Two accumulators fed the same tensor."""
+class _All:
+    """Accumulators fed the same tensor."""
 
-    def __init__(self, first, second):
-        self.first, self.second = first, second
+    def __init__(self):
+        self.accumulators: list = []
 
     def update(self, array: np.ndarray) -> None:
-        self.first.update(array)
-        self.second.update(array)
+        for accumulator in self.accumulators:
+            accumulator.update(array)
 
 
 def stream(model: ir.Model, watched: dict, dataset: Iterable, keep: list | None = None, cache_bytes: int = 0) -> int:

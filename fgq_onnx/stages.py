@@ -74,6 +74,7 @@ class ConvertConfig:
     scale_format: str = "u8"  # group scales: f32, f16, or u8 codes under a float32 row scale (docs/packed-format.md)
     image: ImageOptions = field(default_factory=ImageOptions)
     bias_correction: bool = True  # needs calibration data; skipped (with a note) without it
+    input_weighting: bool = False  # with calibration data: each weight's error weighted by its input channel's mean square (ternary.solve_weighted)
     refine_samples: int = 256  # calibration samples bias correction and fitting use (their memory grows with it)
     max_drop: float | None = None  # n="auto": points of top-1 the model may lose
     min_sqnr: float | None = None  # n="auto", instead of max_drop: the least SQNR (dB) of the output on held-out samples
@@ -125,6 +126,7 @@ class ConvertConfig:
             "weight_storage": self.weight_storage,
             "scale_format": self.scale_format,
             "bias_correction": self.bias_correction,
+            "input_weighting": self.input_weighting,
             "ternarize_float_layers": self.ternarize_float_layers,
             "keep_quantized_weights": self.keep_quantized_weights,
             "float_embeddings": self.float_embeddings,
@@ -280,8 +282,8 @@ def collect_calibration(
     }
     if not targets:
         raise FgqError(nothing_to_convert(Report()))
-    if config.bias_correction or config.method.fits:  # one fp32 pass gives the ranges and what refining needs
-        reference = layerwise.capture(ir_model, dataset, keep_model=config.method.fits)
+    if config.bias_correction or config.method.fits or config.input_weighting:  # one fp32 pass gives the ranges and what refining needs
+        reference = layerwise.capture(ir_model, dataset, keep_model=config.method.fits, input_statistics=config.input_weighting)
         return CalibrationCache(reference.histograms, reference.samples, dataset.skipped, dataset.dropped, reference)
     observer = ActivationObserver(targets, bins=0 if config.calib_method is CalibMethod.MINMAX else 2048)
     observer.collect(ir_model, dataset, on_batch=(lambda k: on_progress(k, dataset.size)) if on_progress else None)
@@ -384,22 +386,25 @@ def _convert(
         dataset, held_out = open_data(calib, ir_model, config)
     report.weight_bytes_before = model_io.weight_bytes(ir_model)
 
-    ternarize = TernarizeWeightsPass(config.n_of, config.method, config.weight_storage, skip=skip_rule(config, ir_model), scale_format=config.scale_format, trained_float_stays_float=not config.ternarize_float_layers)
+    skip = skip_rule(config, ir_model)
     ir_model = prepare(ir_model, dequantize=not config.keep_quantized_weights)
     ir_model = infer_shapes(ir_model, report)
     reference = None
-    if (config.bias_correction or config.method.fits) and dataset is not None:
+    if (config.bias_correction or config.method.fits or config.input_weighting) and dataset is not None:
         cached = calibration_cache.reference if calibration_cache is not None else None
-        usable = cached is not None and (cached.model is not None or not config.method.fits)
+        usable = cached is not None and (cached.model is not None or not config.method.fits) and (cached.inputs or not config.input_weighting)
         progress.begin("the fp32 calibration pass")
-        reference = cached if usable else layerwise.capture(ir_model, dataset, keep_model=config.method.fits)
+        reference = cached if usable else layerwise.capture(ir_model, dataset, keep_model=config.method.fits, input_statistics=config.input_weighting)
+    importance = reference.input_importance if reference is not None and config.input_weighting else None
+    ternarize = TernarizeWeightsPass(config.n_of, config.method, config.weight_storage, skip=skip, scale_format=config.scale_format, trained_float_stays_float=not config.ternarize_float_layers, importance=importance)
     progress.begin("ternarization")
     ir_model = ternarize(ir_model).model
     report.layers = ternarize.records
     _mark_float_activations(ir_model, config, report)
     if not report.converted:
         raise FgqError(nothing_to_convert(report))
-    ranges_from_capture = reference is not None and calibration_cache is None
+    refining = reference is not None and (config.bias_correction or config.method.fits)
+    ranges_from_capture = refining and calibration_cache is None
     if ranges_from_capture:  # fitting and bias correction bring activations back to the fp32 ranges: no second pass
         calibration_cache = CalibrationCache(reference.histograms, reference.samples, dataset.skipped, dataset.dropped)
     if config.act_bits:
@@ -409,7 +414,7 @@ def _convert(
             report.calibration.pop("reused_fp32_statistics", None)
             report.notes.append("activation ranges come from the fp32 model, whose statistics fitting and bias correction restore")
         ir_model = InsertActivationQdqPass(quants)(ir_model).model
-    if reference is not None:
+    if refining:
         fit = layerwise.FitSettings(config.weight_storage, config.scale_format, block=config.method is Method.BLOCK) if config.method.fits else None
         progress.begin("fitting and bias correction" if fit and config.bias_correction else "fitting" if fit else "bias correction")
         report.notes += layerwise.describe(layerwise.refine(ir_model, reference, dataset, correct=config.bias_correction, fit=fit, samples=config.refine_samples))

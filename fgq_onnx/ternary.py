@@ -121,6 +121,37 @@ def solve_exact(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scale.astype(np.float32)
 
 
+def solve_weighted(groups: np.ndarray, importance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least-squares optimum per group: min sum_i h_i (w_i - a t_i)^2 over a >= 0, t in {-1,0,1}^N.
+
+    With h_i = E[x_i^2], the mean square of the input weight i multiplies,
+    this is the layer's output error when inputs are uncorrelated, instead
+    of the weight error: an input channel whose activations are 100x larger
+    weighs 10^4x more. For a given a, weight i joins the support exactly when
+    h_i (|w_i| - a)^2 < h_i w_i^2, i.e. |w_i| > a / 2 (h_i > 0): the optimum
+    keeps the k largest |w| as before, only the choice of k and the scale
+    change: a = P_k / Q_k and the error left is sum h w^2 - P_k^2 / Q_k, with
+    P_k = sum over the support of h |w| and Q_k = sum of h. Weights with
+    h_i = 0 (padding) add nothing to either and are never kept.
+    """
+    magnitude = np.abs(groups)
+    order = np.argsort(-magnitude, axis=-1, kind="stable")
+    sorted_mag = np.take_along_axis(magnitude, order, axis=-1).astype(np.float64)
+    sorted_h = np.take_along_axis(np.asarray(importance, np.float64), order, axis=-1)
+    p = np.cumsum(sorted_h * sorted_mag, axis=-1)
+    q = np.cumsum(sorted_h, axis=-1)
+    gain = np.divide(p**2, q, out=np.zeros_like(p), where=q > 0)
+    best_k = np.argmax(gain, axis=-1) + 1
+    p_best = np.take_along_axis(p, best_k[..., None] - 1, axis=-1)[..., 0]
+    q_best = np.take_along_axis(q, best_k[..., None] - 1, axis=-1)[..., 0]
+    scale = np.divide(p_best, q_best, out=np.zeros_like(p_best), where=q_best > 0)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(groups.shape[-1]), order.shape), axis=-1)
+    kept = (rank < best_k[..., None]) & (np.asarray(importance) > 0) & (scale[..., None] > 0)
+    codes = (np.sign(groups) * kept).astype(np.int8)
+    return codes, scale.astype(np.float32)
+
+
 def solve_twn(groups: np.ndarray, valid: np.ndarray, ratio: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
     """TWN: threshold ratio * mean|w| over the group's real weights, scale = mean of kept |w|."""
     magnitude = np.abs(groups)
@@ -188,9 +219,18 @@ def _chunks(count: int, weights_per_item: int) -> list[slice]:
     return [slice(start, start + step) for start in range(0, count, step)]
 
 
-def ternarize(weight: np.ndarray, layout: GroupLayout, method: Method) -> TernaryWeight:
-    """Ternarize a weight tensor group by group with the chosen solver, a bounded chunk of segments at a time."""
+def ternarize(weight: np.ndarray, layout: GroupLayout, method: Method, importance: np.ndarray | None = None) -> TernaryWeight:
+    """Ternarize a weight tensor group by group with the chosen solver, a bounded chunk of segments at a time.
+
+    `importance` (broadcastable to the weight's shape, >= 0): for the exact
+    solver (and the fits, which start from it), how much each weight's error
+    counts, e.g. the mean square of the input it multiplies (solve_weighted).
+    """
     groups = layout.group(np.asarray(weight, dtype=np.float32))
+    if importance is not None and (method is Method.EXACT or method.fits):
+        weights = layout.group(np.broadcast_to(np.asarray(importance, np.float32), layout.shape))
+        parts = [solve_weighted(groups[part], weights[part]) for part in _chunks(len(groups), groups.shape[1] * groups.shape[2])]
+        return TernaryWeight(layout, *(np.concatenate(arrays) for arrays in zip(*parts)))
     if method is Method.EXACT or method.fits:  # fitting starts from exact; the data-aware part needs calibration data
         solve = solve_exact
     elif method is Method.TWN:

@@ -234,11 +234,15 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
     narrow_conv_group_size; with `narrow_conv_groups` False, always groups
     of N along its whole filter.
 
+    `importance` (node -> an array broadcastable to its weight, or None) weighs
+    each weight's error in the exact solver (fgq_onnx.ternary.solve_weighted):
+    the mean square of the input it multiplies makes it the layer's output error.
+
     Requires: the default-domain opset the storage needs; weights as
     initializers (lift Constant nodes first).
     """
 
-    def __init__(self, n: int | Callable[[ir.Node], int], method: Method = Method.EXACT, storage: str = "int2", skip: Callable[[ir.Node], str | None] | None = None, scale_format: str = "f32", trained_float_stays_float: bool = True, narrow_conv_groups: bool = True):
+    def __init__(self, n: int | Callable[[ir.Node], int], method: Method = Method.EXACT, storage: str = "int2", skip: Callable[[ir.Node], str | None] | None = None, scale_format: str = "f32", trained_float_stays_float: bool = True, narrow_conv_groups: bool = True, importance: Callable[[ir.Node], np.ndarray | None] | None = None):
         super().__init__()
         if not callable(n) and n < 1:
             raise ValueError(f"group size N must be at least 1, got {n}")
@@ -251,6 +255,7 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
         self.skip = skip or (lambda node: None)
         self.trained_float_stays_float = trained_float_stays_float
         self.narrow_conv_groups = narrow_conv_groups
+        self.importance = importance or (lambda node: None)
         self.exact: dict[tuple[int, int, int], already_ternary.AlreadyTernary] = {}
         self.trained_ternary = False  # most of the weights are already ternary
         self.records: list[LayerRecord] = []
@@ -306,7 +311,7 @@ class TernarizeWeightsPass(ir.passes.InPlacePass):
             ternary = exact.weight
             stored, storage_note = already_ternary.store_exact(ternary, self.scale_format)
         else:
-            ternary = ternarize(array, layout, self.method)
+            ternary = ternarize(array, layout, self.method, self.importance(node))
             stored = [store_scales(s, layout, self.scale_format) for s in (ternary.scale, ternary.neg_scale) if s is not None]
         nodes, output = dequantize_nodes(node, weight, ternary, self.storage, stored)
         node.graph.insert_before(node, nodes)

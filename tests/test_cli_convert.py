@@ -220,6 +220,16 @@ def test_twn_method(cli, kit, cnn_path, calib_npz, cnn_samples, tmp_path):
     assert error < RANDOM_MODEL_BOUND, error
 
 
+def test_input_weighting_option(cli, kit, cnn_path, calib_npz, cnn_samples, tmp_path):
+    report_path = tmp_path / "r.json"
+    converted(cli, cnn_path, "--calib", calib_npz, "--input-weighting", "--json", report_path, "-q")
+    report = json.loads(report_path.read_text())
+    assert report["settings"]["input_weighting"] is True
+    assert metadata(onnx.load(str(tmp_path / "cnn.fgq.onnx")))["fgq_onnx.input_weighting"] == "True"
+    error, _ = compare(kit, cnn_path, tmp_path / "cnn.fgq.onnx", {"x": cnn_samples})
+    assert error < RANDOM_MODEL_BOUND, error
+
+
 @pytest.mark.parametrize(
     ("args", "skipped", "reason"),
     [

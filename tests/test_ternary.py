@@ -12,6 +12,7 @@ from fgq_onnx.ternary import (
     solve_asymmetric,
     solve_exact,
     solve_twn,
+    solve_weighted,
     sqnr_db,
     ternarize,
 )
@@ -48,6 +49,55 @@ def test_exact_matches_brute_force(n):
     error = ((groups - dequantize(codes, scale)) ** 2).sum(-1)
     np.testing.assert_allclose(error, brute_force_error(groups), rtol=1e-5, atol=1e-6)
     assert set(np.unique(codes)) <= {-1, 0, 1} and np.all(scale >= 0)
+
+
+def brute_force_weighted_error(groups: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    """Least sum h (w - a t)^2 over all 3^N codes, each with its best scale a = max(0, sum h w t / sum h t^2)."""
+    n = groups.shape[-1]
+    codes = np.array(list(itertools.product([-1, 0, 1], repeat=n)), np.float64)
+    w, h = groups.astype(np.float64), importance.astype(np.float64)
+    dots = (h * w) @ codes.T
+    support = h @ (codes**2).T
+    gain = np.where(support > 0, np.maximum(dots, 0) ** 2 / np.where(support > 0, support, 1), 0.0)
+    return (h * w**2).sum(-1) - gain.max(-1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
+def test_weighted_matches_brute_force(n):
+    rng = np.random.default_rng(20 + n)
+    groups = np.concatenate([rng.standard_normal((300, n)), np.round(rng.standard_normal((50, n))), np.zeros((1, n))]).astype(np.float32)
+    importance = np.exp(rng.uniform(-6, 6, groups.shape)).astype(np.float32)  # mean squares spanning five decades
+    importance[:20, 0] = 0.0  # a channel calibration never excited
+    codes, scale = solve_weighted(groups, importance)
+    error = (importance * (groups - dequantize(codes, scale)) ** 2).sum(-1, dtype=np.float64)
+    np.testing.assert_allclose(error, brute_force_weighted_error(groups, importance), rtol=1e-4, atol=1e-6)
+    assert set(np.unique(codes)) <= {-1, 0, 1} and np.all(scale >= 0)
+    assert not np.any(codes[importance == 0]), "a weight whose error counts for nothing is not kept"
+
+
+def test_weighted_with_equal_importance_is_exact_and_beats_it_on_its_own_objective():
+    rng = np.random.default_rng(3)
+    groups = rng.standard_normal((500, 4)).astype(np.float32)
+    codes, scale = solve_weighted(groups, np.full(groups.shape, 2.5, np.float32))
+    exact_codes, exact_scale = solve_exact(groups)
+    np.testing.assert_allclose(dequantize(codes, scale), dequantize(exact_codes, exact_scale), rtol=1e-6, atol=1e-7)
+    importance = np.exp(rng.uniform(-4, 4, groups.shape))
+    weighted = (importance * (groups - dequantize(*solve_weighted(groups, importance))) ** 2).sum()
+    plain = (importance * (groups - dequantize(exact_codes, exact_scale)) ** 2).sum()
+    assert weighted < plain
+
+
+def test_ternarize_weighs_each_input_channel_of_a_conv():
+    """Importance broadcast over a Conv weight [O, C, k, k] reaches the groups of its input channels."""
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((6, 8, 3, 3)).astype(np.float32)
+    energy = np.exp(rng.uniform(-5, 5, 8)).astype(np.float32)
+    layout = GroupLayout(weight.shape, axis=1, n=4)
+    got = ternarize(weight, layout, Method.EXACT, energy.reshape(1, 8, 1, 1)).dequantize()
+    groups = layout.group(weight)
+    want = layout.ungroup(dequantize(*solve_weighted(groups, layout.group(np.broadcast_to(energy.reshape(1, 8, 1, 1), weight.shape)))))
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, ternarize(weight, layout, Method.EXACT).dequantize())
 
 
 @pytest.mark.parametrize("n", [2, 4, 6])
