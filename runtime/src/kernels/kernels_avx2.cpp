@@ -126,6 +126,34 @@ inline void block_store(const GemmArgs& a, int64_t quad0, int64_t b0) {
 // N = 64, equal at N = 8; N <= 4 (chunk_group_block): ResNet-50 conv shapes at batch 1 1.4-2x.
 constexpr int64_t kPairSumChunks = 64;
 
+// The C natural unsigned activation rows of a block from column b0: contiguous, or in segments
+// read in place (GemmArgs::row_offsets), segment_chunks chunks of the weights each, of which the
+// first read_chunks are read.
+template <int C>
+struct NaturalRows {
+  const GemmArgs& a;
+  int64_t segments, segment_chunks, read_chunks;
+  const int8_t* row[C];
+  NaturalRows(const GemmArgs& args, int64_t b0, int64_t chunks) : a(args) {
+    const bool indirect = a.row_offsets != nullptr;
+    segments = indirect ? a.segments : 1;
+    segment_chunks = indirect ? a.segment_len / 4 : chunks;
+    read_chunks = indirect ? a.segment_read / 4 : chunks;
+    for (int c = 0; c < C; ++c) row[c] = a.x + (indirect ? a.row_offsets[b0 + c] : (b0 + c) * a.x_stride);
+  }
+  // x[c]: column c's first byte of segment k.
+  void segment(int64_t k, const int8_t* x[C]) const {
+    for (int c = 0; c < C; ++c) x[c] = row[c] + (a.row_offsets ? a.segment_offsets[k] : 0);
+  }
+};
+
+// Four activation bytes broadcast to every 32-bit lane.
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t four;
+  std::memcpy(&four, p, 4);
+  return _mm256_set1_epi32(four);
+}
+
 // Half h (rows 8h..8h + 7) of a panel x C natural unsigned activation rows (contiguous, or in
 // segments: GemmArgs::row_offsets): sums[c] lane i = row 8h + i's exact int32 dot product with
 // column b0 + c, fold_bias = 128 * sum(t * s) subtracted. (One half at a time: 4 columns then
@@ -136,22 +164,17 @@ void half_sums(const GemmArgs& a, int64_t panel, int h, int64_t b0, __m256i sums
   const int64_t chunks = w.positions() / 4, group_chunks = w.np / 4;
   const int8_t* tp = w.ternary.data() + panel * chunks * 64 + 32 * h;
   const int16_t* sp = w.group_scales.data() + panel * w.padded_groups * 32 + 16 * h;
-  const bool indirect = a.row_offsets != nullptr;
-  const int64_t segments = indirect ? a.segments : 1, segment_chunks = indirect ? a.segment_len / 4 : chunks;
-  const int64_t read_chunks = indirect ? a.segment_read / 4 : chunks;
-  const int8_t* row[C];
-  for (int c = 0; c < C; ++c) row[c] = a.x + (indirect ? a.row_offsets[b0 + c] : (b0 + c) * a.x_stride);
+  const NaturalRows<C> rows(a, b0, chunks);
+  const int64_t read_chunks = rows.read_chunks;
   __m256i acc[C];
   for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_si256();
-  for (int64_t k = 0; k < segments; ++k) {
-    const int64_t first = k * segment_chunks;  // the segment's first chunk in the weights
+  for (int64_t k = 0; k < rows.segments; ++k) {
+    const int64_t first = k * rows.segment_chunks;  // the segment's first chunk in the weights
     const int8_t* x[C];
-    for (int c = 0; c < C; ++c) x[c] = row[c] + (indirect ? a.segment_offsets[k] : 0);
+    rows.segment(k, x);
     // (x[c] + 4j) broadcast to every row's lanes, times row i's t at chunk first + j
     const auto pair_sums = [&](int64_t j, int c) {
-      int32_t four;
-      std::memcpy(&four, x[c] + 4 * j, 4);
-      return _mm256_maddubs_epi16(_mm256_set1_epi32(four),
+      return _mm256_maddubs_epi16(broadcast4(x[c] + 4 * j),
                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tp + (first + j) * 64)));
     };
     int64_t g = first / group_chunks, group_end = (g + 1) * group_chunks - first;  // chunks, in the segment
@@ -191,26 +214,18 @@ void chunk_group_block(const GemmArgs& a, int64_t panel, int64_t b0) {
   const int64_t chunks = w.positions() / 4;
   const int8_t* tp = w.ternary.data() + panel * chunks * 64;
   const int16_t* sp = w.group_scales.data() + panel * w.padded_groups * 32;
-  const bool indirect = a.row_offsets != nullptr;
-  const int64_t segments = indirect ? a.segments : 1, segment_chunks = indirect ? a.segment_len / 4 : chunks;
-  const int64_t read_chunks = indirect ? a.segment_read / 4 : chunks;
-  const int8_t* row[C];
-  for (int c = 0; c < C; ++c) row[c] = a.x + (indirect ? a.row_offsets[b0 + c] : (b0 + c) * a.x_stride);
+  const NaturalRows<C> rows(a, b0, chunks);
   __m256i acc[2][C];
   for (int h = 0; h < 2; ++h)
     for (int c = 0; c < C; ++c) acc[h][c] = _mm256_setzero_si256();
-  for (int64_t k = 0; k < segments; ++k) {
+  for (int64_t k = 0; k < rows.segments; ++k) {
     const int8_t* x[C];
-    for (int c = 0; c < C; ++c) x[c] = row[c] + (indirect ? a.segment_offsets[k] : 0);
-    const int8_t* tk = tp + k * segment_chunks * 64;
-    const int16_t* sk = sp + k * segment_chunks * 32;
-    for (int64_t j = 0; j < read_chunks; ++j) {
+    rows.segment(k, x);
+    const int8_t* tk = tp + k * rows.segment_chunks * 64;
+    const int16_t* sk = sp + k * rows.segment_chunks * 32;
+    for (int64_t j = 0; j < rows.read_chunks; ++j) {
       __m256i xb[C];
-      for (int c = 0; c < C; ++c) {
-        int32_t four;
-        std::memcpy(&four, x[c] + 4 * j, 4);
-        xb[c] = _mm256_set1_epi32(four);
-      }
+      for (int c = 0; c < C; ++c) xb[c] = broadcast4(x[c] + 4 * j);
       for (int h = 0; h < H; ++h) {
         const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tk + j * 64 + 32 * h));
         const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sk + j * 32 + 16 * h));
@@ -229,14 +244,11 @@ void chunk_group_block(const GemmArgs& a, int64_t panel, int64_t b0) {
 template <int H>
 void ternary_panel(const GemmArgs& a, int64_t panel) {
   constexpr int kColumns = 4;
+  const bool one_chunk_groups = a.w->np == 4;
   int64_t b = a.b_begin;
-  if (a.w->np == 4) {
-    for (; b + kColumns <= a.b_end; b += kColumns) chunk_group_block<H, kColumns>(a, panel, b);
-    for (; b < a.b_end; ++b) chunk_group_block<H, 1>(a, panel, b);
-    return;
-  }
-  for (; b + kColumns <= a.b_end; b += kColumns) ternary_block<H, kColumns>(a, panel, b);
-  for (; b < a.b_end; ++b) ternary_block<H, 1>(a, panel, b);
+  for (; b + kColumns <= a.b_end; b += kColumns)
+    one_chunk_groups ? chunk_group_block<H, kColumns>(a, panel, b) : ternary_block<H, kColumns>(a, panel, b);
+  for (; b < a.b_end; ++b) one_chunk_groups ? chunk_group_block<H, 1>(a, panel, b) : ternary_block<H, 1>(a, panel, b);
 }
 
 void gemm_ternary(const GemmArgs& a) {
