@@ -25,6 +25,7 @@ from fgq_onnx import __version__, evaluate, fidelity, layerwise, model_io
 from fgq_onnx.calibration import AbsHistogram, ActivationObserver, CalibMethod, non_negative_by_construction, threshold
 from fgq_onnx.data import Dataset, ImageOptions, Split, model_inputs
 from fgq_onnx.errors import FgqError, fgq_error_in
+from fgq_onnx.passes.add_zero_conv_bias import AddZeroConvBiasPass
 from fgq_onnx.passes.dequantize_weights import DequantizeWeightsPass
 from fgq_onnx.passes.fold_batchnorm import FoldBatchNormPass
 from fgq_onnx.passes.fold_constants import FoldConstantsPass
@@ -431,6 +432,8 @@ def _convert(
     if config.format is OutputFormat.CUSTOM:
         progress.begin("the custom-op rewrite")
         ir_model = _use_custom_ops(ir_model, report)
+    else:
+        ir_model = AddZeroConvBiasPass()(ir_model).model
     ir_model.ir_version = max(ir_model.ir_version, _REQUIRED_IR[config.weight_storage])
     stamp(ir_model, report)
     report.weight_bytes_after = model_io.weight_bytes(ir_model)

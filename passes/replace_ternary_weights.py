@@ -16,7 +16,7 @@ from fgq_onnx.scales import store_scales
 from fgq_onnx.ternary import TernaryWeight
 
 
-def _decoding_nodes(node: ir.Node) -> list[ir.Node]:
+def decoding_nodes(node: ir.Node) -> list[ir.Node]:
     """Every node between `node`'s weight input and the initializers (the DequantizeLinear chain)."""
     found, stack = {}, [node.inputs[1]]
     while stack:
@@ -52,7 +52,7 @@ class ReplaceTernaryWeightsPass(ir.passes.InPlacePass):
             node = nodes.get(name)
             if node is None or not ternary_scale_nodes(node) or len(node.inputs[1].uses()) != 1:
                 raise ValueError(f"'{name}' is not a ternarized node with a weight of its own")
-            old = _decoding_nodes(node)
+            old = decoding_nodes(node)
             node.replace_input_with(1, None)
             model.graph.remove([n for n in model.graph if any(n is o for o in old)], safe=True)
             stored = [store_scales(s, ternary.layout, self.scale_format) for s in (ternary.scale, ternary.neg_scale) if s is not None]
