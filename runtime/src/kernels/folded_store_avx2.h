@@ -34,6 +34,13 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
       // u[i]: rows i (low lane) and 4 + i (high lane), columns 0-3
       const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
                            _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+      if (first == 0 && last == 8 && !a.accumulate) {  // the common case, unrolled
+        for (int i = 0; i < 4; ++i) {
+          _mm_storeu_ps(y + i * a.y_stride_m, _mm256_castps256_ps128(u[i]));
+          _mm_storeu_ps(y + (i + 4) * a.y_stride_m, _mm256_extractf128_ps(u[i], 1));
+        }
+        continue;
+      }
       for (int64_t i = first; i < last; ++i) {
         float* yi = y + i * a.y_stride_m;
         __m128 r = i < 4 ? _mm256_castps256_ps128(u[i]) : _mm256_extractf128_ps(u[i - 4], 1);
