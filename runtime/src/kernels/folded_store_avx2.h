@@ -19,7 +19,12 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
       v[c] = _mm256_mul_ps(scale, _mm256_fmadd_ps(rs, _mm256_cvtepi32_ps(sums[h][c]), offset_term));
     const int64_t first = std::max<int64_t>(lo - 8 * h, 0), last = std::min<int64_t>(hi - 8 * h, 8);
     float* y = a.y + b0 * a.y_stride_b + m * a.y_stride_m;
-    if (a.y_stride_m == 1) {  // [B, M]: each column's 8 rows contiguous
+    if (a.y_stride_m == 1 && first == 0 && last == 8) {  // [B, M], all 8 rows: plain moves (masked ones are slow)
+      for (int c = 0; c < C; ++c) {
+        float* yc = y + c * a.y_stride_b;
+        _mm256_storeu_ps(yc, a.accumulate ? _mm256_add_ps(v[c], _mm256_loadu_ps(yc)) : v[c]);
+      }
+    } else if (a.y_stride_m == 1) {  // [B, M]: each column's 8 rows contiguous
       const __m256i rows = _mm256_and_si256(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(static_cast<int>(first) - 1)),
                                             _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(last)), lane));
       for (int c = 0; c < C; ++c) {
