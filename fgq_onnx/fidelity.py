@@ -19,6 +19,9 @@ HOLDOUT_LIMIT = 256  # held-out samples run through both models, at most
 POOR_SQNR_DB = 10.0
 POOR_TOP1_AGREEMENT = 0.9
 AGREEMENT_SAMPLES = 50  # top-1 agreement counts from this many samples (near-tied random logits flip on a few)
+# Under --min-sqnr a check on fewer held-out samples than this gets a caution: open_nsfw's 20 dB plan, checked on
+# 6 held-out photos, gave 13 dB on 32 new ones, one near its decision boundary (docs/benchmark-real.md).
+FEW_BUDGET_SAMPLES = 20
 
 
 @dataclass
@@ -44,13 +47,18 @@ class Fidelity:
         return self.outputs[0] if self.outputs else None
 
     def warning(self, settings: dict[str, object], worst_layer: str = "") -> str | None:
-        """One line when the main output is poor, with what to try given the conversion's `settings`; else None."""
+        """One line when the main output is poor, with what to try given the conversion's `settings`, or when a
+        --min-sqnr budget was checked on few samples; else None."""
         main = self.main
         if main is None:
             return None
         disagrees = main.top1_agreement is not None and self.samples >= AGREEMENT_SAMPLES and main.top1_agreement < POOR_TOP1_AGREEMENT
         if main.sqnr_db >= POOR_SQNR_DB and not disagrees:
-            return None
+            budget = settings.get("min_sqnr")
+            if budget is None or self.samples >= FEW_BUDGET_SAMPLES:
+                return None
+            return (f"--min-sqnr {budget} was checked on only {self.samples} held-out samples: inputs unlike them can "
+                    f"fall well short of it; give more calibration data (one sample in {HOLDOUT_EVERY} is held out)")
         agreement = f", top-1 agreement {100 * main.top1_agreement:.1f}%" if main.top1_agreement is not None else ""
         tries = [
             "--method fit" if settings.get("method") not in ("fit", "block") else "",

@@ -12,7 +12,7 @@ import pytest
 
 import fgq_onnx
 from fgq_onnx import runtime
-from fgq_onnx.fidelity import AGREEMENT_SAMPLES, Fidelity, OutputFidelity
+from fgq_onnx.fidelity import AGREEMENT_SAMPLES, FEW_BUDGET_SAMPLES, Fidelity, OutputFidelity
 
 HELD_OUT = slice(4, None, 5)  # one sample in five: the last of each run of five
 
@@ -100,6 +100,10 @@ def test_warning_rule():
     assert fidelity(20.0, 0.5).warning(settings) is not None  # the classes disagree
     assert fidelity(20.0, 0.5, samples=AGREEMENT_SAMPLES - 1).warning(settings) is None  # too few samples to tell
     assert Fidelity(skipped="no calibration data").warning(settings) is None
+    budget = {**settings, "n": "auto", "min_sqnr": 20.0}
+    assert "checked on only 6 held-out samples" in fidelity(25.0, 0.99, samples=6).warning(budget)
+    assert fidelity(25.0, 0.99, samples=FEW_BUDGET_SAMPLES).warning(budget) is None
+    assert fidelity(25.0, 0.99, samples=6).warning(settings) is None  # no budget: nothing promised
 
 
 def test_no_held_out_samples_without_calibration_data(cnn_path):
