@@ -16,6 +16,7 @@ import pathlib
 import sys
 
 import numpy as np
+import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -439,6 +440,28 @@ def test_non_constant_weights(kernels):
         want = run_op(const, {"X": x}, kernel)
         got = run_op(fed, {"X": x, "codes": codes, "scales": sc}, kernel)
         np.testing.assert_array_equal(got, want)
+
+
+def test_fed_activation_quantization(kernels):
+    """x_scale and x_zero_point fed as graph inputs (read per call, not once at creation) give the same result,
+    and a bad one fails the call."""
+    rng = np.random.default_rng(5)
+    k, m, n = 20, 6, 4
+    codes, groups = pack_weight(random_ternary(rng, (m, k)), n)
+    inputs = dict(x_scale=np.float32(0.05), x_zero_point=np.uint8(7), codes=codes, scales=np.ones((m, groups.shape[1]), np.float32))
+    x = rng.uniform(0, 3, size=(4, k)).astype(np.float32)
+    const = build_model("TernaryMatMul", inputs, dict(N=n, K=k), [4, k])
+    fed = onnx.ModelProto()
+    fed.CopyFrom(const)
+    for name in ("x_scale", "x_zero_point"):
+        tensor = next(t for t in fed.graph.initializer if t.name == name)
+        fed.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, []))
+        fed.graph.initializer.remove(tensor)
+    feeds = {"X": x, "x_scale": np.array(inputs["x_scale"]), "x_zero_point": np.array(inputs["x_zero_point"])}
+    for kernel in kernels:
+        np.testing.assert_array_equal(run_op(fed, feeds, kernel), run_op(const, {"X": x}, kernel))
+    with pytest.raises(Exception, match="x_scale"):
+        run_op(fed, feeds | {"x_scale": np.array(0, np.float32)}, kernels[0])
 
 
 def test_threads_agree(kernels):

@@ -236,20 +236,6 @@ void parallel_for(OrtKernelContext* ctx, size_t total, void (*fn)(void*, size_t)
 
 // ---------------------------------------------------------------------------
 
-TernaryKernelBase::TernaryKernelBase(const OrtKernelInfo* info) {
-  std::string error;
-  dispatch_ = active_dispatch(&error);
-  if (!dispatch_) fail(error);
-  n_ = attr_int(info, "N", nullptr);
-  if (n_ < 1 || n_ > kMaxGroupSize)
-    fail("attribute N (group size) must be in [1, " + std::to_string(kMaxGroupSize) + "], got " + std::to_string(n_));
-  const int64_t unset = INT64_MIN;
-  qmin_attr_ = attr_int(info, "act_qmin", &unset);
-  qmax_attr_ = attr_int(info, "act_qmax", &unset);
-  activation_ = attr_activation(info);
-  finish_row_ = finish_row_for(*dispatch_);
-}
-
 static bool input_exists(const OrtKernelInfo* info, size_t index) {
   size_t count = 0;
   check(g_api->KernelInfo_GetInputCount(info, &count));
@@ -274,6 +260,27 @@ static bool constant_input(const OrtKernelInfo* info, size_t index, const OrtVal
   if (!is_constant || !v) return false;
   *value = v;
   return true;
+}
+
+TernaryKernelBase::TernaryKernelBase(const OrtKernelInfo* info) {
+  std::string error;
+  dispatch_ = active_dispatch(&error);
+  if (!dispatch_) fail(error);
+  n_ = attr_int(info, "N", nullptr);
+  if (n_ < 1 || n_ > kMaxGroupSize)
+    fail("attribute N (group size) must be in [1, " + std::to_string(kMaxGroupSize) + "], got " + std::to_string(n_));
+  const int64_t unset = INT64_MIN;
+  qmin_attr_ = attr_int(info, "act_qmin", &unset);
+  qmax_attr_ = attr_int(info, "act_qmax", &unset);
+  activation_ = attr_activation(info);
+  finish_row_ = finish_row_for(*dispatch_);
+  // Constant x_scale and x_zero_point (the converter writes them so): checked and built once, not per call.
+  const OrtValue *scale = nullptr, *zero_point = nullptr;
+  if (constant_input(info, kXScale, &scale) && constant_input(info, kXZeroPoint, &zero_point) && scale && zero_point) {
+    ActQuant q;
+    constant_levels_type_ = quant_of(view(scale), view(zero_point), &q);
+    constant_quant_ = q;
+  }
 }
 
 void TernaryKernelBase::init_weights(const OrtKernelInfo* info, const ReductionLayout& layout, int64_t rows) {
@@ -389,15 +396,22 @@ void TernaryKernelBase::repack_int8(const Tensor& codes, const Tensor& weights, 
 }
 
 ActQuant TernaryKernelBase::act_quant(OrtKernelContext* ctx, const Tensor& x) const {
-  const Tensor scale = input(ctx, kXScale), zp = input(ctx, kXZeroPoint);
+  ActQuant q;
+  ONNXTensorElementDataType levels_type = constant_levels_type_;
+  if (constant_quant_) q = *constant_quant_;
+  else levels_type = quant_of(input(ctx, kXScale), input(ctx, kXZeroPoint), &q);
+  if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && x.type != levels_type)
+    fail(std::string("X must be float or of x_zero_point's type (") + type_name(levels_type) + "), got " + type_name(x.type));
+  return q;
+}
+
+ONNXTensorElementDataType TernaryKernelBase::quant_of(const Tensor& scale, const Tensor& zp, ActQuant* out) const {
   if (!scale.present || scale.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || scale.size != 1)
     fail("x_scale must be a float scalar");
   if (!zp.present || zp.size != 1 ||
       (zp.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && zp.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8))
     fail("x_zero_point must be a uint8 or int8 scalar");
   const bool is_signed = zp.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-  if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && x.type != zp.type)
-    fail(std::string("X must be float or of x_zero_point's type (") + type_name(zp.type) + "), got " + type_name(x.type));
   const int zero = is_signed ? *zp.as<int8_t>() : *zp.as<uint8_t>();
   const int64_t lo = is_signed ? -128 : 0, hi = is_signed ? 127 : 255;
   const int64_t qmin = qmin_attr_ == INT64_MIN ? lo : qmin_attr_;
@@ -405,11 +419,10 @@ ActQuant TernaryKernelBase::act_quant(OrtKernelContext* ctx, const Tensor& x) co
   if (qmin < lo || qmax > hi || qmin > qmax)
     fail("act_qmin/act_qmax = " + std::to_string(qmin) + "/" + std::to_string(qmax) + " outside the " +
          type_name(zp.type) + " range or reversed");
-  ActQuant q;
   const std::string error = make_act_quant(*scale.as<float>(), zero, static_cast<int>(qmin), static_cast<int>(qmax),
-                                           is_signed, &q);
+                                           is_signed, out);
   if (!error.empty()) fail(error);
-  return q;
+  return zp.type;
 }
 
 const float* TernaryKernelBase::bias(OrtKernelContext* ctx, int64_t rows) const {

@@ -10,6 +10,7 @@
 #include <exception>
 #include <memory>
 #include <new>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -135,8 +136,10 @@ class TernaryKernelBase {
   void init_weights(const OrtKernelInfo* info, const ReductionLayout& layout, int64_t rows);
   // The planes to use in this call (the constant ones, or `scratch` repacked now).
   const Planes& planes(OrtKernelContext* ctx, Planes& scratch) const;
-  // x_scale / x_zero_point / act_qmin / act_qmax for this call.
+  // x_scale / x_zero_point / act_qmin / act_qmax for this call (checked against X's type).
   ActQuant act_quant(OrtKernelContext* ctx, const Tensor& x) const;
+  // x_scale and x_zero_point (with act_qmin / act_qmax) checked into *out; returns x_zero_point's type.
+  ONNXTensorElementDataType quant_of(const Tensor& scale, const Tensor& zero_point, ActQuant* out) const;
   // Bias [rows] or absent.
   const float* bias(OrtKernelContext* ctx, int64_t rows) const;
   // Runs the fused kernel over rows [m0, m0 + rows) x b < cols in parallel tiles, each tile finished
@@ -160,6 +163,8 @@ class TernaryKernelBase {
   ReductionLayout layout_;
   int64_t rows_ = -1;
   std::shared_ptr<const Planes> constant_planes_;
+  std::optional<ActQuant> constant_quant_;  // from constant x_scale and x_zero_point
+  ONNXTensorElementDataType constant_levels_type_ = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // their 8-bit type
 
  private:
   void repack(const Tensor& codes, const Tensor& scales, const Tensor& row_scale, const Tensor& neg_scales,
