@@ -426,12 +426,21 @@ ONNXTensorElementDataType TernaryKernelBase::quant_of(const Tensor& scale, const
 }
 
 const float* TernaryKernelBase::bias(OrtKernelContext* ctx, int64_t rows) const {
+  if (constant_bias_ && static_cast<int64_t>(constant_bias_->size()) == rows) return constant_bias_->data();
   const Tensor b = input(ctx, kBias);
   if (!b.present) return nullptr;
   if (b.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) fail("bias must be float");
   if (b.shape.size() != 1 || b.shape[0] != rows)
     fail("bias shape " + shape_string(b.shape) + " must be [M] = [" + std::to_string(rows) + "]");
   return b.as<float>();
+}
+
+void TernaryKernelBase::keep_constant_bias(const OrtKernelInfo* info) {
+  const OrtValue* value = nullptr;
+  if (!constant_input(info, kBias, &value) || !value) return;
+  const Tensor b = view(value);
+  if (b.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && b.shape.size() == 1)  // else bias() refuses it per call
+    constant_bias_.emplace(b.as<float>(), b.as<float>() + b.size);
 }
 
 bool TernaryKernelBase::folded_rows(const Planes& p, int64_t rows) const {

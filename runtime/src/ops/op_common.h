@@ -142,6 +142,8 @@ class TernaryKernelBase {
   ONNXTensorElementDataType quant_of(const Tensor& scale, const Tensor& zero_point, ActQuant* out) const;
   // Bias [rows] or absent.
   const float* bias(OrtKernelContext* ctx, int64_t rows) const;
+  // For ops whose input 8 is a bias [M]: a constant float one is copied once, so bias() reads no input per call.
+  void keep_constant_bias(const OrtKernelInfo* info);
   // Runs the fused kernel over rows [m0, m0 + rows) x b < cols in parallel tiles, each tile finished
   // by `e` (y_stride_m must be 1).
   void run(OrtKernelContext* ctx, const Planes& p, GemmArgs args, const RowEpilogue& e) const;
@@ -164,6 +166,7 @@ class TernaryKernelBase {
   int64_t rows_ = -1;
   std::shared_ptr<const Planes> constant_planes_;
   std::optional<ActQuant> constant_quant_;  // from constant x_scale and x_zero_point
+  std::optional<std::vector<float>> constant_bias_;  // keep_constant_bias
   ONNXTensorElementDataType constant_levels_type_ = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // their 8-bit type
 
  private:

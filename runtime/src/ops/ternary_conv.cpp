@@ -153,6 +153,7 @@ class ConvKernel : public TernaryKernelBase {
     const ReductionLayout layout =
         segmented_ ? ReductionLayout{rs, cg_, n_} : ReductionLayout{1, checked_mul(cg_, rs, "filter"), n_};
     init_weights(info, layout, m_);
+    keep_constant_bias(info);
     // Depthwise and grouped convolutions with few output rows a group: the GEMM's quads of rows would be
     // mostly empty, and a group's few channels make short rows. On AVX2 the direct kernel measured (3x3,
     // as many channels as rows a group) 15-36x faster than the GEMM at 2-4 rows a group, 1.7-8.7x at 16,

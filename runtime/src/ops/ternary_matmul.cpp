@@ -10,6 +10,7 @@ class MatMulKernel : public TernaryKernelBase {
     k_ = attr_int(info, "K", nullptr);
     if (k_ < 1 || k_ > (int64_t{1} << 30)) fail("attribute K must be in [1, 2^30], got " + std::to_string(k_));
     init_weights(info, ReductionLayout{1, k_, n_}, -1);
+    keep_constant_bias(info);
   }
 
   void Compute(OrtKernelContext* ctx) const {
