@@ -21,14 +21,15 @@ from ir_models import make_model
 def _bias_less_model(tmp_path):
     rng = np.random.default_rng(0)
     weights = {"w1": rng.normal(size=(24, 8, 1, 1)).astype(np.float32), "w2": rng.normal(size=(8, 24, 3, 3)).astype(np.float32),
+               "w3": rng.normal(size=(8, 8, 1, 1)).astype(np.float32),
                "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)}
     model = make_model("""
         g (float[2, 8, 9, 9] x) => (float[2, 8, 9, 9] y) {
             c1 = Conv (x, w1)
             a1 = Clip (c1, lo, hi)
             c2 = Conv <pads = [1, 1, 1, 1]> (a1, w2)
-            y = Conv (c2, w1t)
-        }""".replace("w1t", "w3"), weights | {"w3": rng.normal(size=(8, 8, 1, 1)).astype(np.float32)}, opset=21)
+            y = Conv (c2, w3)
+        }""", weights, opset=21)
     path, calib = tmp_path / "m.onnx", tmp_path / "calib.npz"
     onnx.save(ir.serde.serialize_model(model), path)
     np.savez(calib, x=rng.uniform(-1, 1, (16, 8, 9, 9)).astype(np.float32))

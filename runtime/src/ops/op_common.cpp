@@ -276,11 +276,8 @@ TernaryKernelBase::TernaryKernelBase(const OrtKernelInfo* info) {
   finish_row_ = finish_row_for(*dispatch_);
   // Constant x_scale and x_zero_point (the converter writes them so): checked and built once, not per call.
   const OrtValue *scale = nullptr, *zero_point = nullptr;
-  if (constant_input(info, kXScale, &scale) && constant_input(info, kXZeroPoint, &zero_point) && scale && zero_point) {
-    ActQuant q;
-    constant_levels_type_ = quant_of(view(scale), view(zero_point), &q);
-    constant_quant_ = q;
-  }
+  if (constant_input(info, kXScale, &scale) && constant_input(info, kXZeroPoint, &zero_point) && scale && zero_point)
+    constant_quant_ = quant_of(view(scale), view(zero_point));
 }
 
 void TernaryKernelBase::init_weights(const OrtKernelInfo* info, const ReductionLayout& layout, int64_t rows) {
@@ -396,16 +393,13 @@ void TernaryKernelBase::repack_int8(const Tensor& codes, const Tensor& weights, 
 }
 
 ActQuant TernaryKernelBase::act_quant(OrtKernelContext* ctx, const Tensor& x) const {
-  ActQuant q;
-  ONNXTensorElementDataType levels_type = constant_levels_type_;
-  if (constant_quant_) q = *constant_quant_;
-  else levels_type = quant_of(input(ctx, kXScale), input(ctx, kXZeroPoint), &q);
-  if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && x.type != levels_type)
-    fail(std::string("X must be float or of x_zero_point's type (") + type_name(levels_type) + "), got " + type_name(x.type));
-  return q;
+  const LevelQuant q = constant_quant_ ? *constant_quant_ : quant_of(input(ctx, kXScale), input(ctx, kXZeroPoint));
+  if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && x.type != q.type)
+    fail(std::string("X must be float or of x_zero_point's type (") + type_name(q.type) + "), got " + type_name(x.type));
+  return q.quant;
 }
 
-ONNXTensorElementDataType TernaryKernelBase::quant_of(const Tensor& scale, const Tensor& zp, ActQuant* out) const {
+TernaryKernelBase::LevelQuant TernaryKernelBase::quant_of(const Tensor& scale, const Tensor& zp) const {
   if (!scale.present || scale.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || scale.size != 1)
     fail("x_scale must be a float scalar");
   if (!zp.present || zp.size != 1 ||
@@ -419,10 +413,11 @@ ONNXTensorElementDataType TernaryKernelBase::quant_of(const Tensor& scale, const
   if (qmin < lo || qmax > hi || qmin > qmax)
     fail("act_qmin/act_qmax = " + std::to_string(qmin) + "/" + std::to_string(qmax) + " outside the " +
          type_name(zp.type) + " range or reversed");
+  LevelQuant q{ActQuant(), zp.type};
   const std::string error = make_act_quant(*scale.as<float>(), zero, static_cast<int>(qmin), static_cast<int>(qmax),
-                                           is_signed, out);
+                                           is_signed, &q.quant);
   if (!error.empty()) fail(error);
-  return zp.type;
+  return q;
 }
 
 const float* TernaryKernelBase::bias(OrtKernelContext* ctx, int64_t rows) const {

@@ -138,8 +138,13 @@ class TernaryKernelBase {
   const Planes& planes(OrtKernelContext* ctx, Planes& scratch) const;
   // x_scale / x_zero_point / act_qmin / act_qmax for this call (checked against X's type).
   ActQuant act_quant(OrtKernelContext* ctx, const Tensor& x) const;
-  // x_scale and x_zero_point (with act_qmin / act_qmax) checked into *out; returns x_zero_point's type.
-  ONNXTensorElementDataType quant_of(const Tensor& scale, const Tensor& zero_point, ActQuant* out) const;
+  // The activation quantization and x_zero_point's 8-bit type (X may hold levels of it).
+  struct LevelQuant {
+    ActQuant quant;
+    ONNXTensorElementDataType type;
+  };
+  // x_scale and x_zero_point (with act_qmin / act_qmax), checked.
+  LevelQuant quant_of(const Tensor& scale, const Tensor& zero_point) const;
   // Bias [rows] or absent.
   const float* bias(OrtKernelContext* ctx, int64_t rows) const;
   // For ops whose input 8 is a bias [M]: a constant float one is copied once, so bias() reads no input per call.
@@ -165,9 +170,8 @@ class TernaryKernelBase {
   ReductionLayout layout_;
   int64_t rows_ = -1;
   std::shared_ptr<const Planes> constant_planes_;
-  std::optional<ActQuant> constant_quant_;  // from constant x_scale and x_zero_point
+  std::optional<LevelQuant> constant_quant_;  // from constant x_scale and x_zero_point
   std::optional<std::vector<float>> constant_bias_;  // keep_constant_bias
-  ONNXTensorElementDataType constant_levels_type_ = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // their 8-bit type
 
  private:
   void repack(const Tensor& codes, const Tensor& scales, const Tensor& row_scale, const Tensor& neg_scales,
