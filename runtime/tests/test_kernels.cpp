@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <algorithm>
 #include <cctype>
 #include <fstream>
@@ -547,6 +548,43 @@ void test_folded_extremes(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::printf("folded extremes: %d cases\n", cases);
 }
 
+// A folded store's epilogue (GemmArgs::epilogue) against StoreEpilogue::apply on the stored values
+// `want` (natural layout [B, M]), bit for bit: `rows` writes [B, M] over all rows and columns, `tile`
+// a row and column range of [M, B], stored or accumulated onto ones; bias, residual and the bounds
+// (none, ReLU, Clip) vary with the shape. Outputs outside the tile stay untouched.
+void check_store_epilogue(const fgq::KernelDispatch& d, fgq::GemmArgs rows, fgq::GemmArgs tile,
+                          const std::vector<float>& want, std::mt19937& rng) {
+  const int64_t M = rows.m_end, B = rows.b_end;
+  std::vector<float> bias(static_cast<size_t>(M)), residual(want.size());
+  for (auto& v : bias) v = static_cast<float>(static_cast<int>(rng() % 2001) - 1000) / 64.f;
+  for (auto& v : residual) v = static_cast<float>(static_cast<int>(rng() % 2001) - 1000) / 16.f;
+  residual[0] = std::numeric_limits<float>::quiet_NaN();  // kept by a clamp, as by the ops' finish pass
+  const int kind = static_cast<int>((M + B) % 3);  // none, ReLU, Clip
+  fgq::StoreEpilogue e;
+  e.bias = (M + B) % 4 != 3 ? bias.data() : nullptr;
+  e.residual = (M * B) % 5 != 2 ? residual.data() : nullptr;
+  if (kind > 0) e.lo = kind == 1 ? 0.f : -3.5f;
+  if (kind == 2) e.hi = 6.f;
+  for (fgq::GemmArgs* a : {&rows, &tile}) {
+    const bool by_rows = a == &rows;
+    const float before = a->accumulate ? 1.f : -7.f;
+    std::vector<float> y(want.size(), before);
+    a->y = y.data();
+    a->epilogue = &e;
+    d.gemm(*a);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t m = 0; m < M; ++m) {
+        const bool inside = m >= a->m_begin && m < a->m_end && b >= a->b_begin && b < a->b_end;
+        const int64_t at = by_rows ? b * M + m : m * B + b;
+        const float stored = want[static_cast<size_t>(b * M + m)] + (a->accumulate ? 1.f : 0.f);
+        const float expected = inside ? e.apply(stored, m, at) : before;
+        EXPECT(std::memcmp(&y[static_cast<size_t>(at)], &expected, sizeof(float)) == 0, "%s: store epilogue (%s) M=%ld B=%ld m=%ld b=%ld: %g, want %g",
+               d.name, by_rows ? "[B, M]" : "[M, B] tile", (long)M, (long)B, (long)m, (long)b, y[static_cast<size_t>(at)],
+               expected);
+      }
+  }
+}
+
 // The folded form's register tiles and their edges, bit for bit against the reference: every M
 // in 1..70 (blocks of 1-4 panels, the last panel part empty), every B in 1..20 (blocks of 1-8
 // activation rows), K straddling 4-position chunks and 16-chunk panels, one and two planes.
@@ -649,6 +687,7 @@ void test_folded_tiles(const std::vector<const fgq::KernelDispatch*>& ps) {
             EXPECT(v == expected, "%s: folded tiles in place, [M, B] M=%ld B=%ld k=%ld m=%ld b=%ld: %g, want %g", d->name,
                    (long)M, (long)B, (long)k, (long)m, (long)b, v, expected);
           }
+        if (d->folded_epilogue) check_store_epilogue(*d, a, t, want, rng);
         ++cases;
       }
     }

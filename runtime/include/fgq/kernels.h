@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -201,6 +202,22 @@ inline int8_t requantize_one(int level, const ActQuant& q) {
   return static_cast<int8_t>(level - q.shift);
 }
 
+// What a folded store applies to an output before storing it, where the path has it
+// (KernelDispatch::folded_epilogue): v = min(max(v + bias[m] + residual[at], lo), hi) with `at` the
+// output's offset from GemmArgs::y, each term optional. The same operations in the same order as
+// the ops' finish pass (bias, then residual, then ReLU or Clip), so either gives the same bits.
+struct StoreEpilogue {
+  const float* bias = nullptr;      // per output row m
+  const float* residual = nullptr;  // y's layout
+  float lo = -std::numeric_limits<float>::infinity(), hi = std::numeric_limits<float>::infinity();
+  float apply(float v, int64_t m, int64_t at) const {
+    if (bias) v = v + bias[m];
+    if (residual) v = v + residual[at];
+    v = v < lo ? lo : v;
+    return v > hi ? hi : v;
+  }
+};
+
 // One call of the fused kernel: rows [m_begin, m_end) x activation rows
 // [b_begin, b_end) of y[b * y_stride_b + m * y_stride_m] =
 //   scale * (row_scale[m] * sum_g s[m,g] * P[b,m,g] + offset * row_offset[m]),
@@ -228,6 +245,9 @@ struct GemmArgs {
   float scale = 1.f;
   float offset = 0.f;
   bool accumulate = false;
+  // Applied to each output as it is stored (after accumulating); only with `natural` on a path
+  // whose folded_epilogue is set.
+  const StoreEpilogue* epilogue = nullptr;
 };
 
 struct DepthwiseArgs;  // include/fgq/depthwise.h
@@ -253,6 +273,8 @@ struct KernelDispatch {
   unsigned folded;
   // The direct convolution kernel for few channels a group (include/fgq/depthwise.h).
   void (*depthwise)(const DepthwiseArgs& args);
+  // Whether the folded form's stores apply GemmArgs::epilogue (else the caller finishes the rows).
+  bool folded_epilogue;
 };
 
 // Whether a call over `rows` activation rows takes natural unsigned rows (GemmArgs::natural):

@@ -2,13 +2,31 @@
 // each includes this inside its own anonymous namespace, compiled with its own flags (both
 // have AVX2), like activation_impl.h.
 
+// The StoreEpilogue in registers: max and min return their second operand on NaN and on equal
+// zeros, so max(lo, v) is `v < lo ? lo : v` and min(hi, v) is `v > hi ? hi : v` exactly.
+struct EpilogueLanes {
+  const StoreEpilogue* e;
+  __m256 lo, hi;
+  explicit EpilogueLanes(const StoreEpilogue* epilogue)
+      : e(epilogue), lo(_mm256_set1_ps(e ? e->lo : 0.f)), hi(_mm256_set1_ps(e ? e->hi : 0.f)) {}
+  __m256 add_bias(__m256 v, int64_t m) const {  // lanes: rows m..m + 7
+    return e->bias ? _mm256_add_ps(v, _mm256_loadu_ps(e->bias + m)) : v;
+  }
+  __m256 finish(__m256 v, __m256 residual) const {  // after add_bias
+    if (e->residual) v = _mm256_add_ps(v, residual);
+    return _mm256_min_ps(hi, _mm256_max_ps(lo, v));
+  }
+};
+
 // The epilogue of a folded block: sums[h][c] lane i is row m0 + 8h + i, column b0 + c; rows
-// outside [m_begin, m_end) are not written.
+// outside [m_begin, m_end) are not written. GemmArgs::epilogue is applied in registers when
+// storing all 8 rows of a half without accumulating, else to the stored values.
 template <int C>
 void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sums)[C]) {
   const KernelWeights& w = *a.w;
   const int64_t lo = std::max<int64_t>(a.m_begin - m0, 0), hi = std::min<int64_t>(a.m_end - m0, 16);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const EpilogueLanes e(a.epilogue);
   for (int h = 0; h < 2; ++h) {
     if (8 * h >= hi || 8 * h + 8 <= lo) continue;
     const int64_t m = m0 + 8 * h;
@@ -19,12 +37,22 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
       v[c] = _mm256_mul_ps(scale, _mm256_fmadd_ps(rs, _mm256_cvtepi32_ps(sums[h][c]), offset_term));
     const int64_t first = std::max<int64_t>(lo - 8 * h, 0), last = std::min<int64_t>(hi - 8 * h, 8);
     float* y = a.y + b0 * a.y_stride_b + m * a.y_stride_m;
-    if (a.y_stride_m == 1 && first == 0 && last == 8) {  // [B, M], all 8 rows: plain moves (masked ones are slow)
+    const int64_t at = y - a.y;  // offset of (row m, column b0) in y and the residual
+    const bool all_rows = first == 0 && last == 8, by_rows = a.y_stride_m == 1;  // by_rows: [B, M]
+    const bool in_registers = e.e && all_rows && !a.accumulate && (by_rows || (C == 4 && a.y_stride_b == 1));
+    if (in_registers)
+      for (int c = 0; c < C; ++c) v[c] = e.add_bias(v[c], m);
+    if (by_rows && all_rows) {  // [B, M], all 8 rows: plain moves (masked ones are slow)
       for (int c = 0; c < C; ++c) {
         float* yc = y + c * a.y_stride_b;
+        if (in_registers) {
+          const float* r = e.e->residual ? e.e->residual + at + c * a.y_stride_b : nullptr;
+          _mm256_storeu_ps(yc, e.finish(v[c], r ? _mm256_loadu_ps(r) : v[c]));
+          continue;
+        }
         _mm256_storeu_ps(yc, a.accumulate ? _mm256_add_ps(v[c], _mm256_loadu_ps(yc)) : v[c]);
       }
-    } else if (a.y_stride_m == 1) {  // [B, M]: each column's 8 rows contiguous
+    } else if (by_rows) {  // [B, M]: each column's 8 rows contiguous
       const __m256i rows = _mm256_and_si256(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(static_cast<int>(first) - 1)),
                                             _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(last)), lane));
       for (int c = 0; c < C; ++c) {
@@ -39,10 +67,15 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
       // u[i]: rows i (low lane) and 4 + i (high lane), columns 0-3
       const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
                            _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
-      if (first == 0 && last == 8 && !a.accumulate) {  // the common case, unrolled
+      if (all_rows && !a.accumulate) {  // the common case, unrolled
         for (int i = 0; i < 4; ++i) {
-          _mm_storeu_ps(y + i * a.y_stride_m, _mm256_castps256_ps128(u[i]));
-          _mm_storeu_ps(y + (i + 4) * a.y_stride_m, _mm256_extractf128_ps(u[i], 1));
+          __m256 r = u[i];
+          if (in_registers) {
+            const float* res = e.e->residual ? e.e->residual + at + i * a.y_stride_m : nullptr;
+            r = e.finish(r, res ? _mm256_loadu2_m128(res + 4 * a.y_stride_m, res) : r);
+          }
+          _mm_storeu_ps(y + i * a.y_stride_m, _mm256_castps256_ps128(r));
+          _mm_storeu_ps(y + (i + 4) * a.y_stride_m, _mm256_extractf128_ps(r, 1));
         }
         continue;
       }
@@ -73,5 +106,11 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
         }
       }
     }
+    if (e.e && !in_registers)
+      for (int c = 0; c < C; ++c)
+        for (int64_t i = first; i < last; ++i) {
+          const int64_t offset = c * a.y_stride_b + i * a.y_stride_m;
+          y[offset] = e.e->apply(y[offset], m + i, at + offset);
+        }
   }
 }

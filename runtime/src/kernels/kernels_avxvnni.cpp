@@ -108,6 +108,7 @@ const KernelDispatch kAvxVnniDispatch = {"avxvnni",
                                          kAvx2Dispatch.kernel_order,
                                          kAvx2Dispatch.quantize_transposed,
                                          kFoldedPlanes,
-                                         depthwise_avxvnni};
+                                         depthwise_avxvnni,
+                                         true};
 
 }  // namespace fgq

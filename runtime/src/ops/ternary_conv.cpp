@@ -11,6 +11,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <optional>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -540,12 +541,30 @@ class ConvKernel : public TernaryKernelBase {
     }
   }
 
+  // Bias, residual and a ReLU or Clip for the folded stores of paths that apply them as they store
+  // (KernelDispatch::folded_epilogue), or nothing: then a pass over each finished tile does it.
+  std::optional<StoreEpilogue> store_epilogue(const GemmArgs& args, const Epilogue& e) const {
+    if (!args.natural || !dispatch_->folded_epilogue || activation_.affine) return std::nullopt;
+    StoreEpilogue s;
+    s.bias = e.bias;
+    s.residual = e.residual;
+    switch (activation_.kind) {
+      case Activation::kNone: break;
+      case Activation::kRelu: s.lo = 0.f; break;
+      case Activation::kClip: s.lo = activation_.p0, s.hi = activation_.p1; break;
+      default: return std::nullopt;
+    }
+    return s;
+  }
+
   // The ternary GEMM per group over the P pixels of one image, then bias, residual and activation per tile.
   void gemm(OrtKernelContext* ctx, const Planes& p, int64_t P, int64_t group_step, const GemmArgs& args,
             const Epilogue& e) const {
     const int64_t mg = m_ / group_;
     const int64_t mb = 64, bb = P <= 8 ? P : 64;
     const int64_t tiles_m = (mg + mb - 1) / mb, tiles_b = (P + bb - 1) / bb;
+    const bool finish = e.bias || e.residual || activation_.active();
+    const std::optional<StoreEpilogue> stored = finish ? store_epilogue(args, e) : std::nullopt;
     auto task = [&](size_t t) {
       const int64_t i = static_cast<int64_t>(t);
       const int64_t g = i / (tiles_m * tiles_b), tm = i % tiles_m, tb = i / tiles_m % tiles_b;
@@ -557,13 +576,15 @@ class ConvKernel : public TernaryKernelBase {
       a.b_begin = tb * bb;
       a.b_end = std::min(P, a.b_begin + bb);
       a.w = &p.pos;
+      if (!p.asymmetric && stored) a.epilogue = &*stored;
       dispatch_->gemm(a);
       if (p.asymmetric) {
         a.w = &p.neg;
         a.accumulate = true;
+        if (stored) a.epilogue = &*stored;
         dispatch_->gemm(a);
       }
-      if (e.bias || e.residual || activation_.active())
+      if (finish && !stored)
         for (int64_t m = a.m_begin; m < a.m_end; ++m)
           finish_row_(a.y + m * P + a.b_begin, a.b_end - a.b_begin,
                       RowAddends{e.bias ? e.bias + m : nullptr, e.residual ? e.residual + m * P + a.b_begin : nullptr},
