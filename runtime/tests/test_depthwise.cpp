@@ -22,7 +22,8 @@ struct Case {
   int64_t stride_h, stride_w, dilation_h, dilation_w, out_h, out_w;
   fgq::ScaleType scale_type;
   int max_code;  // uint8 scale codes in [1, max_code]
-  bool asymmetric, bias, residual, relu;
+  bool asymmetric, bias, residual;
+  int clamp;  // 0 none, 1 ReLU, 2 Clip to [-1.5, 2]
 };
 
 // One random ternary layer in the packed format, its planes and the integer image.
@@ -98,7 +99,7 @@ std::string make_layer(const Case& c, std::mt19937& rng, Layer* out) {
   return error;
 }
 
-// Brute force: y[m, oh, ow] in double from the packed values, before bias/residual/relu.
+// Brute force: y[m, oh, ow] in double from the packed values, before bias/residual/clamp.
 double brute(const Layer& L, const fgq::DepthwiseArgs& a, int64_t m, int64_t oh, int64_t ow, double* magnitude) {
   const Case& c = L.c;
   const int64_t gps = L.layout.groups_per_segment();
@@ -160,7 +161,8 @@ void run_case(const Case& c, std::mt19937& rng, const std::vector<const fgq::Ker
   a.x_scale = 0.05f;
   a.bias = c.bias ? bias.data() : nullptr;
   a.residual = c.residual ? residual.data() : nullptr;
-  a.relu = c.relu;
+  if (c.clamp) a.lo = c.clamp == 1 ? 0.f : -1.5f;
+  if (c.clamp == 2) a.hi = 2.f;
   a.m_begin = 0;
   a.m_end = L.M;
   std::vector<float> want(static_cast<size_t>(L.M * P), NAN);
@@ -178,7 +180,7 @@ void run_case(const Case& c, std::mt19937& rng, const std::vector<const fgq::Ker
       double v = brute(L, a, m, pix / c.out_w, pix % c.out_w, &magnitude);
       if (c.bias) v += bias[static_cast<size_t>(m)];
       if (c.residual) v += residual[static_cast<size_t>(m * P + pix)];
-      if (c.relu && v < 0) v = 0;
+      v = std::min(std::max(v, static_cast<double>(a.lo)), static_cast<double>(a.hi));
       const double got = want[static_cast<size_t>(m * P + pix)];
       if (std::fabs(got - v) > 1e-5 * (magnitude + 2.0)) {
         ++bad;
@@ -218,9 +220,10 @@ int main() {
           const ScaleType st = std::vector<ScaleType>{ScaleType::kU8, ScaleType::kF32, ScaleType::kF16}[rng() % 3];
           const int64_t dilation_h = 1 + rng() % 2, out_h = 1 + rng() % 5;  // stride: both axes
           const int max_code = rng() % 2 ? 127 : 255;
-          const bool asymmetric = rng() % 4 == 0, bias = rng() % 2, residual = rng() % 2, relu = rng() % 2;
+          const bool asymmetric = rng() % 4 == 0, bias = rng() % 2, residual = rng() % 2;
+          const int clamp = static_cast<int>(rng() % 3);
           const Case c{1, 1, channels, k, k, n, stride, stride, dilation_h,
-                       1, out_h, out_w, st, max_code, asymmetric, bias, residual, relu};
+                       1, out_h, out_w, st, max_code, asymmetric, bias, residual, clamp};
           run_case(c, rng, paths);
           ++cases;
         }

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -68,7 +69,8 @@ struct DepthwiseArgs {
   float x_scale = 1.f;
   const float* bias = nullptr;      // [M] or null
   const float* residual = nullptr;  // [M, out_h, out_w] or null
-  bool relu = false;
+  float lo = -std::numeric_limits<float>::infinity();  // the output clamped to [lo, hi] last: ReLU, Clip
+  float hi = std::numeric_limits<float>::infinity();
   float* y = nullptr;  // [M, out_h, out_w]
   int64_t m_begin = 0, m_end = 0;
 };
@@ -91,8 +93,8 @@ inline bool depthwise_supports(int64_t stride_w, int64_t dilation_w) {
   return stride_w <= 4 && 3 * stride_w + 3 * dilation_w < 16;
 }
 
-// y[m, oh, ow] = relu?(sum_a fma-chain of float(dot_a - zero_level * weight_sum_a) * (x_scale * scale_a)
-//                      + bias[m] + residual[m, oh, ow]), accumulators in order; the reference.
+// y[m, oh, ow] = clamp(sum_a fma-chain of float(dot_a - zero_level * weight_sum_a) * (x_scale * scale_a)
+//                       + bias[m] + residual[m, oh, ow], lo, hi), accumulators in order; the reference.
 void depthwise_ref(const DepthwiseArgs& a);
 #if defined(FGQ_HAVE_X86_KERNELS)
 void depthwise_avx2(const DepthwiseArgs& a);

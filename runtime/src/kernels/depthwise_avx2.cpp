@@ -113,42 +113,47 @@ void vectors(const DepthwiseArgs& a, int64_t m, const uint8_t* image, const int6
 }
 
 // A plain depthwise filter (plain_depthwise_filter; kernel rows not dilated) of R x S taps
-// (chunks of 4 columns; the second tap pair only where a chunk has columns past 2): output rows oh..oh + V - 1 at once, each image row's chunk loaded and shuffled once
-// for every output row it serves (R / SH of them). The same exact sums as vectors().
+// (chunks of 4 columns; the second tap pair only where a chunk has columns past 2): output rows
+// oh..oh + V - 1, the whole row width 8 pixels at a time, each image row's chunk loaded and
+// shuffled once for every output row it serves (R / SH of them). The same exact sums as
+// vectors(); the weights are broadcast once a call, not once a block of pixels.
 using RowsBlock = void (*)(const DepthwiseArgs&, int64_t, const uint8_t*, const ChannelWeights&, const ChunkShuffle&,
-                           int64_t, int64_t, int64_t);
+                           int64_t);
 
 template <int R, int S, int SH, int V>
 void rows_block(const DepthwiseArgs& a, int64_t m, const uint8_t* image, const ChannelWeights& cw,
-                const ChunkShuffle& shuffle, int64_t oh, int64_t ow, int64_t count) {
+                const ChunkShuffle& shuffle, int64_t oh) {
   constexpr int CC = (S + 3) / 4;
-  const int32_t* pairs = cw.pairs.data();
-  __m256i acc[V];
-  for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_si256();
-  const uint8_t* corner = image + oh * SH * a.padded_w + ow * a.stride_w;
-  for (int j = 0; j < CC; ++j) {
-    const bool two_pairs = 4 * j + 2 < S;
-#pragma GCC unroll 16  // fully: acc[] then stays in registers
-    for (int i = 0; i < SH * (V - 1) + R; ++i) {  // image rows from the block's first window row
-      const __m256i x = shuffle.load(corner + i * a.padded_w + 4 * j * a.dilation_w);
-      const __m256i x0 = _mm256_shuffle_epi8(x, shuffle.pair[0]);
-      const __m256i x1 = two_pairs ? _mm256_shuffle_epi8(x, shuffle.pair[1]) : _mm256_setzero_si256();
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) {
-        const int r = i - SH * v;  // kernel row of output row v that reads image row i
-        if (r < 0 || r >= R) continue;
-        const int32_t* wp = pairs + 2 * (r * CC + j);
-        acc[v] = _mm256_add_epi32(acc[v], _mm256_madd_epi16(x0, _mm256_set1_epi32(wp[0])));
-        if (two_pairs) acc[v] = _mm256_add_epi32(acc[v], _mm256_madd_epi16(x1, _mm256_set1_epi32(wp[1])));
-      }
-    }
-  }
+  __m256i pairs[R * CC][2];  // kernel row r, chunk j: its two tap pairs' weights in every lane
+  for (int p = 0; p < R * CC; ++p)
+    for (int k = 0; k < 2; ++k) pairs[p][k] = _mm256_set1_epi32(cw.pairs[static_cast<size_t>(2 * p + k)]);
   const __m256i correction = _mm256_set1_epi32(cw.correction[0]);
   const __m256 scale = _mm256_set1_ps(cw.scale[0]), zero = _mm256_setzero_ps();
-  __m256 out[V];
-  for (int v = 0; v < V; ++v)
-    out[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[v], correction)), scale, zero);
-  store<V>(a, m, oh, ow, count, out);
+  const uint8_t* corner = image + oh * SH * a.padded_w;
+  for (int64_t ow = 0; ow < a.out_w; ow += kLanes, corner += kLanes * a.stride_w) {
+    __m256i acc[V];
+    for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_si256();
+    for (int j = 0; j < CC; ++j) {
+      const bool two_pairs = 4 * j + 2 < S;
+#pragma GCC unroll 16  // fully: acc[] then stays in registers
+      for (int i = 0; i < SH * (V - 1) + R; ++i) {  // image rows from the block's first window row
+        const __m256i x = shuffle.load(corner + i * a.padded_w + 4 * j * a.dilation_w);
+        const __m256i x0 = _mm256_shuffle_epi8(x, shuffle.pair[0]);
+        const __m256i x1 = two_pairs ? _mm256_shuffle_epi8(x, shuffle.pair[1]) : _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) {
+          const int r = i - SH * v;  // kernel row of output row v that reads image row i
+          if (r < 0 || r >= R) continue;
+          acc[v] = _mm256_add_epi32(acc[v], _mm256_madd_epi16(x0, pairs[r * CC + j][0]));
+          if (two_pairs) acc[v] = _mm256_add_epi32(acc[v], _mm256_madd_epi16(x1, pairs[r * CC + j][1]));
+        }
+      }
+    }
+    __m256 out[V];
+    for (int v = 0; v < V; ++v)
+      out[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[v], correction)), scale, zero);
+    store<V>(a, m, oh, ow, std::min(kLanes, a.out_w - ow), out);
+  }
 }
 
 // rows_block for 4, 2 and 1 rows of this call's filter, or nulls when it is not one of the common ones.
@@ -181,13 +186,17 @@ void channel(const DepthwiseArgs& a, int64_t m, const int64_t* offsets, const ch
   const uint8_t* image = a.image + (m / w.rows_per_group) * w.channels_per_group * a.padded_h * a.padded_w;
   // Blocks of V output rows, as many as fit from row oh on.
   auto block = [&](int64_t& oh, int V, RowsBlock fixed) {
-    for (; oh + V <= a.out_h; oh += V)
+    for (; oh + V <= a.out_h; oh += V) {
+      if (fixed) {
+        fixed(a, m, image, cw, shuffle, oh);
+        continue;
+      }
       for (int64_t ow = 0; ow < a.out_w; ow += kLanes) {
         const int64_t count = std::min(kLanes, a.out_w - ow);
-        if (fixed) fixed(a, m, image, cw, shuffle, oh, ow, count);
-        else if (V == 2) vectors<2>(a, m, image, offsets, two_pairs, cw, shuffle, oh, ow, count);
+        if (V == 2) vectors<2>(a, m, image, offsets, two_pairs, cw, shuffle, oh, ow, count);
         else vectors<1>(a, m, image, offsets, two_pairs, cw, shuffle, oh, ow, count);
       }
+    }
   };
   int64_t oh = 0;
   if (rows.four) block(oh, 4, rows.four);

@@ -49,15 +49,15 @@ struct Simd {
     }
   };
 
-  // Output row oh of channel m, `count` pixels from column ow: bias, residual, ReLU, masked store.
+  // Output row oh of channel m, `count` pixels from column ow: bias, residual, clamp, masked store.
   [[gnu::always_inline]] static void store(const DepthwiseArgs& a, int64_t m, int64_t oh, int64_t ow, int64_t count,
                                            VecF y) {
     const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
     const int64_t at = (m * a.out_h + oh) * a.out_w + ow;
-    const __m512 zero = _mm512_setzero_ps();
     if (a.bias) y = _mm512_add_ps(y, _mm512_set1_ps(a.bias[m]));
     if (a.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, a.residual + at));
-    if (a.relu) y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(y, zero, _CMP_LT_OQ), zero);  // keeps -0.0, as the reference
+    // max and min return their second operand on NaN and equal zeros: the reference's comparisons exactly
+    y = _mm512_min_ps(_mm512_set1_ps(a.hi), _mm512_max_ps(_mm512_set1_ps(a.lo), y));
     _mm512_mask_storeu_ps(a.y + at, mask, y);
   }
 };

@@ -49,7 +49,7 @@ struct Simd {
     }
   };
 
-  // Output row oh of channel m, `count` pixels from column ow: bias, residual, ReLU, store.
+  // Output row oh of channel m, `count` pixels from column ow: bias, residual, clamp, store.
   [[gnu::always_inline]] static void store(const DepthwiseArgs& a, int64_t m, int64_t oh, int64_t ow, int64_t count,
                                            VecF y) {
     store_row8(a, m, oh, ow, count, y);

@@ -145,7 +145,8 @@ void depthwise_ref(const DepthwiseArgs& a) {
         const int64_t at = m * P + oh * a.out_w + ow;
         if (a.bias) v = v + a.bias[m];
         if (a.residual) v = v + a.residual[at];
-        a.y[at] = a.relu && v < 0.f ? 0.f : v;
+        v = v < a.lo ? a.lo : v;
+        a.y[at] = v > a.hi ? a.hi : v;
       }
   }
 }

@@ -329,6 +329,22 @@ struct Quantizer {
   }
 };
 
+// quantize_one over a span, 32 floats a step: four vectors of levels packed to bytes (packs work
+// within 128-bit lanes, so a dword permute restores the order); the tail one value at a time.
+// The compiler's vectorization of quantize_span_impl took 1.5x the time (Zen 3).
+void quantize_span32(const float* src, int64_t count, const ActQuant& q, int8_t* out) {
+  const Quantizer quantize8(q);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int64_t i = 0;
+  for (; i + 32 <= count; i += 32) {
+    const __m256i a = quantize8(_mm256_loadu_ps(src + i)), b = quantize8(_mm256_loadu_ps(src + i + 8));
+    const __m256i c = quantize8(_mm256_loadu_ps(src + i + 16)), d = quantize8(_mm256_loadu_ps(src + i + 24));
+    const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(bytes, order));
+  }
+  for (; i < count; ++i) out[i] = quantize_one(src[i], q);
+}
+
 // Four channels' 8 levels each (int32, 0..255) -> dword p = pixel p's four channel bytes.
 inline __m256i pack_pixels4(__m256i a, __m256i b, __m256i c, __m256i d) {
   const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
@@ -386,7 +402,7 @@ void quantize_transposed_tiles(const float* src, int64_t channels, int64_t pixel
 
 }  // namespace
 
-const KernelDispatch kAvx2Dispatch = {"avx2",          group_dots, gemm, quantize_span_impl, to_kernel_order_impl,
+const KernelDispatch kAvx2Dispatch = {"avx2",          group_dots, gemm, quantize_span32, to_kernel_order_impl,
                                       quantize_transposed_tiles, kFoldedTernary, depthwise_avx2, true};
 
 }  // namespace fgq

@@ -327,10 +327,13 @@ class ConvKernel : public TernaryKernelBase {
     a.x_scale = q.scale;
     a.bias = e.bias;
     a.residual = e.residual;
-    a.relu = activation_.kind == Activation::kRelu;  // the kernel's own
     a.y = y_image;
     Activation rest = activation_;  // what the kernel leaves to the epilogue
-    if (a.relu) rest.kind = Activation::kNone;
+    if (!activation_.affine && (activation_.kind == Activation::kRelu || activation_.kind == Activation::kClip)) {
+      a.lo = activation_.kind == Activation::kRelu ? 0.f : activation_.p0;  // the kernel's own clamp
+      if (activation_.kind == Activation::kClip) a.hi = activation_.p1;
+      rest.kind = Activation::kNone;
+    }
     const int64_t P = geo.OH * geo.OW, per_task = channels_per_task(P);
     auto task = [&](size_t t) {
       DepthwiseArgs part = a;
