@@ -3,17 +3,23 @@
 // have AVX2), like activation_impl.h.
 
 // The StoreEpilogue in registers: max and min return their second operand on NaN and on equal
-// zeros, so max(lo, v) is `v < lo ? lo : v` and min(hi, v) is `v > hi ? hi : v` exactly.
+// zeros, so max(lo, v) is `v < lo ? lo : v` and min(hi, v) is `v > hi ? hi : v` exactly. Fields
+// are copied out: the stores (may_alias types) would make the compiler reload them after each.
 struct EpilogueLanes {
   const StoreEpilogue* e;
+  const float *bias, *residual;
   __m256 lo, hi;
   explicit EpilogueLanes(const StoreEpilogue* epilogue)
-      : e(epilogue), lo(_mm256_set1_ps(e ? e->lo : 0.f)), hi(_mm256_set1_ps(e ? e->hi : 0.f)) {}
+      : e(epilogue),
+        bias(e ? e->bias : nullptr),
+        residual(e ? e->residual : nullptr),
+        lo(_mm256_set1_ps(e ? e->lo : 0.f)),
+        hi(_mm256_set1_ps(e ? e->hi : 0.f)) {}
   __m256 add_bias(__m256 v, int64_t m) const {  // lanes: rows m..m + 7
-    return e->bias ? _mm256_add_ps(v, _mm256_loadu_ps(e->bias + m)) : v;
+    return bias ? _mm256_add_ps(v, _mm256_loadu_ps(bias + m)) : v;
   }
-  __m256 finish(__m256 v, __m256 residual) const {  // after add_bias
-    if (e->residual) v = _mm256_add_ps(v, residual);
+  __m256 finish(__m256 v, __m256 r) const {  // after add_bias; r: the residual when there is one
+    if (residual) v = _mm256_add_ps(v, r);
     return _mm256_min_ps(hi, _mm256_max_ps(lo, v));
   }
 };
@@ -46,7 +52,7 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
       for (int c = 0; c < C; ++c) {
         float* yc = y + c * a.y_stride_b;
         if (in_registers) {
-          const float* r = e.e->residual ? e.e->residual + at + c * a.y_stride_b : nullptr;
+          const float* r = e.residual ? e.residual + at + c * a.y_stride_b : nullptr;
           _mm256_storeu_ps(yc, e.finish(v[c], r ? _mm256_loadu_ps(r) : v[c]));
           continue;
         }
@@ -68,14 +74,15 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
       const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
                            _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
       if (all_rows && !a.accumulate) {  // the common case, unrolled
+        const int64_t stride = a.y_stride_m;
         for (int i = 0; i < 4; ++i) {
           __m256 r = u[i];
           if (in_registers) {
-            const float* res = e.e->residual ? e.e->residual + at + i * a.y_stride_m : nullptr;
-            r = e.finish(r, res ? _mm256_loadu2_m128(res + 4 * a.y_stride_m, res) : r);
+            const float* res = e.residual ? e.residual + at + i * stride : nullptr;
+            r = e.finish(r, res ? _mm256_loadu2_m128(res + 4 * stride, res) : r);
           }
-          _mm_storeu_ps(y + i * a.y_stride_m, _mm256_castps256_ps128(r));
-          _mm_storeu_ps(y + (i + 4) * a.y_stride_m, _mm256_extractf128_ps(r, 1));
+          _mm_storeu_ps(y + i * stride, _mm256_castps256_ps128(r));
+          _mm_storeu_ps(y + (i + 4) * stride, _mm256_extractf128_ps(r, 1));
         }
         continue;
       }
