@@ -129,25 +129,29 @@ def test_conv_activation_all_paths(kernels, kind, params, affine, case, residual
 
 
 @pytest.mark.parametrize("kind,params,affine", ACTIVATIONS)
-@pytest.mark.parametrize("op", ["TernaryMatMul", "TernaryGemm"])
+@pytest.mark.parametrize("op,beta,c_rows", [("TernaryMatMul", None, False), ("TernaryGemm", 0.5, False),
+                                            ("TernaryGemm", 1.0, False), ("TernaryGemm", 1.0, True)])
 @pytest.mark.parametrize("rows", [1, 5, 33])
-def test_matmul_gemm_activation_all_paths(kernels, kind, params, affine, op, rows):
+@pytest.mark.parametrize("scale_type", [np.float32, np.uint8])
+def test_matmul_gemm_activation_all_paths(kernels, kind, params, affine, op, beta, c_rows, rows, scale_type):
+    """uint8 scale codes take the folded form from 4 rows on, whose stores apply a bias [M] or a C [B, M]
+    with beta 1, and ReLU or Clip, themselves on the avx2 and avxvnni paths: the same bits."""
     rng = np.random.default_rng(rows + len(kind))
     k, m, n = 37, 19, 4
     t = random_ternary(rng, (m, k))
     codes, groups = pack_weight(t, n)
-    bias = (rng.integers(-12, 13, size=m) / 4).astype(np.float32)
+    bias = (rng.integers(-12, 13, size=(rows, m) if c_rows else m) / 4).astype(np.float32)
     shape = [rows, k] if op == "TernaryGemm" else [rows, 1, k]
     x = _levels(rng, shape)
-    extra = dict(beta=0.5) if op == "TernaryGemm" else {}
+    extra = {} if beta is None else dict(beta=beta)
     model = build_model(
         op,
-        dict(**EXACT_ACT, codes=codes, scales=np.ones((m, groups.shape[1]), np.float32), row_scale=np.ones(m, np.float32),
+        dict(**EXACT_ACT, codes=codes, scales=np.ones((m, groups.shape[1]), scale_type), row_scale=np.ones(m, np.float32),
              bias=bias),
         dict(N=n, K=k, act_qmin=-128, act_qmax=127, **extra, **_attrs(kind, params, affine)),
         shape,
     )
-    pre = x.astype(np.float64) @ t.T.astype(np.float64) + bias * extra.get("beta", 1.0)
+    pre = x.astype(np.float64) @ t.T.astype(np.float64) + (bias if op == "TernaryGemm" else bias[None]) * extra.get("beta", 1.0)
     want = activation_ref(pre, kind, params, affine)
     for kernel in kernels:
         np.testing.assert_array_equal(run_op(model, {"X": x}, kernel, threads=2), want, err_msg=kernel)

@@ -485,9 +485,31 @@ void TernaryKernelBase::quantize_rows_and_run(OrtKernelContext* ctx, const Tenso
   run(ctx, p, a, e);
 }
 
+std::optional<StoreEpilogue> TernaryKernelBase::store_epilogue(const GemmArgs& args, const float* bias,
+                                                               const float* residual, const Activation& act) const {
+  if (!args.natural || !dispatch_->folded_epilogue || act.affine) return std::nullopt;
+  StoreEpilogue s;
+  s.bias = bias;
+  s.residual = residual;
+  switch (act.kind) {
+    case Activation::kNone: break;
+    case Activation::kRelu: s.lo = 0.f; break;
+    case Activation::kClip: s.lo = act.p0, s.hi = act.p1; break;
+    default: return std::nullopt;
+  }
+  return s;
+}
+
 void TernaryKernelBase::run(OrtKernelContext* ctx, const Planes& p, GemmArgs args, const RowEpilogue& e) const {
   const int64_t M = args.m_end - args.m_begin, B = args.b_end - args.b_begin;
   if (M <= 0 || B <= 0) return;
+  // In the store when `c` is a bias [M] or has y's layout (MatMul's bias, Gemm's C) with beta 1.
+  const bool finish = e.c || e.act.active();
+  const bool as_bias = e.c && e.c_stride_b == 0 && e.c_stride_m == 1;
+  const bool as_residual = e.c && e.c_stride_b == args.y_stride_b && e.c_stride_m == args.y_stride_m;
+  std::optional<StoreEpilogue> stored;
+  if (finish && (!e.c || (e.beta == 1.f && (as_bias || as_residual))))
+    stored = store_epilogue(args, as_bias ? e.c : nullptr, as_residual ? e.c : nullptr, e.act);
   int64_t mb, bb;
   if (B <= 8) {
     bb = B;
@@ -506,13 +528,15 @@ void TernaryKernelBase::run(OrtKernelContext* ctx, const Planes& p, GemmArgs arg
     a.b_begin = args.b_begin + tb * bb;
     a.b_end = std::min(args.b_end, a.b_begin + bb);
     a.w = &p.pos;
+    if (!p.asymmetric && stored) a.epilogue = &*stored;
     d->gemm(a);
     if (p.asymmetric) {
       a.w = &p.neg;
       a.accumulate = true;
+      if (stored) a.epilogue = &*stored;
       d->gemm(a);
     }
-    if (!e.c && !e.act.active()) return;
+    if (!finish || stored) return;
     for (int64_t b = a.b_begin; b < a.b_end; ++b) {
       RowAddends r;
       float c_scalar = 0.f;

@@ -544,22 +544,6 @@ class ConvKernel : public TernaryKernelBase {
     }
   }
 
-  // Bias, residual and a ReLU or Clip for the folded stores of paths that apply them as they store
-  // (KernelDispatch::folded_epilogue), or nothing: then a pass over each finished tile does it.
-  std::optional<StoreEpilogue> store_epilogue(const GemmArgs& args, const Epilogue& e) const {
-    if (!args.natural || !dispatch_->folded_epilogue || activation_.affine) return std::nullopt;
-    StoreEpilogue s;
-    s.bias = e.bias;
-    s.residual = e.residual;
-    switch (activation_.kind) {
-      case Activation::kNone: break;
-      case Activation::kRelu: s.lo = 0.f; break;
-      case Activation::kClip: s.lo = activation_.p0, s.hi = activation_.p1; break;
-      default: return std::nullopt;
-    }
-    return s;
-  }
-
   // The ternary GEMM per group over the P pixels of one image, then bias, residual and activation per tile.
   void gemm(OrtKernelContext* ctx, const Planes& p, int64_t P, int64_t group_step, const GemmArgs& args,
             const Epilogue& e) const {
@@ -567,7 +551,7 @@ class ConvKernel : public TernaryKernelBase {
     const int64_t mb = 64, bb = P <= 8 ? P : 64;
     const int64_t tiles_m = (mg + mb - 1) / mb, tiles_b = (P + bb - 1) / bb;
     const bool finish = e.bias || e.residual || activation_.active();
-    const std::optional<StoreEpilogue> stored = finish ? store_epilogue(args, e) : std::nullopt;
+    const std::optional<StoreEpilogue> stored = finish ? store_epilogue(args, e.bias, e.residual, activation_) : std::nullopt;
     auto task = [&](size_t t) {
       const int64_t i = static_cast<int64_t>(t);
       const int64_t g = i / (tiles_m * tiles_b), tm = i % tiles_m, tb = i / tiles_m % tiles_b;
