@@ -3,25 +3,18 @@
 // have AVX2), like activation_impl.h.
 
 // The StoreEpilogue in registers: max and min return their second operand on NaN and on equal
-// zeros, so max(lo, v) is `v < lo ? lo : v` and min(hi, v) is `v > hi ? hi : v` exactly. Fields
-// are copied out: the stores (may_alias types) would make the compiler reload them after each.
+// zeros, so max(lo, v) is `v < lo ? lo : v` and min(hi, v) is `v > hi ? hi : v` exactly. The bias
+// pointer is copied out: the stores (may_alias types) would make the compiler reload it after each.
 struct EpilogueLanes {
   const StoreEpilogue* e;
-  const float *bias, *residual;
+  const float* bias;
   __m256 lo, hi;
   explicit EpilogueLanes(const StoreEpilogue* epilogue)
-      : e(epilogue),
-        bias(e ? e->bias : nullptr),
-        residual(e ? e->residual : nullptr),
-        lo(_mm256_set1_ps(e ? e->lo : 0.f)),
-        hi(_mm256_set1_ps(e ? e->hi : 0.f)) {}
+      : e(epilogue), bias(e ? e->bias : nullptr), lo(_mm256_set1_ps(e ? e->lo : 0.f)), hi(_mm256_set1_ps(e ? e->hi : 0.f)) {}
   __m256 add_bias(__m256 v, int64_t m) const {  // lanes: rows m..m + 7
     return bias ? _mm256_add_ps(v, _mm256_loadu_ps(bias + m)) : v;
   }
-  __m256 finish(__m256 v, __m256 r) const {  // after add_bias; r: the residual when there is one
-    if (residual) v = _mm256_add_ps(v, r);
-    return _mm256_min_ps(hi, _mm256_max_ps(lo, v));
-  }
+  __m256 clamp(__m256 v) const { return _mm256_min_ps(hi, _mm256_max_ps(lo, v)); }
 };
 
 // The epilogue of a folded block: sums[h][c] lane i is row m0 + 8h + i, column b0 + c; rows
@@ -43,7 +36,6 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
       v[c] = _mm256_mul_ps(scale, _mm256_fmadd_ps(rs, _mm256_cvtepi32_ps(sums[h][c]), offset_term));
     const int64_t first = std::max<int64_t>(lo - 8 * h, 0), last = std::min<int64_t>(hi - 8 * h, 8);
     float* y = a.y + b0 * a.y_stride_b + m * a.y_stride_m;
-    const int64_t at = y - a.y;  // offset of (row m, column b0) in y and the residual
     const bool all_rows = first == 0 && last == 8, by_rows = a.y_stride_m == 1;  // by_rows: [B, M]
     const bool in_registers = e.e && all_rows && !a.accumulate && (by_rows || (C == 4 && a.y_stride_b == 1));
     if (in_registers)
@@ -52,8 +44,7 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
       for (int c = 0; c < C; ++c) {
         float* yc = y + c * a.y_stride_b;
         if (in_registers) {
-          const float* r = e.residual ? e.residual + at + c * a.y_stride_b : nullptr;
-          _mm256_storeu_ps(yc, e.finish(v[c], r ? _mm256_loadu_ps(r) : v[c]));
+          _mm256_storeu_ps(yc, e.clamp(v[c]));
           continue;
         }
         _mm256_storeu_ps(yc, a.accumulate ? _mm256_add_ps(v[c], _mm256_loadu_ps(yc)) : v[c]);
@@ -76,11 +67,7 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
       if (all_rows && !a.accumulate) {  // the common case, unrolled
         const int64_t stride = a.y_stride_m;
         for (int i = 0; i < 4; ++i) {
-          __m256 r = u[i];
-          if (in_registers) {
-            const float* res = e.residual ? e.residual + at + i * stride : nullptr;
-            r = e.finish(r, res ? _mm256_loadu2_m128(res + 4 * stride, res) : r);
-          }
+          const __m256 r = in_registers ? e.clamp(u[i]) : u[i];
           _mm_storeu_ps(y + i * stride, _mm256_castps256_ps128(r));
           _mm_storeu_ps(y + (i + 4) * stride, _mm256_extractf128_ps(r, 1));
         }
@@ -117,7 +104,7 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
       for (int c = 0; c < C; ++c)
         for (int64_t i = first; i < last; ++i) {
           const int64_t offset = c * a.y_stride_b + i * a.y_stride_m;
-          y[offset] = e.e->apply(y[offset], m + i, at + offset);
+          y[offset] = e.e->apply(y[offset], m + i);
         }
   }
 }

@@ -486,11 +486,10 @@ void TernaryKernelBase::quantize_rows_and_run(OrtKernelContext* ctx, const Tenso
 }
 
 std::optional<StoreEpilogue> TernaryKernelBase::store_epilogue(const GemmArgs& args, const float* bias,
-                                                               const float* residual, const Activation& act) const {
+                                                               const Activation& act) const {
   if (!args.natural || !dispatch_->folded_epilogue || act.affine) return std::nullopt;
   StoreEpilogue s;
   s.bias = bias;
-  s.residual = residual;
   switch (act.kind) {
     case Activation::kNone: break;
     case Activation::kRelu: s.lo = 0.f; break;
@@ -503,13 +502,11 @@ std::optional<StoreEpilogue> TernaryKernelBase::store_epilogue(const GemmArgs& a
 void TernaryKernelBase::run(OrtKernelContext* ctx, const Planes& p, GemmArgs args, const RowEpilogue& e) const {
   const int64_t M = args.m_end - args.m_begin, B = args.b_end - args.b_begin;
   if (M <= 0 || B <= 0) return;
-  // In the store when `c` is a bias [M] or has y's layout (MatMul's bias, Gemm's C) with beta 1.
+  // In the store when `c` is absent or a bias [M] with beta 1 (MatMul's bias, Gemm's C [M]).
   const bool finish = e.c || e.act.active();
-  const bool as_bias = e.c && e.c_stride_b == 0 && e.c_stride_m == 1;
-  const bool as_residual = e.c && e.c_stride_b == args.y_stride_b && e.c_stride_m == args.y_stride_m;
-  std::optional<StoreEpilogue> stored;
-  if (finish && (!e.c || (e.beta == 1.f && (as_bias || as_residual))))
-    stored = store_epilogue(args, as_bias ? e.c : nullptr, as_residual ? e.c : nullptr, e.act);
+  const bool bias = e.c && e.c_stride_b == 0 && e.c_stride_m == 1 && e.beta == 1.f;
+  const std::optional<StoreEpilogue> stored =
+      finish && (!e.c || bias) ? store_epilogue(args, e.c, e.act) : std::nullopt;
   int64_t mb, bb;
   if (B <= 8) {
     bb = B;

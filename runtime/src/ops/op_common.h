@@ -152,10 +152,9 @@ class TernaryKernelBase {
   // Runs the fused kernel over rows [m0, m0 + rows) x b < cols in parallel tiles, each tile finished
   // by `e` (y_stride_m must be 1).
   void run(OrtKernelContext* ctx, const Planes& p, GemmArgs args, const RowEpilogue& e) const;
-  // Bias, residual (y's layout) and a ReLU or Clip for the folded stores of paths that apply them as they
-  // store (KernelDispatch::folded_epilogue, StoreEpilogue), or nothing: then a pass over each tile does it.
-  std::optional<StoreEpilogue> store_epilogue(const GemmArgs& args, const float* bias, const float* residual,
-                                              const Activation& act) const;
+  // The bias and a ReLU or Clip for the folded stores of paths that apply them as they store
+  // (KernelDispatch::folded_epilogue, StoreEpilogue), or nothing: then a pass over each tile does it.
+  std::optional<StoreEpilogue> store_epilogue(const GemmArgs& args, const float* bias, const Activation& act) const;
   // Whether a call over `rows` activation rows takes natural unsigned rows (use_folded, both planes).
   bool folded_rows(const Planes& p, int64_t rows) const;
   // MatMul and Gemm: quantizes the B activation rows of length K (row r starts at element
