@@ -485,18 +485,31 @@ void TernaryKernelBase::quantize_rows_and_run(OrtKernelContext* ctx, const Tenso
   run(ctx, p, a, e);
 }
 
+bool as_clamp(const Activation& act, float* lo, float* hi) {
+  if (act.affine || (act.kind != Activation::kNone && act.kind != Activation::kRelu && act.kind != Activation::kClip))
+    return false;
+  if (act.kind != Activation::kNone) *lo = act.kind == Activation::kRelu ? 0.f : act.p0;
+  if (act.kind == Activation::kClip) *hi = act.p1;
+  return true;
+}
+
 std::optional<StoreEpilogue> TernaryKernelBase::store_epilogue(const GemmArgs& args, const float* bias,
                                                                const Activation& act) const {
-  if (!args.natural || !dispatch_->folded_epilogue || act.affine) return std::nullopt;
   StoreEpilogue s;
   s.bias = bias;
-  switch (act.kind) {
-    case Activation::kNone: break;
-    case Activation::kRelu: s.lo = 0.f; break;
-    case Activation::kClip: s.lo = act.p0, s.hi = act.p1; break;
-    default: return std::nullopt;
-  }
+  if (!args.natural || !dispatch_->folded_epilogue || !as_clamp(act, &s.lo, &s.hi)) return std::nullopt;
   return s;
+}
+
+void TernaryKernelBase::gemm_planes(GemmArgs a, const Planes& p, const StoreEpilogue* epilogue) const {
+  a.w = &p.pos;
+  a.epilogue = p.asymmetric ? nullptr : epilogue;
+  dispatch_->gemm(a);
+  if (!p.asymmetric) return;
+  a.w = &p.neg;
+  a.accumulate = true;
+  a.epilogue = epilogue;
+  dispatch_->gemm(a);
 }
 
 void TernaryKernelBase::run(OrtKernelContext* ctx, const Planes& p, GemmArgs args, const RowEpilogue& e) const {
@@ -516,7 +529,6 @@ void TernaryKernelBase::run(OrtKernelContext* ctx, const Planes& p, GemmArgs arg
     mb = 64;
   }
   const int64_t tiles_m = (M + mb - 1) / mb, tiles_b = (B + bb - 1) / bb;
-  const KernelDispatch* d = dispatch_;
   auto task = [&](size_t i) {
     const int64_t tm = static_cast<int64_t>(i) % tiles_m, tb = static_cast<int64_t>(i) / tiles_m;
     GemmArgs a = args;
@@ -524,15 +536,7 @@ void TernaryKernelBase::run(OrtKernelContext* ctx, const Planes& p, GemmArgs arg
     a.m_end = std::min(args.m_end, a.m_begin + mb);
     a.b_begin = args.b_begin + tb * bb;
     a.b_end = std::min(args.b_end, a.b_begin + bb);
-    a.w = &p.pos;
-    if (!p.asymmetric && stored) a.epilogue = &*stored;
-    d->gemm(a);
-    if (p.asymmetric) {
-      a.w = &p.neg;
-      a.accumulate = true;
-      if (stored) a.epilogue = &*stored;
-      d->gemm(a);
-    }
+    gemm_planes(a, p, stored ? &*stored : nullptr);
     if (!finish || stored) return;
     for (int64_t b = a.b_begin; b < a.b_end; ++b) {
       RowAddends r;

@@ -70,6 +70,9 @@ struct Activation {
 };
 // The node's activation (`relu`=1 is relu); a bad name or parameter list fails (at session creation).
 Activation attr_activation(const OrtKernelInfo* info);
+// No activation, ReLU or Clip (without the affine map) as the clamp to [lo, hi] the kernels apply in their
+// stores (StoreEpilogue, DepthwiseArgs); false for the others, which the op layer's pass applies.
+bool as_clamp(const Activation& act, float* lo, float* hi);
 
 // What one output row gets before its activation: y[i] + *bias + add_scale * add[i] (bias, add optional;
 // TernaryConv: bias and residual; MatMul: bias; Gemm: beta and C).
@@ -155,6 +158,9 @@ class TernaryKernelBase {
   // The bias and a ReLU or Clip for the folded stores of paths that apply them as they store
   // (KernelDispatch::folded_epilogue, StoreEpilogue), or nothing: then a pass over each tile does it.
   std::optional<StoreEpilogue> store_epilogue(const GemmArgs& args, const float* bias, const Activation& act) const;
+  // The kernel over the positive plane, then the negative one accumulated (asymmetric layers), the store
+  // epilogue (or null) with the last call.
+  void gemm_planes(GemmArgs a, const Planes& p, const StoreEpilogue* epilogue) const;
   // Whether a call over `rows` activation rows takes natural unsigned rows (use_folded, both planes).
   bool folded_rows(const Planes& p, int64_t rows) const;
   // MatMul and Gemm: quantizes the B activation rows of length K (row r starts at element

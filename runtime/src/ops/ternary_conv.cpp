@@ -328,12 +328,7 @@ class ConvKernel : public TernaryKernelBase {
     a.bias = e.bias;
     a.residual = e.residual;
     a.y = y_image;
-    Activation rest = activation_;  // what the kernel leaves to the epilogue
-    if (!activation_.affine && (activation_.kind == Activation::kRelu || activation_.kind == Activation::kClip)) {
-      a.lo = activation_.kind == Activation::kRelu ? 0.f : activation_.p0;  // the kernel's own clamp
-      if (activation_.kind == Activation::kClip) a.hi = activation_.p1;
-      rest.kind = Activation::kNone;
-    }
+    const Activation rest = as_clamp(activation_, &a.lo, &a.hi) ? Activation() : activation_;  // left to the pass
     const int64_t P = geo.OH * geo.OW, per_task = channels_per_task(P);
     auto task = [&](size_t t) {
       DepthwiseArgs part = a;
@@ -563,15 +558,7 @@ class ConvKernel : public TernaryKernelBase {
       a.m_end = std::min(g * mg + mg, a.m_begin + mb);
       a.b_begin = tb * bb;
       a.b_end = std::min(P, a.b_begin + bb);
-      a.w = &p.pos;
-      if (!p.asymmetric && stored) a.epilogue = &*stored;
-      dispatch_->gemm(a);
-      if (p.asymmetric) {
-        a.w = &p.neg;
-        a.accumulate = true;
-        if (stored) a.epilogue = &*stored;
-        dispatch_->gemm(a);
-      }
+      gemm_planes(a, p, stored ? &*stored : nullptr);
       if (finish && !stored)
         for (int64_t m = a.m_begin; m < a.m_end; ++m)
           finish_row_(a.y + m * P + a.b_begin, a.b_end - a.b_begin,
