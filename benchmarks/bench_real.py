@@ -362,7 +362,8 @@ def parse_args(argv=None):
                         help="also `--n auto --min-sqnr` 20 and 30 dB (a search per model: minutes each)")
     parser.add_argument("--methods", action="store_true",
                         help="also N=4 with --method fit and --method block (data-aware fitting: minutes per model)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds in which the variants take turns")
+    parser.add_argument("--rounds", type=int, default=20,
+                        help="rounds in which the variants take turns (short turns: a slow spell of a shared machine falls on all)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per variant at least (over all rounds)")
     parser.add_argument("--min-seconds", type=float, default=1.5, help="timed seconds per variant at least")
     parser.add_argument("--fidelity-threads", type=int, default=2)
