@@ -151,7 +151,7 @@ def test_matmul_gemm_activation_all_paths(kernels, kind, params, affine, op, bet
         dict(N=n, K=k, act_qmin=-128, act_qmax=127, **extra, **_attrs(kind, params, affine)),
         shape,
     )
-    pre = x.astype(np.float64) @ t.T.astype(np.float64) + (bias if op == "TernaryGemm" else bias[None]) * extra.get("beta", 1.0)
+    pre = x.astype(np.float64) @ t.T.astype(np.float64) + bias * extra.get("beta", 1.0)
     want = activation_ref(pre, kind, params, affine)
     for kernel in kernels:
         np.testing.assert_array_equal(run_op(model, {"X": x}, kernel, threads=2), want, err_msg=kernel)
