@@ -101,7 +101,10 @@ CONV_CASES = [("in-place", 16, 1, 20, 1, 4), ("gathered", 9, 1, 7, 3, 3), ("stem
 @pytest.mark.parametrize("kind,params,affine", ACTIVATIONS)
 @pytest.mark.parametrize("case", CONV_CASES, ids=[c[0] for c in CONV_CASES])
 @pytest.mark.parametrize("residual", [False, True])
-def test_conv_activation_all_paths(kernels, kind, params, affine, case, residual):
+@pytest.mark.parametrize("scale_type", [np.float32, np.uint8])
+def test_conv_activation_all_paths(kernels, kind, params, affine, case, residual, scale_type):
+    """uint8 scale codes take the folded form, whose stores apply the bias and the activation themselves
+    on the avx2 and avxvnni paths when there is no residual: the same bits."""
     _, cg, group, mg, k, n = case
     rng = np.random.default_rng(len(kind) + 10 * cg + residual)
     m, c = mg * group, cg * group
@@ -114,7 +117,7 @@ def test_conv_activation_all_paths(kernels, kind, params, affine, case, residual
     res = (rng.integers(-20, 21, size=(2, m, 7, 9)) / 4).astype(np.float32) if residual else None
     model = build_model(
         "TernaryConv",
-        dict(**EXACT_ACT, codes=codes, scales=np.ones((m, groups.shape[1]), np.float32), row_scale=np.ones(m, np.float32),
+        dict(**EXACT_ACT, codes=codes, scales=np.ones((m, groups.shape[1]), scale_type), row_scale=np.ones(m, np.float32),
              bias=bias, residual=res),
         dict(N=n, weight_shape=[m, cg, k, k], group=group, pads=pads, act_qmin=-128, act_qmax=127,
              **_attrs(kind, params, affine)),
@@ -135,7 +138,7 @@ def test_conv_activation_all_paths(kernels, kind, params, affine, case, residual
 @pytest.mark.parametrize("scale_type", [np.float32, np.uint8])
 def test_matmul_gemm_activation_all_paths(kernels, kind, params, affine, op, beta, c_rows, rows, scale_type):
     """uint8 scale codes take the folded form from 4 rows on, whose stores apply a bias [M] or a C [B, M]
-    with beta 1, and ReLU or Clip, themselves on the avx2 and avxvnni paths: the same bits."""
+    with beta 1, and the activation, themselves on the avx2 and avxvnni paths: the same bits."""
     rng = np.random.default_rng(rows + len(kind))
     k, m, n = 37, 19, 4
     t = random_ternary(rng, (m, k))

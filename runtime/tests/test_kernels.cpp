@@ -552,18 +552,21 @@ void test_folded_extremes(const std::vector<const fgq::KernelDispatch*>& ps) {
 // stores without it, bit for bit, at an output scale whose products round (so that a multiply and
 // the bias add fused into one FMA would show): `rows` writes [B, M] over all rows and columns, `tile`
 // a row and column range of [M, B], stored or accumulated onto ones; the bias (one of them NaN, which
-// the clamp keeps) and the bounds (none, ReLU, Clip) vary with the shape. Outputs outside the tile
-// stay untouched.
+// every activation keeps) and the activation (none, ReLU, Clip, HardSigmoid, HardSwish, each with or
+// without the affine map) vary with the shape. Outputs outside the tile stay untouched.
 void check_store_epilogue(const fgq::KernelDispatch& d, fgq::GemmArgs rows, fgq::GemmArgs tile, std::mt19937& rng) {
   const int64_t M = rows.m_end, B = rows.b_end;
   std::vector<float> bias(static_cast<size_t>(M));
   for (auto& v : bias) v = static_cast<float>(static_cast<int>(rng() % 2001) - 1000) / 64.f + 0.01f;
   bias[static_cast<size_t>(M / 2)] = std::numeric_limits<float>::quiet_NaN();
-  const int kind = static_cast<int>((M + B) % 3);  // none, ReLU, Clip
+  const int kind = static_cast<int>((M + B) % 5);  // none, ReLU, Clip, HardSigmoid, HardSwish
   fgq::StoreEpilogue e;
   e.bias = (M + B) % 4 != 3 ? bias.data() : nullptr;
-  if (kind > 0) e.lo = kind == 1 ? 0.f : -3.5f;
+  if (kind == 1 || kind == 2) e.lo = kind == 1 ? 0.f : -3.5f;
   if (kind == 2) e.hi = 6.f;
+  if (kind == 3) e.kind = fgq::StoreEpilogue::kHardSigmoid, e.alpha = 0.2f, e.beta = 0.5f;
+  if (kind == 4) e.kind = fgq::StoreEpilogue::kHardSwish;
+  if ((M * B) % 3 == 0) e.affine = true, e.scale = 1.7f, e.shift = -0.3f;  // the affine map, on any kind
   for (fgq::GemmArgs* a : {&rows, &tile}) {
     const bool by_rows = a == &rows;
     const float before = a->accumulate ? 1.f : -7.f;

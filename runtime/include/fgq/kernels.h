@@ -202,18 +202,37 @@ inline int8_t requantize_one(int level, const ActQuant& q) {
   return static_cast<int8_t>(level - q.shift);
 }
 
+// The activations of the com.fgq ops, one value at a time: the ops' finish pass (ops/epilogue_impl.h)
+// and the folded store (StoreEpilogue) are written from these, so both give the same bits (the
+// files that use them compile with -ffp-contract=off: a multiply and an add stay two roundings).
+// NaN passes through clamp_to.
+inline float clamp_to(float v, float lo, float hi) {
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
+}
+inline float hard_sigmoid(float v, float alpha, float beta) { return clamp_to(alpha * v + beta, 0.f, 1.f); }
+// ONNX HardSwish up to rounding, in the form exporters decompose it into: x * clamp(x / 6 + 0.5, 0, 1)
+// left a branch in the finish pass's loop (the product distributed over the clamp's ends): 2-3x slower.
+inline float hard_swish(float v) { return v * clamp_to(v + 3.f, 0.f, 6.f) * (1.f / 6.f); }
+
 // What a folded store applies to an output before storing it, where the path has it
-// (KernelDispatch::folded_epilogue): v = min(max(v + bias[m], lo), hi), the bias optional. The same
-// operations in the same order as the ops' finish pass (bias, then ReLU or Clip), so either gives
-// the same bits. (A residual stays in that pass: read in the store, 16 bytes from each of 8 rows,
-// it made a 1x1 conv at 56x56 1.1-1.2x slower.)
+// (KernelDispatch::folded_epilogue): the bias, the activation, then the affine map
+// f * scale + shift: the ops' finish pass, operation for operation. (A residual stays in that
+// pass: read in the store, 16 bytes from each of 8 rows, it made a 1x1 conv at 56x56 1.1-1.2x slower.)
 struct StoreEpilogue {
+  enum Kind { kClamp, kHardSigmoid, kHardSwish };  // no activation and ReLU are clamps too
   const float* bias = nullptr;  // per output row m
-  float lo = -std::numeric_limits<float>::infinity(), hi = std::numeric_limits<float>::infinity();
+  Kind kind = kClamp;
+  float lo = -std::numeric_limits<float>::infinity(), hi = std::numeric_limits<float>::infinity();  // kClamp
+  float alpha = 0.f, beta = 0.f;  // kHardSigmoid
+  bool affine = false;
+  float scale = 1.f, shift = 0.f;
   float apply(float v, int64_t m) const {
     if (bias) v = v + bias[m];
-    v = v < lo ? lo : v;
-    return v > hi ? hi : v;
+    if (kind == kClamp) v = clamp_to(v, lo, hi);
+    else if (kind == kHardSigmoid) v = hard_sigmoid(v, alpha, beta);
+    else v = hard_swish(v);
+    return affine ? v * scale + shift : v;
   }
 };
 

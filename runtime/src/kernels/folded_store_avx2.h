@@ -2,19 +2,37 @@
 // each includes this inside its own anonymous namespace, compiled with its own flags (both
 // have AVX2), like activation_impl.h.
 
-// The StoreEpilogue in registers: max and min return their second operand on NaN and on equal
-// zeros, so max(lo, v) is `v < lo ? lo : v` and min(hi, v) is `v > hi ? hi : v` exactly. The bias
-// pointer is copied out: the stores (may_alias types) would make the compiler reload it after each.
+// The StoreEpilogue in registers, the scalar functions (kernels.h) operation for operation: max and
+// min return their second operand on NaN and on equal zeros, so max(lo, v) is `v < lo ? lo : v` and
+// min(hi, v) is `v > hi ? hi : v` exactly. The bias pointer is copied out: the stores (may_alias types)
+// would make the compiler reload it after each.
 struct EpilogueLanes {
   const StoreEpilogue* e;
   const float* bias;
-  __m256 lo, hi;
+  StoreEpilogue::Kind kind;
+  __m256 lo, hi, alpha, beta, scale, shift;
+  bool affine;
   explicit EpilogueLanes(const StoreEpilogue* epilogue)
-      : e(epilogue), bias(e ? e->bias : nullptr), lo(_mm256_set1_ps(e ? e->lo : 0.f)), hi(_mm256_set1_ps(e ? e->hi : 0.f)) {}
+      : e(epilogue), bias(e ? e->bias : nullptr), kind(e ? e->kind : StoreEpilogue::kClamp),
+        lo(_mm256_set1_ps(e ? e->lo : 0.f)), hi(_mm256_set1_ps(e ? e->hi : 0.f)),
+        alpha(_mm256_set1_ps(e ? e->alpha : 0.f)), beta(_mm256_set1_ps(e ? e->beta : 0.f)),
+        scale(_mm256_set1_ps(e ? e->scale : 1.f)), shift(_mm256_set1_ps(e ? e->shift : 0.f)), affine(e && e->affine) {}
   __m256 add_bias(__m256 v, int64_t m) const {  // lanes: rows m..m + 7
     return bias ? _mm256_add_ps(v, _mm256_loadu_ps(bias + m)) : v;
   }
-  __m256 clamp(__m256 v) const { return _mm256_min_ps(hi, _mm256_max_ps(lo, v)); }
+  static __m256 clamp(__m256 v, __m256 low, __m256 high) { return _mm256_min_ps(high, _mm256_max_ps(low, v)); }
+  // The activation, then the affine map (after add_bias).
+  __m256 finish(__m256 v) const {
+    if (kind == StoreEpilogue::kClamp) {
+      v = clamp(v, lo, hi);
+    } else if (kind == StoreEpilogue::kHardSigmoid) {
+      v = clamp(_mm256_add_ps(_mm256_mul_ps(alpha, v), beta), _mm256_setzero_ps(), _mm256_set1_ps(1.f));
+    } else {
+      const __m256 gate = clamp(_mm256_add_ps(v, _mm256_set1_ps(3.f)), _mm256_setzero_ps(), _mm256_set1_ps(6.f));
+      v = _mm256_mul_ps(_mm256_mul_ps(v, gate), _mm256_set1_ps(1.f / 6.f));
+    }
+    return affine ? _mm256_add_ps(_mm256_mul_ps(v, scale), shift) : v;
+  }
 };
 
 // The epilogue of a folded block: sums[h][c] lane i is row m0 + 8h + i, column b0 + c; rows
@@ -44,7 +62,7 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
       for (int c = 0; c < C; ++c) {
         float* yc = y + c * a.y_stride_b;
         if (in_registers) {
-          _mm256_storeu_ps(yc, e.clamp(v[c]));
+          _mm256_storeu_ps(yc, e.finish(v[c]));
           continue;
         }
         _mm256_storeu_ps(yc, a.accumulate ? _mm256_add_ps(v[c], _mm256_loadu_ps(yc)) : v[c]);
@@ -67,7 +85,7 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sum
       if (all_rows && !a.accumulate) {  // the common case, unrolled
         const int64_t stride = a.y_stride_m;
         for (int i = 0; i < 4; ++i) {
-          const __m256 r = in_registers ? e.clamp(u[i]) : u[i];
+          const __m256 r = in_registers ? e.finish(u[i]) : u[i];
           _mm_storeu_ps(y + i * stride, _mm256_castps256_ps128(r));
           _mm_storeu_ps(y + (i + 4) * stride, _mm256_extractf128_ps(r, 1));
         }

@@ -5,11 +5,6 @@
 // a select (checked with -fopt-info-vec), and there is no FMA to contract (-ffp-contract=off), so
 // every build gives the same bits.
 
-inline float clamp(float v, float lo, float hi) {
-  v = v < lo ? lo : v;
-  return v > hi ? hi : v;
-}
-
 template <class Act>
 void finish_with(float* __restrict y, int64_t count, const RowAddends& r, Act act) {
   const float b = r.bias ? *r.bias : 0.f, s = r.add_scale;
@@ -27,7 +22,7 @@ void finish_with(float* __restrict y, int64_t count, const RowAddends& r, Act ac
   }
 }
 
-// f, then the affine map scale * f + shift when there is one.
+// f, then the affine map f * scale + shift when there is one.
 template <class F>
 void finish_affine(float* y, int64_t count, const RowAddends& r, const Activation& act, F f) {
   if (!act.affine) return finish_with(y, count, r, f);
@@ -43,12 +38,10 @@ inline void finish_row_impl(float* y, int64_t count, const RowAddends& r, const 
     case Activation::kRelu:
       return finish_affine(y, count, r, act, [](float v) { return v < 0.f ? 0.f : v; });
     case Activation::kClip:
-      return finish_affine(y, count, r, act, [a, b](float v) { return clamp(v, a, b); });
+      return finish_affine(y, count, r, act, [a, b](float v) { return clamp_to(v, a, b); });
     case Activation::kHardSigmoid:
-      return finish_affine(y, count, r, act, [a, b](float v) { return clamp(a * v + b, 0.f, 1.f); });
+      return finish_affine(y, count, r, act, [a, b](float v) { return hard_sigmoid(v, a, b); });
     case Activation::kHardSwish:
-      // ONNX HardSwish up to rounding, in the form exporters decompose it into. x * clamp(x / 6 + 0.5, 0, 1)
-      // left a branch in the loop (the product distributed over the clamp's constant ends): 2-3x slower.
-      return finish_affine(y, count, r, act, [](float v) { return v * clamp(v + 3.f, 0.f, 6.f) * (1.f / 6.f); });
+      return finish_affine(y, count, r, act, [](float v) { return hard_swish(v); });
   }
 }

@@ -495,9 +495,15 @@ bool as_clamp(const Activation& act, float* lo, float* hi) {
 
 std::optional<StoreEpilogue> TernaryKernelBase::store_epilogue(const GemmArgs& args, const float* bias,
                                                                const Activation& act) const {
+  if (!args.natural || !dispatch_->folded_epilogue) return std::nullopt;
   StoreEpilogue s;
   s.bias = bias;
-  if (!args.natural || !dispatch_->folded_epilogue || !as_clamp(act, &s.lo, &s.hi)) return std::nullopt;
+  if (act.kind == Activation::kHardSigmoid) s.kind = StoreEpilogue::kHardSigmoid, s.alpha = act.p0, s.beta = act.p1;
+  else if (act.kind == Activation::kHardSwish) s.kind = StoreEpilogue::kHardSwish;
+  else as_clamp(Activation{act.kind, act.p0, act.p1}, &s.lo, &s.hi);
+  s.affine = act.affine;
+  s.scale = act.scale;
+  s.shift = act.shift;
   return s;
 }
 

@@ -70,8 +70,8 @@ struct Activation {
 };
 // The node's activation (`relu`=1 is relu); a bad name or parameter list fails (at session creation).
 Activation attr_activation(const OrtKernelInfo* info);
-// No activation, ReLU or Clip (without the affine map) as the clamp to [lo, hi] the kernels apply in their
-// stores (StoreEpilogue, DepthwiseArgs); false for the others, which the op layer's pass applies.
+// No activation, ReLU or Clip (without the affine map) as the clamp to [lo, hi] (StoreEpilogue,
+// DepthwiseArgs); false for the others, which the direct kernel leaves to the op layer's pass.
 bool as_clamp(const Activation& act, float* lo, float* hi);
 
 // What one output row gets before its activation: y[i] + *bias + add_scale * add[i] (bias, add optional;
@@ -155,7 +155,7 @@ class TernaryKernelBase {
   // Runs the fused kernel over rows [m0, m0 + rows) x b < cols in parallel tiles, each tile finished
   // by `e` (y_stride_m must be 1).
   void run(OrtKernelContext* ctx, const Planes& p, GemmArgs args, const RowEpilogue& e) const;
-  // The bias and a ReLU or Clip for the folded stores of paths that apply them as they store
+  // The bias and the activation for the folded stores of paths that apply them as they store
   // (KernelDispatch::folded_epilogue, StoreEpilogue), or nothing: then a pass over each tile does it.
   std::optional<StoreEpilogue> store_epilogue(const GemmArgs& args, const float* bias, const Activation& act) const;
   // The kernel over the positive plane, then the negative one accumulated (asymmetric layers), the store
