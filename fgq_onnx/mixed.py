@@ -12,13 +12,13 @@ Small groups (N=4) keep a layer accurate, large ones (N=64) make it smaller
 (2 bits per weight plus one scale per N weights). Layers differ in how much
 they suffer, so the search gives each its own N:
 
-1. Sensitivity. Per candidate N, one onnxruntime session of the fp32 model
-   in which every ternarizable layer's weight is Where(select_i, ternary_i,
-   fp32_i), select_i a graph input: one run per layer makes that layer
-   alone ternary (exact codes, the stored scale format, float activations)
-   and measures KL(softmax fp32 || softmax candidate) on the calibration
-   samples. A layers x N table for len(N) sessions (under --min-sqnr one
-   session, at the largest N, the others scaled by the weight's error).
+1. Sensitivity. One onnxruntime session of the fp32 model whose weights
+   are graph inputs too: a run fed one layer's ternary weight (exact codes,
+   the stored scale format, float activations) makes that layer alone
+   ternary and measures KL(softmax fp32 || softmax candidate) on the
+   calibration samples. A layers x N table (under --min-sqnr one N, the
+   largest, measured, the others scaled by the weight's error). A weight
+   shared by several layers is measured with all of them ternary.
 2. Plans. From every layer at the smallest N, a greedy path: each step moves
    one layer to a larger N, the move adding the least KL per byte saved
    (bytes: codes + scales, as the report counts them). Before that start,
@@ -52,13 +52,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 from fgq_onnx import layerwise, stages
 from fgq_onnx.calibration import session_with_outputs
 from fgq_onnx.data import Dataset, model_inputs
 from fgq_onnx.errors import FgqError
 from fgq_onnx.evaluate import evaluate, open_session
-from fgq_onnx.graph_utils import unique_name
 from fgq_onnx.passes.ternarize_weights import TERNARY_MARK, TernarizeWeightsPass
 from fgq_onnx.report import LayerRecord
 from fgq_onnx.ternary import Method
@@ -99,32 +99,51 @@ def noise_ratio(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.sum((reference - candidate) ** 2) / max(float(np.sum(reference**2)), 1e-300))
 
 
-def _switchable(model: ir.Model, n: int, config: stages.ConvertConfig) -> tuple[ir.Model, dict[str, str], dict[str, LayerRecord]]:
-    """A copy of `model` whose convertible layers take Where(select, ternary at N, fp32) as weight.
+def _label(node: ir.Node) -> str:
+    """A layer's name in the tables and plans (TernarizeWeightsPass's records use the same)."""
+    return node.name or node.outputs[0].name or ""
 
-    Returns it, {layer label: its selector input}, {layer label: its record at N (stored bytes, weight SQNR)}.
+
+def _ternarized(model: ir.Model, n: int, config: stages.ConvertConfig) -> tuple[ir.Model, dict[str, str], dict[str, LayerRecord]]:
+    """A copy of `model` with every convertible layer ternary at N (exact codes, the stored scale format).
+
+    Returns it, {layer label: the fp32 weight initializer it replaced}, {label: its record at N (stored
+    bytes, weight SQNR)}.
     """
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     originals = {id(node): node.inputs[1] for node in copy.graph.all_nodes() if len(node.inputs) > 1}
     ternarize = TernarizeWeightsPass(n, Method.EXACT, config.weight_storage, skip=stages.skip_rule(config, copy), scale_format=config.scale_format,
                                      trained_float_stays_float=not config.ternarize_float_layers)
     ternarize(copy)
-    selectors = {}
-    for node in list(copy.graph.all_nodes()):
-        if TERNARY_MARK not in node.metadata_props:
-            continue
-        label = node.name or node.outputs[0].name
-        original = originals[id(node)]
-        if original.name not in node.graph.initializers:  # the pass dropped the float weight it replaced
-            node.graph.register_initializer(original)
-        select = ir.val(f"fgq.select.{len(selectors)}", ir.DataType.BOOL, ir.Shape([]))
-        copy.graph.inputs.append(select)
-        where = ir.node("Where", [select, node.inputs[1], original], name=f"{label}/select_weight")
-        where.outputs[0].name = unique_name(node.graph, f"{label}.selected_weight")
-        node.graph.insert_before(node, where)
-        node.replace_input_with(1, where.outputs[0])
-        selectors[label] = select.name
-    return copy, selectors, {r.node: r for r in ternarize.records if r.converted}
+    replaced = {_label(node): str(originals[id(node)].name) for node in copy.graph.all_nodes() if TERNARY_MARK in node.metadata_props}
+    return copy, replaced, {r.node: r for r in ternarize.records if r.converted}
+
+
+def _ternary_weights(copy: ir.Model, feed: dict[str, np.ndarray], folder: Path) -> dict[str, np.ndarray]:
+    """Each ternary layer's float weight as onnxruntime computes it from the stored form, by layer label."""
+    weights = {_label(node): node.inputs[1] for node in copy.graph.all_nodes() if TERNARY_MARK in node.metadata_props}
+    constant = {label: value.const_value.numpy() for label, value in weights.items() if value is not None and value.const_value is not None}
+    computed = {label: str(value.name) for label, value in weights.items() if label not in constant and value is not None}
+    if not computed:
+        return constant
+    session = session_with_outputs(copy, list(computed.values()), folder)
+    arrays = session.run(list(computed.values()), feed)  # onnxruntime computes only what they need
+    return {**constant, **{label: np.asarray(array) for label, array in zip(computed, arrays)}}
+
+
+def _weights_fed(model: ir.Model, folder: Path) -> ort.InferenceSession:
+    """A session of `model` whose weight initializers (every node's input 1) are graph inputs too, so that
+    a run may feed other values for them. (A Where switch between two weights, chosen by a graph input,
+    made a ResNet-50's runs 5x slower than the fp32 model's; fed weights, 1.1-1.6x.)"""
+    initializers = model.graph.initializers
+    weights = list({id(v): v for node in model.graph.all_nodes() if len(node.inputs) > 1 and (v := node.inputs[1]) is not None
+                    and v.name in initializers and not v.is_graph_input()}.values())
+    model.graph.inputs.extend(weights)
+    try:
+        return session_with_outputs(model, [], folder)
+    finally:
+        for value in weights:
+            model.graph.inputs.remove(value)
 
 
 def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: stages.ConvertConfig, on_step: Step | None = None,
@@ -144,28 +163,29 @@ def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: sta
     layers: dict[str, LayerOptions] = {}
     weight_noise: dict[str, dict[int, float]] = {}  # |W - W_N|^2 / |W|^2 per layer and N
     with tempfile.TemporaryDirectory(prefix="fgq-mixed-") as folder:
-        session = session_with_outputs(model, [], Path(folder))
-        reference = [session.run([output], feed)[0] for feed in feeds]
+        session = None
+        reference: list[np.ndarray] = []
         for n in ns:
-            copy, selectors, records = _switchable(model, n, config)
+            copy, replaced, records = _ternarized(model, n, config)
             for label, record in records.items():
                 layers.setdefault(label, LayerOptions(label)).nbytes[n] = record.code_bytes + record.scale_bytes
                 weight_noise.setdefault(label, {})[n] = 10.0 ** (-record.sqnr_db / 10.0)
             if n not in measured:
                 continue
-            session = session_with_outputs(copy, [], Path(folder))
-            off = {name: np.array(False) for name in selectors.values()}
-            for label, name in selectors.items():
-                runs = [session.run([output], {**feed, **off, name: np.array(True)})[0] for feed in feeds]
+            if session is None:
+                session = _weights_fed(model, Path(folder))
+                reference = [np.asarray(session.run([output], feed)[0]) for feed in feeds]
+            for label, weight in _ternary_weights(copy, feeds[0], Path(folder)).items():
+                runs = [np.asarray(session.run([output], {**feed, replaced[label]: weight})[0]) for feed in feeds]
                 layers[label].kl[n] = float(np.mean([cost(r, c) for r, c in zip(reference, runs)]))
                 if on_step:
-                    on_step("sensitivity", 1, len(selectors) * len(measured))
+                    on_step("sensitivity", 1, len(replaced) * len(measured))
     for label, layer in layers.items():
         at = weight_noise[label]
         for n in set(ns) - set(measured):
             (ref,) = measured
             layer.kl[n] = layer.kl[ref] * at[n] / at[ref] if at[ref] > 0 else layer.kl[ref]
-    weights = {node.name or node.outputs[0].name: node.inputs[1] for node in model.graph.all_nodes() if len(node.inputs) > 1}
+    weights = {_label(node): node.inputs[1] for node in model.graph.all_nodes() if len(node.inputs) > 1}
     for layer in layers.values():
         layer.kl[KEEP], layer.nbytes[KEEP] = 0.0, weights[layer.label].const_value.nbytes
         if EIGHT_BIT in layer.kl:  # the sensitivity runs have float activations: the same weight error

@@ -101,12 +101,13 @@ def test_fitting_keeps_each_layers_group_size(tiny):
 
 
 def test_sensitivity_matches_each_layer_converted_alone(tiny):
-    """The one-session Where switch against brute force: a real conversion of each layer alone, at each N."""
+    """The per-layer sessions (the ternary weight as a session initializer) against brute force: a real
+    conversion of each layer alone, at each N."""
     folder, model, calib, _ = tiny
     config = pipeline.ConvertConfig(n="auto", max_drop=1.0, **QUICK)
     table = {layer.label: layer for layer in mixed.sensitivity(model, [{"x": calib}], config)}
     reference = run(model, calib)
-    basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # the weights alone, as the Where switch sees them
+    basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # the weights alone, as the sensitivity sessions get them
     for label in LAYERS:
         for n in config.auto_ns:
             plan = {other: (n if other == label else mixed.KEEP) for other in LAYERS}
