@@ -84,15 +84,20 @@ std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes
   w.row_scale.assign(static_cast<size_t>(w.panels() * 16), 0.f);  // whole panels: the folded path loads 16 rows
   w.row_offset.assign(static_cast<size_t>(w.panels() * 16), 0.f);
 
-  const int64_t gps = layout.groups_per_segment();
+  // Addresses hoisted out of the loops (at session creation this ran at 80 instructions a weight).
+  const int64_t gps = layout.groups_per_segment(), group_stride = w.steps() * KernelWeights::kCodeStride;
   for (int64_t m = 0; m < rows; ++m) {
     const uint8_t* src = codes + m * row_bytes;
     const int64_t quad = m / 4, ri = m % 4;
+    const int shift = 2 * static_cast<int>(ri);
+    const unsigned keep = ~(3u << shift) & 0xffu;
+    uint8_t* const row_codes = w.codes.data() + (w.quad_codes(quad) - w.codes.data());
+    uint8_t* const row_scales = w.scales.data() + static_cast<size_t>(quad * w.super_groups() * 16 + ri * 4) * esize;
     double offset = 0;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t first = (g % gps) * layout.n;  // position of the group inside its segment
       const int64_t valid = std::min(layout.n, layout.length - first);
-      const int64_t sg = g / 4, gq = g % 4;
+      uint8_t* const group_codes = row_codes + (g / 4) * group_stride + (g % 4) * 4;
       int64_t sum_t = 0;
       for (int64_t i = 0; i < layout.n; ++i) {
         const uint64_t q = static_cast<uint64_t>(g * layout.n + i);
@@ -109,15 +114,12 @@ std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes
         int t = packed::decode(code);
         if ((plane == Plane::kPositive && t < 0) || (plane == Plane::kNegative && t > 0)) t = 0;
         sum_t += t;
-        const int64_t k = i / 4, e = i % 4;
-        const int64_t at = (w.quad_codes(quad) - w.codes.data()) + (sg * w.steps() + k) * KernelWeights::kCodeStride;
-        uint8_t& byte = w.codes[static_cast<size_t>(at + gq * 4 + e)];
-        const int shift = 2 * static_cast<int>(ri);
-        byte = static_cast<uint8_t>((byte & ~(3 << shift)) | ((t + 1) << shift));
+        uint8_t& byte = group_codes[(i / 4) * KernelWeights::kCodeStride + i % 4];
+        byte = static_cast<uint8_t>((byte & keep) | static_cast<unsigned>((t + 1) << shift));
       }
-      const int64_t dst = (quad * w.super_groups() + sg) * 16 + ri * 4 + gq;
-      std::memcpy(w.scales.data() + static_cast<size_t>(dst) * esize,
-                  static_cast<const uint8_t*>(scales) + static_cast<size_t>(m * G + g) * esize, esize);
+      const uint8_t* from = static_cast<const uint8_t*>(scales) + static_cast<size_t>(m * G + g) * esize;
+      uint8_t* to = row_scales + static_cast<size_t>((g / 4) * 16 + g % 4) * esize;
+      for (size_t b = 0; b < esize; ++b) to[b] = from[b];  // 1, 2 or 4 bytes: no call to memcpy
       offset += static_cast<double>(scale_value(scale_type, scales, m * G + g)) * static_cast<double>(sum_t);
     }
     // Trailing bits of the packed row must be zero too.
@@ -153,9 +155,7 @@ std::string repack_int8_weights(const int8_t* weights, int64_t rows, const float
 void fold_scales(KernelWeights* out, unsigned forms) {
   KernelWeights& w = *out;
   const int64_t chunks = w.positions() / 4;
-  int max_code = 0;
-  for (int64_t m = 0; m < w.rows; ++m)
-    for (int64_t g = 0; g < w.groups; ++g) max_code = std::max(max_code, static_cast<int>(w.scale_at(m, g)));
+  const int max_code = w.scales.empty() ? 0 : *std::max_element(w.scales.begin(), w.scales.end());  // padding is 0
   const int64_t planes = max_code <= 127 ? 1 : 2;
   if (planes == 2 && w.n > kFoldMaxGroupSize) return;  // two vpdpbusd a chunk: slower than the codes there
   w.fold_planes = planes;
@@ -166,18 +166,25 @@ void fold_scales(KernelWeights* out, unsigned forms) {
     w.ternary.assign(static_cast<size_t>(w.panels() * chunks * 64), 0);
     w.group_scales.assign(static_cast<size_t>(w.panels() * w.padded_groups * 32), 0);
   }
+  // The codes and uint8 scales read in place (t_at and scale_at's index arithmetic a weight took a
+  // quarter of a session's creation).
+  const int64_t group_stride = w.steps() * KernelWeights::kCodeStride;
   for (int64_t m = 0; m < w.rows; ++m) {
     const int64_t panel = (m / 16) * chunks * planes * 64 + (m % 16) * 4;  // in w.folded
     const int64_t ternary = (m / 16) * chunks * 64 + (m % 16) * 4;  // in w.ternary
     const int64_t group_scales = (m / 16) * w.padded_groups * 32 + (m % 16) * 2;  // in w.group_scales
+    const uint8_t* const row_codes = w.quad_codes(m / 4);
+    const uint8_t* const row_scales = w.scales.data() + (m / 4) * w.super_groups() * 16 + (m % 4) * 4;
+    const int shift = 2 * static_cast<int>(m % 4);
     int64_t sum = 0;
     for (int64_t g = 0; g < w.groups; ++g) {
-      const int s = static_cast<int>(w.scale_at(m, g));
+      const int s = row_scales[(g / 4) * 16 + g % 4];
+      const uint8_t* const group_codes = row_codes + (g / 4) * group_stride + (g % 4) * 4;
       if (ternary_form)
         w.group_scales[static_cast<size_t>(group_scales + g * 32)] =
             w.group_scales[static_cast<size_t>(group_scales + g * 32 + 1)] = static_cast<int16_t>(s);
       for (int64_t i = 0; i < w.n; ++i) {
-        const int t = w.t_at(m, g, i), v = t * s;
+        const int t = ((group_codes[(i / 4) * KernelWeights::kCodeStride + i % 4] >> shift) & 3) - 1, v = t * s;
         const int64_t j = (g * w.np + i) / 4;  // natural order (np is a multiple of 4)
         if (planes_form) {
           int8_t* at = w.folded.data() + panel + j * planes * 64 + i % 4;
