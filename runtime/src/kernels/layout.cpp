@@ -57,6 +57,42 @@ double KernelWeights::scale_at(int64_t m, int64_t g) const {
   return scale_value(scale_type, scales.data(), index);
 }
 
+namespace {
+
+// A packed byte's four codes for one Plane: the kernel layout's u = t + 1 of code e in byte e of
+// `u`, their sum of t, and whether one is the invalid code. Groups of whole bytes (N a multiple
+// of 4, no padding) are repacked a byte at a time through this table.
+struct CodeByte {
+  uint32_t u = 0;
+  int sum = 0;
+  bool invalid = false;
+};
+
+CodeByte code_byte(uint8_t byte, Plane plane) {
+  CodeByte out;
+  for (unsigned e = 0; e < 4; ++e) {
+    const uint8_t code = static_cast<uint8_t>((byte >> (2 * e)) & 3);
+    out.invalid = out.invalid || code == packed::kCodeInvalid;
+    int t = code == packed::kCodeInvalid ? 0 : packed::decode(code);
+    if ((plane == Plane::kPositive && t < 0) || (plane == Plane::kNegative && t > 0)) t = 0;
+    out.sum += t;
+    out.u |= static_cast<uint32_t>(t + 1) << (8 * e);
+  }
+  return out;
+}
+
+const CodeByte* code_bytes(Plane plane) {
+  static const auto tables = [] {
+    std::vector<CodeByte> all(3 * 256);
+    for (int p = 0; p < 3; ++p)
+      for (int b = 0; b < 256; ++b) all[static_cast<size_t>(p * 256 + b)] = code_byte(static_cast<uint8_t>(b), static_cast<Plane>(p));
+    return all;
+  }();
+  return tables.data() + static_cast<int>(plane) * 256;
+}
+
+}  // namespace
+
 std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes, const void* scales,
                            ScaleType scale_type, const float* row_scale, const ReductionLayout& layout,
                            Plane plane, KernelWeights* out, unsigned folded_forms) {
@@ -86,11 +122,13 @@ std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes
 
   // Addresses hoisted out of the loops (at session creation this ran at 80 instructions a weight).
   const int64_t gps = layout.groups_per_segment(), group_stride = w.steps() * KernelWeights::kCodeStride;
+  const CodeByte* const table = code_bytes(plane);
   for (int64_t m = 0; m < rows; ++m) {
     const uint8_t* src = codes + m * row_bytes;
     const int64_t quad = m / 4, ri = m % 4;
     const int shift = 2 * static_cast<int>(ri);
     const unsigned keep = ~(3u << shift) & 0xffu;
+    const uint32_t keep_word = keep * 0x01010101u;
     uint8_t* const row_codes = w.codes.data() + (w.quad_codes(quad) - w.codes.data());
     uint8_t* const row_scales = w.scales.data() + static_cast<size_t>(quad * w.super_groups() * 16 + ri * 4) * esize;
     double offset = 0;
@@ -99,7 +137,22 @@ std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes
       const int64_t valid = std::min(layout.n, layout.length - first);
       uint8_t* const group_codes = row_codes + (g / 4) * group_stride + (g % 4) * 4;
       int64_t sum_t = 0;
-      for (int64_t i = 0; i < layout.n; ++i) {
+      // Whole bytes (N a multiple of 4, no padding in the group) four codes a step; else, and to name
+      // an invalid code's position, one code at a time.
+      bool done = layout.n % 4 == 0 && valid == layout.n;
+      for (int64_t k = 0; done && k < layout.n / 4; ++k) {
+        const CodeByte& c = table[src[g * layout.n / 4 + k]];
+        if (c.invalid) {
+          done = false;
+          break;
+        }
+        uint32_t word;
+        std::memcpy(&word, group_codes + k * KernelWeights::kCodeStride, 4);
+        word = (word & keep_word) | (c.u << shift);
+        std::memcpy(group_codes + k * KernelWeights::kCodeStride, &word, 4);
+        sum_t += c.sum;
+      }
+      for (int64_t i = 0; i < layout.n && !done; ++i) {
         const uint64_t q = static_cast<uint64_t>(g * layout.n + i);
         const uint8_t code = packed::code_at(src, q);
         if (code == packed::kCodeInvalid)
