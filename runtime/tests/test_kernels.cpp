@@ -203,6 +203,11 @@ void test_rejects() {
   uint8_t bad[2] = {0x02, 0x00};  // code 0b10 at position 0
   EXPECT(!fgq::repack_weights(bad, 1, 2, scales, fgq::ScaleType::kF32, nullptr, {1, 8, 4}, fgq::Plane::kAll, &w).empty(),
          "invalid code accepted");
+  uint8_t late[2] = {0x01, 0x20};  // N=8: a group of whole bytes (read four codes a step), 0b10 at position 6
+  const std::string late_error =
+      fgq::repack_weights(late, 1, 2, scales, fgq::ScaleType::kF32, nullptr, {1, 8, 8}, fgq::Plane::kAll, &w);
+  EXPECT(late_error.find("invalid 2-bit code 0b10 (row 0, position 6)") != std::string::npos,
+         "invalid code in a whole-byte group: '%s'", late_error.c_str());
   uint8_t pad[1] = {0x40};  // K=3, N=4: position 3 is padding and must be 0
   EXPECT(!fgq::repack_weights(pad, 1, 1, scales, fgq::ScaleType::kF32, nullptr, {1, 3, 4}, fgq::Plane::kAll, &w).empty(),
          "non-zero padding accepted");
