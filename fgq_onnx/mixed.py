@@ -121,9 +121,9 @@ def _ternarized(model: ir.Model, n: int, config: stages.ConvertConfig) -> tuple[
 
 def _ternary_weights(copy: ir.Model, feed: dict[str, np.ndarray], folder: Path) -> dict[str, np.ndarray]:
     """Each ternary layer's float weight as onnxruntime computes it from the stored form, by layer label."""
-    weights = {_label(node): node.inputs[1] for node in copy.graph.all_nodes() if TERNARY_MARK in node.metadata_props}
-    constant = {label: value.const_value.numpy() for label, value in weights.items() if value is not None and value.const_value is not None}
-    computed = {label: str(value.name) for label, value in weights.items() if label not in constant and value is not None}
+    weights = {_label(node): value for node in copy.graph.all_nodes() if TERNARY_MARK in node.metadata_props and (value := node.inputs[1]) is not None}
+    constant = {label: value.const_value.numpy() for label, value in weights.items() if value.const_value is not None}
+    computed = {label: str(value.name) for label, value in weights.items() if label not in constant}
     if not computed:
         return constant
     session = session_with_outputs(copy, list(computed.values()), folder)
@@ -163,8 +163,8 @@ def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: sta
     layers: dict[str, LayerOptions] = {}
     weight_noise: dict[str, dict[int, float]] = {}  # |W - W_N|^2 / |W|^2 per layer and N
     with tempfile.TemporaryDirectory(prefix="fgq-mixed-") as folder:
-        session = None
-        reference: list[np.ndarray] = []
+        session = _weights_fed(model, Path(folder))
+        reference = [np.asarray(session.run([output], feed)[0]) for feed in feeds]
         for n in ns:
             copy, replaced, records = _ternarized(model, n, config)
             for label, record in records.items():
@@ -172,9 +172,6 @@ def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: sta
                 weight_noise.setdefault(label, {})[n] = 10.0 ** (-record.sqnr_db / 10.0)
             if n not in measured:
                 continue
-            if session is None:
-                session = _weights_fed(model, Path(folder))
-                reference = [np.asarray(session.run([output], feed)[0]) for feed in feeds]
             for label, weight in _ternary_weights(copy, feeds[0], Path(folder)).items():
                 runs = [np.asarray(session.run([output], {**feed, replaced[label]: weight})[0]) for feed in feeds]
                 layers[label].kl[n] = float(np.mean([cost(r, c) for r, c in zip(reference, runs)]))

@@ -81,7 +81,7 @@ CodeByte code_byte(uint8_t byte, Plane plane) {
   return out;
 }
 
-const CodeByte* code_bytes(Plane plane) {
+const CodeByte* code_byte_table(Plane plane) {
   static const auto tables = [] {
     std::vector<CodeByte> all(3 * 256);
     for (int p = 0; p < 3; ++p)
@@ -122,7 +122,7 @@ std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes
 
   // Addresses hoisted out of the loops (at session creation this ran at 80 instructions a weight).
   const int64_t gps = layout.groups_per_segment(), group_stride = w.steps() * KernelWeights::kCodeStride;
-  const CodeByte* const table = code_bytes(plane);
+  const CodeByte* const table = code_byte_table(plane);
   for (int64_t m = 0; m < rows; ++m) {
     const uint8_t* src = codes + m * row_bytes;
     const int64_t quad = m / 4, ri = m % 4;
