@@ -59,6 +59,7 @@ from fgq_onnx.calibration import session_with_outputs
 from fgq_onnx.data import Dataset, model_inputs
 from fgq_onnx.errors import FgqError
 from fgq_onnx.evaluate import evaluate, open_session
+from fgq_onnx.fidelity import Fidelity
 from fgq_onnx.passes.ternarize_weights import TERNARY_MARK, TernarizeWeightsPass
 from fgq_onnx.report import LayerRecord
 from fgq_onnx.ternary import Method
@@ -368,8 +369,12 @@ def convert_auto(model, config: stages.ConvertConfig, *, calib, data=None, calib
     path, start = plan_path(layers)
     cache = calibration_cache or stages.collect_calibration(model, calib, config)
 
-    def convert_plan(plan: dict[str, int]) -> stages.Conversion:
-        return stages.convert_fixed(model, plan_config(config, plan), calib=calib, calibration_cache=cache)
+    def convert_plan(plan: dict[str, int]) -> stages.Conversion:  # the held-out check only for the plans chosen
+        return stages.convert_fixed(model, plan_config(config, plan), calib=calib, calibration_cache=cache, measure_fidelity=False)
+
+    def held_out_of(conversion: stages.Conversion) -> Fidelity:
+        conversion.report.fidelity = stages.held_out_fidelity(model, conversion, calib, config)
+        return conversion.report.fidelity
 
     with tempfile.TemporaryDirectory(prefix="fgq-auto-") as folder:
         fp32 = Path(folder) / "fp32.onnx"
@@ -381,10 +386,11 @@ def convert_auto(model, config: stages.ConvertConfig, *, calib, data=None, calib
                 stages.save(conversion.model, Path(folder) / "candidate.onnx")
                 return noise.lower_bound(Path(folder) / "candidate.onnx")
 
-            found = _search_sqnr(path, start, layers, convert_plan, bound_of, len(noise.feeds), config.min_sqnr, on_step)
+            found = _search_sqnr(path, start, layers, convert_plan, bound_of, held_out_of, len(noise.feeds), config.min_sqnr, on_step)
         else:
             judge = _Top1Drop(fp32, data, config) if data is not None else _Disagreement(fp32, feeds)
             found = _search_top1(path, start, layers, convert_plan, judge, Path(folder), config.max_drop, on_step)
+            held_out_of(found.conversion)
     conversion = found.conversion
     _record(conversion.report, config, found, layers, path)
     stages.stamp(conversion.model, conversion.report)  # the model's metadata says n=auto too (each node has its own N)
@@ -435,7 +441,8 @@ def _search_top1(path, start, layers, convert_plan, judge, folder: Path, budget:
     return Found(chosen, conversions[chosen], drops, judge.description, drops[chosen])
 
 
-def _search_sqnr(path, start, layers, convert_plan, bound_of: Callable[[stages.Conversion], float], samples: int, min_sqnr: float, on_step) -> Found:
+def _search_sqnr(path, start, layers, convert_plan, bound_of: Callable[[stages.Conversion], float],
+                 held_out_of: Callable[[stages.Conversion], Fidelity], samples: int, min_sqnr: float, on_step) -> Found:
     """--min-sqnr: search on the calibration samples, check on the held-out ones, tighten and search again on a miss.
 
     A plan's measure, bound_of(its conversion), is the lower CONFIDENCE bound
@@ -462,7 +469,7 @@ def _search_sqnr(path, start, layers, convert_plan, bound_of: Callable[[stages.C
             del conversions[index]
         if chosen < 0:
             break
-        held_out = conversions[chosen].report.fidelity
+        held_out = held_out_of(conversions[chosen])
         if held_out.main is None:
             raise FgqError(f"--min-sqnr is checked on held-out calibration samples, but none were: {held_out.skipped}")
         checks.append({"target_db": target, "plan_summary": describe_plan(path[chosen]), "calibration_bound_db": bounds[chosen], "held_out_db": held_out.main.sqnr_db})

@@ -354,11 +354,16 @@ def convert_fixed(
     calib=None,
     on_progress: Callable[[int, int | None], None] | None = None,
     calibration_cache: CalibrationCache | None = None,
+    measure_fidelity: bool = True,
 ) -> Conversion:
-    """The conversion with config.n (or config.layer_n) fixed: pipeline.convert without the n="auto" search."""
+    """The conversion with config.n (or config.layer_n) fixed: pipeline.convert without the n="auto" search.
+
+    measure_fidelity=False leaves report.fidelity unmeasured (the n="auto" search converts many plans and
+    measures the one it returns: held_out_fidelity)."""
     progress = _Progress()
     try:
-        return _convert(model, config, calib=calib, on_progress=on_progress, calibration_cache=calibration_cache, progress=progress)
+        return _convert(model, config, calib=calib, on_progress=on_progress, calibration_cache=calibration_cache, progress=progress,
+                        measure_fidelity=measure_fidelity)
     except Exception as error:  # an FgqError, maybe wrapped by a pass: say what was done before it
         cause = fgq_error_in(error)
         if cause is None:
@@ -374,6 +379,7 @@ def _convert(
     on_progress: Callable[[int, int | None], None] | None,
     calibration_cache: CalibrationCache | None,
     progress: _Progress,
+    measure_fidelity: bool,
 ) -> Conversion:
     """The body of convert; `progress` records the stages it begins."""
     if config.act_bits and calib is None and calibration_cache is None:
@@ -437,9 +443,17 @@ def _convert(
     ir_model.ir_version = max(ir_model.ir_version, _REQUIRED_IR[config.weight_storage])
     stamp(ir_model, report)
     report.weight_bytes_after = model_io.weight_bytes(ir_model)
-    progress.begin("the fidelity check on held-out samples")
-    report.fidelity = _fidelity(model, ir_model, calib, held_out, config.fidelity_output)
+    if measure_fidelity:
+        progress.begin("the fidelity check on held-out samples")
+        report.fidelity = _fidelity(model, ir_model, calib, held_out, config.fidelity_output)
     return Conversion(ir_model, report)
+
+
+def held_out_fidelity(model, conversion: Conversion, calib, config: ConvertConfig) -> fidelity.Fidelity:
+    """What convert_fixed measures last, for a conversion made without it: the converted model against the
+    source `model` on the calibration samples held out (the same split)."""
+    held_out = open_data(calib, conversion.model, config)[1] if calib is not None else None
+    return _fidelity(model, conversion.model, calib, held_out, config.fidelity_output)
 
 
 def _mark_float_activations(model: ir.Model, config: ConvertConfig, report: Report) -> None:

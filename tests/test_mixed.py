@@ -321,7 +321,7 @@ def test_sqnr_lower_bound_widens_with_uneven_samples():
 def test_sqnr_search_tightens_when_the_held_out_check_misses():
     """Plan i reaches 40 - 3i dB on the calibration samples but 5 dB less held out: a 25 dB budget first finds
     plan 5 (20 dB held out), raises its target by the 5 dB missed, and returns plan 3 (26 dB held out),
-    converting no plan twice."""
+    converting no plan twice and measuring the held-out samples only for the plans it chose."""
     path = [{"a": i} for i in range(10)]
     layers = [mixed.LayerOptions("a", nbytes={i: 1000 - 50 * i for i in range(10)}, kl={i: 10 ** (-(40 - 3 * i) / 10) for i in range(10)})]
     converted = []
@@ -335,10 +335,17 @@ def test_sqnr_search_tightens_when_the_held_out_check_misses():
     def bound_of(conversion):
         return conversion.report.fidelity.main.sqnr_db + 5.0
 
-    found = mixed._search_sqnr(path, 0, layers, convert_plan, bound_of, 26, 25.0, None)
+    checked = []
+
+    def held_out_of(conversion):
+        checked.append(conversion.report.fidelity.main.sqnr_db)
+        return conversion.report.fidelity
+
+    found = mixed._search_sqnr(path, 0, layers, convert_plan, bound_of, held_out_of, 26, 25.0, None)
     assert found.chosen == 3 and found.drop == pytest.approx(25.0 - 26.0)
     assert [c["held_out_db"] for c in found.checks] == [20.0, 26.0] and found.checks[1]["target_db"] == pytest.approx(30.0)
     assert len(converted) == len(set(converted)) and "26 calibration samples" in found.measure
+    assert checked == [20.0, 26.0]  # held-out samples measured for the two plans chosen, not for every plan converted
 
 
 def test_sqnr_search_fails_with_one_line_when_no_plan_passes_the_check():
@@ -351,7 +358,7 @@ def test_sqnr_search_fails_with_one_line_when_no_plan_passes_the_check():
                                           fgq_onnx.report.Report(fidelity=fgq_onnx.fidelity.Fidelity(6, [held_out])))
 
     with pytest.raises(fgq_onnx.FgqError, match="no plan reaches 25.0 dB .*held out"):
-        mixed._search_sqnr(path, 0, layers, convert_plan, lambda conversion: 30.0, 26, 25.0, None)
+        mixed._search_sqnr(path, 0, layers, convert_plan, lambda conversion: 30.0, lambda conversion: conversion.report.fidelity, 26, 25.0, None)
 
 
 def test_sensitivity_measures_the_first_float_output(kit):
