@@ -145,8 +145,7 @@ void depthwise_ref(const DepthwiseArgs& a) {
         const int64_t at = m * P + oh * a.out_w + ow;
         if (a.bias) v = v + a.bias[m];
         if (a.residual) v = v + a.residual[at];
-        v = v < a.lo ? a.lo : v;
-        a.y[at] = v > a.hi ? a.hi : v;
+        a.y[at] = clamp_to(v, a.lo, a.hi);
       }
   }
 }

@@ -485,13 +485,15 @@ void TernaryKernelBase::quantize_rows_and_run(OrtKernelContext* ctx, const Tenso
   run(ctx, p, a, e);
 }
 
-bool as_clamp(const Activation& act, float* lo, float* hi) {
-  if (act.affine || (act.kind != Activation::kNone && act.kind != Activation::kRelu && act.kind != Activation::kClip))
-    return false;
+// The bounds of a clamp activation (no activation, ReLU, Clip; the affine map aside); false for the others.
+static bool clamp_bounds(const Activation& act, float* lo, float* hi) {
+  if (act.kind != Activation::kNone && act.kind != Activation::kRelu && act.kind != Activation::kClip) return false;
   if (act.kind != Activation::kNone) *lo = act.kind == Activation::kRelu ? 0.f : act.p0;
   if (act.kind == Activation::kClip) *hi = act.p1;
   return true;
 }
+
+bool as_clamp(const Activation& act, float* lo, float* hi) { return !act.affine && clamp_bounds(act, lo, hi); }
 
 std::optional<StoreEpilogue> TernaryKernelBase::store_epilogue(const GemmArgs& args, const float* bias,
                                                                const Activation& act) const {
@@ -500,7 +502,7 @@ std::optional<StoreEpilogue> TernaryKernelBase::store_epilogue(const GemmArgs& a
   s.bias = bias;
   if (act.kind == Activation::kHardSigmoid) s.kind = StoreEpilogue::kHardSigmoid, s.alpha = act.p0, s.beta = act.p1;
   else if (act.kind == Activation::kHardSwish) s.kind = StoreEpilogue::kHardSwish;
-  else as_clamp(Activation{act.kind, act.p0, act.p1}, &s.lo, &s.hi);
+  else clamp_bounds(act, &s.lo, &s.hi);
   s.affine = act.affine;
   s.scale = act.scale;
   s.shift = act.shift;
