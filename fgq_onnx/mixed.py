@@ -164,7 +164,12 @@ def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: sta
     layers: dict[str, LayerOptions] = {}
     weight_noise: dict[str, dict[int, float]] = {}  # |W - W_N|^2 / |W|^2 per layer and N
     with tempfile.TemporaryDirectory(prefix="fgq-mixed-") as folder:
-        session = _weights_fed(model, Path(folder))
+        # Each session's model in a folder of its own: the weights-fed session may map its external data
+        # while the ternary copies are written.
+        fed, ternary = Path(folder) / "fed", Path(folder) / "ternary"
+        fed.mkdir()
+        ternary.mkdir()
+        session = _weights_fed(model, fed)
         reference = [np.asarray(session.run([output], feed)[0]) for feed in feeds]
         for n in ns:
             copy, replaced, records = _ternarized(model, n, config)
@@ -173,7 +178,7 @@ def sensitivity(model: ir.Model, feeds: list[dict[str, np.ndarray]], config: sta
                 weight_noise.setdefault(label, {})[n] = 10.0 ** (-record.sqnr_db / 10.0)
             if n not in measured:
                 continue
-            for label, weight in _ternary_weights(copy, feeds[0], Path(folder)).items():
+            for label, weight in _ternary_weights(copy, feeds[0], ternary).items():
                 runs = [np.asarray(session.run([output], {**feed, replaced[label]: weight})[0]) for feed in feeds]
                 layers[label].kl[n] = float(np.mean([cost(r, c) for r, c in zip(reference, runs)]))
                 if on_step:
