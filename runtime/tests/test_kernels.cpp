@@ -793,6 +793,122 @@ void test_int8_weights(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::printf("int8 weights: %d cases bit-exact\n", cases);
 }
 
+// Dense int8 weights (repack_dense_weights) on every path, the reference included, bit for bit against
+// the int8 GEMM written out: y[b, m] = scale * row_scale[m] * (sum_e w[m, e] * xs[b, e] + offset * sum_e
+// w[m, e]) (power-of-two scales keep every float sum exact: |sum| <= 127 * 128 * 153 * 2 < 2^24). Segments
+// shorter than a chunk (per-tap stems) and longer; every B from 1 (use_folded for any B); rows contiguous
+// into [B, M], and read in place from scattered segments into [M, B] over a row and column range, stored or
+// accumulated. Also the rejects: -128, no row_scale, more positions than int32 sums allow.
+void test_dense_weights(const std::vector<const fgq::KernelDispatch*>& ps) {
+  std::mt19937 rng(11);
+  int cases = 0;
+  for (int64_t segments : {1, 3, 9})
+    for (int64_t length : {1, 2, 3, 4, 5, 16, 17})
+      for (int64_t M : {1, 5, 17, 40})
+        for (int64_t B : {1, 2, 3, 5, 9}) {
+          const int64_t E = segments * length;
+          std::vector<int8_t> weights(static_cast<size_t>(M * E));
+          for (auto& v : weights) v = static_cast<int8_t>(rng() % 4 == 0 ? 0 : static_cast<int>(rng() % 255) - 127);
+          weights[0] = 127;
+          weights.back() = -127;
+          std::vector<float> row_scale(static_cast<size_t>(M));
+          for (int64_t m = 0; m < M; ++m) row_scale[static_cast<size_t>(m)] = std::ldexp(1.f, -static_cast<int>(m % 5));
+          fgq::KernelWeights w;
+          const std::string err = fgq::repack_dense_weights(weights.data(), M, row_scale.data(), {segments, length, 1}, &w);
+          EXPECT(err.empty() && w.dense, "dense repack: '%s'", err.c_str());
+          if (!err.empty()) continue;
+          const fgq::ReductionLayout layout{segments, length, fgq::dense_group_size(length)};
+          const int64_t Kp = w.positions(), segment_len = layout.groups_per_segment() * 4;
+          EXPECT(w.n == layout.n && w.np == 4 && Kp == fgq::kernel_padded_groups(layout.groups()) * 4,
+                 "dense layout n=%ld np=%ld positions=%ld", (long)w.n, (long)w.np, (long)Kp);
+          std::vector<int> levels(static_cast<size_t>(B * E));
+          for (auto& v : levels) v = static_cast<int>(rng() % 256) - 128;
+          // Natural unsigned rows; and in place, row b's segment k at ((segments - 1 - k) * B + b) * segment_len.
+          const std::vector<int64_t> map = fgq::kernel_position_map(layout, 4, w.padded_groups);
+          std::vector<int8_t> xu(static_cast<size_t>(B * Kp + 64), 0), scattered(static_cast<size_t>(segments * B * segment_len + 64));
+          std::vector<int64_t> row_offsets(static_cast<size_t>(B)), segment_offsets(static_cast<size_t>(segments));
+          for (int64_t b = 0; b < B; ++b) {
+            for (int64_t p = 0; p < Kp; ++p) {
+              const int64_t e = map[static_cast<size_t>(p)];
+              xu[static_cast<size_t>(b * Kp + p)] = static_cast<int8_t>((e < 0 ? 0 : levels[static_cast<size_t>(b * E + e)]) ^ 0x80);
+            }
+            row_offsets[static_cast<size_t>(b)] = b * segment_len;
+            for (int64_t k = 0; k < segments; ++k) {
+              segment_offsets[static_cast<size_t>(k)] = (segments - 1 - k) * B * segment_len;
+              std::memcpy(scattered.data() + ((segments - 1 - k) * B + b) * segment_len, xu.data() + b * Kp + k * segment_len,
+                          static_cast<size_t>(segment_len));
+            }
+          }
+          const float scale = 0.5f, offset = 3.f;
+          std::vector<float> want(static_cast<size_t>(B * M));
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t m = 0; m < M; ++m) {
+              int64_t dot = 0, sum = 0;
+              for (int64_t e = 0; e < E; ++e) {
+                dot += weights[static_cast<size_t>(m * E + e)] * levels[static_cast<size_t>(b * E + e)];
+                sum += weights[static_cast<size_t>(m * E + e)];
+              }
+              want[static_cast<size_t>(b * M + m)] =
+                  static_cast<float>(scale * row_scale[static_cast<size_t>(m)] * (static_cast<double>(dot) + offset * sum));
+            }
+          fgq::GemmArgs a;
+          a.w = &w;
+          a.x = xu.data();
+          a.x_stride = Kp;
+          a.natural = true;
+          a.y_stride_b = M;
+          a.m_end = M;
+          a.b_end = B;
+          a.scale = scale;
+          a.offset = offset;
+          for (const fgq::KernelDispatch* d : ps) {
+            EXPECT(fgq::use_folded(*d, w, B), "%s: dense weights not run from natural rows at B=%ld", d->name, (long)B);
+            std::vector<float> y(want.size(), -7.f);
+            a.y = y.data();
+            d->gemm(a);
+            EXPECT(y == want, "%s: dense weights segments=%ld length=%ld M=%ld B=%ld: not bit-exact", d->name,
+                   (long)segments, (long)length, (long)M, (long)B);
+            fgq::GemmArgs t = a;
+            t.x = scattered.data();
+            t.row_offsets = row_offsets.data();
+            t.segment_offsets = segment_offsets.data();
+            t.segments = segments;
+            t.segment_len = segment_len;
+            t.segment_read = (length + 3) / 4 * 4;  // the rest of a segment meets zero weights: not read
+            t.accumulate = (M + B) % 2 != 0;
+            const float before = t.accumulate ? 1.f : -7.f;
+            std::vector<float> yt(want.size(), before);
+            t.y = yt.data();
+            t.y_stride_b = 1;
+            t.y_stride_m = B;
+            t.m_begin = M > 16 ? 3 : 0;
+            t.m_end = M > 20 ? M - 5 : M;
+            t.b_begin = B > 2 ? 1 : 0;
+            t.b_end = B > 4 ? B - 1 : B;
+            d->gemm(t);
+            for (int64_t b = 0; b < B; ++b)
+              for (int64_t m = 0; m < M; ++m) {
+                const bool inside = m >= t.m_begin && m < t.m_end && b >= t.b_begin && b < t.b_end;
+                const float stored = want[static_cast<size_t>(b * M + m)] + (t.accumulate ? 1.f : 0.f);
+                EXPECT(yt[static_cast<size_t>(m * B + b)] == (inside ? stored : before),
+                       "%s: dense weights in place segments=%ld length=%ld M=%ld B=%ld m=%ld b=%ld", d->name,
+                       (long)segments, (long)length, (long)M, (long)B, (long)m, (long)b);
+              }
+            if (d->folded_epilogue) check_store_epilogue(*d, a, t, rng);
+            ++cases;
+          }
+        }
+  fgq::KernelWeights w;
+  const int8_t bad[2] = {5, -128};
+  const float rs[1] = {1.f};
+  EXPECT(!fgq::repack_dense_weights(bad, 1, rs, {1, 2, 1}, &w).empty(), "dense weight -128 accepted");
+  EXPECT(!fgq::repack_dense_weights(bad, 1, nullptr, {1, 2, 1}, &w).empty(), "dense weights without row_scale accepted");
+  const std::vector<int8_t> long_row(static_cast<size_t>(fgq::kFoldMaxPositions + 1), 1);
+  EXPECT(!fgq::repack_dense_weights(long_row.data(), 1, rs, {1, fgq::kFoldMaxPositions + 1, 1}, &w).empty(),
+         "dense weights past kFoldMaxPositions accepted");
+  std::printf("dense int8 weights: %d cases bit-exact\n", cases);
+}
+
 // The activation slots of every path equal the scalar definitions.
 void test_activation_slots(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::mt19937 rng(7);
@@ -939,6 +1055,7 @@ int main() {
   test_folded_extremes(ps);
   test_folded_tiles(ps);
   test_int8_weights(ps);
+  test_dense_weights(ps);
   test_activation_slots(ps);
   test_quantize_exact(ps);
   if (g_failures) {

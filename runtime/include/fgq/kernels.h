@@ -79,6 +79,10 @@ struct KernelWeights {
   // each row's s * (group sum) in int32 (exact: see kernels_avx2.cpp).
   std::vector<int8_t> ternary;         // panels() * positions() / 4 * 64
   std::vector<int16_t> group_scales;   // panels() * padded_groups * 32
+  // Dense int8 weights (repack_dense_weights): `folded` (one plane) holds a weight at every position,
+  // groups are only 4-position chunks of the activation rows, and there are no codes or scales:
+  // every path, the reference too, runs them from natural unsigned rows (use_folded), at any B.
+  bool dense = false;
   int64_t panels() const { return (rows + 15) / 16; }
   int64_t steps() const { return np / 4; }
   int64_t super_groups() const { return padded_groups / 4; }
@@ -138,6 +142,19 @@ std::string repack_weights(const uint8_t* codes, int64_t rows, int64_t row_bytes
 std::string repack_int8_weights(const int8_t* weights, int64_t rows, const float* row_scale,
                                 const ReductionLayout& layout, KernelWeights* out,
                                 unsigned folded_forms = kAllFoldedForms);
+
+// Builds the dense form of int8 weights int8[rows, E] in [-127, 127] (E = layout.segments *
+// layout.length, element e = segment * length + l, the order of the N = 1 int8 weights) under
+// row_scale [rows] (required): natural positions as for group length dense_group_size(layout.length),
+// `folded` = the weights (one plane, zero at padding positions), fold_bias and row_offset from their sums,
+// `dense` set. Returns "" or an error message (a weight of -128, more than kFoldMaxPositions positions).
+// The int8 GEMM runs at int8 speed this way; repack_int8_weights' N = 1 ternary form takes four
+// positions a weight (the direct convolution kernel still reads that form).
+std::string repack_dense_weights(const int8_t* weights, int64_t rows, const float* row_scale, ReductionLayout layout,
+                                 KernelWeights* out);
+// The activation rows' group length for dense weights with segments of `length` elements: chunks of
+// 4, or one padded group a segment when it is shorter (a 3-channel stem's per-tap groups).
+inline int64_t dense_group_size(int64_t length) { return length < 4 ? length : 4; }
 
 // Activation rows come in two orders. Natural: group g's np positions at
 // g * np (what im2col and quantization write). Kernel: per super-group sg
@@ -296,9 +313,10 @@ struct KernelDispatch {
 };
 
 // Whether a call over `rows` activation rows takes natural unsigned rows (GemmArgs::natural):
-// the folded form, when this path has it and it was built. Below 4 rows the kernel streams
-// weights, and the 2-bit codes are 4-8x fewer bytes than the folded planes.
+// dense weights always; else the folded form, when this path has it and it was built. Below 4 rows
+// the kernel streams weights, and the 2-bit codes are 4-8x fewer bytes than the folded planes.
 inline bool use_folded(const KernelDispatch& d, const KernelWeights& w, int64_t rows) {
+  if (w.dense) return true;  // no codes to run otherwise
   const bool built = d.folded == kFoldedPlanes ? !w.folded.empty() : !w.ternary.empty();
   return d.folded != kNoFoldedForm && w.fold_planes > 0 && built && rows >= 4;
 }

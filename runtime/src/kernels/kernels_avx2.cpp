@@ -7,7 +7,8 @@
 // vpmaddubsw (u8 x s8: a pair lies in [-2 * 128 * 128, 2 * 128 * 127], no
 // saturation) and vpmaddwd with ones replace vpdpbusd.
 // The folded form (natural unsigned rows) has no such bound: it runs from the folded
-// weights' ternary copy, see half_sums and chunk_group_block.
+// weights' ternary copy (half_sums, chunk_group_block), dense int8 weights from their
+// int8 plane widened to int16 (dense_half_sums).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -241,20 +242,70 @@ void chunk_group_block(const GemmArgs& a, int64_t panel, int64_t b0) {
   folded_store<C>(a, 16 * panel, b0, sums);
 }
 
+// Dense int8 weights (KernelWeights::dense, the folded plane): vpmaddubsw on them would saturate
+// (2 * 255 * 127 > 32767), so each chunk's weights are widened to int16 (vpmovsxbw of four rows:
+// a row's positions 0-1 and 2-3 in two dwords) and met in vpmaddwd by the column's four bytes
+// widened likewise: 16 exact products a multiply (N = 4's rate), each row's two dwords added once
+// at the end. Half h (rows 8h..8h + 7) of a panel x C columns, as half_sums: 4 columns fit the
+// registers, and the store takes them in its fast transposed form.
+template <int C>
+void dense_half_sums(const GemmArgs& a, int64_t panel, int h, int64_t b0, __m256i sums[C]) {
+  const KernelWeights& w = *a.w;
+  const int64_t chunks = w.positions() / 4;
+  const int8_t* wp = w.folded.data() + panel * chunks * 64 + 32 * h;
+  const NaturalRows<C> rows(a, b0, chunks);
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i acc[2][C];  // rows 0-3 and 4-7 of the half: dwords 2i, 2i + 1 are row i's positions 0-1 and 2-3
+  for (int q = 0; q < 2; ++q)
+    for (int c = 0; c < C; ++c) acc[q][c] = zero;
+  for (int64_t k = 0; k < rows.segments; ++k) {
+    const int8_t* x[C];
+    rows.segment(k, x);
+    const int8_t* wk = wp + k * rows.segment_chunks * 64;
+    for (int64_t j = 0; j < rows.read_chunks; ++j) {
+      __m256i xv[C];  // int16 x0..x3 twice a lane
+      for (int c = 0; c < C; ++c) xv[c] = _mm256_unpacklo_epi8(broadcast4(x[c] + 4 * j), zero);
+      for (int q = 0; q < 2; ++q) {
+        const __m256i wq = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wk + j * 64 + 16 * q)));
+        for (int c = 0; c < C; ++c) acc[q][c] = _mm256_add_epi32(acc[q][c], _mm256_madd_epi16(wq, xv[c]));
+      }
+    }
+  }
+  const __m256i bias = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.fold_bias.data() + 16 * panel + 8 * h));
+  for (int c = 0; c < C; ++c) {  // hadd: rows 0, 1, 4, 5 | 2, 3, 6, 7; the permute puts them in order
+    const __m256i row_sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[0][c], acc[1][c]), 0xD8);
+    sums[c] = _mm256_sub_epi32(row_sums, bias);
+  }
+}
+
+// One panel of 16 rows (H = 2 halves; H = 1: only rows 0-7, when the rest lie past m_end).
+template <int H, int C>
+void dense_block(const GemmArgs& a, int64_t panel, int64_t b0) {
+  __m256i sums[2][C] = {};  // with H = 1 the second half is past m_end: not stored
+  for (int h = 0; h < H; ++h) dense_half_sums<C>(a, panel, h, b0, sums[h]);
+  folded_store<C>(a, 16 * panel, b0, sums);
+}
+
+// One panel x all columns from natural rows: dense weights, or the ternary copy.
 template <int H>
-void ternary_panel(const GemmArgs& a, int64_t panel) {
+void natural_panel(const GemmArgs& a, int64_t panel) {
   constexpr int kColumns = 4;
-  const bool one_chunk_groups = a.w->np == 4;
   int64_t b = a.b_begin;
+  if (a.w->dense) {
+    for (; b + kColumns <= a.b_end; b += kColumns) dense_block<H, kColumns>(a, panel, b);
+    for (; b < a.b_end; ++b) dense_block<H, 1>(a, panel, b);
+    return;
+  }
+  const bool one_chunk_groups = a.w->np == 4;
   for (; b + kColumns <= a.b_end; b += kColumns)
     one_chunk_groups ? chunk_group_block<H, kColumns>(a, panel, b) : ternary_block<H, kColumns>(a, panel, b);
   for (; b < a.b_end; ++b) one_chunk_groups ? chunk_group_block<H, 1>(a, panel, b) : ternary_block<H, 1>(a, panel, b);
 }
 
-void gemm_ternary(const GemmArgs& a) {
+void gemm_natural(const GemmArgs& a) {
   for (int64_t panel = a.m_begin / 16; panel < (a.m_end + 15) / 16; ++panel) {
-    if (16 * panel + 8 >= a.m_end) ternary_panel<1>(a, panel);  // e.g. M = 24: rows 16-23
-    else ternary_panel<2>(a, panel);
+    if (16 * panel + 8 >= a.m_end) natural_panel<1>(a, panel);  // e.g. M = 24: rows 16-23
+    else natural_panel<2>(a, panel);
   }
 }
 
@@ -279,7 +330,7 @@ void gemm_t(const GemmArgs& a) {
 void gemm(const GemmArgs& a) {
   if (a.m_end <= a.m_begin || a.b_end <= a.b_begin) return;
   if (a.natural) {  // the caller checked use_folded
-    gemm_ternary(a);
+    gemm_natural(a);
     return;
   }
   if (a.b_end - a.b_begin == 1 && a.w->steps() >= kAvx2GemvMinSteps) {  // one row, long groups

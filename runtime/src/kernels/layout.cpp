@@ -205,6 +205,48 @@ std::string repack_int8_weights(const int8_t* weights, int64_t rows, const float
                         Plane::kAll, out, folded_forms);
 }
 
+std::string repack_dense_weights(const int8_t* weights, int64_t rows, const float* row_scale, ReductionLayout layout,
+                                 KernelWeights* out) {
+  if (layout.length < 1 || layout.segments < 1 || rows < 0) return "invalid reduction layout";
+  if (row_scale == nullptr) return "int8 weights need a row_scale input";
+  layout.n = dense_group_size(layout.length);
+  KernelWeights& w = *out;
+  w = KernelWeights();
+  w.rows = rows;
+  w.groups = layout.groups();
+  w.n = layout.n;
+  w.np = 4;
+  w.padded_groups = kernel_padded_groups(w.groups);
+  w.quads = (rows + 3) / 4;
+  w.scale_type = ScaleType::kU8;
+  w.dense = true;
+  w.fold_planes = 1;
+  if (w.positions() > kFoldMaxPositions) return "int8 weights with more than " + std::to_string(kFoldMaxPositions) +
+                                                " positions a row would overflow the int32 sums";
+  const int64_t elements = layout.segments * layout.length, chunks = w.positions() / 4;
+  const std::vector<int64_t> map = kernel_position_map(layout, w.np, w.padded_groups);
+  w.folded.assign(static_cast<size_t>(w.panels() * chunks * 64), 0);
+  w.fold_bias.assign(static_cast<size_t>(w.panels() * 16), 0);
+  w.row_scale.assign(static_cast<size_t>(w.panels() * 16), 0.f);
+  w.row_offset.assign(static_cast<size_t>(w.panels() * 16), 0.f);
+  for (int64_t m = 0; m < rows; ++m) {
+    const int8_t* row = weights + m * elements;
+    int8_t* panel = w.folded.data() + (m / 16) * chunks * 64 + (m % 16) * 4;
+    int64_t sum = 0;
+    for (int64_t p = 0; p < w.positions(); ++p) {
+      const int64_t e = map[static_cast<size_t>(p)];
+      if (e < 0) continue;
+      if (row[e] == -128) return "int8 weights must lie in [-127, 127], got -128 (row " + std::to_string(m) + ")";
+      panel[(p / 4) * 64 + p % 4] = row[e];
+      sum += row[e];
+    }
+    w.fold_bias[static_cast<size_t>(m)] = static_cast<int32_t>(128 * sum);
+    w.row_scale[static_cast<size_t>(m)] = row_scale[m];
+    w.row_offset[static_cast<size_t>(m)] = static_cast<float>(static_cast<double>(sum) * static_cast<double>(row_scale[m]));
+  }
+  return "";
+}
+
 void fold_scales(KernelWeights* out, unsigned forms) {
   KernelWeights& w = *out;
   const int64_t chunks = w.positions() / 4;

@@ -280,6 +280,28 @@ TernaryKernelBase::TernaryKernelBase(const OrtKernelInfo* info) {
     constant_quant_ = quant_of(view(scale), view(zero_point));
 }
 
+// The element type of input `index` as the graph declares it (UNDEFINED if unknown).
+static ONNXTensorElementDataType declared_type(const OrtKernelInfo* info, size_t index) {
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  OrtTypeInfo* type_info = nullptr;
+  const OrtTensorTypeAndShapeInfo* tensor = nullptr;
+  OrtStatus* s = g_api->KernelInfo_GetInputTypeInfo(info, index, &type_info);
+  if (!s) s = g_api->CastTypeInfoToTensorInfo(type_info, &tensor);
+  if (!s && tensor) s = g_api->GetTensorElementType(tensor, &type);
+  const bool known = s == nullptr;
+  if (s) g_api->ReleaseStatus(s);
+  if (type_info) g_api->ReleaseTypeInfo(type_info);
+  return known ? type : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+}
+
+void TernaryKernelBase::use_dense_weights(const OrtKernelInfo* info, int64_t segments, int64_t length) {
+  if (n_ != 1 || length < 1 || segments < 1 || declared_type(info, kScales) != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) return;
+  const ReductionLayout dense{segments, length, dense_group_size(length)};
+  if (dense.groups() > kFoldMaxPositions / 4) return;  // int32 sums: such rows keep the N = 1 form
+  dense_ = true;
+  n_ = dense.n;
+}
+
 void TernaryKernelBase::init_weights(const OrtKernelInfo* info, const ReductionLayout& layout, int64_t rows) {
   if (layout.n < 1 || layout.length < 1 || layout.segments < 1) fail("invalid reduction layout");
   checked_mul(checked_mul(layout.segments, layout.groups_per_segment(), "groups"), kernel_group_positions(layout.n),
@@ -367,8 +389,8 @@ void TernaryKernelBase::repack(const Tensor& codes, const Tensor& scales, const 
 void TernaryKernelBase::repack_int8(const Tensor& codes, const Tensor& weights, const Tensor& row_scale,
                                     const Tensor& neg_scales, const Tensor& neg_row_scale, Planes* out) const {
   if (neg_scales.present || neg_row_scale.present) fail("int8 weights (int8 scales) take no neg_scales or neg_row_scale");
-  if (layout_.n != 1) fail("int8 weights (int8 scales) need N = 1, got N = " + std::to_string(layout_.n));
-  const int64_t G = layout_.groups(), row_bytes = (G + 3) / 4;
+  if (layout_.n != 1 && !dense_) fail("int8 weights (int8 scales) need N = 1, got N = " + std::to_string(layout_.n));
+  const int64_t G = layout_.segments * layout_.length, row_bytes = (G + 3) / 4;  // a group a weight
   if (codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || codes.shape.size() != 2 || codes.shape[0] != 1 ||
       codes.shape[1] != row_bytes)
     fail("int8 weights take codes of one row, uint8 [1, ceil(G/4)] = [1, " + std::to_string(row_bytes) + "], got " +
@@ -385,8 +407,9 @@ void TernaryKernelBase::repack_int8(const Tensor& codes, const Tensor& weights, 
   if (row_scale.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) fail("row_scale must be float");
   if (row_scale.shape.size() != 1 || row_scale.shape[0] != rows)
     fail("row_scale shape " + shape_string(row_scale.shape) + " must be [M] = [" + std::to_string(rows) + "]");
-  const std::string error = repack_int8_weights(weights.as<int8_t>(), rows, row_scale.as<float>(), layout_, &out->pos,
-                                                dispatch_->folded);
+  const std::string error = dense_ ? repack_dense_weights(weights.as<int8_t>(), rows, row_scale.as<float>(), layout_, &out->pos)
+                                   : repack_int8_weights(weights.as<int8_t>(), rows, row_scale.as<float>(), layout_,
+                                                         &out->pos, dispatch_->folded);
   if (!error.empty()) fail(error);
   out->neg = KernelWeights();
   out->asymmetric = false;

@@ -134,6 +134,10 @@ class TernaryKernelBase {
   explicit TernaryKernelBase(const OrtKernelInfo* info);
 
  protected:
+  // Called by the derived constructor before the layout is made, for a GEMM (not the direct kernel) whose
+  // reduction is `segments` of `length` elements: int8 weights (N = 1 and int8 scales, docs/custom-ops.md)
+  // then run in the dense form (repack_dense_weights), and n_ becomes the activation rows' group length for it.
+  void use_dense_weights(const OrtKernelInfo* info, int64_t segments, int64_t length);
   // Called by the derived constructor once the reduction layout is known;
   // rows < 0: M is taken from the codes input.
   void init_weights(const OrtKernelInfo* info, const ReductionLayout& layout, int64_t rows);
@@ -173,6 +177,7 @@ class TernaryKernelBase {
 
   const KernelDispatch* dispatch_ = nullptr;
   int64_t n_ = 0;
+  bool dense_ = false;  // use_dense_weights
   int64_t qmin_attr_ = INT64_MIN, qmax_attr_ = INT64_MIN;
   Activation activation_;
   FinishRow finish_row_ = nullptr;

@@ -139,6 +139,15 @@ class ConvKernel : public TernaryKernelBase {
     const std::string notset = "NOTSET";
     if (attr_string(info, "auto_pad", &notset) != "NOTSET") fail("auto_pad is not supported: give explicit pads");
     const int64_t rs = checked_mul(r_, s_, "kernel");
+    // Depthwise and grouped convolutions with few output rows a group: the GEMM's quads of rows would be
+    // mostly empty, and a group's few channels make short rows. On AVX2 the direct kernel measured (3x3,
+    // as many channels as rows a group) 15-36x faster than the GEMM at 2-4 rows a group, 1.7-8.7x at 16,
+    // 1.3-3.6x at 32.
+    constexpr int64_t kDirectMaxRowsPerGroup = 16;
+    direct_ = (group_ > 1 || cg_ == 1) && m_ / group_ <= kDirectMaxRowsPerGroup &&
+              depthwise_supports(strides_[1], dilations_[1]) &&
+              checked_mul(cg_, rs, "filter") <= kDepthwiseMaxTaps;
+    if (!direct_) use_dense_weights(info, rs, cg_);  // the direct kernel reads int8 weights in the N = 1 form
     segmented_ = cg_ >= n_;
     // A segment's positions are its channels, read in place from the NHWC image: groups without
     // position padding, or one group a segment (a narrow conv's per-tap group: the padding
@@ -155,14 +164,6 @@ class ConvKernel : public TernaryKernelBase {
         segmented_ ? ReductionLayout{rs, cg_, n_} : ReductionLayout{1, checked_mul(cg_, rs, "filter"), n_};
     init_weights(info, layout, m_);
     keep_constant_bias(info);
-    // Depthwise and grouped convolutions with few output rows a group: the GEMM's quads of rows would be
-    // mostly empty, and a group's few channels make short rows. On AVX2 the direct kernel measured (3x3,
-    // as many channels as rows a group) 15-36x faster than the GEMM at 2-4 rows a group, 1.7-8.7x at 16,
-    // 1.3-3.6x at 32.
-    constexpr int64_t kDirectMaxRowsPerGroup = 16;
-    direct_ = (group_ > 1 || cg_ == 1) && m_ / group_ <= kDirectMaxRowsPerGroup &&
-              depthwise_supports(strides_[1], dilations_[1]) &&
-              checked_mul(cg_, rs, "filter") <= kDepthwiseMaxTaps;
     if (direct_ && constant_planes_) {  // the direct route keeps only its regrouped weights
       direct_weights_ = std::make_shared<const DepthwiseWeights>(direct_weights(*constant_planes_));
       constant_planes_.reset();

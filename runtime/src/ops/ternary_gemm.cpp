@@ -16,6 +16,7 @@ class GemmKernel : public TernaryKernelBase {
     const float f_one = 1.f;
     alpha_ = attr_float(info, "alpha", &f_one);
     beta_ = attr_float(info, "beta", &f_one);
+    use_dense_weights(info, 1, k_);
     init_weights(info, ReductionLayout{1, k_, n_}, -1);
   }
 

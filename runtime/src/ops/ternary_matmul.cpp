@@ -9,6 +9,7 @@ class MatMulKernel : public TernaryKernelBase {
   explicit MatMulKernel(const OrtKernelInfo* info) : TernaryKernelBase(info) {
     k_ = attr_int(info, "K", nullptr);
     if (k_ < 1 || k_ > (int64_t{1} << 30)) fail("attribute K must be in [1, 2^30], got " + std::to_string(k_));
+    use_dense_weights(info, 1, k_);
     init_weights(info, ReductionLayout{1, k_, n_}, -1);
     keep_constant_bias(info);
   }
