@@ -594,6 +594,27 @@ void check_store_epilogue(const fgq::KernelDispatch& d, fgq::GemmArgs rows, fgq:
   }
 }
 
+// Runs `t` (a row and column range of activation rows, stored or accumulated: t.accumulate) into y
+// [M, B] (a convolution's layout) filled with ones or -7, and checks that the range holds `want`
+// ([B, M]; plus one when accumulating) and the rest is untouched.
+void check_tile(const fgq::KernelDispatch& d, fgq::GemmArgs& t, const std::vector<float>& want, int64_t M,
+                              int64_t B, const std::string& what) {
+  const float before = t.accumulate ? 1.f : -7.f;
+  std::vector<float> yt(want.size(), before);
+  t.y = yt.data();
+  t.y_stride_b = 1;
+  t.y_stride_m = B;
+  d.gemm(t);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t m = 0; m < M; ++m) {
+      const bool inside = m >= t.m_begin && m < t.m_end && b >= t.b_begin && b < t.b_end;
+      const float stored = want[static_cast<size_t>(b * M + m)] + (t.accumulate ? 1.f : 0.f);
+      const float v = yt[static_cast<size_t>(m * B + b)], expected = inside ? stored : before;
+      EXPECT(v == expected, "%s: %s, [M, B] M=%ld B=%ld m=%ld b=%ld: %g, want %g", d.name, what.c_str(), (long)M,
+             (long)B, (long)m, (long)b, v, expected);
+    }
+}
+
 // The folded form's register tiles and their edges, bit for bit against the reference: every M
 // in 1..70 (blocks of 1-4 panels, the last panel part empty), every B in 1..20 (blocks of 1-8
 // activation rows), K straddling 4-position chunks and 16-chunk panels, one and two planes.
@@ -678,24 +699,11 @@ void test_folded_tiles(const std::vector<const fgq::KernelDispatch*>& ps) {
         t.segments = G;
         t.segment_len = t.segment_read = np;
         t.accumulate = (M + B) % 3 != 0;
-        const float before = t.accumulate ? 1.f : -7.f;
-        std::vector<float> yt(want.size(), before);
-        t.y = yt.data();
-        t.y_stride_b = 1;
-        t.y_stride_m = B;
         t.m_begin = M > 20 ? 3 : 0;
         t.m_end = M > 40 ? M - 18 : M;
         t.b_begin = B > 3 ? 1 : 0;
         t.b_end = B > 9 ? B - 2 : B;
-        d->gemm(t);
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t m = 0; m < M; ++m) {
-            const bool inside = m >= t.m_begin && m < t.m_end && b >= t.b_begin && b < t.b_end;
-            const float stored = want[static_cast<size_t>(b * M + m)] + (t.accumulate ? 1.f : 0.f);
-            const float v = yt[static_cast<size_t>(m * B + b)], expected = inside ? stored : before;
-            EXPECT(v == expected, "%s: folded tiles in place, [M, B] M=%ld B=%ld k=%ld m=%ld b=%ld: %g, want %g", d->name,
-                   (long)M, (long)B, (long)k, (long)m, (long)b, v, expected);
-          }
+        check_tile(*d, t, want, M, B, "folded tiles in place k=" + std::to_string(k));
         if (d->folded_epilogue) check_store_epilogue(*d, a, t, rng);
         ++cases;
       }
@@ -703,11 +711,44 @@ void test_folded_tiles(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::printf("folded tiles: %d cases bit-exact\n", cases);
 }
 
+// Random int8 weights [M, E] in [-127, 127] (a quarter zero, the first +127, the last -127), and
+// power-of-two row scales: with integer levels every float sum of int8_gemm stays exact.
+std::vector<int8_t> random_int8_weights(std::mt19937& rng, int64_t M, int64_t E) {
+  std::vector<int8_t> weights(static_cast<size_t>(M * E));
+  for (auto& v : weights) v = static_cast<int8_t>(rng() % 4 == 0 ? 0 : static_cast<int>(rng() % 255) - 127);
+  weights[0] = 127;
+  weights.back() = -127;
+  return weights;
+}
+std::vector<float> power_of_two_row_scales(int64_t M) {
+  std::vector<float> row_scale(static_cast<size_t>(M));
+  for (int64_t m = 0; m < M; ++m) row_scale[static_cast<size_t>(m)] = std::ldexp(1.f, -static_cast<int>(m % 5));
+  return row_scale;
+}
+
+// The int8 GEMM written out: y[b, m] = scale * row_scale[m] * (sum_e w[m, e] * levels[b, e] + offset * sum_e w[m, e]).
+std::vector<float> int8_gemm(const std::vector<int8_t>& weights, const std::vector<int>& levels,
+                             const std::vector<float>& row_scale, int64_t M, int64_t B, int64_t E, float scale, float offset) {
+  std::vector<float> y(static_cast<size_t>(B * M));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t m = 0; m < M; ++m) {
+      int64_t dot = 0, sum = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        dot += weights[static_cast<size_t>(m * E + e)] * levels[static_cast<size_t>(b * E + e)];
+        sum += weights[static_cast<size_t>(m * E + e)];
+      }
+      y[static_cast<size_t>(b * M + m)] =
+          static_cast<float>(scale * row_scale[static_cast<size_t>(m)] * (static_cast<double>(dot) + offset * sum));
+    }
+  return y;
+}
+
 // int8 weights (repack_int8_weights, N = 1) on every path, bit for bit against the int8 GEMM written
 // out: y[b, m] = scale * row_scale[m] * (sum_k w[m, k] * xs[b, k] + offset * sum_k w[m, k]). Power-of-two
 // row and output scales keep every float sum exact (|sum| <= 127 * 128 * 130 * 2 < 2^24). The code path
 // (kernel-order rows) and, where the path has it, the folded form (natural unsigned rows); the weights
-// take +-127, 0 and the other codes. Also the rejects: -128, N != 1, no row_scale.
+// take +-127, 0 and the other codes. Also the rejects: -128, N != 1, no row_scale; and repack_dense_weights'
+// (-128, no row_scale, more positions than int32 sums allow).
 void test_int8_weights(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::mt19937 rng(8);
   int cases = 0;
@@ -715,12 +756,8 @@ void test_int8_weights(const std::vector<const fgq::KernelDispatch*>& ps) {
     for (int64_t k : {1, 5, 15, 16, 17, 63, 64, 65, 130})
       for (int64_t B : {1, 3, 4, 9}) {
         const fgq::ReductionLayout layout{1, k, 1};
-        std::vector<int8_t> weights(static_cast<size_t>(M * k));
-        for (auto& v : weights) v = static_cast<int8_t>(rng() % 4 == 0 ? 0 : static_cast<int>(rng() % 255) - 127);
-        weights[0] = 127;
-        weights.back() = -127;
-        std::vector<float> row_scale(static_cast<size_t>(M));
-        for (int64_t m = 0; m < M; ++m) row_scale[static_cast<size_t>(m)] = std::ldexp(1.f, -static_cast<int>(m % 5));
+        const std::vector<int8_t> weights = random_int8_weights(rng, M, k);
+        const std::vector<float> row_scale = power_of_two_row_scales(M);
         fgq::KernelWeights w;
         const std::string err = fgq::repack_int8_weights(weights.data(), M, row_scale.data(), layout, &w);
         EXPECT(err.empty() && w.fold_planes == 1, "int8 repack: '%s', %ld planes", err.c_str(), (long)w.fold_planes);
@@ -741,17 +778,7 @@ void test_int8_weights(const std::vector<const fgq::KernelDispatch*>& ps) {
             xu[static_cast<size_t>(b * Kp) + p] = static_cast<int8_t>((map[p] < 0 ? 0 : levels[static_cast<size_t>(b * k + map[p])]) ^ 0x80);
         }
         const float scale = 0.5f, offset = 3.f;
-        std::vector<float> want(static_cast<size_t>(B * M));
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t m = 0; m < M; ++m) {
-            int64_t dot = 0, sum = 0;
-            for (int64_t i = 0; i < k; ++i) {
-              dot += weights[static_cast<size_t>(m * k + i)] * levels[static_cast<size_t>(b * k + i)];
-              sum += weights[static_cast<size_t>(m * k + i)];
-            }
-            want[static_cast<size_t>(b * M + m)] =
-                static_cast<float>(scale * row_scale[static_cast<size_t>(m)] * (static_cast<double>(dot) + offset * sum));
-          }
+        const std::vector<float> want = int8_gemm(weights, levels, row_scale, M, B, k, scale, offset);
         fgq::GemmArgs a;
         a.w = &w;
         a.x = xs.data();
@@ -790,6 +817,11 @@ void test_int8_weights(const std::vector<const fgq::KernelDispatch*>& ps) {
   EXPECT(!fgq::repack_int8_weights(bad, 1, rs, {1, 2, 1}, &w).empty(), "int8 weight -128 accepted");
   EXPECT(!fgq::repack_int8_weights(bad, 1, rs, {1, 2, 2}, &w).empty(), "int8 weights at N = 2 accepted");
   EXPECT(!fgq::repack_int8_weights(bad, 1, nullptr, {1, 1, 1}, &w).empty(), "int8 weights without row_scale accepted");
+  EXPECT(!fgq::repack_dense_weights(bad, 1, rs, {1, 2, 1}, &w).empty(), "dense weight -128 accepted");
+  EXPECT(!fgq::repack_dense_weights(bad, 1, nullptr, {1, 2, 1}, &w).empty(), "dense weights without row_scale accepted");
+  const std::vector<int8_t> long_row(static_cast<size_t>(fgq::kFoldMaxPositions + 1), 1);
+  EXPECT(!fgq::repack_dense_weights(long_row.data(), 1, rs, {1, fgq::kFoldMaxPositions + 1, 1}, &w).empty(),
+         "dense weights past kFoldMaxPositions accepted");
   std::printf("int8 weights: %d cases bit-exact\n", cases);
 }
 
@@ -798,7 +830,7 @@ void test_int8_weights(const std::vector<const fgq::KernelDispatch*>& ps) {
 // w[m, e]) (power-of-two scales keep every float sum exact: |sum| <= 127 * 128 * 153 * 2 < 2^24). Segments
 // shorter than a chunk (per-tap stems) and longer; every B from 1 (use_folded for any B); rows contiguous
 // into [B, M], and read in place from scattered segments into [M, B] over a row and column range, stored or
-// accumulated. Also the rejects: -128, no row_scale, more positions than int32 sums allow.
+// accumulated. (Its rejects are test_int8_weights'.)
 void test_dense_weights(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::mt19937 rng(11);
   int cases = 0;
@@ -807,12 +839,8 @@ void test_dense_weights(const std::vector<const fgq::KernelDispatch*>& ps) {
       for (int64_t M : {1, 5, 17, 40})
         for (int64_t B : {1, 2, 3, 5, 9}) {
           const int64_t E = segments * length;
-          std::vector<int8_t> weights(static_cast<size_t>(M * E));
-          for (auto& v : weights) v = static_cast<int8_t>(rng() % 4 == 0 ? 0 : static_cast<int>(rng() % 255) - 127);
-          weights[0] = 127;
-          weights.back() = -127;
-          std::vector<float> row_scale(static_cast<size_t>(M));
-          for (int64_t m = 0; m < M; ++m) row_scale[static_cast<size_t>(m)] = std::ldexp(1.f, -static_cast<int>(m % 5));
+          const std::vector<int8_t> weights = random_int8_weights(rng, M, E);
+          const std::vector<float> row_scale = power_of_two_row_scales(M);
           fgq::KernelWeights w;
           const std::string err = fgq::repack_dense_weights(weights.data(), M, row_scale.data(), {segments, length, 1}, &w);
           EXPECT(err.empty() && w.dense, "dense repack: '%s'", err.c_str());
@@ -840,17 +868,7 @@ void test_dense_weights(const std::vector<const fgq::KernelDispatch*>& ps) {
             }
           }
           const float scale = 0.5f, offset = 3.f;
-          std::vector<float> want(static_cast<size_t>(B * M));
-          for (int64_t b = 0; b < B; ++b)
-            for (int64_t m = 0; m < M; ++m) {
-              int64_t dot = 0, sum = 0;
-              for (int64_t e = 0; e < E; ++e) {
-                dot += weights[static_cast<size_t>(m * E + e)] * levels[static_cast<size_t>(b * E + e)];
-                sum += weights[static_cast<size_t>(m * E + e)];
-              }
-              want[static_cast<size_t>(b * M + m)] =
-                  static_cast<float>(scale * row_scale[static_cast<size_t>(m)] * (static_cast<double>(dot) + offset * sum));
-            }
+          const std::vector<float> want = int8_gemm(weights, levels, row_scale, M, B, E, scale, offset);
           fgq::GemmArgs a;
           a.w = &w;
           a.x = xu.data();
@@ -876,36 +894,16 @@ void test_dense_weights(const std::vector<const fgq::KernelDispatch*>& ps) {
             t.segment_len = segment_len;
             t.segment_read = (length + 3) / 4 * 4;  // the rest of a segment meets zero weights: not read
             t.accumulate = (M + B) % 2 != 0;
-            const float before = t.accumulate ? 1.f : -7.f;
-            std::vector<float> yt(want.size(), before);
-            t.y = yt.data();
-            t.y_stride_b = 1;
-            t.y_stride_m = B;
             t.m_begin = M > 16 ? 3 : 0;
             t.m_end = M > 20 ? M - 5 : M;
             t.b_begin = B > 2 ? 1 : 0;
             t.b_end = B > 4 ? B - 1 : B;
-            d->gemm(t);
-            for (int64_t b = 0; b < B; ++b)
-              for (int64_t m = 0; m < M; ++m) {
-                const bool inside = m >= t.m_begin && m < t.m_end && b >= t.b_begin && b < t.b_end;
-                const float stored = want[static_cast<size_t>(b * M + m)] + (t.accumulate ? 1.f : 0.f);
-                EXPECT(yt[static_cast<size_t>(m * B + b)] == (inside ? stored : before),
-                       "%s: dense weights in place segments=%ld length=%ld M=%ld B=%ld m=%ld b=%ld", d->name,
-                       (long)segments, (long)length, (long)M, (long)B, (long)m, (long)b);
-              }
+            check_tile(*d, t, want, M, B,
+                       "dense weights in place segments=" + std::to_string(segments) + " length=" + std::to_string(length));
             if (d->folded_epilogue) check_store_epilogue(*d, a, t, rng);
             ++cases;
           }
         }
-  fgq::KernelWeights w;
-  const int8_t bad[2] = {5, -128};
-  const float rs[1] = {1.f};
-  EXPECT(!fgq::repack_dense_weights(bad, 1, rs, {1, 2, 1}, &w).empty(), "dense weight -128 accepted");
-  EXPECT(!fgq::repack_dense_weights(bad, 1, nullptr, {1, 2, 1}, &w).empty(), "dense weights without row_scale accepted");
-  const std::vector<int8_t> long_row(static_cast<size_t>(fgq::kFoldMaxPositions + 1), 1);
-  EXPECT(!fgq::repack_dense_weights(long_row.data(), 1, rs, {1, fgq::kFoldMaxPositions + 1, 1}, &w).empty(),
-         "dense weights past kFoldMaxPositions accepted");
   std::printf("dense int8 weights: %d cases bit-exact\n", cases);
 }
 
