@@ -239,6 +239,24 @@ def test_int8_form_equals_the_old_ternary_form(kernel):
     np.testing.assert_array_equal(depthwise[0], depthwise[1])
 
 
+@pytest.mark.parametrize("kernel", [None, "ref"])
+def test_int8_weights_fed_per_run_equal_constant_ones(kernel):
+    """The GEMM's dense form is chosen from the scales' declared type: weights fed per run take it too."""
+    library_or_skip()
+    from fgq_onnx import runtime
+
+    rng = np.random.default_rng(12)
+    conv = _int8_inputs(rng, 8, 45) | dict(codes=_codes(k=45))  # weight_shape [8, 5, 3, 3]: 45 weights a row
+    for op, inputs, attrs, x in (
+        ("TernaryMatMul", _int8_inputs(rng), dict(N=1, K=K), rng.normal(0, 2, (3, K)).astype(np.float32)),
+        ("TernaryConv", conv, dict(N=1, weight_shape=[8, 5, 3, 3], pads=[1, 1, 1, 1]), rng.normal(0, 2, (1, 5, 6, 7)).astype(np.float32)),
+    ):
+        weights = {name: inputs[name] for name in ("codes", "scales", "row_scale")}
+        constant, fed = (runtime.inference_session(build_model(op, inputs, attrs, list(x.shape), constant=c).SerializeToString(),
+                                                   kernel=kernel).run(None, {"X": x} | ({} if c else weights))[0] for c in (True, False))
+        np.testing.assert_array_equal(constant, fed)
+
+
 def _expect_error(model, feeds, match):
     library_or_skip()
     from fgq_onnx import runtime
