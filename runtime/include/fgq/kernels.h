@@ -148,8 +148,9 @@ std::string repack_int8_weights(const int8_t* weights, int64_t rows, const float
 // row_scale [rows] (required): natural positions as for group length dense_group_size(layout.length),
 // `folded` = the weights (one plane, zero at padding positions), fold_bias and row_offset from their sums,
 // `dense` set. Returns "" or an error message (a weight of -128, more than kFoldMaxPositions positions).
-// The int8 GEMM runs at int8 speed this way; repack_int8_weights' N = 1 ternary form takes four
-// positions a weight (the direct convolution kernel still reads that form).
+// The GEMM then does the int8 GEMM's work (vpdpbusd on the VNNI paths, AVX2 16 products a vpmaddwd);
+// repack_int8_weights' N = 1 ternary form takes four positions a weight (the direct convolution kernel
+// still reads that form).
 std::string repack_dense_weights(const int8_t* weights, int64_t rows, const float* row_scale, ReductionLayout layout,
                                  KernelWeights* out);
 // The activation rows' group length for dense weights with segments of `length` elements: chunks of
