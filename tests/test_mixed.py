@@ -318,6 +318,13 @@ def test_sqnr_lower_bound_widens_with_uneven_samples():
     assert mixed.sqnr_lower_bound(signal[:1], uneven[:1]) == pytest.approx(7.0, abs=0.1)  # one sample: its own SQNR
 
 
+def _placeholder(held_out_db: float, cosine: float = 1.0) -> fgq_onnx.stages.Conversion:
+    """A conversion whose report says `held_out_db` on 6 held-out samples (the search reads nothing else of it)."""
+    held_out = fgq_onnx.fidelity.OutputFidelity("y", sqnr_db=held_out_db, cosine=cosine)
+    return fgq_onnx.stages.Conversion(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10),
+                                      fgq_onnx.report.Report(fidelity=fgq_onnx.fidelity.Fidelity(6, [held_out])))
+
+
 def test_sqnr_search_tightens_when_the_held_out_check_misses():
     """Plan i reaches 40 - 3i dB on the calibration samples but 5 dB less held out: a 25 dB budget first finds
     plan 5 (20 dB held out), raises its target by the 5 dB missed, and returns plan 3 (26 dB held out),
@@ -328,9 +335,7 @@ def test_sqnr_search_tightens_when_the_held_out_check_misses():
 
     def convert_plan(plan):
         converted.append(plan["a"])
-        held_out = fgq_onnx.fidelity.OutputFidelity("y", sqnr_db=35.0 - 3 * plan["a"], cosine=1.0)
-        return fgq_onnx.stages.Conversion(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10),
-                                          fgq_onnx.report.Report(fidelity=fgq_onnx.fidelity.Fidelity(6, [held_out])))
+        return _placeholder(35.0 - 3 * plan["a"])
 
     def bound_of(conversion):
         return conversion.report.fidelity.main.sqnr_db + 5.0
@@ -353,19 +358,10 @@ def test_sqnr_search_fails_with_one_line_when_no_plan_passes_the_check():
     layers = [mixed.LayerOptions("a", nbytes={i: 100 - i for i in range(4)}, kl={i: 0.0 for i in range(4)})]
 
     def convert_plan(plan):
-        held_out = fgq_onnx.fidelity.OutputFidelity("y", sqnr_db=5.0, cosine=0.9)
-        return fgq_onnx.stages.Conversion(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10),
-                                          fgq_onnx.report.Report(fidelity=fgq_onnx.fidelity.Fidelity(6, [held_out])))
+        return _placeholder(5.0, cosine=0.9)
 
     with pytest.raises(fgq_onnx.FgqError, match="no plan reaches 25.0 dB .*held out"):
         mixed._search_sqnr(path, 0, layers, convert_plan, lambda conversion: 30.0, lambda conversion: (conversion.report.fidelity, 5.0), 26, 25.0, None)
-
-
-def _placeholder(held_out_db: float) -> fgq_onnx.stages.Conversion:
-    """A conversion whose report says `held_out_db` on 6 held-out samples (the search reads nothing else of it)."""
-    held_out = fgq_onnx.fidelity.OutputFidelity("y", sqnr_db=held_out_db, cosine=1.0)
-    return fgq_onnx.stages.Conversion(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10),
-                                      fgq_onnx.report.Report(fidelity=fgq_onnx.fidelity.Fidelity(6, [held_out])))
 
 
 def test_sqnr_check_takes_the_lower_bound_over_the_held_out_samples():

@@ -847,7 +847,7 @@ void test_dense_weights(const std::vector<const fgq::KernelDispatch*>& ps) {
           if (!err.empty()) continue;
           const fgq::ReductionLayout layout{segments, length, fgq::dense_group_size(length)};
           const int64_t Kp = w.positions(), segment_len = layout.groups_per_segment() * 4;
-          EXPECT(w.n == layout.n && w.np == 4 && Kp == fgq::kernel_padded_groups(layout.groups()) * 4,
+          EXPECT(w.n == layout.n && w.np == 4 && Kp == fgq::dense_positions(segments, length),
                  "dense layout n=%ld np=%ld positions=%ld", (long)w.n, (long)w.np, (long)Kp);
           std::vector<int> levels(static_cast<size_t>(B * E));
           for (auto& v : levels) v = static_cast<int>(rng() % 256) - 128;

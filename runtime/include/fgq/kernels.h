@@ -156,6 +156,11 @@ std::string repack_dense_weights(const int8_t* weights, int64_t rows, const floa
 // The activation rows' group length for dense weights with segments of `length` elements: chunks of
 // 4, or one padded group a segment when it is shorter (a 3-channel stem's per-tap groups).
 inline int64_t dense_group_size(int64_t length) { return length < 4 ? length : 4; }
+// A dense row's positions (KernelWeights::positions() of repack_dense_weights' result).
+inline int64_t dense_positions(int64_t segments, int64_t length) {
+  const ReductionLayout layout{segments, length, dense_group_size(length)};
+  return kernel_padded_groups(layout.groups()) * 4;
+}
 
 // Activation rows come in two orders. Natural: group g's np positions at
 // g * np (what im2col and quantization write). Kernel: per super-group sg

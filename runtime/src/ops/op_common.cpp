@@ -296,10 +296,9 @@ static ONNXTensorElementDataType declared_type(const OrtKernelInfo* info, size_t
 
 void TernaryKernelBase::use_dense_weights(const OrtKernelInfo* info, int64_t segments, int64_t length) {
   if (n_ != 1 || length < 1 || segments < 1 || declared_type(info, kScales) != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) return;
-  const ReductionLayout dense{segments, length, dense_group_size(length)};
-  if (dense.groups() > kFoldMaxPositions / 4) return;  // int32 sums: such rows keep the N = 1 form
+  if (dense_positions(segments, length) > kFoldMaxPositions) return;  // int32 sums: such rows keep the N = 1 form
   dense_ = true;
-  n_ = dense.n;
+  n_ = dense_group_size(length);
 }
 
 void TernaryKernelBase::init_weights(const OrtKernelInfo* info, const ReductionLayout& layout, int64_t rows) {
