@@ -129,6 +129,7 @@ void rows_block(const DepthwiseArgs& a, int64_t m, const uint8_t* image, const C
     for (int k = 0; k < 2; ++k) pairs[p][k] = _mm256_set1_epi32(cw.pairs[static_cast<size_t>(2 * p + k)]);
   const __m256i correction = _mm256_set1_epi32(cw.correction[0]);
   const __m256 scale = _mm256_set1_ps(cw.scale[0]), zero = _mm256_setzero_ps();
+  const ChannelStore out_channel(a, m);
   const uint8_t* corner = image + oh * SH * a.padded_w;
   for (int64_t ow = 0; ow < a.out_w; ow += kLanes, corner += kLanes * a.stride_w) {
     __m256i acc[V];
@@ -152,7 +153,7 @@ void rows_block(const DepthwiseArgs& a, int64_t m, const uint8_t* image, const C
     __m256 out[V];
     for (int v = 0; v < V; ++v)
       out[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[v], correction)), scale, zero);
-    store<V>(a, m, oh, ow, std::min(kLanes, a.out_w - ow), out);
+    for (int v = 0; v < V; ++v) out_channel.row8(oh + v, ow, std::min(kLanes, a.out_w - ow), out[v]);
   }
 }
 

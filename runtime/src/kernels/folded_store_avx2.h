@@ -17,11 +17,8 @@ struct EpilogueLanes {
         lo(_mm256_set1_ps(e ? e->lo : 0.f)), hi(_mm256_set1_ps(e ? e->hi : 0.f)),
         alpha(_mm256_set1_ps(e ? e->alpha : 0.f)), beta(_mm256_set1_ps(e ? e->beta : 0.f)),
         scale(_mm256_set1_ps(e ? e->scale : 1.f)), shift(_mm256_set1_ps(e ? e->shift : 0.f)), affine(e && e->affine) {}
-  __m256 add_bias(__m256 v, int64_t m) const {  // lanes: rows m..m + 7
-    return bias ? _mm256_add_ps(v, _mm256_loadu_ps(bias + m)) : v;
-  }
   static __m256 clamp(__m256 v, __m256 low, __m256 high) { return _mm256_min_ps(high, _mm256_max_ps(low, v)); }
-  // The activation, then the affine map (after add_bias).
+  // The activation, then the affine map (after the bias).
   __m256 finish(__m256 v) const {
     if (kind == StoreEpilogue::kClamp) {
       v = clamp(v, lo, hi);
@@ -35,94 +32,128 @@ struct EpilogueLanes {
   }
 };
 
-// The epilogue of a folded block: sums[h][c] lane i is row m0 + 8h + i, column b0 + c; rows
-// outside [m_begin, m_end) are not written. GemmArgs::epilogue is applied in registers when
-// storing all 8 rows of a half without accumulating, else to the stored values.
-template <int C>
-void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m256i (*sums)[C]) {
-  const KernelWeights& w = *a.w;
-  const int64_t lo = std::max<int64_t>(a.m_begin - m0, 0), hi = std::min<int64_t>(a.m_end - m0, 16);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const EpilogueLanes e(a.epilogue);
-  for (int h = 0; h < 2; ++h) {
-    if (8 * h >= hi || 8 * h + 8 <= lo) continue;
-    const int64_t m = m0 + 8 * h;
-    const __m256 rs = _mm256_loadu_ps(w.row_scale.data() + m), ro = _mm256_loadu_ps(w.row_offset.data() + m);
-    const __m256 offset_term = _mm256_mul_ps(_mm256_set1_ps(a.offset), ro), scale = _mm256_set1_ps(a.scale);
-    __m256 v[C];
-    for (int c = 0; c < C; ++c)
-      v[c] = _mm256_mul_ps(scale, _mm256_fmadd_ps(rs, _mm256_cvtepi32_ps(sums[h][c]), offset_term));
-    const int64_t first = std::max<int64_t>(lo - 8 * h, 0), last = std::min<int64_t>(hi - 8 * h, 8);
-    float* y = a.y + b0 * a.y_stride_b + m * a.y_stride_m;
-    const bool all_rows = first == 0 && last == 8, by_rows = a.y_stride_m == 1;  // by_rows: [B, M]
-    const bool in_registers = e.e && all_rows && !a.accumulate && (by_rows || (C == 4 && a.y_stride_b == 1));
-    if (in_registers)
-      for (int c = 0; c < C; ++c) v[c] = e.add_bias(v[c], m);
-    if (by_rows && all_rows) {  // [B, M], all 8 rows: plain moves (masked ones are slow)
-      for (int c = 0; c < C; ++c) {
-        float* yc = y + c * a.y_stride_b;
-        if (in_registers) {
-          _mm256_storeu_ps(yc, e.finish(v[c]));
+// The epilogue of one panel's folded blocks (16 rows from m0; rows outside [m_begin, m_end) are
+// not written), set up once a panel: per half, its rows' scales, offset term and bias are kept in
+// registers (set up per block, they cost about as much as the stores of a short row's block).
+// store<C>(b0, sums): sums[h][c] lane i is row m0 + 8h + i, column b0 + c. GemmArgs::epilogue is
+// applied in registers when storing all 8 rows of a half without accumulating, else to the
+// stored values.
+class PanelStore {
+ public:
+  PanelStore(const GemmArgs& args, int64_t panel_m0) : a_(args), m0_(panel_m0), e_(args.epilogue) {
+    const int64_t lo = std::max<int64_t>(a_.m_begin - m0_, 0), hi = std::min<int64_t>(a_.m_end - m0_, 16);
+    const __m256 offset = _mm256_set1_ps(a_.offset);
+    scale_ = _mm256_set1_ps(a_.scale);
+    for (int h = 0; h < 2; ++h) {
+      Half& half = half_[h];
+      half.first = std::max<int64_t>(lo - 8 * h, 0);
+      half.last = std::min<int64_t>(hi - 8 * h, 8);
+      if (half.first >= half.last) continue;
+      const int64_t m = m0_ + 8 * h;
+      half.row_scale = _mm256_loadu_ps(a_.w->row_scale.data() + m);
+      half.offset_term = _mm256_mul_ps(offset, _mm256_loadu_ps(a_.w->row_offset.data() + m));
+      half.all_rows = half.first == 0 && half.last == 8;
+      // Only where all 8 rows exist: bias has M elements.
+      half.bias = e_.bias && half.all_rows ? _mm256_loadu_ps(e_.bias + m) : _mm256_setzero_ps();
+    }
+  }
+
+  template <int C>
+  void store(int64_t b0, const __m256i (*sums)[C]) const {
+
+    const bool by_rows = a_.y_stride_m == 1;  // [B, M]
+    for (int h = 0; h < 2; ++h) {
+      const Half& half = half_[h];
+      if (half.first >= half.last) continue;
+      const int64_t m = m0_ + 8 * h;
+      __m256 v[C];
+      for (int c = 0; c < C; ++c)
+        v[c] = _mm256_mul_ps(scale_, _mm256_fmadd_ps(half.row_scale, _mm256_cvtepi32_ps(sums[h][c]), half.offset_term));
+      float* y = a_.y + b0 * a_.y_stride_b + m * a_.y_stride_m;
+      const bool in_registers =
+          e_.e && half.all_rows && !a_.accumulate && (by_rows || (C == 4 && a_.y_stride_b == 1));
+      if (in_registers && e_.bias)
+        for (int c = 0; c < C; ++c) v[c] = _mm256_add_ps(v[c], half.bias);
+      if (by_rows && half.all_rows) {  // [B, M], all 8 rows: plain moves (masked ones are slow)
+        for (int c = 0; c < C; ++c) {
+          float* yc = y + c * a_.y_stride_b;
+          if (in_registers) {
+            _mm256_storeu_ps(yc, e_.finish(v[c]));
+            continue;
+          }
+          _mm256_storeu_ps(yc, a_.accumulate ? _mm256_add_ps(v[c], _mm256_loadu_ps(yc)) : v[c]);
+        }
+      } else if (by_rows) {  // [B, M]: each column's 8 rows contiguous
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256i rows =
+            _mm256_and_si256(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(static_cast<int>(half.first) - 1)),
+                             _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(half.last)), lane));
+        for (int c = 0; c < C; ++c) {
+          float* yc = y + c * a_.y_stride_b;
+          if (a_.accumulate) v[c] = _mm256_add_ps(v[c], _mm256_maskload_ps(yc, rows));
+          _mm256_maskstore_ps(yc, rows, v[c]);
+        }
+      } else if (C == 4 && a_.y_stride_b == 1) {  // a convolution's [M, pixels]: 4 contiguous columns a row
+        const __m256 t0 = _mm256_unpacklo_ps(v[0], v[C > 1 ? 1 : 0]), t1 = _mm256_unpackhi_ps(v[0], v[C > 1 ? 1 : 0]);
+        const __m256 t2 = _mm256_unpacklo_ps(v[C > 2 ? 2 : 0], v[C > 3 ? 3 : 0]);
+        const __m256 t3 = _mm256_unpackhi_ps(v[C > 2 ? 2 : 0], v[C > 3 ? 3 : 0]);
+        // u[i]: rows i (low lane) and 4 + i (high lane), columns 0-3
+        const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                             _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+        if (half.all_rows && !a_.accumulate) {  // the common case, unrolled
+          const int64_t stride = a_.y_stride_m;
+          for (int i = 0; i < 4; ++i) {
+            const __m256 r = in_registers ? e_.finish(u[i]) : u[i];
+            _mm_storeu_ps(y + i * stride, _mm256_castps256_ps128(r));
+            _mm_storeu_ps(y + (i + 4) * stride, _mm256_extractf128_ps(r, 1));
+          }
           continue;
         }
-        _mm256_storeu_ps(yc, a.accumulate ? _mm256_add_ps(v[c], _mm256_loadu_ps(yc)) : v[c]);
-      }
-    } else if (by_rows) {  // [B, M]: each column's 8 rows contiguous
-      const __m256i rows = _mm256_and_si256(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(static_cast<int>(first) - 1)),
-                                            _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(last)), lane));
-      for (int c = 0; c < C; ++c) {
-        float* yc = y + c * a.y_stride_b;
-        if (a.accumulate) v[c] = _mm256_add_ps(v[c], _mm256_maskload_ps(yc, rows));
-        _mm256_maskstore_ps(yc, rows, v[c]);
-      }
-    } else if (C == 4 && a.y_stride_b == 1) {  // a convolution's [M, pixels]: 4 contiguous columns a row
-      const __m256 t0 = _mm256_unpacklo_ps(v[0], v[C > 1 ? 1 : 0]), t1 = _mm256_unpackhi_ps(v[0], v[C > 1 ? 1 : 0]);
-      const __m256 t2 = _mm256_unpacklo_ps(v[C > 2 ? 2 : 0], v[C > 3 ? 3 : 0]);
-      const __m256 t3 = _mm256_unpackhi_ps(v[C > 2 ? 2 : 0], v[C > 3 ? 3 : 0]);
-      // u[i]: rows i (low lane) and 4 + i (high lane), columns 0-3
-      const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
-                           _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
-      if (all_rows && !a.accumulate) {  // the common case, unrolled
-        const int64_t stride = a.y_stride_m;
-        for (int i = 0; i < 4; ++i) {
-          const __m256 r = in_registers ? e.finish(u[i]) : u[i];
-          _mm_storeu_ps(y + i * stride, _mm256_castps256_ps128(r));
-          _mm_storeu_ps(y + (i + 4) * stride, _mm256_extractf128_ps(r, 1));
+        for (int64_t i = half.first; i < half.last; ++i) {
+          float* yi = y + i * a_.y_stride_m;
+          __m128 r = i < 4 ? _mm256_castps256_ps128(u[i]) : _mm256_extractf128_ps(u[i - 4], 1);
+          if (a_.accumulate) r = _mm_add_ps(r, _mm_loadu_ps(yi));
+          _mm_storeu_ps(yi, r);
         }
-        continue;
-      }
-      for (int64_t i = first; i < last; ++i) {
-        float* yi = y + i * a.y_stride_m;
-        __m128 r = i < 4 ? _mm256_castps256_ps128(u[i]) : _mm256_extractf128_ps(u[i - 4], 1);
-        if (a.accumulate) r = _mm_add_ps(r, _mm_loadu_ps(yi));
-        _mm_storeu_ps(yi, r);
-      }
-    } else if (C == 2 && a.y_stride_b == 1) {  // 2 contiguous columns a row
-      // t[0]: rows 0, 1 | 4, 5; t[1]: rows 2, 3 | 6, 7 (two columns each)
-      const __m256 t[2] = {_mm256_unpacklo_ps(v[0], v[C - 1]), _mm256_unpackhi_ps(v[0], v[C - 1])};
-      for (int64_t i = first; i < last; ++i) {
-        const __m256 pair = t[(i % 4) / 2];
-        __m128 r = i < 4 ? _mm256_castps256_ps128(pair) : _mm256_extractf128_ps(pair, 1);
-        if (i % 2) r = _mm_movehl_ps(r, r);
-        __m64* yi = reinterpret_cast<__m64*>(y + i * a.y_stride_m);
-        if (a.accumulate) r = _mm_add_ps(r, _mm_loadl_pi(_mm_setzero_ps(), yi));
-        _mm_storel_pi(yi, r);
-      }
-    } else {
-      alignas(32) float lanes[8];
-      for (int c = 0; c < C; ++c) {
-        _mm256_store_ps(lanes, v[c]);
-        for (int64_t i = first; i < last; ++i) {
-          float& yi = y[c * a.y_stride_b + i * a.y_stride_m];
-          yi = a.accumulate ? yi + lanes[i] : lanes[i];
+      } else if (C == 2 && a_.y_stride_b == 1) {  // 2 contiguous columns a row
+        // t[0]: rows 0, 1 | 4, 5; t[1]: rows 2, 3 | 6, 7 (two columns each)
+        const __m256 t[2] = {_mm256_unpacklo_ps(v[0], v[C - 1]), _mm256_unpackhi_ps(v[0], v[C - 1])};
+        for (int64_t i = half.first; i < half.last; ++i) {
+          const __m256 pair = t[(i % 4) / 2];
+          __m128 r = i < 4 ? _mm256_castps256_ps128(pair) : _mm256_extractf128_ps(pair, 1);
+          if (i % 2) r = _mm_movehl_ps(r, r);
+          __m64* yi = reinterpret_cast<__m64*>(y + i * a_.y_stride_m);
+          if (a_.accumulate) r = _mm_add_ps(r, _mm_loadl_pi(_mm_setzero_ps(), yi));
+          _mm_storel_pi(yi, r);
+        }
+      } else {
+        alignas(32) float lanes[8];
+        for (int c = 0; c < C; ++c) {
+          _mm256_store_ps(lanes, v[c]);
+          for (int64_t i = half.first; i < half.last; ++i) {
+            float& yi = y[c * a_.y_stride_b + i * a_.y_stride_m];
+            yi = a_.accumulate ? yi + lanes[i] : lanes[i];
+          }
         }
       }
+      if (e_.e && !in_registers)
+        for (int c = 0; c < C; ++c)
+          for (int64_t i = half.first; i < half.last; ++i) {
+            const int64_t offset = c * a_.y_stride_b + i * a_.y_stride_m;
+            y[offset] = e_.e->apply(y[offset], m + i);
+          }
     }
-    if (e.e && !in_registers)
-      for (int c = 0; c < C; ++c)
-        for (int64_t i = first; i < last; ++i) {
-          const int64_t offset = c * a.y_stride_b + i * a.y_stride_m;
-          y[offset] = e.e->apply(y[offset], m + i);
-        }
   }
-}
+
+ private:
+  struct Half {
+    int64_t first = 0, last = 0;  // rows [first, last) of the half are written
+    bool all_rows = false;
+    __m256 row_scale, offset_term, bias;
+  };
+  const GemmArgs& a_;
+  int64_t m0_;
+  EpilogueLanes e_;
+  __m256 scale_;
+  Half half_[2];
+};

@@ -200,17 +200,19 @@ void half_sums(const GemmArgs& a, int64_t panel, int h, int64_t b0, __m256i sums
 
 // One panel of 16 rows (H = 2 halves; H = 1: only rows 0-7, when the rest lie past m_end).
 template <int H, int C>
-void ternary_block(const GemmArgs& a, int64_t panel, int64_t b0) {
+void ternary_block(const GemmArgs& a, int64_t panel, int64_t b0, const PanelStore& out) {
   __m256i sums[2][C] = {};  // with H = 1 the second half is past m_end: not stored
   for (int h = 0; h < H; ++h) half_sums<C>(a, panel, h, b0, sums[h]);
-  folded_store<C>(a, 16 * panel, b0, sums);
+  out.store<C>(b0, sums);
 }
 
 // Groups of one chunk (N <= 4) in the ternary form: a group's pair sums are one vpmaddubsw, so
 // each chunk is vpmaddubsw then vpmaddwd against its scale lanes, for both halves at once (each
 // activation broadcast serves 16 rows; 8 accumulators, 4 broadcasts, t and s: 14 registers).
+// Not inlined: inlined into natural_panel (with its PanelStore), its loop spilled (3x3 64 -> 64
+// at 56x56 1.25x slower).
 template <int H, int C>
-void chunk_group_block(const GemmArgs& a, int64_t panel, int64_t b0) {
+[[gnu::noinline]] void chunk_group_block(const GemmArgs& a, int64_t panel, int64_t b0, const PanelStore& out) {
   const KernelWeights& w = *a.w;
   const int64_t chunks = w.positions() / 4;
   const int8_t* tp = w.ternary.data() + panel * chunks * 64;
@@ -239,7 +241,7 @@ void chunk_group_block(const GemmArgs& a, int64_t panel, int64_t b0) {
     const __m256i bias = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.fold_bias.data() + 16 * panel + 8 * h));
     for (int c = 0; c < C; ++c) sums[h][c] = _mm256_sub_epi32(acc[h][c], bias);
   }
-  folded_store<C>(a, 16 * panel, b0, sums);
+  out.store<C>(b0, sums);
 }
 
 // Dense int8 weights (KernelWeights::dense, the folded plane): vpmaddubsw on them would saturate
@@ -280,26 +282,28 @@ void dense_half_sums(const GemmArgs& a, int64_t panel, int h, int64_t b0, __m256
 
 // One panel of 16 rows (H = 2 halves; H = 1: only rows 0-7, when the rest lie past m_end).
 template <int H, int C>
-void dense_block(const GemmArgs& a, int64_t panel, int64_t b0) {
+void dense_block(const GemmArgs& a, int64_t panel, int64_t b0, const PanelStore& out) {
   __m256i sums[2][C] = {};  // with H = 1 the second half is past m_end: not stored
   for (int h = 0; h < H; ++h) dense_half_sums<C>(a, panel, h, b0, sums[h]);
-  folded_store<C>(a, 16 * panel, b0, sums);
+  out.store<C>(b0, sums);
 }
 
 // One panel x all columns from natural rows: dense weights, or the ternary copy.
 template <int H>
 void natural_panel(const GemmArgs& a, int64_t panel) {
   constexpr int kColumns = 4;
+  const PanelStore out(a, 16 * panel);
   int64_t b = a.b_begin;
   if (a.w->dense) {
-    for (; b + kColumns <= a.b_end; b += kColumns) dense_block<H, kColumns>(a, panel, b);
-    for (; b < a.b_end; ++b) dense_block<H, 1>(a, panel, b);
+    for (; b + kColumns <= a.b_end; b += kColumns) dense_block<H, kColumns>(a, panel, b, out);
+    for (; b < a.b_end; ++b) dense_block<H, 1>(a, panel, b, out);
     return;
   }
   const bool one_chunk_groups = a.w->np == 4;
   for (; b + kColumns <= a.b_end; b += kColumns)
-    one_chunk_groups ? chunk_group_block<H, kColumns>(a, panel, b) : ternary_block<H, kColumns>(a, panel, b);
-  for (; b < a.b_end; ++b) one_chunk_groups ? chunk_group_block<H, 1>(a, panel, b) : ternary_block<H, 1>(a, panel, b);
+    one_chunk_groups ? chunk_group_block<H, kColumns>(a, panel, b, out) : ternary_block<H, kColumns>(a, panel, b, out);
+  for (; b < a.b_end; ++b)
+    one_chunk_groups ? chunk_group_block<H, 1>(a, panel, b, out) : ternary_block<H, 1>(a, panel, b, out);
 }
 
 void gemm_natural(const GemmArgs& a) {

@@ -26,7 +26,7 @@ namespace {
 // unsigned activation rows (contiguous, or in segments: GemmArgs::row_offsets): exact int32 sums
 // per row, w = plane0 + 128 * plane1, fold_bias = 128 * sum(w) subtracted.
 template <int P, int H, int C>
-void folded_block(const GemmArgs& a, int64_t panel, int64_t b0) {
+void folded_block(const GemmArgs& a, int64_t panel, int64_t b0, const PanelStore& out) {
   const KernelWeights& w = *a.w;
   const int64_t chunks = w.positions() / 4;
   const int8_t* wp = w.folded.data() + panel * chunks * P * 64;
@@ -68,16 +68,17 @@ void folded_block(const GemmArgs& a, int64_t panel, int64_t b0) {
       sums[h][c] = _mm256_sub_epi32(total, bias);
     }
   }
-  folded_store<C>(a, m0, b0, sums);
+  out.store<C>(b0, sums);
 }
 
 // Columns a block: 2 * H * P * C accumulators and C broadcasts stay in the 16 registers.
 template <int P, int H>
 void folded_panel(const GemmArgs& a, int64_t panel) {
   constexpr int kColumns = P * H == 4 ? 2 : 4;
+  const PanelStore out(a, 16 * panel);
   int64_t b = a.b_begin;
-  for (; b + kColumns <= a.b_end; b += kColumns) folded_block<P, H, kColumns>(a, panel, b);
-  for (; b < a.b_end; ++b) folded_block<P, H, 1>(a, panel, b);
+  for (; b + kColumns <= a.b_end; b += kColumns) folded_block<P, H, kColumns>(a, panel, b, out);
+  for (; b < a.b_end; ++b) folded_block<P, H, 1>(a, panel, b, out);
 }
 
 template <int P>
