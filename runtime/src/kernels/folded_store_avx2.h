@@ -60,7 +60,6 @@ class PanelStore {
 
   template <int C>
   void store(int64_t b0, const __m256i (*sums)[C]) const {
-
     const bool by_rows = a_.y_stride_m == 1;  // [B, M]
     for (int h = 0; h < 2; ++h) {
       const Half& half = half_[h];
@@ -74,13 +73,13 @@ class PanelStore {
           e_.e && half.all_rows && !a_.accumulate && (by_rows || (C == 4 && a_.y_stride_b == 1));
       if (in_registers && e_.bias)
         for (int c = 0; c < C; ++c) v[c] = _mm256_add_ps(v[c], half.bias);
+      // The activation on every vector before any store: the stores (may_alias types) would make the
+      // epilogue's fields reload after each.
+      if (in_registers)
+        for (int c = 0; c < C; ++c) v[c] = e_.finish(v[c]);
       if (by_rows && half.all_rows) {  // [B, M], all 8 rows: plain moves (masked ones are slow)
         for (int c = 0; c < C; ++c) {
           float* yc = y + c * a_.y_stride_b;
-          if (in_registers) {
-            _mm256_storeu_ps(yc, e_.finish(v[c]));
-            continue;
-          }
           _mm256_storeu_ps(yc, a_.accumulate ? _mm256_add_ps(v[c], _mm256_loadu_ps(yc)) : v[c]);
         }
       } else if (by_rows) {  // [B, M]: each column's 8 rows contiguous
@@ -103,9 +102,8 @@ class PanelStore {
         if (half.all_rows && !a_.accumulate) {  // the common case, unrolled
           const int64_t stride = a_.y_stride_m;
           for (int i = 0; i < 4; ++i) {
-            const __m256 r = in_registers ? e_.finish(u[i]) : u[i];
-            _mm_storeu_ps(y + i * stride, _mm256_castps256_ps128(r));
-            _mm_storeu_ps(y + (i + 4) * stride, _mm256_extractf128_ps(r, 1));
+            _mm_storeu_ps(y + i * stride, _mm256_castps256_ps128(u[i]));
+            _mm_storeu_ps(y + (i + 4) * stride, _mm256_extractf128_ps(u[i], 1));
           }
           continue;
         }
