@@ -557,8 +557,9 @@ void test_folded_extremes(const std::vector<const fgq::KernelDispatch*>& ps) {
 // stores without it, bit for bit, at an output scale whose products round (so that a multiply and
 // the bias add fused into one FMA would show): `rows` writes [B, M] over all rows and columns, `tile`
 // a row and column range of [M, B], stored or accumulated onto ones; the bias (one of them NaN, which
-// every activation keeps) and the activation (none, ReLU, Clip, HardSigmoid, HardSwish, each with or
-// without the affine map) vary with the shape. Outputs outside the tile stay untouched.
+// every activation keeps), the residual (laid out as the output) and the activation (none, ReLU, Clip,
+// HardSigmoid, HardSwish, each with or without the affine map) vary with the shape. Outputs outside the
+// tile stay untouched.
 void check_store_epilogue(const fgq::KernelDispatch& d, fgq::GemmArgs rows, fgq::GemmArgs tile, std::mt19937& rng) {
   const int64_t M = rows.m_end, B = rows.b_end;
   std::vector<float> bias(static_cast<size_t>(M));
@@ -572,6 +573,9 @@ void check_store_epilogue(const fgq::KernelDispatch& d, fgq::GemmArgs rows, fgq:
   if (kind == 3) e.kind = fgq::StoreEpilogue::kHardSigmoid, e.alpha = 0.2f, e.beta = 0.5f;
   if (kind == 4) e.kind = fgq::StoreEpilogue::kHardSwish;
   if ((M * B) % 3 == 0) e.affine = true, e.scale = 1.7f, e.shift = -0.3f;  // the affine map, on any kind
+  std::vector<float> residual(static_cast<size_t>(M * B));  // laid out as the output, either layout
+  for (auto& v : residual) v = static_cast<float>(static_cast<int>(rng() % 2001) - 1000) / 32.f + 0.03f;
+  e.residual = (M * B) % 4 != 1 ? residual.data() : nullptr;
   for (fgq::GemmArgs* a : {&rows, &tile}) {
     const bool by_rows = a == &rows;
     const float before = a->accumulate ? 1.f : -7.f;
@@ -586,7 +590,7 @@ void check_store_epilogue(const fgq::KernelDispatch& d, fgq::GemmArgs rows, fgq:
       for (int64_t m = 0; m < M; ++m) {
         const bool inside = m >= a->m_begin && m < a->m_end && b >= a->b_begin && b < a->b_end;
         const size_t at = static_cast<size_t>(by_rows ? b * M + m : m * B + b);
-        const float expected = inside ? e.apply(plain[at], m) : before;
+        const float expected = inside ? e.apply(plain[at], m, e.residual ? e.residual + at : nullptr) : before;
         EXPECT(std::memcmp(&y[at], &expected, sizeof(float)) == 0,
                "%s: store epilogue (%s) M=%ld B=%ld m=%ld b=%ld: %g, want %g", d.name, by_rows ? "[B, M]" : "[M, B] tile",
                (long)M, (long)B, (long)m, (long)b, y[at], expected);

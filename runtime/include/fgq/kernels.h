@@ -239,19 +239,21 @@ inline float hard_sigmoid(float v, float alpha, float beta) { return clamp_to(al
 inline float hard_swish(float v) { return v * clamp_to(v + 3.f, 0.f, 6.f) * (1.f / 6.f); }
 
 // What a folded store applies to an output before storing it, where the path has it
-// (KernelDispatch::folded_epilogue): the bias, the activation, then the affine map
-// f * scale + shift: the ops' finish pass, operation for operation. (A residual stays in that
-// pass: read in the store, 16 bytes from each of 8 rows, it made a 1x1 conv at 56x56 1.1-1.2x slower.)
+// (KernelDispatch::folded_epilogue): the bias, the residual, the activation, then the affine map
+// f * scale + shift: the ops' finish pass, operation for operation.
 struct StoreEpilogue {
   enum Kind { kClamp, kHardSigmoid, kHardSwish };  // no activation and ReLU are clamps too
   const float* bias = nullptr;  // per output row m
+  const float* residual = nullptr;  // laid out as the output (GemmArgs::y and its strides)
   Kind kind = kClamp;
   float lo = -std::numeric_limits<float>::infinity(), hi = std::numeric_limits<float>::infinity();  // kClamp
   float alpha = 0.f, beta = 0.f;  // kHardSigmoid
   bool affine = false;
   float scale = 1.f, shift = 0.f;
-  float apply(float v, int64_t m) const {
+  // v is output row m; r its residual (null without one).
+  float apply(float v, int64_t m, const float* r) const {
     if (bias) v = v + bias[m];
+    if (r) v = v + *r;
     if (kind == kClamp) v = clamp_to(v, lo, hi);
     else if (kind == kHardSigmoid) v = hard_sigmoid(v, alpha, beta);
     else v = hard_swish(v);

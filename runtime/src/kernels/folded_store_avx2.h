@@ -4,16 +4,17 @@
 
 // The StoreEpilogue in registers, the scalar functions (kernels.h) operation for operation: max and
 // min return their second operand on NaN and on equal zeros, so max(lo, v) is `v < lo ? lo : v` and
-// min(hi, v) is `v > hi ? hi : v` exactly. The bias pointer is copied out: the stores (may_alias types)
-// would make the compiler reload it after each.
+// min(hi, v) is `v > hi ? hi : v` exactly. The bias and residual pointers are copied out: the stores
+// (may_alias types) would make the compiler reload them after each.
 struct EpilogueLanes {
   const StoreEpilogue* e;
   const float* bias;
+  const float* residual;
   StoreEpilogue::Kind kind;
   __m256 lo, hi, alpha, beta, scale, shift;
   bool affine;
   explicit EpilogueLanes(const StoreEpilogue* epilogue)
-      : e(epilogue), bias(e ? e->bias : nullptr), kind(e ? e->kind : StoreEpilogue::kClamp),
+      : e(epilogue), bias(e ? e->bias : nullptr), residual(e ? e->residual : nullptr), kind(e ? e->kind : StoreEpilogue::kClamp),
         lo(_mm256_set1_ps(e ? e->lo : 0.f)), hi(_mm256_set1_ps(e ? e->hi : 0.f)),
         alpha(_mm256_set1_ps(e ? e->alpha : 0.f)), beta(_mm256_set1_ps(e ? e->beta : 0.f)),
         scale(_mm256_set1_ps(e ? e->scale : 1.f)), shift(_mm256_set1_ps(e ? e->shift : 0.f)), affine(e && e->affine) {}
@@ -73,10 +74,13 @@ class PanelStore {
           e_.e && half.all_rows && !a_.accumulate && (by_rows || (C == 4 && a_.y_stride_b == 1));
       if (in_registers && e_.bias)
         for (int c = 0; c < C; ++c) v[c] = _mm256_add_ps(v[c], half.bias);
-      // The activation on every vector before any store: the stores (may_alias types) would make the
-      // epilogue's fields reload after each.
-      if (in_registers)
-        for (int c = 0; c < C; ++c) v[c] = e_.finish(v[c]);
+      // The residual and the activation on every vector before any store: the stores (may_alias
+      // types) would make the epilogue's fields reload after each.
+      if (in_registers && by_rows)
+        for (int c = 0; c < C; ++c) {
+          if (e_.residual) v[c] = _mm256_add_ps(v[c], _mm256_loadu_ps(e_.residual + (y - a_.y) + c * a_.y_stride_b));
+          v[c] = e_.finish(v[c]);
+        }
       if (by_rows && half.all_rows) {  // [B, M], all 8 rows: plain moves (masked ones are slow)
         for (int c = 0; c < C; ++c) {
           float* yc = y + c * a_.y_stride_b;
@@ -97,10 +101,18 @@ class PanelStore {
         const __m256 t2 = _mm256_unpacklo_ps(v[C > 2 ? 2 : 0], v[C > 3 ? 3 : 0]);
         const __m256 t3 = _mm256_unpackhi_ps(v[C > 2 ? 2 : 0], v[C > 3 ? 3 : 0]);
         // u[i]: rows i (low lane) and 4 + i (high lane), columns 0-3
-        const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
-                             _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+        __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                       _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
         if (half.all_rows && !a_.accumulate) {  // the common case, unrolled
           const int64_t stride = a_.y_stride_m;
+          if (in_registers)
+            for (int i = 0; i < 4; ++i) {
+              if (e_.residual) {  // rows i and i + 4, as u[i]
+                const float* r = e_.residual + (y - a_.y) + i * stride;
+                u[i] = _mm256_add_ps(u[i], _mm256_loadu2_m128(r + 4 * stride, r));
+              }
+              u[i] = e_.finish(u[i]);
+            }
           for (int i = 0; i < 4; ++i) {
             _mm_storeu_ps(y + i * stride, _mm256_castps256_ps128(u[i]));
             _mm_storeu_ps(y + (i + 4) * stride, _mm256_extractf128_ps(u[i], 1));
@@ -138,7 +150,7 @@ class PanelStore {
         for (int c = 0; c < C; ++c)
           for (int64_t i = half.first; i < half.last; ++i) {
             const int64_t offset = c * a_.y_stride_b + i * a_.y_stride_m;
-            y[offset] = e_.e->apply(y[offset], m + i);
+            y[offset] = e_.e->apply(y[offset], m + i, e_.residual ? e_.residual + (y - a_.y) + offset : nullptr);
           }
     }
   }

@@ -547,8 +547,8 @@ class ConvKernel : public TernaryKernelBase {
     const int64_t mb = 64, bb = P <= 8 ? P : 64;
     const int64_t tiles_m = (mg + mb - 1) / mb, tiles_b = (P + bb - 1) / bb;
     const bool finish = e.bias || e.residual || activation_.active();
-    const std::optional<StoreEpilogue> stored =
-        finish && !e.residual ? store_epilogue(args, e.bias, activation_) : std::nullopt;  // a residual: the pass
+    std::optional<StoreEpilogue> stored = finish ? store_epilogue(args, e.bias, activation_) : std::nullopt;
+    if (stored) stored->residual = e.residual;  // laid out as y_image
     auto task = [&](size_t t) {
       const int64_t i = static_cast<int64_t>(t);
       const int64_t g = i / (tiles_m * tiles_b), tm = i % tiles_m, tb = i / tiles_m % tiles_b;
