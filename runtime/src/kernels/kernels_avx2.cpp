@@ -71,9 +71,14 @@ void block(const KernelWeights& w, int64_t quad0, const GemmArgs& a, int64_t b0,
     for (int q = 0; q < Q; ++q)
       for (int c = 0; c < C; ++c) acc[q][c][0] = acc[q][c][1] = _mm256_setzero_si256();
     const int64_t base = sg * stride;
+    if (C == 1)  // one activation row streams the weights: keep DRAM's latency covered (see kernels_avx2_gemv.cpp)
+      for (int q = 0; q < Q; ++q) _mm_prefetch(reinterpret_cast<const char*>(scales[q] + sg * sstride + 1024), _MM_HINT_T0);
     for (int64_t s = 0; s < steps; ++s) {
       __m256i xb[C];
       for (int c = 0; c < C; ++c) xb[c] = bcast16(x[c] + base + 16 * s);
+      if (C == 1)
+        _mm_prefetch(reinterpret_cast<const char*>(codes[0] + (sg * steps + s) * KernelWeights::kCodeStride + 4096),
+                     _MM_HINT_T0);
       for (int q = 0; q < Q; ++q) {
         const __m256i v = bcast16(codes[q] + (sg * steps + s) * KernelWeights::kCodeStride);
         for (int h = 0; h < 2; ++h) {
