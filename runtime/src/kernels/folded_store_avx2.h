@@ -14,8 +14,8 @@ struct EpilogueLanes {
   __m256 lo, hi, alpha, beta, scale, shift;
   bool affine;
   explicit EpilogueLanes(const StoreEpilogue* epilogue)
-      : e(epilogue), bias(e ? e->bias : nullptr), residual(e ? e->residual : nullptr), kind(e ? e->kind : StoreEpilogue::kClamp),
-        lo(_mm256_set1_ps(e ? e->lo : 0.f)), hi(_mm256_set1_ps(e ? e->hi : 0.f)),
+      : e(epilogue), bias(e ? e->bias : nullptr), residual(e ? e->residual : nullptr),
+        kind(e ? e->kind : StoreEpilogue::kClamp), lo(_mm256_set1_ps(e ? e->lo : 0.f)), hi(_mm256_set1_ps(e ? e->hi : 0.f)),
         alpha(_mm256_set1_ps(e ? e->alpha : 0.f)), beta(_mm256_set1_ps(e ? e->beta : 0.f)),
         scale(_mm256_set1_ps(e ? e->scale : 1.f)), shift(_mm256_set1_ps(e ? e->shift : 0.f)), affine(e && e->affine) {}
   static __m256 clamp(__m256 v, __m256 low, __m256 high) { return _mm256_min_ps(high, _mm256_max_ps(low, v)); }
@@ -78,7 +78,10 @@ class PanelStore {
       // types) would make the epilogue's fields reload after each.
       if (in_registers && by_rows)
         for (int c = 0; c < C; ++c) {
-          if (e_.residual) v[c] = _mm256_add_ps(v[c], _mm256_loadu_ps(e_.residual + (y - a_.y) + c * a_.y_stride_b));
+          if (e_.residual) {
+            const float* r = e_.residual + (y - a_.y) + c * a_.y_stride_b;
+            v[c] = _mm256_add_ps(v[c], _mm256_loadu_ps(r));
+          }
           v[c] = e_.finish(v[c]);
         }
       if (by_rows && half.all_rows) {  // [B, M], all 8 rows: plain moves (masked ones are slow)

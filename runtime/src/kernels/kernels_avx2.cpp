@@ -72,7 +72,8 @@ void block(const KernelWeights& w, int64_t quad0, const GemmArgs& a, int64_t b0,
       for (int c = 0; c < C; ++c) acc[q][c][0] = acc[q][c][1] = _mm256_setzero_si256();
     const int64_t base = sg * stride;
     if (C == 1)  // one activation row streams the weights: keep DRAM's latency covered (see kernels_avx2_gemv.cpp)
-      for (int q = 0; q < Q; ++q) _mm_prefetch(reinterpret_cast<const char*>(scales[q] + sg * sstride + 1024), _MM_HINT_T0);
+      for (int q = 0; q < Q; ++q)
+        _mm_prefetch(reinterpret_cast<const char*>(scales[q] + sg * sstride + 1024), _MM_HINT_T0);
     for (int64_t s = 0; s < steps; ++s) {
       __m256i xb[C];
       for (int c = 0; c < C; ++c) xb[c] = bcast16(x[c] + base + 16 * s);
