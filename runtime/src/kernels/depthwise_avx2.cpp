@@ -132,6 +132,8 @@ void rows_block(const DepthwiseArgs& a, int64_t m, const uint8_t* image, const C
     for (int k = 0; k < 2; ++k) pairs[p][k] = _mm256_set1_epi32(cw.pairs[static_cast<size_t>(2 * p + k)]);
   const __m256i correction = _mm256_set1_epi32(cw.correction[0]);
   const __m256 scale = _mm256_set1_ps(cw.scale[0]), zero = _mm256_setzero_ps();
+  // A local, not a parameter: passed by reference from channel(), its fields were reloaded after every
+  // store (5x5 240 channels at 28x28 1.13x slower).
   const ChannelStore out_channel(a, m);
   const uint8_t* corner = image + oh * SH * a.padded_w;
   for (int64_t ow = 0; ow < a.out_w; ow += kLanes, corner += kLanes * a.stride_w) {
