@@ -8,7 +8,6 @@
 // of N not a multiple of 4 a segment) the rows are gathered (im2col) by copying
 // runs, in the order the kernel takes (natural, or kernel order with group sums).
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -106,48 +105,6 @@ void requantize_transposed(const uint8_t* src, int64_t channels, int64_t pixels,
   for (int64_t c = c0; c < channels; ++c)
     for (int64_t p = 0; p < pixels; ++p) out[p * pixel_stride + c] = f(src[c * channel_stride + p]);
 }
-// An 8-bit tensor's quantization (y_scale/y_zero_point, residual_scale/residual_zero_point): `quant`
-// makes quantize write its level bytes (QuantizeLinear over the type's whole range).
-struct Levels {
-  ActQuant quant;
-  bool is_signed = false;
-  ONNXTensorElementDataType type() const {
-    return is_signed ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-  }
-};
-
-// The quantization a scale and zero point input pair gives (`what`: their name's prefix), or none when
-// both are absent.
-std::optional<Levels> levels_of(const Tensor& scale, const Tensor& zero_point, const std::string& what) {
-  if (!scale.present && !zero_point.present) return std::nullopt;
-  if (!scale.present || scale.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || scale.size != 1 ||
-      !(*scale.as<float>() > 0.f) || !std::isfinite(*scale.as<float>()))
-    fail(what + "_scale must be a finite float scalar > 0, given with " + what + "_zero_point");
-  if (!zero_point.present || zero_point.size != 1 ||
-      (zero_point.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && zero_point.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8))
-    fail(what + "_zero_point must be a uint8 or int8 scalar, given with " + what + "_scale");
-  Levels l;
-  l.is_signed = zero_point.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-  const int zero = l.is_signed ? *zero_point.as<int8_t>() : *zero_point.as<uint8_t>();
-  const std::string error = make_act_quant(*scale.as<float>(), zero, l.is_signed ? -128 : 0, l.is_signed ? 127 : 255,
-                                           l.is_signed, &l.quant);
-  if (!error.empty()) fail(what + ": " + error);
-  if (!l.is_signed) l.quant = unsigned_levels(l.quant);  // shift 0: the bytes are the uint8 levels
-  return l;
-}
-
-// DequantizeLinear of `count` 8-bit levels: (level - zero_point) * scale.
-void dequantize_levels(const void* src, int64_t count, const Levels& l, float* out) {
-  const float scale = l.quant.scale;
-  const int zero = l.quant.zero_point;
-  if (l.is_signed) {
-    const int8_t* in = static_cast<const int8_t*>(src);
-    for (int64_t i = 0; i < count; ++i) out[i] = static_cast<float>(in[i] - zero) * scale;
-  } else {
-    const uint8_t* in = static_cast<const uint8_t*>(src);
-    for (int64_t i = 0; i < count; ++i) out[i] = static_cast<float>(in[i] - zero) * scale;
-  }
-}
 }  // namespace
 
 class ConvKernel : public TernaryKernelBase {
@@ -207,8 +164,6 @@ class ConvKernel : public TernaryKernelBase {
         segmented_ ? ReductionLayout{rs, cg_, n_} : ReductionLayout{1, checked_mul(cg_, rs, "filter"), n_};
     init_weights(info, layout, m_);
     keep_constant_bias(info);
-    constant_levels(info, kYScale, "y", &constant_y_levels_);
-    constant_levels(info, kResidualScale, "residual", &constant_residual_levels_);
     if (direct_ && constant_planes_) {  // the direct route keeps only its regrouped weights
       direct_weights_ = std::make_shared<const DepthwiseWeights>(direct_weights(*constant_planes_));
       constant_planes_.reset();
@@ -235,10 +190,8 @@ class ConvKernel : public TernaryKernelBase {
     if (eff_h < 0 || eff_w < 0) fail("the kernel does not fit the padded input: output would be empty");
     const int64_t OH = eff_h / strides_[0] + 1, OW = eff_w / strides_[1] + 1;
     const int64_t P = checked_mul(OH, OW, "output");
-    const std::optional<Levels> y_levels = levels(ctx, kYScale, "y", constant_y_levels_);
-    const std::optional<Levels> r_levels = levels(ctx, kResidualScale, "residual", constant_residual_levels_);
-    void* y = output(ctx, 0, {nb, m_, OH, OW}, y_levels ? y_levels->type() : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-    const void* r = residual(ctx, {nb, m_, OH, OW}, r_levels);
+    float* y = output(ctx, 0, {nb, m_, OH, OW});
+    const float* r = residual(ctx, {nb, m_, OH, OW});
     if (nb == 0 || P == 0) return;
 
     const bool natural = folded_rows(p, P);
@@ -271,11 +224,9 @@ class ConvKernel : public TernaryKernelBase {
     // Several images: one task each, on its own thread's buffers; one image: parallel inside.
     auto image_task = [&](size_t n, OrtKernelContext* inner) {
       const int64_t offset = static_cast<int64_t>(n) * m_ * P;
-      const Epilogue e{b, r ? static_cast<const char*>(r) + offset * (r_levels ? 1 : 4) : nullptr,
-                       r_levels ? &*r_levels : nullptr, static_cast<char*>(y) + offset * (y_levels ? 1 : 4),
-                       y_levels ? &*y_levels : nullptr};
-      if (direct) run_direct(inner, x, static_cast<int64_t>(n), q, geo, *direct, e);
-      else run_image(inner, x, static_cast<int64_t>(n), qi, geo, p, in_place, a, e);
+      const Epilogue e{b, r ? r + offset : nullptr};
+      if (direct) run_direct(inner, x, static_cast<int64_t>(n), q, geo, *direct, y + offset, e);
+      else run_image(inner, x, static_cast<int64_t>(n), qi, geo, p, in_place, a, y + offset, e);
     };
     if (nb == 1) {
       image_task(0, ctx);
@@ -299,63 +250,24 @@ class ConvKernel : public TernaryKernelBase {
     int64_t C, H, W, OH, OW, padded_h, padded_w;
     int64_t slots;  // bytes a pixel of the NHWC image: C, or the channels padded (pad_channels_)
   };
-  // One image's output [M, OH, OW] and what is added to it before the activation: bias [M] and residual
-  // [M, OH, OW], each optional. The residual and the output are float, or 8-bit levels of their Levels: then
-  // each tile goes through a float tile in cache (tiled()).
+  // Added to one image's output before the ReLU: bias [M] and residual [M, OH, OW], each optional.
   struct Epilogue {
     const float* bias;
-    const void* residual;
-    const Levels* residual_levels;
-    void* y;
-    const Levels* y_levels;
-    bool tiled() const { return residual_levels || y_levels; }
-    float* float_y() const { return tiled() ? nullptr : static_cast<float*>(y); }
-    // Elements [offset, offset + count) of the residual as floats into out.
-    void load_residual(int64_t offset, int64_t count, float* out) const {
-      if (residual_levels) dequantize_levels(static_cast<const uint8_t*>(residual) + offset, count, *residual_levels, out);
-      else std::memcpy(out, static_cast<const float*>(residual) + offset, static_cast<size_t>(count) * sizeof(float));
-    }
-    // count floats from src into elements [offset, offset + count) of the output, quantized when it is 8-bit.
-    void store(const KernelDispatch& d, int64_t offset, const float* src, int64_t count) const {
-      if (y_levels) d.quantize(src, count, y_levels->quant, static_cast<int8_t*>(y) + offset);
-      else std::memcpy(static_cast<float*>(y) + offset, src, static_cast<size_t>(count) * sizeof(float));
-    }
+    const float* residual;
   };
 
-  // y_scale/y_zero_point or residual_scale/residual_zero_point, parsed once when constant.
-  static void constant_levels(const OrtKernelInfo* info, size_t scale_index, const char* what,
-                              std::optional<Levels>* out) {
-    const OrtValue *scale = nullptr, *zero_point = nullptr;
-    if (constant_input(info, scale_index, &scale) && constant_input(info, scale_index + 1, &zero_point) &&
-        (scale || zero_point))
-      *out = levels_of(view(scale), view(zero_point), what);
-  }
-  static std::optional<Levels> levels(OrtKernelContext* ctx, size_t scale_index, const char* what,
-                                      const std::optional<Levels>& constant) {
-    if (constant) return constant;
-    return levels_of(input(ctx, scale_index), input(ctx, scale_index + 1), what);
-  }
-
-  // The residual input [N, M, OH, OW] (exactly the output's shape: float, or levels of residual_zero_point's
-  // type) or null.
-  static const void* residual(OrtKernelContext* ctx, const std::vector<int64_t>& shape,
-                              const std::optional<Levels>& levels) {
+  // The residual input [N, M, OH, OW] (float, exactly the output's shape) or null.
+  static const float* residual(OrtKernelContext* ctx, const std::vector<int64_t>& shape) {
     const Tensor r = input(ctx, kResidual);
-    if (!r.present) {
-      if (levels) fail("residual_scale and residual_zero_point are given without a residual");
-      return nullptr;
-    }
-    const ONNXTensorElementDataType type = levels ? levels->type() : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    if (r.type != type)
-      fail(std::string("residual must be ") + type_name(type) + (levels ? " (residual_zero_point's type)" : "") +
-           ", got " + type_name(r.type));
+    if (!r.present) return nullptr;
+    if (r.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) fail("residual must be float");
     if (r.shape != shape) fail("residual shape " + shape_string(r.shape) + " must be the output's " + shape_string(shape));
-    return r.data;
+    return r.as<float>();
   }
 
   // Image n: quantize, gather unless in place, GEMM into y_image (ctx null: serially).
   void run_image(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& qi, const Geometry& geo,
-                 const Planes& p, bool in_place, GemmArgs a, const Epilogue& e) const {
+                 const Planes& p, bool in_place, GemmArgs a, float* y_image, const Epilogue& e) const {
     thread_local ScratchBuffer<int8_t> image_buffer, rows_buffer;
     thread_local ScratchBuffer<int32_t> gsum_buffer;
     const int64_t P = geo.OH * geo.OW;
@@ -379,7 +291,7 @@ class ConvKernel : public TernaryKernelBase {
       a.gsum = gsum;
       group_step = P * positions_;
     }
-    a.y = e.float_y();
+    a.y = y_image;
     gemm(ctx, p, P, group_step, a, e);
   }
 
@@ -394,7 +306,7 @@ class ConvKernel : public TernaryKernelBase {
   // Image n by the direct kernel: quantized to unsigned levels in a planar padded image, then
   // output channels in parallel tasks.
   void run_direct(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& q, const Geometry& geo,
-                  const DepthwiseWeights& w, const Epilogue& e) const {
+                  const DepthwiseWeights& w, float* y_image, const Epilogue& e) const {
     thread_local ScratchBuffer<int8_t> image_buffer;
     const ActQuant qu = unsigned_levels(q);
     const int64_t image_bytes = checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), geo.C, "input");
@@ -415,28 +327,16 @@ class ConvKernel : public TernaryKernelBase {
     a.dilation_w = dilations_[1];
     a.x_scale = q.scale;
     a.bias = e.bias;
-    a.residual = e.tiled() ? nullptr : static_cast<const float*>(e.residual);
-    a.y = e.float_y();
+    a.residual = e.residual;
+    a.y = y_image;
     const Activation rest = as_clamp(activation_, &a.lo, &a.hi) ? Activation() : activation_;  // left to the pass
     const int64_t P = geo.OH * geo.OW, per_task = channels_per_task(P);
     auto task = [&](size_t t) {
       DepthwiseArgs part = a;
       part.m_begin = static_cast<int64_t>(t) * per_task;
       part.m_end = std::min(m_, part.m_begin + per_task);
-      const int64_t first = part.m_begin * P, count = (part.m_end - part.m_begin) * P;
-      thread_local ScratchBuffer<float> tile_buffer, residual_buffer;
-      if (e.tiled()) {  // the task's channels through float tiles: y and residual addressed from their first element
-        float* tile = tile_buffer.get(count);
-        part.y = tile - first;
-        if (e.residual) {
-          float* residual = residual_buffer.get(count);
-          e.load_residual(first, count, residual);
-          part.residual = residual - first;
-        }
-      }
       dispatch_->depthwise(part);
-      if (rest.active()) finish_row_(part.y + first, count, RowAddends(), rest);
-      if (e.tiled()) e.store(*dispatch_, first, part.y + first, count);
+      if (rest.active()) finish_row_(y_image + part.m_begin * P, (part.m_end - part.m_begin) * P, RowAddends(), rest);
     };
     parallel_for(ctx, static_cast<size_t>((m_ + per_task - 1) / per_task), task);
   }
@@ -648,7 +548,7 @@ class ConvKernel : public TernaryKernelBase {
     const int64_t tiles_m = (mg + mb - 1) / mb, tiles_b = (P + bb - 1) / bb;
     const bool finish = e.bias || e.residual || activation_.active();
     std::optional<StoreEpilogue> stored = finish ? store_epilogue(args, e.bias, activation_) : std::nullopt;
-    if (stored && !e.tiled()) stored->residual = static_cast<const float*>(e.residual);  // laid out as y_image
+    if (stored) stored->residual = e.residual;  // laid out as y_image
     auto task = [&](size_t t) {
       const int64_t i = static_cast<int64_t>(t);
       const int64_t g = i / (tiles_m * tiles_b), tm = i % tiles_m, tb = i / tiles_m % tiles_b;
@@ -659,48 +559,14 @@ class ConvKernel : public TernaryKernelBase {
       a.m_end = std::min(g * mg + mg, a.m_begin + mb);
       a.b_begin = tb * bb;
       a.b_end = std::min(P, a.b_begin + bb);
-      if (e.tiled()) {
-        gemm_tile(a, p, stored ? &*stored : nullptr, finish, e, P);
-        return;
-      }
       gemm_planes(a, p, stored ? &*stored : nullptr);
       if (finish && !stored)
         for (int64_t m = a.m_begin; m < a.m_end; ++m)
           finish_row_(a.y + m * P + a.b_begin, a.b_end - a.b_begin,
-                      RowAddends{e.bias ? e.bias + m : nullptr,
-                                 e.residual ? static_cast<const float*>(e.residual) + m * P + a.b_begin : nullptr},
+                      RowAddends{e.bias ? e.bias + m : nullptr, e.residual ? e.residual + m * P + a.b_begin : nullptr},
                       activation_);
     };
     parallel_for(ctx, static_cast<size_t>(group_ * tiles_m * tiles_b), task);
-  }
-
-  // One GEMM tile of an 8-bit output or residual, through a float tile in cache (rows of the tile's
-  // pixels): the residual loaded into one first, the tile stored (quantized) last. The kernel addresses
-  // y (and the store epilogue the residual) at m * y_stride_m + b, so both tiles' bases are offset by
-  // the tile's first (m, b).
-  void gemm_tile(GemmArgs a, const Planes& p, const StoreEpilogue* stored, bool finish, const Epilogue& e,
-                 int64_t P) const {
-    thread_local ScratchBuffer<float> tile_buffer, residual_buffer;
-    const int64_t rows = a.m_end - a.m_begin, cols = a.b_end - a.b_begin, first = a.m_begin * cols + a.b_begin;
-    float* tile = tile_buffer.get(rows * cols);
-    float* residual = e.residual ? residual_buffer.get(rows * cols) : nullptr;
-    for (int64_t m = 0; residual && m < rows; ++m)
-      e.load_residual((a.m_begin + m) * P + a.b_begin, cols, residual + m * cols);
-    a.y = tile - first;
-    a.y_stride_m = cols;
-    StoreEpilogue local;
-    if (stored) {
-      local = *stored;
-      local.residual = residual ? residual - first : nullptr;
-    }
-    gemm_planes(a, p, stored ? &local : nullptr);
-    for (int64_t m = 0; m < rows; ++m) {
-      float* row = tile + m * cols;
-      if (finish && !stored)
-        finish_row_(row, cols, RowAddends{e.bias ? e.bias + a.m_begin + m : nullptr, residual ? residual + m * cols : nullptr},
-                    activation_);
-      e.store(*dispatch_, (a.m_begin + m) * P + a.b_begin, row, cols);
-    }
   }
 
  private:
@@ -711,18 +577,15 @@ class ConvKernel : public TernaryKernelBase {
   bool row_segments_ = false;  // in place, a kernel row's offsets are one segment
   bool direct_ = false;  // the direct kernel (include/fgq/depthwise.h) instead of the GEMM
   std::shared_ptr<const DepthwiseWeights> direct_weights_;  // from constant weights, built once
-  std::optional<Levels> constant_y_levels_, constant_residual_levels_;  // from constant inputs
   // Fewer channels a group than N: groups run along kernel rows, so the image is planar.
   bool planar() const { return !segmented_; }
   std::vector<int64_t> strides_, dilations_, pads_;
   std::vector<Run> runs_;
 };
 
-std::array<OrtCustomOp*, 3> ternary_conv_ops() {
-  static CustomOp<TernaryConvOp<kF32>> to_float;
-  static CustomOp<TernaryConvOp<kU8>> to_uint8;
-  static CustomOp<TernaryConvOp<kI8>> to_int8;
-  return {&to_float, &to_uint8, &to_int8};
+OrtCustomOp* ternary_conv_op() {
+  static CustomOp<TernaryConvOp> op;
+  return &op;
 }
 
 }  // namespace ort
