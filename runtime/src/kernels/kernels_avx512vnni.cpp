@@ -194,11 +194,23 @@ inline void block_store(const GemmArgs& a, int64_t quad0, int64_t b0) {
     }
 }
 
+// The rest of a clamp epilogue after the bias, on a row of 8 columns: plus the residual's row (laid out as
+// the output, `at` elements on), then the clamp. Held by value: the stores would make fields read through a
+// pointer reload.
+struct RowsResidual {
+  const float* residual;
+  __m256 lo, hi;
+  __m256 finish(__m256 r, int64_t at, __mmask8 columns) const {
+    r = _mm256_add_ps(r, _mm256_maskz_loadu_ps(columns, residual + at));
+    return _mm256_min_ps(hi, _mm256_max_ps(lo, r));
+  }
+};
+
 // v[c] lane i is row i, column c (c < 8; v[columns..7] are zero): rows lo..hi-1 go to
-// y + i * stride, `columns` columns each. Three shuffle rounds leave t[k] = [row k | row 4 + k]
-// and t[4 + k] = [row 8 + k | row 12 + k].
+// y + i * stride, `columns` columns each (`residual`: finished by it). Three shuffle rounds leave
+// t[k] = [row k | row 4 + k] and t[4 + k] = [row 8 + k | row 12 + k].
 inline void store_rows(const __m512 v[8], int columns, float* y, int64_t stride, int64_t lo, int64_t hi,
-                       bool accumulate) {
+                       bool accumulate, const RowsResidual* residual = nullptr) {
   __m512 u[8], t[8];
   for (int p = 0; p < 4; ++p) {
     u[2 * p] = _mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]);
@@ -222,13 +234,15 @@ inline void store_rows(const __m512 v[8], int columns, float* y, int64_t stride,
       float* at = y + i * stride;
       __m256 r = j % 2 ? _mm512_extractf32x8_ps(pair[j / 2], 1) : _mm512_castps512_ps256(pair[j / 2]);
       if (accumulate) r = _mm256_add_ps(r, _mm256_maskz_loadu_ps(row_columns, at));
+      if (residual) r = residual->finish(r, i * stride, row_columns);
       _mm256_mask_storeu_ps(at, row_columns, r);
     }
   }
 }
 
 // The folded form's epilogue for one panel: sums[c] lane i is row m0 + i, column b0 + c
-// (c < columns <= 8), the exact sum over w * (x + 128); fold_bias removes the 128.
+// (c < columns <= 8), the exact sum over w * (x + 128); fold_bias removes the 128. GemmArgs::epilogue
+// (clamps only: FoldedEpilogue::kClamps) is applied in registers; when accumulating, after the stores.
 void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m512i sums[8], int columns) {
   const KernelWeights& w = *a.w;
   const __m512i bias = _mm512_loadu_si512(w.fold_bias.data() + m0);
@@ -241,13 +255,39 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m512i sums[
                                                               offset_term))
                        : _mm512_setzero_ps();
   float* y = a.y + b0 * a.y_stride_b + m0 * a.y_stride_m;
-  if (a.y_stride_m == 1) {  // [B, M]: each column's 16 rows contiguous
+  const StoreEpilogue* e = a.epilogue;
+  const bool by_rows = a.y_stride_m == 1, by_columns = a.y_stride_b == 1;  // [B, M]; a convolution's [M, pixels]
+  if (e && applies(FoldedEpilogue::kClamps, *e) && !a.accumulate && (by_rows || by_columns)) {
+    // A clamp epilogue (no activation, ReLU, ReLU6) in registers: the bias and, without a residual, the clamp
+    // on the columns' vectors (before the transposition); a residual and then the clamp on the rows.
+    const __mmask16 rows = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+    if (e->bias) {
+      const __m512 row_bias = _mm512_maskz_loadu_ps(rows, e->bias + m0);
+      for (int c = 0; c < columns; ++c) v[c] = _mm512_add_ps(v[c], row_bias);
+    }
+    if (e->residual && !by_rows) {
+      const RowsResidual residual{e->residual + (y - a.y), _mm256_set1_ps(e->lo), _mm256_set1_ps(e->hi)};
+      store_rows(v, columns, y, a.y_stride_m, lo, hi, false, &residual);
+      return;
+    }
+    const __m512 low = _mm512_set1_ps(e->lo), high = _mm512_set1_ps(e->hi);
+    for (int c = 0; c < columns; ++c) {
+      if (e->residual) v[c] = _mm512_add_ps(v[c], _mm512_maskz_loadu_ps(rows, e->residual + (y - a.y) + c * a.y_stride_b));
+      v[c] = _mm512_min_ps(high, _mm512_max_ps(low, v[c]));
+    }
+    if (by_rows)
+      for (int c = 0; c < columns; ++c) _mm512_mask_storeu_ps(y + c * a.y_stride_b, rows, v[c]);
+    else
+      store_rows(v, columns, y, a.y_stride_m, lo, hi, false);
+    return;
+  }
+  if (by_rows) {  // [B, M]: each column's 16 rows contiguous
     const __mmask16 rows = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
     for (int c = 0; c < columns; ++c) {
       float* yc = y + c * a.y_stride_b;
       _mm512_mask_storeu_ps(yc, rows, a.accumulate ? _mm512_add_ps(v[c], _mm512_maskz_loadu_ps(rows, yc)) : v[c]);
     }
-  } else if (a.y_stride_b == 1) {  // [M, pixels] (a convolution's NCHW output): each row's columns contiguous
+  } else if (by_columns) {  // [M, pixels] (a convolution's NCHW output): each row's columns contiguous
     store_rows(v, columns, y, a.y_stride_m, lo, hi, a.accumulate);
   } else {
     alignas(64) float lanes[16];
@@ -259,6 +299,12 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m512i sums[
       }
     }
   }
+  if (e)  // accumulating (the second plane of asymmetric weights): after the stores, as the ops' finish pass would
+    for (int c = 0; c < columns; ++c)
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t offset = c * a.y_stride_b + i * a.y_stride_m;
+        y[offset] = e->apply(y[offset], m0 + i, e->residual ? e->residual + (y - a.y) + offset : nullptr);
+      }
 }
 
 // The folded form (KernelWeights::folded), one register tile: NP panels of 16 rows (PL planes
@@ -478,6 +524,6 @@ void quantize_transposed_tiles(const float* src, int64_t channels, int64_t pixel
 const KernelDispatch kAvx512VnniDispatch = {"avx512vnni",        group_dots,          gemm, quantize_span16,
                                             to_kernel_order_impl, quantize_transposed_tiles, kFoldedPlanes,
                                             depthwise_avx512,
-                                            false};
+                                            FoldedEpilogue::kClamps};
 
 }  // namespace fgq

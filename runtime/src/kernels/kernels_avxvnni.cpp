@@ -110,6 +110,6 @@ const KernelDispatch kAvxVnniDispatch = {"avxvnni",
                                          kAvx2Dispatch.quantize_transposed,
                                          kFoldedPlanes,
                                          depthwise_avxvnni,
-                                         true};
+                                         FoldedEpilogue::kAll};
 
 }  // namespace fgq

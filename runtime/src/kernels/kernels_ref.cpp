@@ -73,6 +73,7 @@ void ref_gemm(const GemmArgs& a) {
 }  // namespace
 
 const KernelDispatch kRefDispatch = {"ref", ref_group_dots, ref_gemm, quantize_span, to_kernel_order,
-                                     quantize_transposed, kNoFoldedForm, depthwise_ref, false};
+                                     quantize_transposed, kNoFoldedForm, depthwise_ref,
+                                     FoldedEpilogue::kNone};
 
 }  // namespace fgq
