@@ -194,15 +194,49 @@ inline void block_store(const GemmArgs& a, int64_t quad0, int64_t b0) {
     }
 }
 
-// The rest of a clamp epilogue after the bias, on a row of 8 columns: plus the residual's row (laid out as
-// the output, `at` elements on), then the clamp. Held by value: the stores would make fields read through a
-// pointer reload.
+inline __m256 vadd(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+inline __m512 vadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+inline __m256 vmul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+inline __m512 vmul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
+inline __m256 vclamp(__m256 v, float lo, float hi) {
+  return _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), v));
+}
+inline __m512 vclamp(__m512 v, float lo, float hi) {
+  return _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v));
+}
+template <class V>
+V splat(float x) {
+  if constexpr (sizeof(V) == 32) return _mm256_set1_ps(x);
+  else return _mm512_set1_ps(x);
+}
+
+// A StoreEpilogue's activation and affine map (after the bias and the residual) on 8 or 16 lanes,
+// StoreEpilogue::apply operation for operation: max and min return their second operand on NaN and on
+// equal zeros, so max(lo, v) is `v < lo ? lo : v` and min(hi, v) is `v > hi ? hi : v` exactly. Held by
+// value: the stores would make fields read through a pointer reload.
+struct ActivationLanes {
+  StoreEpilogue::Kind kind = StoreEpilogue::kClamp;
+  bool affine = false;
+  float lo = 0.f, hi = 0.f, alpha = 0.f, beta = 0.f, scale = 1.f, shift = 0.f;
+  ActivationLanes() = default;
+  explicit ActivationLanes(const StoreEpilogue& e)
+      : kind(e.kind), affine(e.affine), lo(e.lo), hi(e.hi), alpha(e.alpha), beta(e.beta), scale(e.scale), shift(e.shift) {}
+  template <class V>
+  V operator()(V v) const {
+    if (kind == StoreEpilogue::kClamp) v = vclamp(v, lo, hi);
+    else if (kind == StoreEpilogue::kHardSigmoid) v = vclamp(vadd(vmul(splat<V>(alpha), v), splat<V>(beta)), 0.f, 1.f);
+    else v = vmul(vmul(v, vclamp(vadd(v, splat<V>(3.f)), 0.f, 6.f)), splat<V>(1.f / 6.f));
+    return affine ? vadd(vmul(v, splat<V>(scale)), splat<V>(shift)) : v;
+  }
+};
+
+// The rest of an epilogue after the bias, on a row of 8 columns: plus the residual's row (laid out as the
+// output, `at` elements on), then the activation.
 struct RowsResidual {
-  const float* residual;
-  __m256 lo, hi;
+  const float* residual = nullptr;
+  ActivationLanes act;
   __m256 finish(__m256 r, int64_t at, __mmask8 columns) const {
-    r = _mm256_add_ps(r, _mm256_maskz_loadu_ps(columns, residual + at));
-    return _mm256_min_ps(hi, _mm256_max_ps(lo, r));
+    return act(_mm256_add_ps(r, _mm256_maskz_loadu_ps(columns, residual + at)));
   }
 };
 
@@ -211,6 +245,7 @@ struct RowsResidual {
 // t[k] = [row k | row 4 + k] and t[4 + k] = [row 8 + k | row 12 + k].
 inline void store_rows(const __m512 v[8], int columns, float* y, int64_t stride, int64_t lo, int64_t hi,
                        bool accumulate, const RowsResidual* residual = nullptr) {
+  const RowsResidual finish = residual ? *residual : RowsResidual();  // a local: see ActivationLanes
   __m512 u[8], t[8];
   for (int p = 0; p < 4; ++p) {
     u[2 * p] = _mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]);
@@ -234,7 +269,7 @@ inline void store_rows(const __m512 v[8], int columns, float* y, int64_t stride,
       float* at = y + i * stride;
       __m256 r = j % 2 ? _mm512_extractf32x8_ps(pair[j / 2], 1) : _mm512_castps512_ps256(pair[j / 2]);
       if (accumulate) r = _mm256_add_ps(r, _mm256_maskz_loadu_ps(row_columns, at));
-      if (residual) r = residual->finish(r, i * stride, row_columns);
+      if (residual) r = finish.finish(r, i * stride, row_columns);
       _mm256_mask_storeu_ps(at, row_columns, r);
     }
   }
@@ -242,7 +277,7 @@ inline void store_rows(const __m512 v[8], int columns, float* y, int64_t stride,
 
 // The folded form's epilogue for one panel: sums[c] lane i is row m0 + i, column b0 + c
 // (c < columns <= 8), the exact sum over w * (x + 128); fold_bias removes the 128. GemmArgs::epilogue
-// (clamps only: FoldedEpilogue::kClamps) is applied in registers; when accumulating, after the stores.
+// is applied in registers; when accumulating (asymmetric weights' second plane), after the stores.
 void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m512i sums[8], int columns) {
   const KernelWeights& w = *a.w;
   const __m512i bias = _mm512_loadu_si512(w.fold_bias.data() + m0);
@@ -257,23 +292,23 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m512i sums[
   float* y = a.y + b0 * a.y_stride_b + m0 * a.y_stride_m;
   const StoreEpilogue* e = a.epilogue;
   const bool by_rows = a.y_stride_m == 1, by_columns = a.y_stride_b == 1;  // [B, M]; a convolution's [M, pixels]
-  if (e && applies(FoldedEpilogue::kClamps, *e) && !a.accumulate && (by_rows || by_columns)) {
-    // A clamp epilogue (no activation, ReLU, ReLU6) in registers: the bias and, without a residual, the clamp
-    // on the columns' vectors (before the transposition); a residual and then the clamp on the rows.
+  if (e && !a.accumulate && (by_rows || by_columns)) {
+    // The epilogue in registers: the bias and, without a residual, the activation on the columns' vectors
+    // (before the transposition); a residual and then the activation on the rows.
     const __mmask16 rows = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
     if (e->bias) {
       const __m512 row_bias = _mm512_maskz_loadu_ps(rows, e->bias + m0);
       for (int c = 0; c < columns; ++c) v[c] = _mm512_add_ps(v[c], row_bias);
     }
     if (e->residual && !by_rows) {
-      const RowsResidual residual{e->residual + (y - a.y), _mm256_set1_ps(e->lo), _mm256_set1_ps(e->hi)};
+      const RowsResidual residual{e->residual + (y - a.y), ActivationLanes(*e)};
       store_rows(v, columns, y, a.y_stride_m, lo, hi, false, &residual);
       return;
     }
-    const __m512 low = _mm512_set1_ps(e->lo), high = _mm512_set1_ps(e->hi);
+    const ActivationLanes act(*e);
     for (int c = 0; c < columns; ++c) {
       if (e->residual) v[c] = _mm512_add_ps(v[c], _mm512_maskz_loadu_ps(rows, e->residual + (y - a.y) + c * a.y_stride_b));
-      v[c] = _mm512_min_ps(high, _mm512_max_ps(low, v[c]));
+      v[c] = act(v[c]);
     }
     if (by_rows)
       for (int c = 0; c < columns; ++c) _mm512_mask_storeu_ps(y + c * a.y_stride_b, rows, v[c]);
@@ -299,7 +334,7 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m512i sums[
       }
     }
   }
-  if (e)  // accumulating (the second plane of asymmetric weights): after the stores, as the ops' finish pass would
+  if (e)  // accumulating: after the stores, as the ops' finish pass would
     for (int c = 0; c < columns; ++c)
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t offset = c * a.y_stride_b + i * a.y_stride_m;
@@ -524,6 +559,6 @@ void quantize_transposed_tiles(const float* src, int64_t channels, int64_t pixel
 const KernelDispatch kAvx512VnniDispatch = {"avx512vnni",        group_dots,          gemm, quantize_span16,
                                             to_kernel_order_impl, quantize_transposed_tiles, kFoldedPlanes,
                                             depthwise_avx512,
-                                            FoldedEpilogue::kClamps};
+                                            FoldedEpilogue::kAll};
 
 }  // namespace fgq
