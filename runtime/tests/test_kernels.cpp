@@ -558,24 +558,21 @@ void test_folded_extremes(const std::vector<const fgq::KernelDispatch*>& ps) {
 // the bias add fused into one FMA would show): `rows` writes [B, M] over all rows and columns, `tile`
 // a row and column range of [M, B], stored or accumulated onto ones; the bias (one of them NaN, which
 // every activation keeps), the residual (laid out as the output) and the activation (none, ReLU, Clip,
-// HardSigmoid, HardSwish, each with or without the affine map, as far as the path applies them) vary with the
-// shape. Outputs outside the
+// HardSigmoid, HardSwish, each with or without the affine map) vary with the shape. Outputs outside the
 // tile stay untouched.
 void check_store_epilogue(const fgq::KernelDispatch& d, fgq::GemmArgs rows, fgq::GemmArgs tile, std::mt19937& rng) {
   const int64_t M = rows.m_end, B = rows.b_end;
   std::vector<float> bias(static_cast<size_t>(M));
   for (auto& v : bias) v = static_cast<float>(static_cast<int>(rng() % 2001) - 1000) / 64.f + 0.01f;
   bias[static_cast<size_t>(M / 2)] = std::numeric_limits<float>::quiet_NaN();
-  // none, ReLU, Clip, HardSigmoid, HardSwish (a path that applies clamps only: the first three, no affine map)
-  const bool all = d.folded_epilogue == fgq::FoldedEpilogue::kAll;
-  const int kind = static_cast<int>((M + B) % (all ? 5 : 3));
+  const int kind = static_cast<int>((M + B) % 5);  // none, ReLU, Clip, HardSigmoid, HardSwish
   fgq::StoreEpilogue e;
   e.bias = (M + B) % 4 != 3 ? bias.data() : nullptr;
   if (kind == 1 || kind == 2) e.lo = kind == 1 ? 0.f : -3.5f;
   if (kind == 2) e.hi = 6.f;
   if (kind == 3) e.kind = fgq::StoreEpilogue::kHardSigmoid, e.alpha = 0.2f, e.beta = 0.5f;
   if (kind == 4) e.kind = fgq::StoreEpilogue::kHardSwish;
-  if (all && (M * B) % 3 == 0) e.affine = true, e.scale = 1.7f, e.shift = -0.3f;  // the affine map, on any kind
+  if ((M * B) % 3 == 0) e.affine = true, e.scale = 1.7f, e.shift = -0.3f;  // the affine map, on any kind
   std::vector<float> residual(static_cast<size_t>(M * B));  // laid out as the output, either layout
   for (auto& v : residual) v = static_cast<float>(static_cast<int>(rng() % 2001) - 1000) / 32.f + 0.03f;
   e.residual = (M * B) % 4 != 1 ? residual.data() : nullptr;
@@ -711,7 +708,7 @@ void test_folded_tiles(const std::vector<const fgq::KernelDispatch*>& ps) {
         t.b_begin = B > 3 ? 1 : 0;
         t.b_end = B > 9 ? B - 2 : B;
         check_tile(*d, t, want, M, B, "folded tiles in place k=" + std::to_string(k));
-        if (d->folded_epilogue != fgq::FoldedEpilogue::kNone) check_store_epilogue(*d, a, t, rng);
+        if (d->folded_epilogue) check_store_epilogue(*d, a, t, rng);
         ++cases;
       }
     }
@@ -907,7 +904,7 @@ void test_dense_weights(const std::vector<const fgq::KernelDispatch*>& ps) {
             t.b_end = B > 4 ? B - 1 : B;
             check_tile(*d, t, want, M, B,
                        "dense weights in place segments=" + std::to_string(segments) + " length=" + std::to_string(length));
-            if (d->folded_epilogue != fgq::FoldedEpilogue::kNone) check_store_epilogue(*d, a, t, rng);
+            if (d->folded_epilogue) check_store_epilogue(*d, a, t, rng);
             ++cases;
           }
         }

@@ -289,19 +289,11 @@ struct GemmArgs {
   float offset = 0.f;
   bool accumulate = false;
   // Applied to each output as it is stored (after accumulating); only with `natural` on a path
-  // whose folded_epilogue applies it.
+  // whose folded_epilogue is set.
   const StoreEpilogue* epilogue = nullptr;
 };
 
 struct DepthwiseArgs;  // include/fgq/depthwise.h
-
-// The StoreEpilogues a path's folded stores apply: none, clamps only (kClamp without the affine map:
-// no activation, ReLU, Clip), or all.
-enum class FoldedEpilogue { kNone, kClamps, kAll };
-// Whether a path applies epilogue `e` in its folded stores.
-inline bool applies(FoldedEpilogue f, const StoreEpilogue& e) {
-  return f == FoldedEpilogue::kAll || (f == FoldedEpilogue::kClamps && e.kind == StoreEpilogue::kClamp && !e.affine);
-}
 
 // The dispatch table. Each instruction-set file fills one; the reference
 // (kernels_ref.cpp) is the truth the others are tested against.
@@ -324,8 +316,8 @@ struct KernelDispatch {
   unsigned folded;
   // The direct convolution kernel for few channels a group (include/fgq/depthwise.h).
   void (*depthwise)(const DepthwiseArgs& args);
-  // Which GemmArgs::epilogue the folded form's stores apply (else the caller finishes the rows).
-  FoldedEpilogue folded_epilogue;
+  // Whether the folded form's stores apply GemmArgs::epilogue (else the caller finishes the rows).
+  bool folded_epilogue;
 };
 
 // Whether a call over `rows` activation rows takes natural unsigned rows (GemmArgs::natural):

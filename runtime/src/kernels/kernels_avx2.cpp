@@ -464,7 +464,6 @@ void quantize_transposed_tiles(const float* src, int64_t channels, int64_t pixel
 }  // namespace
 
 const KernelDispatch kAvx2Dispatch = {"avx2",          group_dots, gemm, quantize_span32, to_kernel_order_impl,
-                                      quantize_transposed_tiles, kFoldedTernary, depthwise_avx2,
-                                      FoldedEpilogue::kAll};
+                                      quantize_transposed_tiles, kFoldedTernary, depthwise_avx2, true};
 
 }  // namespace fgq

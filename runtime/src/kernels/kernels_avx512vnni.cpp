@@ -559,6 +559,6 @@ void quantize_transposed_tiles(const float* src, int64_t channels, int64_t pixel
 const KernelDispatch kAvx512VnniDispatch = {"avx512vnni",        group_dots,          gemm, quantize_span16,
                                             to_kernel_order_impl, quantize_transposed_tiles, kFoldedPlanes,
                                             depthwise_avx512,
-                                            FoldedEpilogue::kAll};
+                                            true};
 
 }  // namespace fgq

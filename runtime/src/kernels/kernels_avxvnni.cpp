@@ -110,6 +110,6 @@ const KernelDispatch kAvxVnniDispatch = {"avxvnni",
                                          kAvx2Dispatch.quantize_transposed,
                                          kFoldedPlanes,
                                          depthwise_avxvnni,
-                                         FoldedEpilogue::kAll};
+                                         true};
 
 }  // namespace fgq

@@ -73,7 +73,6 @@ void ref_gemm(const GemmArgs& a) {
 }  // namespace
 
 const KernelDispatch kRefDispatch = {"ref", ref_group_dots, ref_gemm, quantize_span, to_kernel_order,
-                                     quantize_transposed, kNoFoldedForm, depthwise_ref,
-                                     FoldedEpilogue::kNone};
+                                     quantize_transposed, kNoFoldedForm, depthwise_ref, false};
 
 }  // namespace fgq

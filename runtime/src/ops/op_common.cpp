@@ -519,7 +519,7 @@ bool as_clamp(const Activation& act, float* lo, float* hi) { return !act.affine 
 
 std::optional<StoreEpilogue> TernaryKernelBase::store_epilogue(const GemmArgs& args, const float* bias,
                                                                const Activation& act) const {
-  if (!args.natural) return std::nullopt;
+  if (!args.natural || !dispatch_->folded_epilogue) return std::nullopt;
   StoreEpilogue s;
   s.bias = bias;
   if (act.kind == Activation::kHardSigmoid) s.kind = StoreEpilogue::kHardSigmoid, s.alpha = act.p0, s.beta = act.p1;
@@ -528,7 +528,7 @@ std::optional<StoreEpilogue> TernaryKernelBase::store_epilogue(const GemmArgs& a
   s.affine = act.affine;
   s.scale = act.scale;
   s.shift = act.shift;
-  return applies(dispatch_->folded_epilogue, s) ? std::optional<StoreEpilogue>(s) : std::nullopt;
+  return s;
 }
 
 void TernaryKernelBase::gemm_planes(GemmArgs a, const Planes& p, const StoreEpilogue* epilogue) const {

@@ -160,7 +160,7 @@ class TernaryKernelBase {
   // by `e` (y_stride_m must be 1).
   void run(OrtKernelContext* ctx, const Planes& p, GemmArgs args, const RowEpilogue& e) const;
   // The bias and the activation for the folded stores of paths that apply them as they store
-  // (KernelDispatch::folded_epilogue applies it, StoreEpilogue), or nothing: then a pass over each tile does it.
+  // (KernelDispatch::folded_epilogue, StoreEpilogue), or nothing: then a pass over each tile does it.
   std::optional<StoreEpilogue> store_epilogue(const GemmArgs& args, const float* bias, const Activation& act) const;
   // The kernel over the positive plane, then the negative one accumulated (asymmetric layers), the store
   // epilogue (or null) with the last call.
