@@ -317,3 +317,32 @@ def attach_function_bodies(model: ir.Model) -> None:
             function = ir.serde.deserialize_function(proto)
             model.functions[function.identifier()] = function
     ir.passes.common.RemoveUnusedFunctionsPass()(model)
+
+
+def node_overload(node: ir.Node) -> str:
+    """The overload a com.fgq node's inputs and attributes call for: neg_scales given (asymmetric), a
+    TernaryConv residual, the `activation` attribute, `activation_affine`."""
+    inputs = list(node.inputs)
+    asymmetric = len(inputs) > INPUTS.index("neg_scales") and inputs[INPUTS.index("neg_scales")] is not None
+    residual = node.op_type == "TernaryConv" and len(inputs) > len(INPUTS) and inputs[len(INPUTS)] is not None
+    activation = node.attributes.get("activation")
+    return overload_name(asymmetric, residual, activation.as_string() if activation is not None else "",
+                         "activation_affine" in node.attributes)
+
+
+def restore_overloads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with each com.fgq node's overload and this version's function bodies made again.
+
+    onnx-graphsurgeon (0.6) keeps neither a node's overload nor a function's, so a model edited with it
+    holds several com.fgq functions of one name, which onnxruntime refuses to load ("Duplicate
+    model-local function identifier"). The overloads follow from each node's inputs and attributes
+    (node_overload); the com.fgq functions are replaced by the bodies of the overloads in use.
+    """
+    ir_model = ir.serde.deserialize_model(model)
+    for node in ir_model.graph:
+        if node.domain == DOMAIN:
+            node.overload = node_overload(node)
+    for key in [key for key, function in ir_model.functions.items() if function.domain == DOMAIN]:
+        del ir_model.functions[key]
+    attach_function_bodies(ir_model)
+    return ir.serde.serialize_model(ir_model)

@@ -112,7 +112,11 @@ def inference_session(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     graph_optimization_level: ort.GraphOptimizationLevel | None = None,
 ) -> ort.InferenceSession:
-    """An InferenceSession that runs the com.fgq ops; `kernel` forces ref, avx2, avxvnni or avx512vnni."""
+    """An InferenceSession that runs the com.fgq ops; `kernel` forces ref, avx2, avxvnni or avx512vnni.
+
+    A model whose com.fgq overloads were lost (an onnx-graphsurgeon round trip: onnxruntime refuses its
+    duplicate function names) is opened with them restored (custom_op_functions.restore_overloads).
+    """
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     with _kernel_env(kernel):
@@ -122,7 +126,22 @@ def inference_session(
         except Exception as error:
             if kernel is not None and KERNEL_ENV in str(error):
                 raise RuntimeLibraryError(str(error)) from error
-            raise
+            if _DUPLICATE_FUNCTION not in str(error):
+                raise
+        return ort.InferenceSession(_with_overloads(model), sess_options=opts, providers=list(providers))
+
+
+_DUPLICATE_FUNCTION = "Duplicate model-local function identifier"
+
+
+def _with_overloads(model: str | bytes) -> bytes:
+    """The serialized model with its com.fgq overloads restored (external data stays where it is)."""
+    import onnx
+
+    from fgq_onnx.custom_op_functions import restore_overloads
+
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model, load_external_data=False)
+    return restore_overloads(proto).SerializeToString()
 
 
 def supported_kernels() -> list[str]:

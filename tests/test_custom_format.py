@@ -167,6 +167,34 @@ def test_embedded_model(n, act_bits):
         assert diff < 0.05 and agree >= 0.99
 
 
+@pytest.mark.skipif(not EMBEDDED.exists(), reason="embedded model not present")
+def test_graphsurgeon_round_trip_keeps_overloads_usable(tmp_path):
+    """The embedded ResNet in the custom format mixes TernaryConv overloads (plain and residual), which an
+    onnx-graphsurgeon round trip drops: restore_overloads gives them back from each node's inputs and
+    attributes, and runtime.inference_session does so by itself; the outputs stay those of the converted model."""
+    gs = pytest.importorskip("onnx_graphsurgeon")
+    from fgq_onnx import runtime
+    from fgq_onnx.custom_op_functions import node_overload, restore_overloads
+
+    model = convert(EMBEDDED, calib=EMBEDDED_CALIB, n=4, bias_correction=False).model
+    custom = [node for node in model.graph if node.domain == DOMAIN]
+    assert [node_overload(node) for node in custom] == [node.overload for node in custom]  # what the passes wrote
+    assert len({node.overload for node in custom if node.op_type == "TernaryConv"}) > 1
+    proto = ir.serde.serialize_model(model)
+    edited = gs.export_onnx(gs.import_onnx(proto))
+    assert {node.overload for node in edited.graph.node} == {""}
+    path = tmp_path / "edited.onnx"
+    onnx.save(edited, path)
+    restored = restore_overloads(edited)
+    assert [node.overload for node in restored.graph.node if node.domain == DOMAIN] == [node.overload for node in custom]
+    x = np.load(EMBEDDED_TEST)["input"][:32]
+    want = _basic_session(proto).run(None, {"input": x})[0]  # the function bodies
+    np.testing.assert_array_equal(_basic_session(restored).run(None, {"input": x})[0], want)
+    _kernel_session(proto)  # skips without the library
+    kernels = runtime.inference_session(proto.SerializeToString()).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(runtime.inference_session(path).run(None, {"input": x})[0], kernels)
+
+
 def test_to_custom_ops_function(cnn_qdq):
     from fgq_onnx.passes.use_custom_ops import to_custom_ops
 
