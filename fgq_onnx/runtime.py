@@ -135,12 +135,12 @@ _DUPLICATE_FUNCTION = "Duplicate model-local function identifier"
 
 
 def _with_overloads(model: str | bytes) -> bytes:
-    """The serialized model with its com.fgq overloads restored (external data stays where it is)."""
+    """The serialized model with its com.fgq overloads restored (external data read in: bytes carry no folder)."""
     import onnx
 
     from fgq_onnx.custom_op_functions import restore_overloads
 
-    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model, load_external_data=False)
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
     return restore_overloads(proto).SerializeToString()
 
 

@@ -285,7 +285,8 @@ inline void store_rows(const __m512 v[8], int columns, float* y, int64_t stride,
 
 // The folded form's epilogue for one panel: sums[c] lane i is row m0 + i, column b0 + c
 // (c < columns <= 8), the exact sum over w * (x + 128); fold_bias removes the 128. GemmArgs::epilogue
-// is applied in registers; when accumulating (asymmetric weights' second plane), after the stores.
+// is applied in registers; when accumulating (asymmetric weights' second plane) or in neither of the ops'
+// layouts, after the stores.
 void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m512i sums[8], int columns) {
   const KernelWeights& w = *a.w;
   const __m512i bias = _mm512_loadu_si512(w.fold_bias.data() + m0);
@@ -342,7 +343,7 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m512i sums[
       }
     }
   }
-  if (e)  // accumulating: after the stores, as the ops' finish pass would
+  if (e)  // accumulating, or neither layout: after the stores, as the ops' finish pass would
     for (int c = 0; c < columns; ++c)
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t offset = c * a.y_stride_b + i * a.y_stride_m;
