@@ -2,35 +2,21 @@
 // each includes this inside its own anonymous namespace, compiled with its own flags (both
 // have AVX2), like activation_impl.h.
 
-// The StoreEpilogue in registers, the scalar functions (kernels.h) operation for operation: max and
-// min return their second operand on NaN and on equal zeros, so max(lo, v) is `v < lo ? lo : v` and
-// min(hi, v) is `v > hi ? hi : v` exactly. The bias and residual pointers are copied out: the stores
-// (may_alias types) would make the compiler reload them after each.
+#include "activation_lanes.h"
+
+// The StoreEpilogue in registers (ActivationLanes: the scalar functions of kernels.h operation for
+// operation). The bias and residual pointers are copied out: the stores (may_alias types) would make the
+// compiler reload them after each.
 struct EpilogueLanes {
   const StoreEpilogue* e;
   const float* bias;
   const float* residual;
-  StoreEpilogue::Kind kind;
-  __m256 lo, hi, alpha, beta, scale, shift;
-  bool affine;
+  ActivationLanes act;
   explicit EpilogueLanes(const StoreEpilogue* epilogue)
       : e(epilogue), bias(e ? e->bias : nullptr), residual(e ? e->residual : nullptr),
-        kind(e ? e->kind : StoreEpilogue::kClamp), lo(_mm256_set1_ps(e ? e->lo : 0.f)), hi(_mm256_set1_ps(e ? e->hi : 0.f)),
-        alpha(_mm256_set1_ps(e ? e->alpha : 0.f)), beta(_mm256_set1_ps(e ? e->beta : 0.f)),
-        scale(_mm256_set1_ps(e ? e->scale : 1.f)), shift(_mm256_set1_ps(e ? e->shift : 0.f)), affine(e && e->affine) {}
-  static __m256 clamp(__m256 v, __m256 low, __m256 high) { return _mm256_min_ps(high, _mm256_max_ps(low, v)); }
+        act(e ? ActivationLanes(*e) : ActivationLanes()) {}
   // The activation, then the affine map (after the bias).
-  __m256 finish(__m256 v) const {
-    if (kind == StoreEpilogue::kClamp) {
-      v = clamp(v, lo, hi);
-    } else if (kind == StoreEpilogue::kHardSigmoid) {
-      v = clamp(_mm256_add_ps(_mm256_mul_ps(alpha, v), beta), _mm256_setzero_ps(), _mm256_set1_ps(1.f));
-    } else {
-      const __m256 gate = clamp(_mm256_add_ps(v, _mm256_set1_ps(3.f)), _mm256_setzero_ps(), _mm256_set1_ps(6.f));
-      v = _mm256_mul_ps(_mm256_mul_ps(v, gate), _mm256_set1_ps(1.f / 6.f));
-    }
-    return affine ? _mm256_add_ps(_mm256_mul_ps(v, scale), shift) : v;
-  }
+  __m256 finish(__m256 v) const { return act(v); }
 };
 
 // The epilogue of one panel's folded blocks (16 rows from m0; rows outside [m_begin, m_end) are

@@ -23,6 +23,7 @@ namespace fgq {
 namespace {
 
 #include "activation_impl.h"
+#include "activation_lanes.h"
 
 inline __m512i lane_masks() {
   return _mm512_set_epi32(-1061109568, -1061109568, -1061109568, -1061109568,  // 0xc0c0c0c0
@@ -201,42 +202,6 @@ inline void block_store(const GemmArgs& a, int64_t quad0, int64_t b0) {
       store_quad_impl(a, quad0 + q, b0 + c, sums);
     }
 }
-
-inline __m256 vadd(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
-inline __m512 vadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
-inline __m256 vmul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
-inline __m512 vmul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
-inline __m256 vclamp(__m256 v, float lo, float hi) {
-  return _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), v));
-}
-inline __m512 vclamp(__m512 v, float lo, float hi) {
-  return _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v));
-}
-template <class V>
-V splat(float x) {
-  if constexpr (sizeof(V) == 32) return _mm256_set1_ps(x);
-  else return _mm512_set1_ps(x);
-}
-
-// A StoreEpilogue's activation and affine map (after the bias and the residual) on 8 or 16 lanes,
-// StoreEpilogue::apply operation for operation: max and min return their second operand on NaN and on
-// equal zeros, so max(lo, v) is `v < lo ? lo : v` and min(hi, v) is `v > hi ? hi : v` exactly. Held by
-// value: the stores would make fields read through a pointer reload.
-struct ActivationLanes {
-  StoreEpilogue::Kind kind = StoreEpilogue::kClamp;
-  bool affine = false;
-  float lo = 0.f, hi = 0.f, alpha = 0.f, beta = 0.f, scale = 1.f, shift = 0.f;
-  ActivationLanes() = default;
-  explicit ActivationLanes(const StoreEpilogue& e)
-      : kind(e.kind), affine(e.affine), lo(e.lo), hi(e.hi), alpha(e.alpha), beta(e.beta), scale(e.scale), shift(e.shift) {}
-  template <class V>
-  V operator()(V v) const {
-    if (kind == StoreEpilogue::kClamp) v = vclamp(v, lo, hi);
-    else if (kind == StoreEpilogue::kHardSigmoid) v = vclamp(vadd(vmul(splat<V>(alpha), v), splat<V>(beta)), 0.f, 1.f);
-    else v = vmul(vmul(v, vclamp(vadd(v, splat<V>(3.f)), 0.f, 6.f)), splat<V>(1.f / 6.f));
-    return affine ? vadd(vmul(v, splat<V>(scale)), splat<V>(shift)) : v;
-  }
-};
 
 // The rest of an epilogue after the bias, on a row of 8 columns: plus the residual's row (laid out as the
 // output, `at` elements on), then the activation.
