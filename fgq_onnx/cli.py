@@ -138,6 +138,7 @@ def convert(
     ternarize_float_layers: Annotated[bool, typer.Option("--ternarize-float-layers", help="In a model trained ternary (some weights already ternary), ternarize its float layers too.")] = False,
     keep_quantized_weights: Annotated[bool, typer.Option("--keep-quantized-weights", help="Leave integer-coded weights (DequantizeLinear, Cast*Mul) as they are instead of ternarizing their decoded values.")] = False,
     float_embeddings: Annotated[bool, typer.Option("--float-embeddings", help="Keep constant embedding tables read by Gather float32 (default: int8 rows with a scale per row).")] = False,
+    float_between_layers: Annotated[bool, typer.Option("--float-between-layers", help="Keep float32 NCHW activations between TernaryConv layers (default: NHWC where every consumer is a TernaryConv, as 8-bit levels where they quantize it alike; a residual then reads the same levels).")] = False,
     weight_storage: Annotated[str, typer.Option("--weight-storage", help="int2 (opset 25, onnxruntime >= 1.24) or int8 (opset 21).")] = "int2",
     scale_format: Annotated[str, typer.Option("--scale-format", help="Group scales: f32, f16, or u8 (8-bit codes under one float32 scale per output row).")] = pipeline.ConvertConfig.scale_format,
     output_format: Annotated[pipeline.OutputFormat, typer.Option("--format", help="qdq: standard ONNX; custom: com.fgq ops for the fgq custom-op library (runs without it, slower).")] = pipeline.ConvertConfig.format,
@@ -162,6 +163,7 @@ def convert(
         calib_batch_size=calib_batch_size, calib_limit=calib_limit, exclude=tuple(exclude or ()),
         op_types=tuple(t.strip() for t in op_types.split(",") if t.strip()), keep_first_last=keep_first_last,
         ternarize_float_layers=ternarize_float_layers, keep_quantized_weights=keep_quantized_weights, float_embeddings=float_embeddings,
+        float_between_layers=float_between_layers,
         weight_storage=weight_storage, scale_format=scale_format, format=output_format, image=image,
         bias_correction=bias_correction, refine_samples=refine_samples, input_weighting=input_weighting,
     )

@@ -9,7 +9,9 @@ Both models run on the same batches. Outputs are matched by name; so are the
 outputs of the candidate's ternarized nodes (metadata key "fgq.ternary"),
 which the converter keeps under their original names, so each can be compared
 with the reference's tensor of that name (the idea of onnxruntime's
-qdq_loss_debug). Only running sums are kept, never whole tensors.
+qdq_loss_debug); a custom op's output given as 8-bit levels, or NHWC, is
+compared as the NCHW values it stands for. Only running sums are kept,
+never whole tensors.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from onnx import numpy_helper
 
 from fgq_onnx import model_io
+from fgq_onnx.custom_op_functions import CONV_INPUTS, NHWC, Y_LAYOUT
 from fgq_onnx.data import Dataset, ImageOptions
 from fgq_onnx.errors import FgqError
 from fgq_onnx.evaluate import CUSTOM_DOMAIN, iterate_labelled, open_session
@@ -168,6 +172,39 @@ def ternary_nodes(path: Path) -> list[tuple[str, str, str, str]]:
     return found
 
 
+@dataclass(frozen=True)
+class _OutputForm:
+    """How a com.fgq node returns its output (passes/quantize_between_convs.py)."""
+
+    levels: tuple[np.ndarray, np.ndarray] | None  # 8-bit levels under (y_scale, y_zero_point)
+    nhwc: bool  # y_layout "NHWC"
+
+    def values(self, array: np.ndarray) -> np.ndarray:
+        """The NCHW float32 values `array` stands for."""
+        if self.levels is not None:
+            scale, zero = self.levels
+            array = (array.astype(np.float32) - zero.astype(np.float32)) * scale
+        return array.transpose(0, 3, 1, 2) if self.nhwc else array
+
+
+def _output_forms(path: Path) -> dict[str, _OutputForm]:
+    """The forms of the com.fgq outputs that are not float32 NCHW, by tensor name."""
+    proto = model_io.read_model_proto(path)
+    constants = {tensor.name: tensor for tensor in proto.graph.initializer}
+    first = CONV_INPUTS.index("y_scale")
+    found = {}
+    for node in (node for node in proto.graph.node if node.domain == CUSTOM_DOMAIN):
+        names = list(node.input[first:first + 2])
+        levels = None
+        if len(names) == 2 and all(name in constants for name in names):
+            scale, zero = (numpy_helper.to_array(constants[name], str(path.parent)) for name in names)
+            levels = scale, zero
+        nhwc = any(attr.name == Y_LAYOUT and attr.s.decode() == NHWC for attr in node.attribute)
+        if levels is not None or nhwc:
+            found[node.output[0]] = _OutputForm(levels, nhwc)
+    return found
+
+
 def compare(
     reference: str | Path,
     candidate: str | Path,
@@ -182,6 +219,7 @@ def compare(
     """Run both models on `data` (image folder or .npz; labels not needed) and compare them."""
     reference, candidate = Path(reference), Path(candidate)
     marked = ternary_nodes(candidate) if layers else []
+    forms = _output_forms(candidate) if layers else {}
     ref_names = _tensor_names(reference)
     watched = [entry for entry in marked if entry[0] in ref_names]
     unmatched = [entry[0] for entry in marked if entry[0] not in ref_names]
@@ -211,6 +249,8 @@ def compare(
             stats.update(ref, cand, scores=ref.ndim == 2 and ref.shape[1] > 1 and np.issubdtype(ref.dtype, np.floating))
         for name, stats in layer_stats.items():
             ref, cand = ref_values[name], cand_values[name]
+            if name in forms:
+                cand = forms[name].values(cand)
             if ref.shape != cand.shape:
                 mismatched.add(name)
                 continue

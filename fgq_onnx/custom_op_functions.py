@@ -34,11 +34,23 @@ def _attr_const(name: str, attr: str, kind: int) -> onnx.NodeProto:
     return node
 
 
-def _activation_and_weights() -> list[onnx.NodeProto]:
+def _input_levels(features: set[str]) -> list[onnx.NodeProto]:
+    """xd: X's levels dequantized, NCHW. NHWC X (X_NHWC) is transposed first; float X is quantized, 8-bit X
+    (QUANTIZED_INPUT) is the levels."""
+    nodes, src = [], "X"
+    if X_NHWC in features:
+        nodes.append(helper.make_node("Transpose", [src], ["x_nchw"], perm=[0, 3, 1, 2]))
+        src = "x_nchw"
+    if QUANTIZED_INPUT not in features:
+        nodes.append(helper.make_node("QuantizeLinear", [src, "x_scale", "x_zero_point"], ["q"]))
+        src = "q"
+    return [*nodes, helper.make_node("DequantizeLinear", [src, "x_scale", "x_zero_point"], ["xd"])]
+
+
+def _activation_and_weights(features: set[str]) -> list[onnx.NodeProto]:
     """Body prefix: xa (dequantized, clamped activation), ternary_groups [M, G, N] and scales3 [M, G, 1]."""
     return [
-        helper.make_node("QuantizeLinear", ["X", "x_scale", "x_zero_point"], ["q"]),
-        helper.make_node("DequantizeLinear", ["q", "x_scale", "x_zero_point"], ["xd"]),
+        *_input_levels(features),
         _attr_const("qmin", "act_qmin", onnx.AttributeProto.INT),
         _attr_const("qmax", "act_qmax", onnx.AttributeProto.INT),
         helper.make_node("Cast", ["qmin"], ["qminf"], to=TensorProto.FLOAT),
@@ -174,10 +186,44 @@ def _affine(src: str, out: str) -> list[onnx.NodeProto]:
     ]
 
 
+def _quantize_output(src: str, out: str) -> list[onnx.NodeProto]:
+    """out = src as 8-bit levels under y_scale and y_zero_point (of y_zero_point's type)."""
+    return [helper.make_node("QuantizeLinear", [src, "y_scale", "y_zero_point"], [out])]
+
+
+def _nhwc_output(src: str, out: str) -> list[onnx.NodeProto]:
+    return [helper.make_node("Transpose", [src], [out], perm=[0, 2, 3, 1])]
+
+
+def _residual(features: set[str]) -> list[onnx.NodeProto]:
+    """summed = conv_out + the residual: dequantized first when it is 8-bit levels (QUANTIZED_RESIDUAL),
+    transposed to NCHW when it is NHWC (it has Y's layout: Y_NHWC)."""
+    if RESIDUAL not in features:
+        return []
+    nodes, src = [], "residual"
+    if QUANTIZED_RESIDUAL in features:
+        nodes.append(helper.make_node("DequantizeLinear", [src, "residual_scale", "residual_zero_point"], ["residual_f"]))
+        src = "residual_f"
+    if Y_NHWC in features:
+        nodes.append(helper.make_node("Transpose", [src], ["residual_nchw"], perm=[0, 3, 1, 2]))
+        src = "residual_nchw"
+    return [*nodes, helper.make_node("Add", ["conv_out", src], ["summed"])]
+
+
+def _conv_inputs(features: set[str]) -> list[str]:
+    """The TernaryConv body's formal inputs: CONV_INPUTS up to the last one its features read (the node's positions)."""
+    last = ("residual_zero_point" if QUANTIZED_RESIDUAL in features else "y_zero_point" if QUANTIZED_OUTPUT in features
+            else "residual" if RESIDUAL in features else INPUTS[-1])
+    return CONV_INPUTS[:CONV_INPUTS.index(last) + 1]
+
+
 def _finish(features: set[str]) -> tuple[str, list[onnx.NodeProto]]:
-    """(the name the op's body writes, the nodes from it to Y): the activation, then the affine map."""
+    """(the name the op's body writes, the nodes from it to Y): the activation, the affine map, the output's
+    quantization, then its transpose to NHWC."""
     stages = [lambda src, out, kind=kind: _activation(kind, src, out) for kind in ACTIVATIONS if kind in features]
     stages += [_affine] if AFFINE in features else []
+    stages += [_quantize_output] if QUANTIZED_OUTPUT in features else []
+    stages += [_nhwc_output] if Y_NHWC in features else []
     nodes, src = [], "pre" if stages else "Y"
     for index, stage in enumerate(stages):
         out = "Y" if index == len(stages) - 1 else f"stage{index}"
@@ -250,12 +296,31 @@ ASYMMETRIC = "asymmetric"  # node and function overload of the bodies that read 
 RESIDUAL = "residual"  # TernaryConv nodes with a residual input (joined as "asymmetric-residual")
 ACTIVATIONS = ("relu", "clip", "hardsigmoid", "hardswish")  # values of the `activation` attribute, and overloads
 AFFINE = "affine"  # nodes with `activation_affine`
+# TernaryConv only (passes/quantize_between_convs.py): X given as 8-bit levels of x_zero_point's type, the
+# residual as 8-bit levels under residual_scale / residual_zero_point (with RESIDUAL), Y returned as 8-bit levels
+# under y_scale / y_zero_point; X in NHWC layout (x_layout), Y and the residual in NHWC layout (y_layout).
+QUANTIZED_INPUT, QUANTIZED_RESIDUAL, QUANTIZED_OUTPUT = "qinput", "qresidual", "qoutput"
+X_NHWC, Y_NHWC = "xnhwc", "ynhwc"
+X_LAYOUT, Y_LAYOUT, NHWC = "x_layout", "y_layout", "NHWC"  # string attributes; absent: "NCHW"
+CONV_INPUTS = [*INPUTS, "residual", "y_scale", "y_zero_point", "residual_scale", "residual_zero_point"]
+_CONV_ONLY = {RESIDUAL, QUANTIZED_INPUT, X_NHWC, QUANTIZED_RESIDUAL, QUANTIZED_OUTPUT, Y_NHWC}
+_ORDER = (ASYMMETRIC, QUANTIZED_INPUT, X_NHWC, RESIDUAL, QUANTIZED_RESIDUAL, *ACTIVATIONS, AFFINE, QUANTIZED_OUTPUT,
+          Y_NHWC)
+
+
+def with_features(overload: str, *features: str) -> str:
+    """`overload` with `features` added (empty strings ignored), all joined by "-" in one fixed order."""
+    present = (set(overload.split("-")) | set(features)) - {""}
+    unknown = present - set(_ORDER)
+    if unknown:
+        raise ValueError(f"unknown overload feature(s) {sorted(unknown)}")
+    return "-".join(name for name in _ORDER if name in present)
 
 
 def overload_name(asymmetric: bool, residual: bool, activation: str = "", affine: bool = False) -> str:
     """The overload of a node: its features joined by "-", e.g. "asymmetric-residual-hardswish-affine"."""
     features = ((ASYMMETRIC, asymmetric), (RESIDUAL, residual), (activation, True), (AFFINE, affine))
-    return "-".join(name for name, on in features if on and name)
+    return with_features("", *(name for name, on in features if on))
 
 
 def function_protos(opset: int, overload: str = "") -> list[onnx.FunctionProto]:
@@ -270,13 +335,19 @@ def function_protos(opset: int, overload: str = "") -> list[onnx.FunctionProto]:
     with a residual input (added before the ReLU) carry RESIDUAL too
     (overload_name); those overloads have only the conv body. Nodes with an
     `activation` carry its name (ACTIVATIONS), nodes with `activation_affine`
-    AFFINE; their bodies apply them last, in that order.
+    AFFINE; their bodies apply them last, in that order. TernaryConv nodes
+    with 8-bit X, residual or Y carry QUANTIZED_INPUT, QUANTIZED_RESIDUAL
+    (with RESIDUAL), QUANTIZED_OUTPUT; with x_layout or y_layout "NHWC",
+    X_NHWC or Y_NHWC. Their bodies transpose NHWC X to NCHW, take X's levels
+    as they are, dequantize the residual (and transpose it from NHWC) before
+    the Add, quantize Y after the affine map, then transpose it to NHWC; their
+    formal inputs are CONV_INPUTS up to the last one they read.
     """
     features = set(overload.split("-")) - {""}
     imports = [helper.make_opsetid("", opset)]
     common_attrs = ["N", "act_qmin", "act_qmax"]
     activation_attrs = ["activation", "activation_params", "activation_affine"]
-    weights = [*_activation_and_weights(), *_scaled_groups(ASYMMETRIC in features)]
+    weights = [*_activation_and_weights(features), *_scaled_groups(ASYMMETRIC in features)]
     out, finish = _finish(features)
 
     matmul = helper.make_function(
@@ -296,14 +367,13 @@ def function_protos(opset: int, overload: str = "") -> list[onnx.FunctionProto]:
         kind = onnx.AttributeProto.INT if name == "group" else onnx.AttributeProto.INTS
         conv_node.attribute.append(_attr_passthrough(name, kind))
     relu = _relu("summed" if RESIDUAL in features else "conv_out", out)
-    residual = [helper.make_node("Add", ["conv_out", "residual"], ["summed"])] if RESIDUAL in features else []
     conv = helper.make_function(
-        DOMAIN, "TernaryConv", INPUTS + ["residual"] * (RESIDUAL in features), ["Y"],
-        [*weights, *_conv_weight(), conv_node, *residual, *relu, *finish],
+        DOMAIN, "TernaryConv", _conv_inputs(features), ["Y"],
+        [*weights, *_conv_weight(), conv_node, *_residual(features), *relu, *finish],
         imports, [*common_attrs, "weight_shape", "group", "strides", "pads", "dilations", "kernel_shape", "relu",
-                  *activation_attrs],
+                  *activation_attrs, X_LAYOUT, Y_LAYOUT],
     )
-    functions = [conv] if RESIDUAL in features else [matmul, gemm, conv]
+    functions = [conv] if features & _CONV_ONLY else [matmul, gemm, conv]
     for function in functions:
         function.overload = overload
     return functions
@@ -319,15 +389,46 @@ def attach_function_bodies(model: ir.Model) -> None:
     ir.passes.common.RemoveUnusedFunctionsPass()(model)
 
 
+def has_input(node: ir.Node, name: str) -> bool:
+    """Whether the com.fgq node has its input `name` (one of CONV_INPUTS): omitted ones are empty or absent."""
+    index = CONV_INPUTS.index(name)
+    return len(node.inputs) > index and node.inputs[index] is not None
+
+
+def _nhwc(node: ir.Node, attr: str) -> bool:
+    layout = node.attributes.get(attr)
+    return layout is not None and layout.as_string() == NHWC
+
+
+def _levels(value: ir.Value | None) -> bool:
+    """Whether an input is 8-bit levels: made by a QuantizeLinear or by a TernaryConv with y_zero_point, or typed
+    uint8/int8."""
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "QuantizeLinear" and producer.domain in ("", "ai.onnx"):
+        return True
+    if producer is not None and producer.op_type == "TernaryConv" and producer.domain == DOMAIN:
+        return has_input(producer, "y_zero_point")
+    return value is not None and value.dtype in (ir.DataType.UINT8, ir.DataType.INT8)
+
+
 def node_overload(node: ir.Node) -> str:
-    """The overload a com.fgq node's inputs and attributes call for: neg_scales given (asymmetric), a
-    TernaryConv residual, the `activation` attribute, `activation_affine`."""
-    inputs = list(node.inputs)
-    asymmetric = len(inputs) > INPUTS.index("neg_scales") and inputs[INPUTS.index("neg_scales")] is not None
-    residual = node.op_type == "TernaryConv" and len(inputs) > len(INPUTS) and inputs[len(INPUTS)] is not None
+    """The overload a com.fgq node's inputs and attributes call for: neg_scales given (asymmetric), the
+    `activation` attribute, `activation_affine`; for a TernaryConv also a residual, 8-bit X (from X's producer or
+    type), residual_zero_point and y_zero_point given, x_layout and y_layout "NHWC"."""
+    conv = node.op_type == "TernaryConv"
+    features = {
+        ASYMMETRIC: has_input(node, "neg_scales"),
+        RESIDUAL: conv and has_input(node, "residual"),
+        QUANTIZED_INPUT: conv and _levels(node.inputs[0] if node.inputs else None),
+        QUANTIZED_RESIDUAL: conv and has_input(node, "residual_zero_point"),
+        QUANTIZED_OUTPUT: conv and has_input(node, "y_zero_point"),
+        X_NHWC: conv and _nhwc(node, X_LAYOUT),
+        Y_NHWC: conv and _nhwc(node, Y_LAYOUT),
+        AFFINE: "activation_affine" in node.attributes,
+    }
     activation = node.attributes.get("activation")
-    return overload_name(asymmetric, residual, activation.as_string() if activation is not None else "",
-                         "activation_affine" in node.attributes)
+    return with_features("", *(name for name, on in features.items() if on),
+                         activation.as_string() if activation is not None else "")
 
 
 def restore_overloads(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -335,8 +436,9 @@ def restore_overloads(model: onnx.ModelProto) -> onnx.ModelProto:
 
     onnx-graphsurgeon (0.6) keeps neither a node's overload nor a function's, so a model edited with it
     holds several com.fgq functions of one name, which onnxruntime refuses to load ("Duplicate
-    model-local function identifier"). The overloads follow from each node's inputs and attributes
-    (node_overload); the com.fgq functions are replaced by the bodies of the overloads in use.
+    model-local function identifier"). The overloads follow from each node's inputs and attributes, and
+    from X's producer or type (node_overload: 8-bit X); the com.fgq functions are replaced by the bodies of
+    the overloads in use.
     """
     ir_model = ir.serde.deserialize_model(model)
     for node in ir_model.graph:

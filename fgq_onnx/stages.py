@@ -70,6 +70,7 @@ class ConvertConfig:
     ternarize_float_layers: bool = False  # in a model with already-ternary weights, its float layers stay float unless set
     keep_quantized_weights: bool = False  # integer-coded weights (DequantizeLinear, Cast*Mul) stay as they are, not ternarized
     float_embeddings: bool = False  # constant tables read by Gather stay float32 instead of int8 rows (passes/quantize_embeddings.py)
+    float_between_layers: bool = False  # custom format: TernaryConv outputs stay float32 NCHW even where only TernaryConvs read them (passes/quantize_between_convs.py)
     format: OutputFormat = OutputFormat.CUSTOM
     weight_storage: str = "int2"
     scale_format: str = "u8"  # group scales: f32, f16, or u8 codes under a float32 row scale (docs/packed-format.md)
@@ -131,6 +132,7 @@ class ConvertConfig:
             "ternarize_float_layers": self.ternarize_float_layers,
             "keep_quantized_weights": self.keep_quantized_weights,
             "float_embeddings": self.float_embeddings,
+            "float_between_layers": self.float_between_layers,
         }
 
 
@@ -437,7 +439,7 @@ def _convert(
     ir_model = finish(ir_model).model
     if config.format is OutputFormat.CUSTOM:
         progress.begin("the custom-op rewrite")
-        ir_model = _use_custom_ops(ir_model, report)
+        ir_model = _use_custom_ops(ir_model, report, config.float_between_layers)
     else:
         ir_model = AddZeroConvBiasPass()(ir_model).model
     ir_model.ir_version = max(ir_model.ir_version, _REQUIRED_IR[config.weight_storage])
@@ -493,9 +495,9 @@ def _quantize_embeddings(model: ir.Model, report: Report) -> ir.Model:
     return model
 
 
-def _use_custom_ops(model: ir.Model, report: Report) -> ir.Model:
+def _use_custom_ops(model: ir.Model, report: Report, float_between_layers: bool) -> ir.Model:
     float_activations = {node.name or node.outputs[0].name for node in model.graph.all_nodes() if FLOAT_ACTIVATIONS_MARK in node.metadata_props}
-    model, records = to_custom_ops(model)
+    model, records = to_custom_ops(model, float_between_layers)
     ternary = {layer.node for layer in report.layers if layer.converted} - float_activations  # those stay in qdq form by design
     kept = [r for r in records if not r.converted and r.node in ternary]  # float layers stay float anyway
     if kept:

@@ -26,6 +26,7 @@ from fgq_onnx.passes.dequantize_at_load import DequantizeAtLoadPass
 from fgq_onnx.passes.fold_bias_add import FoldBiasAddPass
 from fgq_onnx.passes.fuse_activation import FuseActivationPass
 from fgq_onnx.passes.fuse_residual_add import FuseResidualAddPass
+from fgq_onnx.passes.quantize_between_convs import QuantizeBetweenConvsPass
 from fgq_onnx.ternary import GroupLayout
 
 
@@ -360,17 +361,20 @@ class UseCustomOpsPass(ir.passes.InPlacePass):
         return None
 
 
-def to_custom_ops(model: ir.Model) -> tuple[ir.Model, list[CustomOpRecord]]:
+def to_custom_ops(model: ir.Model, float_between_layers: bool = False) -> tuple[ir.Model, list[CustomOpRecord]]:
     """Rewrite a qdq model (in place) into the custom-op format; returns it and one record per linear node.
 
     For the converter's `--format custom`: run after the qdq passes and the
     clean-up (RemoveUnusedNodes/TopologicalSort), then save as usual. Then,
     in the order the ops apply them, constant bias Adds, residual Adds (and
-    their Relu) and activations after a com.fgq op are fused into it; the
-    int8 weights of float-activation layers are decoded at load.
+    their Relu) and activations after a com.fgq op are fused into it; unless
+    `float_between_layers`, TernaryConvs read only by TernaryConvs return
+    NHWC, as 8-bit levels where their readers agree (QuantizeBetweenConvsPass);
+    the int8 weights of float-activation layers are decoded at load.
     """
     rewrite = UseCustomOpsPass()
     model = rewrite(model).model
-    for fusion in (FoldBiasAddPass(), FuseResidualAddPass(), FuseActivationPass(), DequantizeAtLoadPass()):
+    between = [] if float_between_layers else [QuantizeBetweenConvsPass()]
+    for fusion in (FoldBiasAddPass(), FuseResidualAddPass(), FuseActivationPass(), *between, DequantizeAtLoadPass()):
         model = fusion(model).model
     return model, rewrite.records

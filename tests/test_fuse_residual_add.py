@@ -24,7 +24,8 @@ from ir_models import make_model
 
 def _custom(qdq: ir.Model, fuse: bool) -> onnx.ModelProto:
     model = ir.serde.deserialize_model(ir.serde.serialize_model(qdq))
-    model = to_custom_ops(model)[0] if fuse else UseCustomOpsPass()(model).model
+    # float_between_layers: the fusion alone (NHWC and 8-bit levels between layers: test_quantize_between_convs.py)
+    model = to_custom_ops(model, float_between_layers=True)[0] if fuse else UseCustomOpsPass()(model).model
     return ir.serde.serialize_model(model)
 
 

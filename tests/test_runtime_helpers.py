@@ -13,7 +13,7 @@ from fgq_onnx.packing import pack_rows
 
 DOMAIN = "com.fgq"
 INPUT_NAMES = ["X", "x_scale", "x_zero_point", "codes", "scales", "row_scale", "neg_scales", "neg_row_scale", "bias",
-               "residual"]  # residual: TernaryConv only
+               "residual", "y_scale", "y_zero_point", "residual_scale", "residual_zero_point"]  # from residual: TernaryConv only
 
 
 def library_or_skip():
@@ -95,7 +95,9 @@ def build_model(op: str, inputs: dict, attrs: dict, x_shape, x_type=TensorProto.
     while node_inputs and node_inputs[-1] == "":
         node_inputs.pop()
     node = helper.make_node(op, node_inputs, ["Y"], domain=DOMAIN, **attrs)
-    out = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    y_zero_point = inputs.get("y_zero_point")
+    y_type = TensorProto.FLOAT if y_zero_point is None else helper.np_dtype_to_tensor_dtype(np.asarray(y_zero_point).dtype)
+    out = helper.make_tensor_value_info("Y", y_type, None)
     graph = helper.make_graph([node], "g", graph_inputs, [out], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, opset_fgq)])
     model.ir_version = 10

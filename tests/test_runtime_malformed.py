@@ -200,6 +200,49 @@ def test_conv_bad_residual(residual, match):
     _expect_error(model, XC | {"residual": residual}, match)
 
 
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (dict(y_scale=np.float32(0.1)), "y_scale"),  # without y_zero_point: onnxruntime's float registration, then ours
+        (dict(y_scale=np.float32(-1), y_zero_point=np.uint8(0)), "y_scale must be"),
+        (dict(y_scale=np.float32(np.inf), y_zero_point=np.int8(0)), "y_scale must be"),
+        (dict(y_scale=np.ones(2, np.float32), y_zero_point=np.uint8(0)), "y_scale must be"),
+        (dict(y_scale=np.float32(0.1), y_zero_point=np.int32(0)), ""),  # no registration takes an int32 zero point
+        (dict(residual=np.ones((1, 4, 4, 4), np.uint8)), "residual must be float"),
+        (dict(residual=np.ones((1, 4, 4, 4), np.uint8), residual_scale=np.float32(0.1),
+              residual_zero_point=np.int8(0)), "residual must be int8"),
+        (dict(residual=np.ones((1, 4, 4, 4), np.float32), residual_scale=np.float32(0.1),
+              residual_zero_point=np.uint8(0)), "residual must be uint8"),
+        (dict(residual_scale=np.float32(0.1), residual_zero_point=np.uint8(0)), "without a residual"),
+        (dict(residual=np.ones((1, 4, 4, 5), np.uint8), residual_scale=np.float32(0.1),
+              residual_zero_point=np.uint8(0)), "residual shape"),
+        (dict(residual=np.ones((1, 4, 4, 4), np.uint8), residual_zero_point=np.uint8(0)), "residual_scale must be"),
+    ],
+)
+def test_conv_bad_8bit_output_or_residual(change, match):
+    """The 8-bit output and residual inputs (y_*, residual_*) are checked like x_scale and x_zero_point."""
+    model = build_model("TernaryConv", _conv_inputs() | change, dict(N=4, weight_shape=[4, 4, 3, 3]), [1, 4, 6, 6],
+                        fed=("residual",))
+    _expect_error(model, XC | ({"residual": change["residual"]} if "residual" in change else {}), match)
+
+
+@pytest.mark.parametrize(
+    ("attrs", "feeds", "match"),
+    [
+        (dict(x_layout="NWHC"), XC, "x_layout must be NCHW or NHWC"),
+        (dict(y_layout="nhwc"), XC, "y_layout must be NCHW or NHWC"),
+        (dict(x_layout="NHWC"), XC, "X has 6 channels"),  # [1, 4, 6, 6] read as NHWC: 6 channels
+        (dict(y_layout="NHWC", pads=[1] * 4), XC | {"residual": np.ones((1, 4, 6, 6), np.float32)},
+         "residual shape [1, 4, 6, 6] must be the output's [1, 6, 6, 4]"),
+    ],
+)
+def test_conv_bad_layouts(attrs, feeds, match):
+    """x_layout/y_layout take NCHW or NHWC; X and the residual are checked in the layouts they name."""
+    model = build_model("TernaryConv", _conv_inputs() | dict(residual=feeds.get("residual")),
+                        dict(N=4, weight_shape=[4, 4, 3, 3]) | attrs, [1, 4, 6, 6], fed=("residual",))
+    _expect_error(model, feeds, match)
+
+
 def test_conv_rank():
     model = build_model("TernaryConv", _conv_inputs(), dict(N=4, weight_shape=[4, 4, 3, 3]), [4, 6, 6])
     _expect_error(model, {"X": np.ones((4, 6, 6), np.float32)}, "4-D")

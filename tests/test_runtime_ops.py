@@ -256,6 +256,111 @@ def test_depthwise_exact(kernels):
         assert np.array_equal(run_op(model, {"X": x}, kernel), want.astype(np.float32)), kernel
 
 
+def quantize_linear(y: np.ndarray, scale: np.float32, zero_point) -> np.ndarray:
+    """ONNX QuantizeLinear: round half to even of y / scale, plus the zero point, saturated to its type."""
+    info = np.iinfo(np.asarray(zero_point).dtype)
+    levels = np.rint(y.astype(np.float32) / np.float32(scale)) + int(zero_point)
+    return np.clip(levels, info.min, info.max).astype(np.asarray(zero_point).dtype)
+
+
+def nhwc(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+@settings(SETTINGS, max_examples=100)
+@given(
+    nb=st.sampled_from([1, 2]),
+    cg=st.sampled_from([1, 3, 8, 19, 32]),
+    depthwise=st.booleans(),
+    mg=st.integers(1, 70),
+    rs=st.sampled_from([(1, 1), (3, 3)]),
+    hw=st.sampled_from([(5, 6), (9, 11)]),
+    n=st.sampled_from([3, 4, 16]),
+    relu=st.sampled_from([0, 1]),
+    y_type=st.sampled_from([None, np.uint8, np.int8]),
+    residual_type=st.sampled_from([None, np.float32, np.uint8, np.int8]),
+    x_levels=st.booleans(),
+    x_nhwc=st.booleans(),
+    y_nhwc=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_conv_8bit_and_nhwc_inputs_and_outputs(kernels, nb, cg, depthwise, mg, rs, hw, n, relu, y_type, residual_type,
+                                               x_levels, x_nhwc, y_nhwc, seed):
+    """With y_scale/y_zero_point TernaryConv returns QuantizeLinear of its float output, and an 8-bit residual with
+    residual_scale/residual_zero_point is added as its DequantizeLinear; x_layout/y_layout NHWC take X, and give Y
+    and the residual, channels-last. Bit for bit what the float NCHW node gives on the same values (8-bit X: its
+    levels), quantized and transposed. Covers the GEMM tiles (both row layouts, the folded store's levels), the
+    code path (N = 16) and the direct kernel's tasks."""
+    if y_type is None and residual_type in (None, np.float32) and not (x_levels or x_nhwc or y_nhwc):
+        return  # the float node itself
+    check_conv_io(kernels, nb, cg, depthwise, mg, rs, hw, n, relu, y_type, residual_type, x_levels, x_nhwc, y_nhwc, seed)
+
+
+@pytest.mark.parametrize(("cg", "rs", "pad", "stride", "x_zero_point", "qmax"), [
+    (8, (1, 1), 0, 1, 128, 255),  # read in place
+    (32, (3, 3), 0, 2, 0, 255),  # read in place: no padding, a strided 3x3
+    (32, (3, 3), 1, 1, 0, 255),  # padded: copied into the image
+    (19, (1, 1), 0, 1, 0, 255),  # channels not a multiple of 4: copied
+    (8, (1, 1), 0, 1, 0, 15),  # 4-bit levels: clamped while copied
+])
+def test_conv_nhwc_uint8_x(kernels, cg, rs, pad, stride, x_zero_point, qmax):
+    """NHWC uint8 X is read in place as the image where nothing changes its bytes, else copied; the same numbers
+    either way as the float NCHW node on its levels."""
+    check_conv_io(kernels, 1, cg, False, 40, rs, (9, 11), 4, 1, np.uint8, np.uint8, True, True, True, 7, pad=pad,
+                  stride=stride, x_zero_point=x_zero_point, qmax=qmax)
+
+
+def check_conv_io(kernels, nb, cg, depthwise, mg, rs, hw, n, relu, y_type, residual_type, x_levels, x_nhwc, y_nhwc, seed,
+                  pad=None, stride=1, x_zero_point=128, qmax=255):
+    """The node with these inputs and layouts against the float NCHW node (test_conv_8bit_and_nhwc_inputs_and_outputs)."""
+    rng = np.random.default_rng(seed)
+    (r, s), (h, w) = rs, hw
+    c = cg
+    group, m, cg_ = (c, c * min(mg, 2), 1) if depthwise else (1, mg, c)  # depthwise: 1 or 2 rows a channel
+    t4 = random_ternary(rng, (m, cg_, r, s))
+    rows, segments = conv_rows(t4, n)
+    codes, groups = pack_weight(rows, n, segments)
+    sc, rsc, _ = make_scales(rng, m, groups.shape[1], "u8")
+    x = rng.normal(0, 1, size=(nb, c, h, w)).astype(np.float32)
+    if x_levels:
+        x = rng.integers(0, 256, size=(nb, c, h, w)).astype(np.uint8)
+    inputs = dict(x_scale=np.float32(0.05), x_zero_point=np.uint8(x_zero_point), codes=codes, scales=sc, row_scale=rsc,
+                  bias=rng.normal(0, 0.5, size=m).astype(np.float32))
+    attrs = dict(N=n, weight_shape=[m, cg_, r, s], group=group, pads=[r // 2 if pad is None else pad] * 4,
+                 strides=[stride] * 2, relu=relu, act_qmin=0, act_qmax=qmax)
+    x_type = TensorProto.UINT8 if x_levels else TensorProto.FLOAT
+    pads = attrs["pads"][0]
+    out_shape = (nb, m, (h + 2 * pads - r) // stride + 1, (w + 2 * pads - s) // stride + 1)
+    feeds, float_feeds = {"X": nhwc(x) if x_nhwc else x}, {"X": x}
+    if residual_type is not None:
+        if residual_type == np.float32:
+            float_feeds["residual"] = rng.normal(0, 2, size=out_shape).astype(np.float32)
+            feeds["residual"] = float_feeds["residual"]
+        else:
+            info = np.iinfo(residual_type)
+            levels = rng.integers(info.min, info.max + 1, size=out_shape).astype(residual_type)
+            r_scale, r_zero = np.float32(0.03), np.asarray(7 if residual_type == np.int8 else 120, residual_type)
+            feeds["residual"] = levels
+            float_feeds["residual"] = ((levels.astype(np.int32) - int(r_zero)).astype(np.float32) * r_scale)
+            inputs.update(residual_scale=r_scale, residual_zero_point=r_zero)
+        if y_nhwc:
+            feeds["residual"] = nhwc(feeds["residual"])
+    float_model = build_model("TernaryConv", {k: v for k, v in inputs.items() if not k.startswith("residual_")} |
+                              dict(residual=float_feeds.get("residual")), attrs, list(x.shape), x_type, fed=("residual",))
+    if y_type is not None:
+        inputs.update(y_scale=np.float32(0.02), y_zero_point=np.asarray(100 if y_type == np.uint8 else -10, y_type))
+    layouts = dict(x_layout="NHWC" if x_nhwc else "NCHW", y_layout="NHWC" if y_nhwc else "NCHW")
+    model = build_model("TernaryConv", inputs | dict(residual=feeds.get("residual")), attrs | layouts,
+                        list(feeds["X"].shape), x_type, fed=("residual",))
+    for kernel in kernels:
+        want = run_op(float_model, float_feeds, kernel)
+        if y_type is not None:
+            want = quantize_linear(want, inputs["y_scale"], inputs["y_zero_point"])
+        got = run_op(model, feeds, kernel, threads=2)
+        got = got.transpose(0, 3, 1, 2) if y_nhwc else got
+        assert got.dtype == want.dtype and np.array_equal(got, want), kernel
+
+
 # -- signed and unsigned activations, exact -----------------------------------------
 # Fused quantization of float inputs at x_scale 0.5 with uint8 scale codes under a unit row scale:
 # the output is 0.5 * sum((q - zp) * t * s), an integer multiple of 0.5 below 2^24, so every path

@@ -553,6 +553,59 @@ void test_folded_extremes(const std::vector<const fgq::KernelDispatch*>& ps) {
   std::printf("folded extremes: %d cases\n", cases);
 }
 
+// The folded store's 8-bit levels ([B, M], not accumulated: levels_in_store) against StoreEpilogue::apply on
+// what the call stores without an epilogue, bit for bit: a residual as levels (uint8 or int8, or float, or
+// none) and the output quantized (uint8 or int8, or float), over a row and column range inside the panels
+// and blocks; the bytes and floats outside it stay untouched.
+void check_store_levels(const fgq::KernelDispatch& d, fgq::GemmArgs a, fgq::StoreEpilogue e, std::mt19937& rng) {
+  const int64_t M = a.m_end, B = a.b_end;
+  a.m_begin = M > 20 ? 3 : 0;
+  a.m_end = M > 40 ? M - 18 : M;
+  a.b_begin = B > 3 ? 1 : 0;
+  a.b_end = B > 9 ? B - 2 : B;
+  a.scale = 0.3f;
+  EXPECT(fgq::levels_in_store(d, a), "%s: levels_in_store refuses a [B, M] call", d.name);
+  std::vector<int8_t> residual(static_cast<size_t>(M * B));
+  for (auto& v : residual) v = static_cast<int8_t>(rng() % 256);
+  if ((M + B) % 3 != 2) {  // else the float residual (or none) kept from `e`
+    e.residual = nullptr;
+    e.residual_levels = (M + B) % 3 == 0 ? residual.data() : nullptr;
+    e.residual_signed = B % 2 == 0;
+    e.residual_zero = e.residual_signed ? -3 : 120;
+    e.residual_scale = 0.05f;
+  }
+  const bool out_signed = M % 2 == 0, out_float = (M * B) % 5 == 0;
+  std::string error = fgq::make_act_quant(0.1f, out_signed ? 5 : 17, out_signed ? -128 : 0, out_signed ? 127 : 255,
+                                         out_signed, &e.out_quant);
+  EXPECT(error.empty(), "%s", error.c_str());
+  if (!out_signed) e.out_quant = fgq::unsigned_levels(e.out_quant);  // the bytes are the uint8 levels
+  std::vector<float> plain(static_cast<size_t>(M * B), -7.f), y(plain.size(), -7.f);
+  std::vector<int8_t> out(plain.size(), 0x5A);
+  e.out_levels = out_float ? nullptr : out.data();
+  a.y = plain.data();
+  a.epilogue = nullptr;
+  d.gemm(a);
+  a.y = out_float ? y.data() : nullptr;
+  a.epilogue = &e;
+  d.gemm(a);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t m = 0; m < M; ++m) {
+      const bool inside = m >= a.m_begin && m < a.m_end && b >= a.b_begin && b < a.b_end;
+      const size_t at = static_cast<size_t>(b * M + m);
+      const float r = e.has_residual() ? e.residual_at(static_cast<int64_t>(at)) : 0.f;
+      const float v = e.apply(plain[at], m, e.has_residual() ? &r : nullptr);
+      if (out_float) {
+        const float expected = inside ? v : -7.f;
+        EXPECT(std::memcmp(&y[at], &expected, sizeof(float)) == 0, "%s: store levels (float out) M=%ld B=%ld m=%ld b=%ld: %g, want %g",
+               d.name, (long)M, (long)B, (long)m, (long)b, y[at], expected);
+      } else {
+        const int8_t expected = inside ? fgq::quantize_one(v, e.out_quant) : static_cast<int8_t>(0x5A);
+        EXPECT(out[at] == expected, "%s: store levels M=%ld B=%ld m=%ld b=%ld: %d, want %d", d.name, (long)M, (long)B,
+               (long)m, (long)b, out[at], expected);
+      }
+    }
+}
+
 // A folded store's epilogue (GemmArgs::epilogue) against StoreEpilogue::apply on what the same call
 // stores without it, bit for bit, at an output scale whose products round (so that a multiply and
 // the bias add fused into one FMA would show): `rows` writes [B, M] over all rows and columns, `tile`
@@ -596,6 +649,7 @@ void check_store_epilogue(const fgq::KernelDispatch& d, fgq::GemmArgs rows, fgq:
                (long)M, (long)B, (long)m, (long)b, y[at], expected);
       }
   }
+  check_store_levels(d, rows, e, rng);
 }
 
 // Runs `t` (a row and column range of activation rows, stored or accumulated: t.accumulate) into y

@@ -250,6 +250,24 @@ struct StoreEpilogue {
   float alpha = 0.f, beta = 0.f;  // kHardSigmoid
   bool affine = false;
   float scale = 1.f, shift = 0.f;
+  // 8-bit levels (TernaryConv's 8-bit residual and output), only where levels_in_store() allows: the residual
+  // as levels at residual_levels (the float residual's offsets), worth (level - residual_zero) * residual_scale;
+  // the output quantized (quantize_one with out_quant: its level bytes) into out_levels at the float output's
+  // offsets; y is then not written.
+  const int8_t* residual_levels = nullptr;
+  bool residual_signed = false;
+  int residual_zero = 0;
+  float residual_scale = 1.f;
+  int8_t* out_levels = nullptr;
+  ActQuant out_quant;
+  bool has_levels() const { return residual_levels || out_levels; }
+  // The residual's value at `offset` (float or levels); has_residual() when there is one.
+  bool has_residual() const { return residual || residual_levels; }
+  float residual_at(int64_t offset) const {
+    if (residual) return residual[offset];
+    const int level = residual_signed ? residual_levels[offset] : static_cast<uint8_t>(residual_levels[offset]);
+    return static_cast<float>(level - residual_zero) * residual_scale;
+  }
   // v is output row m; r its residual (null without one).
   float apply(float v, int64_t m, const float* r) const {
     if (bias) v = v + bias[m];
@@ -319,6 +337,12 @@ struct KernelDispatch {
   // Whether the folded form's stores apply GemmArgs::epilogue (else the caller finishes the rows).
   bool folded_epilogue;
 };
+
+// Whether a call can hand the folded store an epilogue with 8-bit levels (StoreEpilogue::has_levels): the
+// path applies the epilogue in its folded store, the output is [B, M] (y_stride_m 1) and not accumulated.
+inline bool levels_in_store(const KernelDispatch& d, const GemmArgs& a) {
+  return d.folded_epilogue && a.natural && a.y_stride_m == 1 && !a.accumulate;
+}
 
 // Whether a call over `rows` activation rows takes natural unsigned rows (GemmArgs::natural):
 // dense weights always; else the folded form, when this path has it and it was built. Below 4 rows

@@ -4,6 +4,65 @@
 
 #include "activation_lanes.h"
 
+// quantize_one on 8 floats: the levels' low bytes as int32 (0..255). The float clamp is to the
+// integer bounds themselves, so the rounded level needs no second clamp.
+struct Quantizer {
+  __m256 scale, hi, lo;
+  __m256i offset;
+  explicit Quantizer(const ActQuant& q)
+      : scale(_mm256_set1_ps(q.scale)),
+        hi(_mm256_set1_ps(static_cast<float>(q.qmax - q.zero_point))),
+        lo(_mm256_set1_ps(static_cast<float>(q.qmin - q.zero_point))),
+        offset(_mm256_set1_epi32(q.zero_point - q.shift)) {}
+  __m256i operator()(__m256 x) const {
+    __m256 v = _mm256_div_ps(x, scale);
+    v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));  // NaN -> 0
+    v = _mm256_max_ps(_mm256_min_ps(v, hi), lo);
+    const __m256i level = _mm256_cvtps_epi32(v);  // round half to even (the default rounding mode)
+    return _mm256_and_si256(_mm256_add_epi32(level, offset), _mm256_set1_epi32(0xFF));
+  }
+};
+
+// A StoreEpilogue's 8-bit levels on the rows [first, last) of 8 (a [B, M] output's column): the residual's
+// levels dequantized, the output quantized into its level bytes. Bytes outside the rows are neither read
+// nor written.
+struct LevelsLanes {
+  const int8_t* residual;
+  bool residual_signed;
+  __m256i residual_zero;
+  __m256 residual_scale;
+  int8_t* out;
+  Quantizer quantize;
+  explicit LevelsLanes(const StoreEpilogue& e)
+      : residual(e.residual_levels), residual_signed(e.residual_signed), residual_zero(_mm256_set1_epi32(e.residual_zero)),
+        residual_scale(_mm256_set1_ps(e.residual_scale)), out(e.out_levels), quantize(e.out_quant) {}
+  __m256 residual_at(int64_t at, int64_t first, int64_t last) const {
+    __m128i b;
+    if (first == 0 && last == 8) {
+      b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(residual + at));
+    } else {
+      uint8_t bytes[8] = {};
+      std::memcpy(bytes + first, residual + at + first, static_cast<size_t>(last - first));
+      b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
+    }
+    const __m256i level = residual_signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(level, residual_zero)), residual_scale);
+  }
+  void store(int64_t at, int64_t first, int64_t last, __m256 v) const {
+    const __m256i words = _mm256_packus_epi32(quantize(v), _mm256_setzero_si256());  // levels 0-3 | 4-7, 16 bits
+    const __m256i bytes = _mm256_packus_epi16(words, _mm256_setzero_si256());
+    const __m128i levels =
+        _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1)));
+    if (first == 0 && last == 8) {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + at), levels);
+      return;
+    }
+    uint8_t lanes[8];
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(lanes), levels);
+    std::memcpy(out + at + first, lanes + first, static_cast<size_t>(last - first));
+  }
+};
+
 // The StoreEpilogue in registers (ActivationLanes: the scalar functions of kernels.h operation for
 // operation). The bias and residual pointers are copied out: the stores (may_alias types) would make the
 // compiler reload them after each.
@@ -12,9 +71,12 @@ struct EpilogueLanes {
   const float* bias;
   const float* residual;
   ActivationLanes act;
+  bool levels;
+  LevelsLanes level_lanes;
   explicit EpilogueLanes(const StoreEpilogue* epilogue)
       : e(epilogue), bias(e ? e->bias : nullptr), residual(e ? e->residual : nullptr),
-        act(e ? ActivationLanes(*e) : ActivationLanes()) {}
+        act(e ? ActivationLanes(*e) : ActivationLanes()), levels(e && e->has_levels()),
+        level_lanes(e ? *e : StoreEpilogue()) {}
   // The activation, then the affine map (after the bias).
   __m256 finish(__m256 v) const { return act(v); }
 };
@@ -55,6 +117,10 @@ class PanelStore {
       __m256 v[C];
       for (int c = 0; c < C; ++c)
         v[c] = _mm256_mul_ps(scale_, _mm256_fmadd_ps(half.row_scale, _mm256_cvtepi32_ps(sums[h][c]), half.offset_term));
+      if (e_.levels) {  // [B, M], not accumulated (levels_in_store)
+        store_levels(half, m, b0 * a_.y_stride_b + m, v, C);
+        continue;
+      }
       float* y = a_.y + b0 * a_.y_stride_b + m * a_.y_stride_m;
       const bool in_registers =
           e_.e && half.all_rows && !a_.accumulate && (by_rows || (C == 4 && a_.y_stride_b == 1));
@@ -145,6 +211,30 @@ class PanelStore {
   }
 
  private:
+  struct Half;
+  // The epilogue with 8-bit levels on the columns of one half (rows m.., output offset `at`): bias, residual
+  // (float or levels) and activation on the half's rows, then the floats or their levels stored.
+  void store_levels(const Half& half, int64_t m, int64_t at, __m256* v, int columns) const {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i rows = _mm256_and_si256(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(static_cast<int>(half.first) - 1)),
+                                          _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(half.last)), lane));
+    const __m256 bias = e_.bias ? _mm256_maskload_ps(e_.bias + m, rows) : _mm256_setzero_ps();
+    const LevelsLanes& levels = e_.level_lanes;
+    for (int c = 0; c < columns; ++c) {
+      const int64_t column = at + c * a_.y_stride_b;
+      __m256 u = v[c];
+      if (e_.bias) u = _mm256_add_ps(u, bias);
+      if (e_.residual) u = _mm256_add_ps(u, _mm256_maskload_ps(e_.residual + column, rows));
+      if (levels.residual) u = _mm256_add_ps(u, levels.residual_at(column, half.first, half.last));
+      v[c] = e_.finish(u);
+    }
+    for (int c = 0; c < columns; ++c) {
+      const int64_t column = at + c * a_.y_stride_b;
+      if (levels.out) levels.store(column, half.first, half.last, v[c]);
+      else _mm256_maskstore_ps(a_.y + column, rows, v[c]);
+    }
+  }
+
   struct Half {
     int64_t first = 0, last = 0;  // rows [first, last) of the half are written
     bool all_rows = false;

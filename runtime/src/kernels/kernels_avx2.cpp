@@ -371,25 +371,6 @@ void group_dots(const KernelWeights& w, int64_t m, const int8_t* x, const int32_
   }
 }
 
-// quantize_one on 8 floats: the levels' low bytes as int32 (0..255). The float clamp is to the
-// integer bounds themselves, so the rounded level needs no second clamp.
-struct Quantizer {
-  __m256 scale, hi, lo;
-  __m256i offset;
-  explicit Quantizer(const ActQuant& q)
-      : scale(_mm256_set1_ps(q.scale)),
-        hi(_mm256_set1_ps(static_cast<float>(q.qmax - q.zero_point))),
-        lo(_mm256_set1_ps(static_cast<float>(q.qmin - q.zero_point))),
-        offset(_mm256_set1_epi32(q.zero_point - q.shift)) {}
-  __m256i operator()(__m256 x) const {
-    __m256 v = _mm256_div_ps(x, scale);
-    v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));  // NaN -> 0
-    v = _mm256_max_ps(_mm256_min_ps(v, hi), lo);
-    const __m256i level = _mm256_cvtps_epi32(v);  // round half to even (the default rounding mode)
-    return _mm256_and_si256(_mm256_add_epi32(level, offset), _mm256_set1_epi32(0xFF));
-  }
-};
-
 // quantize_one over a span, 32 floats a step: four vectors of levels packed to bytes (packs work
 // within 128-bit lanes, so a dword permute restores the order); the tail one value at a time.
 // The compiler's vectorization of quantize_span_impl took 1.5x the time (Zen 3).

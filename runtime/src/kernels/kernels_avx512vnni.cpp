@@ -203,6 +203,47 @@ inline void block_store(const GemmArgs& a, int64_t quad0, int64_t b0) {
     }
 }
 
+// quantize_one on 16 floats: the levels' low bytes as int32. The float clamp is to the
+// integer bounds themselves, so the rounded level needs no second clamp.
+struct Quantizer {
+  __m512 scale, hi, lo;
+  __m512i offset;
+  explicit Quantizer(const ActQuant& q)
+      : scale(_mm512_set1_ps(q.scale)),
+        hi(_mm512_set1_ps(static_cast<float>(q.qmax - q.zero_point))),
+        lo(_mm512_set1_ps(static_cast<float>(q.qmin - q.zero_point))),
+        offset(_mm512_set1_epi32(q.zero_point - q.shift)) {}
+  __m512i operator()(__m512 x) const {
+    __m512 v = _mm512_div_ps(x, scale);
+    v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN -> 0
+    v = _mm512_max_ps(_mm512_min_ps(v, hi), lo);
+    const __m512i level = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_and_si512(_mm512_add_epi32(level, offset), _mm512_set1_epi32(0xFF));  // the byte, 0..255
+  }
+};
+
+// A StoreEpilogue's 8-bit levels on 16 rows of a [B, M] output, copied out of it (see ActivationLanes): the
+// residual's levels dequantized, the output quantized into its level bytes.
+struct LevelsLanes {
+  const int8_t* residual;
+  bool residual_signed;
+  __m512i residual_zero;
+  __m512 residual_scale;
+  int8_t* out;
+  Quantizer quantize;
+  explicit LevelsLanes(const StoreEpilogue& e)
+      : residual(e.residual_levels), residual_signed(e.residual_signed), residual_zero(_mm512_set1_epi32(e.residual_zero)),
+        residual_scale(_mm512_set1_ps(e.residual_scale)), out(e.out_levels), quantize(e.out_quant) {}
+  __m512 residual_at(int64_t at, __mmask16 rows) const {
+    const __m128i bytes = _mm_maskz_loadu_epi8(rows, residual + at);
+    const __m512i level = residual_signed ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(level, residual_zero)), residual_scale);
+  }
+  void store(int64_t at, __mmask16 rows, __m512 v) const {
+    _mm_mask_storeu_epi8(out + at, rows, _mm512_cvtepi32_epi8(quantize(v)));
+  }
+};
+
 // The rest of an epilogue after the bias, on a row of 8 columns: plus the residual's row (laid out as the
 // output, `at` elements on), then the activation.
 struct RowsResidual {
@@ -263,33 +304,49 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m512i sums[
     v[c] = c < columns ? _mm512_mul_ps(scale, _mm512_fmadd_ps(rs, _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[c], bias)),
                                                               offset_term))
                        : _mm512_setzero_ps();
-  float* y = a.y + b0 * a.y_stride_b + m0 * a.y_stride_m;
+  const int64_t at = b0 * a.y_stride_b + m0 * a.y_stride_m;  // the output's offset of (m0, b0)
   const StoreEpilogue* e = a.epilogue;
   const bool by_rows = a.y_stride_m == 1, by_columns = a.y_stride_b == 1;  // [B, M]; a convolution's [M, pixels]
   if (e && !a.accumulate && (by_rows || by_columns)) {
     // The epilogue in registers: the bias and, without a residual, the activation on the columns' vectors
-    // (before the transposition); a residual and then the activation on the rows.
+    // (before the transposition); a residual and then the activation on the rows. 8-bit levels only [B, M].
     const __mmask16 rows = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
     if (e->bias) {
       const __m512 row_bias = _mm512_maskz_loadu_ps(rows, e->bias + m0);
       for (int c = 0; c < columns; ++c) v[c] = _mm512_add_ps(v[c], row_bias);
     }
     if (e->residual && !by_rows) {
-      const RowsResidual residual{e->residual + (y - a.y), ActivationLanes(*e)};
-      store_rows(v, columns, y, a.y_stride_m, lo, hi, false, &residual);
+      const RowsResidual residual{e->residual + at, ActivationLanes(*e)};
+      store_rows(v, columns, a.y + at, a.y_stride_m, lo, hi, false, &residual);
       return;
     }
     const ActivationLanes act(*e);
+    const float* residual = e->residual;
+    if (e->has_levels()) {
+      const LevelsLanes levels(*e);
+      for (int c = 0; c < columns; ++c) {
+        const int64_t column = at + c * a.y_stride_b;
+        if (residual) v[c] = _mm512_add_ps(v[c], _mm512_maskz_loadu_ps(rows, residual + column));
+        if (levels.residual) v[c] = _mm512_add_ps(v[c], levels.residual_at(column, rows));
+        v[c] = act(v[c]);
+      }
+      for (int c = 0; c < columns; ++c) {
+        if (levels.out) levels.store(at + c * a.y_stride_b, rows, v[c]);
+        else _mm512_mask_storeu_ps(a.y + at + c * a.y_stride_b, rows, v[c]);
+      }
+      return;
+    }
     for (int c = 0; c < columns; ++c) {
-      if (e->residual) v[c] = _mm512_add_ps(v[c], _mm512_maskz_loadu_ps(rows, e->residual + (y - a.y) + c * a.y_stride_b));
+      if (residual) v[c] = _mm512_add_ps(v[c], _mm512_maskz_loadu_ps(rows, residual + at + c * a.y_stride_b));
       v[c] = act(v[c]);
     }
     if (by_rows)
-      for (int c = 0; c < columns; ++c) _mm512_mask_storeu_ps(y + c * a.y_stride_b, rows, v[c]);
+      for (int c = 0; c < columns; ++c) _mm512_mask_storeu_ps(a.y + at + c * a.y_stride_b, rows, v[c]);
     else
-      store_rows(v, columns, y, a.y_stride_m, lo, hi, false);
+      store_rows(v, columns, a.y + at, a.y_stride_m, lo, hi, false);
     return;
   }
+  float* y = a.y + at;
   if (by_rows) {  // [B, M]: each column's 16 rows contiguous
     const __mmask16 rows = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
     for (int c = 0; c < columns; ++c) {
@@ -312,7 +369,7 @@ void folded_store(const GemmArgs& a, int64_t m0, int64_t b0, const __m512i sums[
     for (int c = 0; c < columns; ++c)
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t offset = c * a.y_stride_b + i * a.y_stride_m;
-        y[offset] = e->apply(y[offset], m0 + i, e->residual ? e->residual + (y - a.y) + offset : nullptr);
+        y[offset] = e->apply(y[offset], m0 + i, e->residual ? e->residual + at + offset : nullptr);
       }
 }
 
@@ -448,25 +505,6 @@ void group_dots(const KernelWeights& w, int64_t m, const int8_t* x, const int32_
     for (int gq = 0; gq < 4; ++gq) out[4 * sg + gq] = lanes[4 * ri + gq] / (1 << (2 * ri));
   }
 }
-
-// quantize_one on 16 floats: the levels' low bytes as int32. The float clamp is to the
-// integer bounds themselves, so the rounded level needs no second clamp.
-struct Quantizer {
-  __m512 scale, hi, lo;
-  __m512i offset;
-  explicit Quantizer(const ActQuant& q)
-      : scale(_mm512_set1_ps(q.scale)),
-        hi(_mm512_set1_ps(static_cast<float>(q.qmax - q.zero_point))),
-        lo(_mm512_set1_ps(static_cast<float>(q.qmin - q.zero_point))),
-        offset(_mm512_set1_epi32(q.zero_point - q.shift)) {}
-  __m512i operator()(__m512 x) const {
-    __m512 v = _mm512_div_ps(x, scale);
-    v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN -> 0
-    v = _mm512_max_ps(_mm512_min_ps(v, hi), lo);
-    const __m512i level = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    return _mm512_and_si512(_mm512_add_epi32(level, offset), _mm512_set1_epi32(0xFF));  // the byte, 0..255
-  }
-};
 
 // quantize_one over a span, 16 floats a step with a masked tail (short spans, e.g. one
 // channel of a 7x7 map, spent most of their time in the compiler's scalar remainder loop).

@@ -103,15 +103,15 @@ Tensor input(OrtKernelContext* ctx, size_t index) {
   return view(value);
 }
 
-float* output(OrtKernelContext* ctx, size_t index, const std::vector<int64_t>& shape) {
+void* output(OrtKernelContext* ctx, size_t index, const std::vector<int64_t>& shape, ONNXTensorElementDataType type) {
   int64_t size = 1;
   for (int64_t d : shape) size = checked_mul(size, d, "output");
   OrtValue* value = nullptr;
   check(g_api->KernelContext_GetOutput(ctx, index, shape.data(), shape.size(), &value));
-  void* data = nullptr;
-  check(g_api->GetTensorMutableData(value, &data));
-  if (size > 0 && !data) fail("output without data");
-  return static_cast<float*>(data);
+  const Tensor t = view(value);
+  if (t.type != type) fail(std::string("output is ") + type_name(t.type) + ", the node's inputs make it " + type_name(type));
+  if (size > 0 && !t.data) fail("output without data");
+  return const_cast<void*>(t.data);
 }
 
 int64_t attr_int(const OrtKernelInfo* info, const char* name, const int64_t* fallback) {
@@ -245,9 +245,7 @@ static bool input_exists(const OrtKernelInfo* info, size_t index) {
   return size > 1;  // size counts the terminating NUL; an omitted input has the empty name
 }
 
-// True when input `index` is absent or a constant initializer (then *value is
-// its value, or null when absent).
-static bool constant_input(const OrtKernelInfo* info, size_t index, const OrtValue** value) {
+bool constant_input(const OrtKernelInfo* info, size_t index, const OrtValue** value) {
   *value = nullptr;
   if (!input_exists(info, index)) return true;
   int is_constant = 0;

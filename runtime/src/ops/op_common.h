@@ -47,7 +47,14 @@ struct Tensor {
 };
 Tensor view(const OrtValue* value);
 Tensor input(OrtKernelContext* ctx, size_t index);  // present = false for an empty (omitted) input
-float* output(OrtKernelContext* ctx, size_t index, const std::vector<int64_t>& shape);
+// True when input `index` is absent or a constant initializer (then *value is
+// its value, or null when absent).
+bool constant_input(const OrtKernelInfo* info, size_t index, const OrtValue** value);
+// Output `index` allocated with `shape`; fails unless onnxruntime gave it element type `type`.
+void* output(OrtKernelContext* ctx, size_t index, const std::vector<int64_t>& shape, ONNXTensorElementDataType type);
+inline float* output(OrtKernelContext* ctx, size_t index, const std::vector<int64_t>& shape) {
+  return static_cast<float*>(output(ctx, index, shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT));
+}
 
 const char* type_name(ONNXTensorElementDataType t);
 std::string shape_string(const std::vector<int64_t>& shape);
@@ -116,7 +123,11 @@ enum InputIndex : size_t {
   kNegScales,
   kNegRowScale,
   kBias,
-  kResidual,  // TernaryConv only
+  kResidual,  // TernaryConv only, as the rest
+  kYScale,  // with kYZeroPoint: Y as 8-bit levels
+  kYZeroPoint,
+  kResidualScale,  // with kResidualZeroPoint: the residual as 8-bit levels
+  kResidualZeroPoint,
   kMaxInputs
 };
 
@@ -241,7 +252,7 @@ class ScratchBuffer {
   int64_t capacity_ = 0;
 };
 
-// The OrtCustomOp adapter: Op provides kName, kInputs, kInputTypes[kMaxInputs] and
+// The OrtCustomOp adapter: Op provides kName, kInputs, kInputTypes[kMaxInputs], kOutputType and
 // kOptional[kMaxInputs] (the first kInputs used), and a Kernel with Kernel(const OrtKernelInfo*) and
 // void Compute(OrtKernelContext*). Exceptions become an OrtStatus.
 OrtStatus* status_from_current_exception();
@@ -259,7 +270,7 @@ struct CustomOp : OrtCustomOp {
       return Op::kOptional[i] ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
     };
     GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
-    GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
+    GetOutputType = [](const OrtCustomOp*, size_t) { return Op::kOutputType; };
     GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
     GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
     GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };

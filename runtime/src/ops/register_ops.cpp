@@ -43,7 +43,8 @@ extern "C" FGQ_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOption
 
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* s = api->CreateCustomOpDomain("com.fgq", &domain)) return s;
-  for (OrtCustomOp* op : {fgq::ort::ternary_matmul_op(), fgq::ort::ternary_gemm_op(), fgq::ort::ternary_conv_op()}) {
+  const auto convs = fgq::ort::ternary_conv_ops();
+  for (OrtCustomOp* op : {fgq::ort::ternary_matmul_op(), fgq::ort::ternary_gemm_op(), convs[0], convs[1], convs[2]}) {
     if (OrtStatus* s = api->CustomOpDomain_Add(domain, op)) {
       api->ReleaseCustomOpDomain(domain);
       return s;

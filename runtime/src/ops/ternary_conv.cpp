@@ -1,13 +1,15 @@
-// TernaryConv: 2-D NCHW convolution with ternary weights (groups, depthwise,
-// strides, pads, dilations, bias, residual, optional fused activation). Per image, the
+// TernaryConv: 2-D convolution with ternary weights (groups, depthwise,
+// strides, pads, dilations, bias, residual, optional fused activation), NCHW or
+// NHWC (x_layout, y_layout), X, Y and residual float or 8-bit levels. Per image, the
 // activation is quantized in one pass into a padded NHWC int8 image (the
-// border holds the level of 0.0). The folded form (natural unsigned rows)
+// border holds the level of 0.0), or an NHWC uint8 X is that image already. The folded form (natural unsigned rows)
 // reads its rows from the image in place, one segment (kernel offset r, s)
 // at a time, with no im2col, when a segment's groups lie on consecutive
 // channels; otherwise (the code path, whole-filter groups, or several groups
 // of N not a multiple of 4 a segment) the rows are gathered (im2col) by copying
 // runs, in the order the kernel takes (natural, or kernel order with group sums).
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -105,6 +107,55 @@ void requantize_transposed(const uint8_t* src, int64_t channels, int64_t pixels,
   for (int64_t c = c0; c < channels; ++c)
     for (int64_t p = 0; p < pixels; ++p) out[p * pixel_stride + c] = f(src[c * channel_stride + p]);
 }
+// An 8-bit tensor's quantization (y_scale/y_zero_point, residual_scale/residual_zero_point): `quant`
+// makes quantize write its level bytes (QuantizeLinear over the type's whole range).
+struct Levels {
+  ActQuant quant;
+  bool is_signed = false;
+  ONNXTensorElementDataType type() const {
+    return is_signed ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  }
+};
+
+// The quantization a scale and zero point input pair gives (`what`: their name's prefix), or none when
+// both are absent.
+std::optional<Levels> levels_of(const Tensor& scale, const Tensor& zero_point, const std::string& what) {
+  if (!scale.present && !zero_point.present) return std::nullopt;
+  if (!scale.present || scale.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || scale.size != 1 ||
+      !(*scale.as<float>() > 0.f) || !std::isfinite(*scale.as<float>()))
+    fail(what + "_scale must be a finite float scalar > 0, given with " + what + "_zero_point");
+  if (!zero_point.present || zero_point.size != 1 ||
+      (zero_point.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && zero_point.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8))
+    fail(what + "_zero_point must be a uint8 or int8 scalar, given with " + what + "_scale");
+  Levels l;
+  l.is_signed = zero_point.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+  const int zero = l.is_signed ? *zero_point.as<int8_t>() : *zero_point.as<uint8_t>();
+  const std::string error = make_act_quant(*scale.as<float>(), zero, l.is_signed ? -128 : 0, l.is_signed ? 127 : 255,
+                                           l.is_signed, &l.quant);
+  if (!error.empty()) fail(what + ": " + error);
+  if (!l.is_signed) l.quant = unsigned_levels(l.quant);  // shift 0: the bytes are the uint8 levels
+  return l;
+}
+
+// DequantizeLinear of `count` 8-bit levels `step` apart: (level - zero_point) * scale.
+void dequantize_levels(const void* src, int64_t count, int64_t step, const Levels& l, float* out) {
+  const float scale = l.quant.scale;
+  const int zero = l.quant.zero_point;
+  if (l.is_signed) {
+    const int8_t* in = static_cast<const int8_t*>(src);
+    for (int64_t i = 0; i < count; ++i) out[i] = static_cast<float>(in[i * step] - zero) * scale;
+  } else {
+    const uint8_t* in = static_cast<const uint8_t*>(src);
+    for (int64_t i = 0; i < count; ++i) out[i] = static_cast<float>(in[i * step] - zero) * scale;
+  }
+}
+
+// "NCHW" (the default) or "NHWC" for a layout attribute: whether it is channels-last.
+bool channels_last(const OrtKernelInfo* info, const char* name) {
+  const std::string nchw = "NCHW", layout = attr_string(info, name, &nchw);
+  if (layout != "NCHW" && layout != "NHWC") fail(std::string(name) + " must be NCHW or NHWC, got " + layout);
+  return layout == "NHWC";
+}
 }  // namespace
 
 class ConvKernel : public TernaryKernelBase {
@@ -136,6 +187,8 @@ class ConvKernel : public TernaryKernelBase {
     const std::vector<int64_t> none;
     const std::vector<int64_t> ks = attr_ints(info, "kernel_shape", &none);
     if (!ks.empty() && (ks.size() != 2 || ks[0] != r_ || ks[1] != s_)) fail("kernel_shape disagrees with weight_shape");
+    x_nhwc_ = channels_last(info, "x_layout");
+    y_nhwc_ = channels_last(info, "y_layout");
     const std::string notset = "NOTSET";
     if (attr_string(info, "auto_pad", &notset) != "NOTSET") fail("auto_pad is not supported: give explicit pads");
     const int64_t rs = checked_mul(r_, s_, "kernel");
@@ -164,6 +217,8 @@ class ConvKernel : public TernaryKernelBase {
         segmented_ ? ReductionLayout{rs, cg_, n_} : ReductionLayout{1, checked_mul(cg_, rs, "filter"), n_};
     init_weights(info, layout, m_);
     keep_constant_bias(info);
+    constant_levels(info, kYScale, "y", &constant_y_levels_);
+    constant_levels(info, kResidualScale, "residual", &constant_residual_levels_);
     if (direct_ && constant_planes_) {  // the direct route keeps only its regrouped weights
       direct_weights_ = std::make_shared<const DepthwiseWeights>(direct_weights(*constant_planes_));
       constant_planes_.reset();
@@ -174,8 +229,8 @@ class ConvKernel : public TernaryKernelBase {
 
   void Compute(OrtKernelContext* ctx) const {
     const Tensor x = input(ctx, kX);
-    if (x.shape.size() != 4) fail("X must be 4-D NCHW, got " + shape_string(x.shape));
-    const int64_t nb = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3];
+    if (x.shape.size() != 4) fail(std::string("X must be 4-D ") + (x_nhwc_ ? "NHWC" : "NCHW") + ", got " + shape_string(x.shape));
+    const int64_t nb = x.shape[0], C = x.shape[x_nhwc_ ? 3 : 1], H = x.shape[x_nhwc_ ? 1 : 2], W = x.shape[x_nhwc_ ? 2 : 3];
     if (C != checked_mul(cg_, group_, "channels"))
       fail("X has " + std::to_string(C) + " channels, weight_shape and group need " + std::to_string(cg_ * group_));
     const ActQuant q = act_quant(ctx, x);
@@ -190,8 +245,11 @@ class ConvKernel : public TernaryKernelBase {
     if (eff_h < 0 || eff_w < 0) fail("the kernel does not fit the padded input: output would be empty");
     const int64_t OH = eff_h / strides_[0] + 1, OW = eff_w / strides_[1] + 1;
     const int64_t P = checked_mul(OH, OW, "output");
-    float* y = output(ctx, 0, {nb, m_, OH, OW});
-    const float* r = residual(ctx, {nb, m_, OH, OW});
+    const std::optional<Levels> y_levels = levels(ctx, kYScale, "y", constant_y_levels_);
+    const std::optional<Levels> r_levels = levels(ctx, kResidualScale, "residual", constant_residual_levels_);
+    const std::vector<int64_t> y_shape = y_nhwc_ ? std::vector<int64_t>{nb, OH, OW, m_} : std::vector<int64_t>{nb, m_, OH, OW};
+    void* y = output(ctx, 0, y_shape, y_levels ? y_levels->type() : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    const void* r = residual(ctx, y_shape, r_levels);
     if (nb == 0 || P == 0) return;
 
     const bool natural = folded_rows(p, P);
@@ -203,8 +261,8 @@ class ConvKernel : public TernaryKernelBase {
     GemmArgs a;
     a.natural = natural;
     a.s_stride = p.pos.padded_groups;
-    a.y_stride_b = 1;
-    a.y_stride_m = P;
+    a.y_stride_b = y_nhwc_ ? m_ : 1;
+    a.y_stride_m = y_nhwc_ ? 1 : P;
     a.scale = q.scale;
     a.offset = static_cast<float>(q.offset());
     if (in_place) {
@@ -224,9 +282,16 @@ class ConvKernel : public TernaryKernelBase {
     // Several images: one task each, on its own thread's buffers; one image: parallel inside.
     auto image_task = [&](size_t n, OrtKernelContext* inner) {
       const int64_t offset = static_cast<int64_t>(n) * m_ * P;
-      const Epilogue e{b, r ? r + offset : nullptr};
-      if (direct) run_direct(inner, x, static_cast<int64_t>(n), q, geo, *direct, y + offset, e);
-      else run_image(inner, x, static_cast<int64_t>(n), qi, geo, p, in_place, a, y + offset, e);
+      const Epilogue e{b,
+                       r ? static_cast<const char*>(r) + offset * (r_levels ? 1 : 4) : nullptr,
+                       r_levels ? &*r_levels : nullptr,
+                       static_cast<char*>(y) + offset * (y_levels ? 1 : 4),
+                       y_levels ? &*y_levels : nullptr,
+                       m_,
+                       P,
+                       y_nhwc_};
+      if (direct) run_direct(inner, x, static_cast<int64_t>(n), q, geo, *direct, e);
+      else run_image(inner, x, static_cast<int64_t>(n), qi, geo, p, in_place, a, e);
     };
     if (nb == 1) {
       image_task(0, ctx);
@@ -250,36 +315,95 @@ class ConvKernel : public TernaryKernelBase {
     int64_t C, H, W, OH, OW, padded_h, padded_w;
     int64_t slots;  // bytes a pixel of the NHWC image: C, or the channels padded (pad_channels_)
   };
-  // Added to one image's output before the ReLU: bias [M] and residual [M, OH, OW], each optional.
+  // One image's output ([M, OH, OW], or [OH, OW, M] with y_layout NHWC) and what is added to it before the
+  // activation: bias [M] and the residual (laid out as the output), each optional. The residual and the output
+  // are float, or 8-bit levels of their Levels. Unless the folded store takes them (gemm), 8-bit or NHWC
+  // outputs go tile by tile through a float tile in cache, [channels][pixels] (tiled()).
   struct Epilogue {
     const float* bias;
-    const float* residual;
+    const void* residual;
+    const Levels* residual_levels;
+    void* y;
+    const Levels* y_levels;
+    int64_t M, P;
+    bool nhwc;
+    bool tiled() const { return residual_levels || y_levels || nhwc; }
+    float* float_y() const { return tiled() ? nullptr : static_cast<float*>(y); }
+    // Where element (channel m, pixel) lies, and the step from one pixel to the next.
+    int64_t at(int64_t m, int64_t pixel) const { return nhwc ? pixel * M + m : m * P + pixel; }
+    int64_t pixel_step() const { return nhwc ? M : 1; }
+    // count pixels of channel m from pixel p0 of the residual as floats into out.
+    void load_residual(int64_t m, int64_t p0, int64_t count, float* out) const {
+      const int64_t from = at(m, p0), step = pixel_step();
+      if (residual_levels) {
+        dequantize_levels(static_cast<const uint8_t*>(residual) + from, count, step, *residual_levels, out);
+        return;
+      }
+      const float* r = static_cast<const float*>(residual) + from;
+      for (int64_t i = 0; i < count; ++i) out[i] = r[i * step];
+    }
+    // count floats from src into channel m's pixels from p0, quantized when the output is 8-bit.
+    void store(const KernelDispatch& d, int64_t m, int64_t p0, const float* src, int64_t count) const {
+      const int64_t to = at(m, p0), step = pixel_step();
+      if (y_levels && step == 1) {
+        d.quantize(src, count, y_levels->quant, static_cast<int8_t*>(y) + to);
+      } else if (y_levels) {
+        int8_t* out = static_cast<int8_t*>(y) + to;
+        for (int64_t i = 0; i < count; ++i) out[i * step] = quantize_one(src[i], y_levels->quant);
+      } else {
+        float* out = static_cast<float*>(y) + to;
+        for (int64_t i = 0; i < count; ++i) out[i * step] = src[i];
+      }
+    }
   };
 
-  // The residual input [N, M, OH, OW] (float, exactly the output's shape) or null.
-  static const float* residual(OrtKernelContext* ctx, const std::vector<int64_t>& shape) {
+  // y_scale/y_zero_point or residual_scale/residual_zero_point, parsed once when constant.
+  static void constant_levels(const OrtKernelInfo* info, size_t scale_index, const char* what,
+                              std::optional<Levels>* out) {
+    const OrtValue *scale = nullptr, *zero_point = nullptr;
+    if (constant_input(info, scale_index, &scale) && constant_input(info, scale_index + 1, &zero_point) &&
+        (scale || zero_point))
+      *out = levels_of(view(scale), view(zero_point), what);
+  }
+  static std::optional<Levels> levels(OrtKernelContext* ctx, size_t scale_index, const char* what,
+                                      const std::optional<Levels>& constant) {
+    if (constant) return constant;
+    return levels_of(input(ctx, scale_index), input(ctx, scale_index + 1), what);
+  }
+
+  // The residual input [N, M, OH, OW] (exactly the output's shape: float, or levels of residual_zero_point's
+  // type) or null.
+  static const void* residual(OrtKernelContext* ctx, const std::vector<int64_t>& shape,
+                              const std::optional<Levels>& levels) {
     const Tensor r = input(ctx, kResidual);
-    if (!r.present) return nullptr;
-    if (r.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) fail("residual must be float");
+    if (!r.present) {
+      if (levels) fail("residual_scale and residual_zero_point are given without a residual");
+      return nullptr;
+    }
+    const ONNXTensorElementDataType type = levels ? levels->type() : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    if (r.type != type)
+      fail(std::string("residual must be ") + type_name(type) + (levels ? " (residual_zero_point's type)" : "") +
+           ", got " + type_name(r.type));
     if (r.shape != shape) fail("residual shape " + shape_string(r.shape) + " must be the output's " + shape_string(shape));
-    return r.as<float>();
+    return r.data;
   }
 
   // Image n: quantize, gather unless in place, GEMM into y_image (ctx null: serially).
   void run_image(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& qi, const Geometry& geo,
-                 const Planes& p, bool in_place, GemmArgs a, float* y_image, const Epilogue& e) const {
+                 const Planes& p, bool in_place, GemmArgs a, const Epilogue& e) const {
     thread_local ScratchBuffer<int8_t> image_buffer, rows_buffer;
     thread_local ScratchBuffer<int32_t> gsum_buffer;
     const int64_t P = geo.OH * geo.OW;
     // Slack: in-place segments read up to 3 bytes past the last pixel's channels, gather's
     // short runs up to 15.
     const int64_t image_bytes = checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), geo.slots, "input");
-    const Image image{image_buffer.get(checked_add(image_bytes, positions_ + 16, "input")), geo.padded_h, geo.padded_w,
-                      geo.slots, planar()};
-    quantize_image(ctx, x, n, qi, geo, image);
+    const bool x_in_place = in_place && x_is_image(x, qi, geo);
+    const Image image{image_buffer.get(checked_add(x_in_place ? 0 : image_bytes, positions_ + 16, "input")),
+                      geo.padded_h, geo.padded_w, geo.slots, planar()};
+    if (!x_in_place) quantize_image(ctx, x, n, qi, geo, image);
     int64_t group_step;  // x advance from one group's rows to the next
     if (in_place) {
-      a.x = image.data;
+      a.x = x_in_place ? static_cast<const int8_t*>(x.data) + n * image_bytes : image.data;
       group_step = cg_;
     } else {
       const int64_t row_count = checked_mul(group_, P, "im2col");
@@ -291,8 +415,17 @@ class ConvKernel : public TernaryKernelBase {
       a.gsum = gsum;
       group_step = P * positions_;
     }
-    a.y = y_image;
+    a.y = e.float_y();
     gemm(ctx, p, P, group_step, a, e);
+  }
+
+  // Whether the kernel can read NHWC uint8 X in place as the image: no padding to add, no channel slots, the
+  // levels unchanged by the quantization (LevelBytes is the identity), and channels a multiple of 4 (in-place
+  // segments read up to 3 bytes past a pixel's channels).
+  bool x_is_image(const Tensor& x, const ActQuant& qi, const Geometry& geo) const {
+    const LevelBytes f(false, qi);
+    return x_nhwc_ && x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && f.flip == 0 && f.lo == 0 && f.hi == 255 &&
+           f.sub == 0 && geo.padded_h == geo.H && geo.padded_w == geo.W && geo.slots == geo.C && geo.C % 4 == 0;
   }
 
   DepthwiseWeights direct_weights(const Planes& p) const {
@@ -306,7 +439,7 @@ class ConvKernel : public TernaryKernelBase {
   // Image n by the direct kernel: quantized to unsigned levels in a planar padded image, then
   // output channels in parallel tasks.
   void run_direct(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& q, const Geometry& geo,
-                  const DepthwiseWeights& w, float* y_image, const Epilogue& e) const {
+                  const DepthwiseWeights& w, const Epilogue& e) const {
     thread_local ScratchBuffer<int8_t> image_buffer;
     const ActQuant qu = unsigned_levels(q);
     const int64_t image_bytes = checked_mul(checked_mul(geo.padded_h, geo.padded_w, "input"), geo.C, "input");
@@ -327,16 +460,28 @@ class ConvKernel : public TernaryKernelBase {
     a.dilation_w = dilations_[1];
     a.x_scale = q.scale;
     a.bias = e.bias;
-    a.residual = e.residual;
-    a.y = y_image;
+    a.residual = e.tiled() ? nullptr : static_cast<const float*>(e.residual);
+    a.y = e.float_y();
     const Activation rest = as_clamp(activation_, &a.lo, &a.hi) ? Activation() : activation_;  // left to the pass
     const int64_t P = geo.OH * geo.OW, per_task = channels_per_task(P);
     auto task = [&](size_t t) {
       DepthwiseArgs part = a;
       part.m_begin = static_cast<int64_t>(t) * per_task;
       part.m_end = std::min(m_, part.m_begin + per_task);
+      const int64_t first = part.m_begin * P, count = (part.m_end - part.m_begin) * P;
+      thread_local ScratchBuffer<float> tile_buffer, residual_buffer;
+      if (e.tiled()) {  // the task's channels through float tiles: y and residual addressed from their first element
+        float* tile = tile_buffer.get(count);
+        part.y = tile - first;
+        if (e.residual) {
+          float* residual = residual_buffer.get(count);
+          for (int64_t m = part.m_begin; m < part.m_end; ++m) e.load_residual(m, 0, P, residual + (m - part.m_begin) * P);
+          part.residual = residual - first;
+        }
+      }
       dispatch_->depthwise(part);
-      if (rest.active()) finish_row_(y_image + part.m_begin * P, (part.m_end - part.m_begin) * P, RowAddends(), rest);
+      if (rest.active()) finish_row_(part.y + first, count, RowAddends(), rest);
+      for (int64_t m = part.m_begin; e.tiled() && m < part.m_end; ++m) e.store(*dispatch_, m, 0, part.y + m * P, P);
     };
     parallel_for(ctx, static_cast<size_t>((m_ + per_task - 1) / per_task), task);
   }
@@ -375,15 +520,41 @@ class ConvKernel : public TernaryKernelBase {
     }
   }
 
-  // `count` values of x from element `src` quantized into dst (one planar image row).
-  void quantize_values(const Tensor& x, int64_t src, int64_t count, const ActQuant& q, int8_t* dst) const {
-    if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+  // `count` values of x from element `src`, `step` apart, quantized into dst.
+  void quantize_values(const Tensor& x, int64_t src, int64_t count, const ActQuant& q, int8_t* dst,
+                       int64_t step = 1) const {
+    if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && step == 1) {
       dispatch_->quantize(x.as<float>() + src, count, q, dst);
-      return;
+    } else if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+      const float* values = x.as<float>() + src;
+      for (int64_t i = 0; i < count; ++i) dst[i] = quantize_one(values[i * step], q);
+    } else {
+      const LevelBytes f(x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, q);
+      const uint8_t* levels = x.as<uint8_t>() + src;  // int8 levels as their bytes: LevelBytes flips them
+      for (int64_t i = 0; i < count; ++i) dst[i] = f(levels[i * step]);
     }
-    const LevelBytes f(x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, q);
-    const uint8_t* levels = x.as<uint8_t>() + src;  // int8 levels as their bytes: LevelBytes flips them
-    for (int64_t i = 0; i < count; ++i) dst[i] = f(levels[i]);
+  }
+
+  // Rows [i, i + count) of image n (x from element src) quantized into dst, one after another: planar, rows of
+  // W values (row c * H + h: channel c, input row h); NHWC, input rows of W pixels of geo.slots bytes.
+  void quantize_rows(const Tensor& x, int64_t src, int64_t i, int64_t count, const ActQuant& q, const Geometry& geo,
+                     bool planar, int8_t* dst) const {
+    const int64_t C = geo.C, H = geo.H, W = geo.W;
+    if (planar && !x_nhwc_) {
+      quantize_values(x, src + i * W, count * W, q, dst);
+    } else if (planar) {  // channel c of an NHWC row: every C-th value
+      for (int64_t r = i; r < i + count; ++r) quantize_values(x, src + (r % H) * W * C + r / H, W, q, dst + (r - i) * W, C);
+    } else if (x_nhwc_ && geo.slots == C) {  // NHWC rows as they are
+      quantize_values(x, src + i * W * C, count * W * C, q, dst);
+    } else if (x_nhwc_) {
+      for (int64_t pixel = 0; pixel < count * W; ++pixel)
+        quantize_values(x, src + (i * W + pixel) * C, C, q, dst + pixel * geo.slots);
+    } else if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+      dispatch_->quantize_transposed(x.as<float>() + src + i * W, C, count * W, H * W, q, dst, geo.slots);
+    } else {
+      requantize_transposed(x.as<uint8_t>() + src + i * W, C, count * W, H * W,
+                            LevelBytes(x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, q), dst, geo.slots);
+    }
   }
 
   // Image n of x quantized into the padded image, its border the level of 0.0 (written once). The image is a
@@ -416,7 +587,7 @@ class ConvKernel : public TernaryKernelBase {
       const int8_t* levels = nullptr;  // planar rows i0.. quantized, when they need placing
       if (planar && !contiguous && i1 > i0 && width > 0) {
         int8_t* buffer = levels_buffer.get((i1 - i0) * width);
-        quantize_values(x, src + i0 * width, (i1 - i0) * width, q, buffer);
+        quantize_rows(x, src, i0, i1 - i0, q, geo, true, buffer);
         levels = buffer;
       }
       int8_t* from = i0 == 0 ? image.data : row_start(i0 - 1) + bytes;  // the border before row i0
@@ -444,14 +615,7 @@ class ConvKernel : public TernaryKernelBase {
         count = contiguous ? std::min(i1 - i, height - h) : 1;
         fill(from, dst);
         from = dst + count * bytes;
-        if (planar) {
-          quantize_values(x, src + i * width, count * width, q, dst);
-        } else if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-          dispatch_->quantize_transposed(x.as<float>() + src + h * width, C, count * width, HW, q, dst, geo.slots);
-        } else {
-          requantize_transposed(x.as<uint8_t>() + src + h * width, C, count * width, HW,
-                                LevelBytes(x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, q), dst, geo.slots);
-        }
+        quantize_rows(x, src, i, count, q, geo, planar, dst);
         dst += count * step;
         h += count;
         if (h == height) h = 0, dst += skip;
@@ -547,26 +711,84 @@ class ConvKernel : public TernaryKernelBase {
     const int64_t mb = 64, bb = P <= 8 ? P : 64;
     const int64_t tiles_m = (mg + mb - 1) / mb, tiles_b = (P + bb - 1) / bb;
     const bool finish = e.bias || e.residual || activation_.active();
-    std::optional<StoreEpilogue> stored = finish ? store_epilogue(args, e.bias, activation_) : std::nullopt;
-    if (stored) stored->residual = e.residual;  // laid out as y_image
+    std::optional<StoreEpilogue> stored = finish || e.tiled() ? store_epilogue(args, e.bias, activation_) : std::nullopt;
+    // An NHWC output is [pixels, M]: the folded store takes the whole epilogue, levels too, where the path has it.
+    const bool in_store = stored && e.nhwc && !p.asymmetric && levels_in_store(*dispatch_, args);
+    GemmArgs direct_args = args;
+    if (in_store) {
+      set_levels(e, &*stored);
+      direct_args.y = e.y_levels ? nullptr : static_cast<float*>(e.y);
+    } else if (stored && !e.tiled()) {
+      stored->residual = static_cast<const float*>(e.residual);  // laid out as y_image
+    }
+    const bool tiled = e.tiled() && !in_store;
     auto task = [&](size_t t) {
       const int64_t i = static_cast<int64_t>(t);
       const int64_t g = i / (tiles_m * tiles_b), tm = i % tiles_m, tb = i / tiles_m % tiles_b;
-      GemmArgs a = args;
+      GemmArgs a = direct_args;
       a.x += g * group_step;
       if (a.gsum) a.gsum += g * P * a.s_stride;
       a.m_begin = g * mg + tm * mb;
       a.m_end = std::min(g * mg + mg, a.m_begin + mb);
       a.b_begin = tb * bb;
       a.b_end = std::min(P, a.b_begin + bb);
+      if (tiled) {
+        gemm_tile(a, p, stored ? &*stored : nullptr, finish, e);
+        return;
+      }
       gemm_planes(a, p, stored ? &*stored : nullptr);
       if (finish && !stored)
         for (int64_t m = a.m_begin; m < a.m_end; ++m)
           finish_row_(a.y + m * P + a.b_begin, a.b_end - a.b_begin,
-                      RowAddends{e.bias ? e.bias + m : nullptr, e.residual ? e.residual + m * P + a.b_begin : nullptr},
+                      RowAddends{e.bias ? e.bias + m : nullptr,
+                                 e.residual ? static_cast<const float*>(e.residual) + m * P + a.b_begin : nullptr},
                       activation_);
     };
     parallel_for(ctx, static_cast<size_t>(group_ * tiles_m * tiles_b), task);
+  }
+
+  // The folded store's residual and output as the Epilogue has them (floats or levels, NHWC).
+  static void set_levels(const Epilogue& e, StoreEpilogue* s) {
+    if (e.residual_levels) {
+      s->residual_levels = static_cast<const int8_t*>(e.residual);
+      s->residual_signed = e.residual_levels->is_signed;
+      s->residual_zero = e.residual_levels->quant.zero_point;
+      s->residual_scale = e.residual_levels->quant.scale;
+    } else {
+      s->residual = static_cast<const float*>(e.residual);
+    }
+    if (e.y_levels) {
+      s->out_levels = static_cast<int8_t*>(e.y);
+      s->out_quant = e.y_levels->quant;
+    }
+  }
+
+  // One GEMM tile of an 8-bit or NHWC output or an 8-bit residual, through a float tile in cache (rows of the tile's
+  // pixels): the residual loaded into one first, the tile stored (quantized) last. The kernel addresses
+  // y (and the store epilogue the residual) at m * y_stride_m + b, so both tiles' bases are offset by
+  // the tile's first (m, b).
+  void gemm_tile(GemmArgs a, const Planes& p, const StoreEpilogue* stored, bool finish, const Epilogue& e) const {
+    thread_local ScratchBuffer<float> tile_buffer, residual_buffer;
+    const int64_t rows = a.m_end - a.m_begin, cols = a.b_end - a.b_begin, first = a.m_begin * cols + a.b_begin;
+    float* tile = tile_buffer.get(rows * cols);
+    float* residual = e.residual ? residual_buffer.get(rows * cols) : nullptr;
+    for (int64_t m = 0; residual && m < rows; ++m) e.load_residual(a.m_begin + m, a.b_begin, cols, residual + m * cols);
+    a.y = tile - first;
+    a.y_stride_b = 1;
+    a.y_stride_m = cols;
+    StoreEpilogue local;
+    if (stored) {
+      local = *stored;
+      local.residual = residual ? residual - first : nullptr;
+    }
+    gemm_planes(a, p, stored ? &local : nullptr);
+    for (int64_t m = 0; m < rows; ++m) {
+      float* row = tile + m * cols;
+      if (finish && !stored)
+        finish_row_(row, cols, RowAddends{e.bias ? e.bias + a.m_begin + m : nullptr, residual ? residual + m * cols : nullptr},
+                    activation_);
+      e.store(*dispatch_, a.m_begin + m, a.b_begin, row, cols);
+    }
   }
 
  private:
@@ -576,16 +798,20 @@ class ConvKernel : public TernaryKernelBase {
   bool pad_channels_ = false;  // in place, the image pads each pixel's channels to N rounded up to 4
   bool row_segments_ = false;  // in place, a kernel row's offsets are one segment
   bool direct_ = false;  // the direct kernel (include/fgq/depthwise.h) instead of the GEMM
+  bool x_nhwc_ = false, y_nhwc_ = false;  // x_layout, y_layout NHWC
   std::shared_ptr<const DepthwiseWeights> direct_weights_;  // from constant weights, built once
+  std::optional<Levels> constant_y_levels_, constant_residual_levels_;  // from constant inputs
   // Fewer channels a group than N: groups run along kernel rows, so the image is planar.
   bool planar() const { return !segmented_; }
   std::vector<int64_t> strides_, dilations_, pads_;
   std::vector<Run> runs_;
 };
 
-OrtCustomOp* ternary_conv_op() {
-  static CustomOp<TernaryConvOp> op;
-  return &op;
+std::array<OrtCustomOp*, 3> ternary_conv_ops() {
+  static CustomOp<TernaryConvOp<kF32>> to_float;
+  static CustomOp<TernaryConvOp<kU8>> to_uint8;
+  static CustomOp<TernaryConvOp<kI8>> to_int8;
+  return {&to_float, &to_uint8, &to_int8};
 }
 
 }  // namespace ort
