@@ -355,6 +355,19 @@ class ConvKernel : public TernaryKernelBase {
         for (int64_t i = 0; i < count; ++i) out[i * step] = src[i];
       }
     }
+    // A float tile [rows channels from m0][cols pixels from p0] stored: row by row, or as NHWC levels quantized
+    // at once and transposed in 16 x 16 byte tiles.
+    void store_tile(const KernelDispatch& d, int64_t m0, int64_t rows, int64_t p0, int64_t cols, const float* tile) const {
+      if (!nhwc || !y_levels) {
+        for (int64_t r = 0; r < rows; ++r) store(d, m0 + r, p0, tile + r * cols, cols);
+        return;
+      }
+      thread_local ScratchBuffer<int8_t> bytes_buffer;
+      int8_t* bytes = bytes_buffer.get(rows * cols);
+      d.quantize(tile, rows * cols, y_levels->quant, bytes);
+      requantize_transposed(reinterpret_cast<const uint8_t*>(bytes), rows, cols, cols, LevelBytes(false, ActQuant()),
+                            static_cast<int8_t*>(y) + at(m0, p0), M);
+    }
   };
 
   // y_scale/y_zero_point or residual_scale/residual_zero_point, parsed once when constant.
@@ -463,27 +476,36 @@ class ConvKernel : public TernaryKernelBase {
     a.residual = e.tiled() ? nullptr : static_cast<const float*>(e.residual);
     a.y = e.float_y();
     const Activation rest = as_clamp(activation_, &a.lo, &a.hi) ? Activation() : activation_;  // left to the pass
-    const int64_t P = geo.OH * geo.OW, per_task = channels_per_task(P);
+    // Tasks of whole channels; or, tiled, of 16 channels x output rows, each through a float tile in cache
+    // ([channels][the rows' pixels]: a call over fewer output rows starts its image that many rows on).
+    constexpr int64_t kTileChannels = 32, kTilePixels = 1024;
+    const int64_t channels = e.tiled() ? kTileChannels : channels_per_task(geo.OH * geo.OW);
+    const int64_t rows = e.tiled() ? std::max<int64_t>(1, kTilePixels / geo.OW) : geo.OH;
+    const int64_t channel_tasks = (m_ + channels - 1) / channels, row_tasks = (geo.OH + rows - 1) / rows;
     auto task = [&](size_t t) {
       DepthwiseArgs part = a;
-      part.m_begin = static_cast<int64_t>(t) * per_task;
-      part.m_end = std::min(m_, part.m_begin + per_task);
-      const int64_t first = part.m_begin * P, count = (part.m_end - part.m_begin) * P;
+      part.m_begin = static_cast<int64_t>(t) % channel_tasks * channels;
+      part.m_end = std::min(m_, part.m_begin + channels);
+      const int64_t oh0 = static_cast<int64_t>(t) / channel_tasks * rows;
+      part.out_h = std::min(geo.OH, oh0 + rows) - oh0;
+      part.image += oh0 * strides_[0] * geo.padded_w;
+      const int64_t pixels = part.out_h * geo.OW, first = part.m_begin * pixels, count = (part.m_end - part.m_begin) * pixels;
       thread_local ScratchBuffer<float> tile_buffer, residual_buffer;
-      if (e.tiled()) {  // the task's channels through float tiles: y and residual addressed from their first element
+      if (e.tiled()) {  // y and residual addressed from the tile's first element
         float* tile = tile_buffer.get(count);
         part.y = tile - first;
         if (e.residual) {
           float* residual = residual_buffer.get(count);
-          for (int64_t m = part.m_begin; m < part.m_end; ++m) e.load_residual(m, 0, P, residual + (m - part.m_begin) * P);
+          for (int64_t m = part.m_begin; m < part.m_end; ++m)
+            e.load_residual(m, oh0 * geo.OW, pixels, residual + (m - part.m_begin) * pixels);
           part.residual = residual - first;
         }
       }
       dispatch_->depthwise(part);
       if (rest.active()) finish_row_(part.y + first, count, RowAddends(), rest);
-      for (int64_t m = part.m_begin; e.tiled() && m < part.m_end; ++m) e.store(*dispatch_, m, 0, part.y + m * P, P);
+      if (e.tiled()) e.store_tile(*dispatch_, part.m_begin, part.m_end - part.m_begin, oh0 * geo.OW, pixels, part.y + first);
     };
-    parallel_for(ctx, static_cast<size_t>((m_ + per_task - 1) / per_task), task);
+    parallel_for(ctx, static_cast<size_t>(channel_tasks * row_tasks), task);
   }
 
   // Channels of `pixels` each in one task: enough work to pay for a task's setup (the kernel plans
@@ -520,19 +542,15 @@ class ConvKernel : public TernaryKernelBase {
     }
   }
 
-  // `count` values of x from element `src`, `step` apart, quantized into dst.
-  void quantize_values(const Tensor& x, int64_t src, int64_t count, const ActQuant& q, int8_t* dst,
-                       int64_t step = 1) const {
-    if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && step == 1) {
+  // `count` values of x from element `src` quantized into dst.
+  void quantize_values(const Tensor& x, int64_t src, int64_t count, const ActQuant& q, int8_t* dst) const {
+    if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
       dispatch_->quantize(x.as<float>() + src, count, q, dst);
-    } else if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-      const float* values = x.as<float>() + src;
-      for (int64_t i = 0; i < count; ++i) dst[i] = quantize_one(values[i * step], q);
-    } else {
-      const LevelBytes f(x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, q);
-      const uint8_t* levels = x.as<uint8_t>() + src;  // int8 levels as their bytes: LevelBytes flips them
-      for (int64_t i = 0; i < count; ++i) dst[i] = f(levels[i * step]);
+      return;
     }
+    const LevelBytes f(x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, q);
+    const uint8_t* levels = x.as<uint8_t>() + src;  // int8 levels as their bytes: LevelBytes flips them
+    for (int64_t i = 0; i < count; ++i) dst[i] = f(levels[i]);
   }
 
   // Rows [i, i + count) of image n (x from element src) quantized into dst, one after another: planar, rows of
@@ -540,10 +558,8 @@ class ConvKernel : public TernaryKernelBase {
   void quantize_rows(const Tensor& x, int64_t src, int64_t i, int64_t count, const ActQuant& q, const Geometry& geo,
                      bool planar, int8_t* dst) const {
     const int64_t C = geo.C, H = geo.H, W = geo.W;
-    if (planar && !x_nhwc_) {
+    if (planar) {  // NCHW (an NHWC X is made so by planar_levels)
       quantize_values(x, src + i * W, count * W, q, dst);
-    } else if (planar) {  // channel c of an NHWC row: every C-th value
-      for (int64_t r = i; r < i + count; ++r) quantize_values(x, src + (r % H) * W * C + r / H, W, q, dst + (r - i) * W, C);
     } else if (x_nhwc_ && geo.slots == C) {  // NHWC rows as they are
       quantize_values(x, src + i * W * C, count * W * C, q, dst);
     } else if (x_nhwc_) {
@@ -565,6 +581,18 @@ class ConvKernel : public TernaryKernelBase {
   // row copies are 16-byte stores wherever their spill stays in the task's rows, which rewrite it in order.
   void quantize_image(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& q, const Geometry& geo,
                       const Image& image) const {
+    if (image.planar && x_nhwc_) {
+      thread_local ScratchBuffer<int8_t> dense_buffer;
+      ActQuant identity;
+      const Tensor levels = planar_levels(ctx, x, n, q, geo, dense_buffer.get(geo.C * geo.H * geo.W), &identity);
+      return fill_image(ctx, levels, 0, identity, geo, image);
+    }
+    fill_image(ctx, x, n, q, geo, image);
+  }
+
+  // quantize_image of an NCHW X (planar image) or any X (NHWC image).
+  void fill_image(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& q, const Geometry& geo,
+                  const Image& image) const {
     const int64_t C = geo.C, H = geo.H, W = geo.W, HW = H * W, src = n * C * HW;
     const bool contiguous = geo.padded_w == W, planar = image.planar;
     const int64_t rows = planar ? C * H : H, row_bytes = planar ? W : W * geo.slots;
@@ -623,6 +651,34 @@ class ConvKernel : public TernaryKernelBase {
       if (i1 == rows) std::memset(from, zeros[0], static_cast<size_t>(end - from));
     };
     parallel_for(ctx, static_cast<size_t>(std::max<int64_t>(1, (rows + rows_per_task - 1) / rows_per_task)), task);
+  }
+
+  // Image n of an NHWC X quantized into dense planar levels [C][H][W] (pixels x channels transposed in 16 x 16
+  // tiles, 256 pixels a task), viewed as an 8-bit NCHW tensor of one image: its rows then go into the planar
+  // image as an NCHW X's do, under `identity` (the levels as they are, the border the level of 0.0).
+  Tensor planar_levels(OrtKernelContext* ctx, const Tensor& x, int64_t n, const ActQuant& q, const Geometry& geo,
+                       int8_t* dense, ActQuant* identity) const {
+    const int64_t C = geo.C, HW = geo.H * geo.W;
+    constexpr int64_t kPixelsPerTask = 256;
+    parallel_for(ctx, static_cast<size_t>((HW + kPixelsPerTask - 1) / kPixelsPerTask), [&](size_t t) {
+      const int64_t p0 = static_cast<int64_t>(t) * kPixelsPerTask, count = std::min(kPixelsPerTask, HW - p0);
+      const int64_t src = (n * HW + p0) * C;
+      if (x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+        dispatch_->quantize_transposed(x.as<float>() + src, count, C, C, q, dense + p0, HW);
+      else
+        requantize_transposed(x.as<uint8_t>() + src, count, C, C, LevelBytes(x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, q),
+                              dense + p0, HW);
+    });
+    *identity = ActQuant();  // levels 0..255 unchanged (LevelBytes: the identity)
+    identity->scale = q.scale;
+    identity->zero_point = static_cast<uint8_t>(q.zero_level());
+    Tensor levels;
+    levels.present = true;
+    levels.type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    levels.shape = {1, C, geo.H, geo.W};
+    levels.size = C * HW;
+    levels.data = dense;
+    return levels;
   }
 
   // im2col, all groups: row (g, pixel) of positions_ bytes, natural order, or kernel
@@ -782,13 +838,11 @@ class ConvKernel : public TernaryKernelBase {
       local.residual = residual ? residual - first : nullptr;
     }
     gemm_planes(a, p, stored ? &local : nullptr);
-    for (int64_t m = 0; m < rows; ++m) {
-      float* row = tile + m * cols;
-      if (finish && !stored)
-        finish_row_(row, cols, RowAddends{e.bias ? e.bias + a.m_begin + m : nullptr, residual ? residual + m * cols : nullptr},
-                    activation_);
-      e.store(*dispatch_, a.m_begin + m, a.b_begin, row, cols);
-    }
+    for (int64_t m = 0; finish && !stored && m < rows; ++m)
+      finish_row_(tile + m * cols, cols,
+                  RowAddends{e.bias ? e.bias + a.m_begin + m : nullptr, residual ? residual + m * cols : nullptr},
+                  activation_);
+    e.store_tile(*dispatch_, a.m_begin, rows, a.b_begin, cols, tile);
   }
 
  private:
