@@ -342,31 +342,27 @@ class ConvKernel : public TernaryKernelBase {
       const float* r = static_cast<const float*>(residual) + from;
       for (int64_t i = 0; i < count; ++i) out[i] = r[i * step];
     }
-    // count floats from src into channel m's pixels from p0, quantized when the output is 8-bit.
-    void store(const KernelDispatch& d, int64_t m, int64_t p0, const float* src, int64_t count) const {
-      const int64_t to = at(m, p0), step = pixel_step();
-      if (y_levels && step == 1) {
-        d.quantize(src, count, y_levels->quant, static_cast<int8_t*>(y) + to);
-      } else if (y_levels) {
-        int8_t* out = static_cast<int8_t*>(y) + to;
-        for (int64_t i = 0; i < count; ++i) out[i * step] = quantize_one(src[i], y_levels->quant);
-      } else {
-        float* out = static_cast<float*>(y) + to;
-        for (int64_t i = 0; i < count; ++i) out[i * step] = src[i];
-      }
-    }
-    // A float tile [rows channels from m0][cols pixels from p0] stored: row by row, or as NHWC levels quantized
-    // at once and transposed in 16 x 16 byte tiles.
+    // A float tile [rows channels from m0][cols pixels from p0] stored: NHWC levels quantized at once and
+    // transposed in 16 x 16 byte tiles, else row by row (NCHW levels quantized, floats copied).
     void store_tile(const KernelDispatch& d, int64_t m0, int64_t rows, int64_t p0, int64_t cols, const float* tile) const {
-      if (!nhwc || !y_levels) {
-        for (int64_t r = 0; r < rows; ++r) store(d, m0 + r, p0, tile + r * cols, cols);
+      if (nhwc && y_levels) {
+        thread_local ScratchBuffer<int8_t> bytes_buffer;
+        int8_t* bytes = bytes_buffer.get(rows * cols);
+        d.quantize(tile, rows * cols, y_levels->quant, bytes);
+        requantize_transposed(reinterpret_cast<const uint8_t*>(bytes), rows, cols, cols, LevelBytes(false, ActQuant()),
+                              static_cast<int8_t*>(y) + at(m0, p0), M);
         return;
       }
-      thread_local ScratchBuffer<int8_t> bytes_buffer;
-      int8_t* bytes = bytes_buffer.get(rows * cols);
-      d.quantize(tile, rows * cols, y_levels->quant, bytes);
-      requantize_transposed(reinterpret_cast<const uint8_t*>(bytes), rows, cols, cols, LevelBytes(false, ActQuant()),
-                            static_cast<int8_t*>(y) + at(m0, p0), M);
+      const int64_t step = pixel_step();
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* src = tile + r * cols;
+        if (y_levels) {
+          d.quantize(src, cols, y_levels->quant, static_cast<int8_t*>(y) + at(m0 + r, p0));
+          continue;
+        }
+        float* out = static_cast<float*>(y) + at(m0 + r, p0);
+        for (int64_t i = 0; i < cols; ++i) out[i * step] = src[i];
+      }
     }
   };
 
@@ -384,8 +380,8 @@ class ConvKernel : public TernaryKernelBase {
     return levels_of(input(ctx, scale_index), input(ctx, scale_index + 1), what);
   }
 
-  // The residual input [N, M, OH, OW] (exactly the output's shape: float, or levels of residual_zero_point's
-  // type) or null.
+  // The residual input (exactly the output's shape and layout: float, or levels of residual_zero_point's type)
+  // or null.
   static const void* residual(OrtKernelContext* ctx, const std::vector<int64_t>& shape,
                               const std::optional<Levels>& levels) {
     const Tensor r = input(ctx, kResidual);
@@ -476,7 +472,7 @@ class ConvKernel : public TernaryKernelBase {
     a.residual = e.tiled() ? nullptr : static_cast<const float*>(e.residual);
     a.y = e.float_y();
     const Activation rest = as_clamp(activation_, &a.lo, &a.hi) ? Activation() : activation_;  // left to the pass
-    // Tasks of whole channels; or, tiled, of 16 channels x output rows, each through a float tile in cache
+    // Tasks of whole channels; or, tiled, of 32 channels x output rows, each through a float tile in cache
     // ([channels][the rows' pixels]: a call over fewer output rows starts its image that many rows on).
     constexpr int64_t kTileChannels = 32, kTilePixels = 1024;
     const int64_t channels = e.tiled() ? kTileChannels : channels_per_task(geo.OH * geo.OW);
@@ -770,10 +766,10 @@ class ConvKernel : public TernaryKernelBase {
     std::optional<StoreEpilogue> stored = finish || e.tiled() ? store_epilogue(args, e.bias, activation_) : std::nullopt;
     // An NHWC output is [pixels, M]: the folded store takes the whole epilogue, levels too, where the path has it.
     const bool in_store = stored && e.nhwc && !p.asymmetric && levels_in_store(*dispatch_, args);
-    GemmArgs direct_args = args;
+    GemmArgs task_args = args;
     if (in_store) {
       set_levels(e, &*stored);
-      direct_args.y = e.y_levels ? nullptr : static_cast<float*>(e.y);
+      task_args.y = e.y_levels ? nullptr : static_cast<float*>(e.y);
     } else if (stored && !e.tiled()) {
       stored->residual = static_cast<const float*>(e.residual);  // laid out as y_image
     }
@@ -781,7 +777,7 @@ class ConvKernel : public TernaryKernelBase {
     auto task = [&](size_t t) {
       const int64_t i = static_cast<int64_t>(t);
       const int64_t g = i / (tiles_m * tiles_b), tm = i % tiles_m, tb = i / tiles_m % tiles_b;
-      GemmArgs a = direct_args;
+      GemmArgs a = task_args;
       a.x += g * group_step;
       if (a.gsum) a.gsum += g * P * a.s_stride;
       a.m_begin = g * mg + tm * mb;
