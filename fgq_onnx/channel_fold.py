@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, int_attr
+from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, int_attr, set_input
 
 
 def weight_channel_axis(node: ir.Node) -> int | None:
@@ -77,9 +77,7 @@ def fold_channel_affine(producer: ir.Node, follower: ir.Node, scale: np.ndarray,
     producer.replace_input_with(1, add_initializer(graph, f"{label}.folded_weight", (weight * scale.reshape(shape)).astype(weight.dtype)))
     if bias is not None or shift is not None:
         new_bias = (bias if bias is not None else 0.0) * scale + (shift if shift is not None else 0.0)
-        if len(producer.inputs) < 3:
-            producer.resize_inputs(3)
-        producer.replace_input_with(2, add_initializer(graph, f"{label}.folded_bias", np.asarray(new_bias).astype(weight.dtype)))
+        set_input(producer, 2, add_initializer(graph, f"{label}.folded_bias", np.asarray(new_bias).astype(weight.dtype)))
     output_name = follower.outputs[0].name
     ir.convenience.replace_all_uses_with(follower.outputs[0], producer.outputs[0], replace_graph_outputs=True)
     follower.outputs[0].name = None

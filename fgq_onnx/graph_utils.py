@@ -35,6 +35,13 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorPro
     return value
 
 
+def set_input(node: ir.Node, index: int, value: ir.Value | None) -> None:
+    """Make `value` the node's input `index`, growing its inputs (omitted ones empty) when it has fewer."""
+    if len(node.inputs) <= index:
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, value)
+
+
 def int_attr(node: ir.Node, name: str, default: int) -> int:
     attr = node.attributes.get(name)
     return attr.as_int() if attr is not None else default

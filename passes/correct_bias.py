@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, float_attr
+from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, float_attr, set_input
 
 _OPS = ("Conv", "Gemm", "MatMul")
 
@@ -134,8 +134,7 @@ def _correct(node: ir.Node, shift: np.ndarray) -> bool:
         beta = float_attr(node, "beta", 1.0) if op == "Gemm" else 1.0
         bias_input = node.inputs[2] if len(node.inputs) > 2 else None
         if bias_input is None and beta != 0.0:
-            node.resize_inputs(3)
-            node.replace_input_with(2, add_initializer(node.graph, f"{_label(node)}.bias", (shift / beta).astype(dtype)))
+            set_input(node, 2, add_initializer(node.graph, f"{_label(node)}.bias", (shift / beta).astype(dtype)))
             return True
         bias = constant_array(bias_input)
         if bias is not None and beta != 0.0:

@@ -14,7 +14,7 @@ import onnx_ir.passes.common
 
 from fgq_onnx.channel_fold import channel_vector, sole_consumer_op
 from fgq_onnx.custom_op_functions import DOMAIN, INPUTS
-from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, float_attr, int_attr
+from fgq_onnx.graph_utils import DEFAULT_DOMAINS, add_initializer, constant_array, float_attr, int_attr, set_input
 
 _BIAS = INPUTS.index("bias")
 _ROW_SCALE = INPUTS.index("row_scale")  # [M]: every node has it (int8 weights have no codes)
@@ -102,10 +102,8 @@ class FoldBiasAddPass(ir.passes.InPlacePass):
         old = constant_array(bias) if bias is not None else np.float32(0)
         if old is None or old.dtype != np.float32:
             return False
-        if len(node.inputs) <= _BIAS:
-            node.resize_inputs(_BIAS + 1)
         label = node.name or add.name or "fgq"
-        node.replace_input_with(_BIAS, add_initializer(graph, f"{label}.bias", (old + shift).astype(np.float32)))
+        set_input(node, _BIAS, add_initializer(graph, f"{label}.bias", (old + shift).astype(np.float32)))
         output_name = add.outputs[0].name
         ir.convenience.replace_all_uses_with(add.outputs[0], node.outputs[0], replace_graph_outputs=True)
         add.outputs[0].name = None

@@ -30,7 +30,7 @@ from fgq_onnx.custom_op_functions import (
     has_input,
     node_overload,
 )
-from fgq_onnx.graph_utils import constant_array, int_attr
+from fgq_onnx.graph_utils import constant_array, int_attr, set_input
 
 _X, _RESIDUAL = 0, CONV_INPUTS.index("residual")
 _Y_SCALE, _Y_ZERO_POINT = CONV_INPUTS.index("y_scale"), CONV_INPUTS.index("y_zero_point")
@@ -91,12 +91,6 @@ def _agree(readers: list[ir.Node]) -> bool:
     return first is not None and all(same)
 
 
-def _set_input(node: ir.Node, index: int, value: ir.Value | None) -> None:
-    if len(node.inputs) <= index:
-        node.resize_inputs(index + 1)
-    node.replace_input_with(index, value)
-
-
 class QuantizeBetweenConvsPass(ir.passes.InPlacePass):
     """Make a TernaryConv read only by TernaryConvs return NHWC, as 8-bit levels when its X readers agree.
 
@@ -142,10 +136,10 @@ class QuantizeBetweenConvsPass(ir.passes.InPlacePass):
             out.shape = ir.Shape([out.shape[i] for i in (0, 2, 3, 1)])
         if _agree(readers):
             scale, zero = readers[0].inputs[1], readers[0].inputs[2]
-            _set_input(producer, _Y_SCALE, scale)
-            _set_input(producer, _Y_ZERO_POINT, zero)
+            set_input(producer, _Y_SCALE, scale)
+            set_input(producer, _Y_ZERO_POINT, zero)
             out.dtype = zero.dtype
             for reader in residual_readers:
-                _set_input(reader, _RESIDUAL_SCALE, scale)
-                _set_input(reader, _RESIDUAL_ZERO_POINT, zero)
+                set_input(reader, _RESIDUAL_SCALE, scale)
+                set_input(reader, _RESIDUAL_ZERO_POINT, zero)
         return [producer, *readers, *residual_readers]
